@@ -1,0 +1,1193 @@
+//! The C API of `crosvm.h` (plugin API 0.22): a thin shim over the Rust SDK.
+//!
+//! Every function converts C arguments, calls the SDK, and converts the
+//! result to `0` / `-errno` (or a descriptor). No protocol logic lives here.
+//! Handles and pointers are not validated (c-api.md §7): passing NULL or a
+//! stale handle is undefined behaviour, as in the reference library.
+
+#![allow(non_camel_case_types)]
+#![allow(clippy::missing_safety_doc)]
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_ioapic_state, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pic_state, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs,
+};
+
+use crate::error::{Error, Result};
+use crate::objects::{IoEvent, IrqEvent, Memory};
+use crate::types::{
+    ipv4_to_wire, AddressSpace, CallHint, Datamatch, HintDetail, IrqRoute, IrqRouteKind,
+    MAX_HINT_DETAIL_COUNT,
+};
+use crate::vcpu::{VcpuEvent, VcpuGuard, VcpuSlot};
+use crate::Connection;
+
+/// `CROSVM_MAX_HINT_COUNT`.
+pub const CROSVM_MAX_HINT_COUNT: u32 = 1;
+/// `CROSVM_HINT_ON_WRITE`.
+pub const CROSVM_HINT_ON_WRITE: u16 = 0x1;
+
+/// `CROSVM_IRQ_ROUTE_IRQCHIP`.
+pub const CROSVM_IRQ_ROUTE_IRQCHIP: u32 = 0;
+/// `CROSVM_IRQ_ROUTE_MSI`.
+pub const CROSVM_IRQ_ROUTE_MSI: u32 = 1;
+
+/// `crosvm_vcpu_event_kind` values.
+pub const CROSVM_VCPU_EVENT_KIND_INIT: u32 = 0;
+pub const CROSVM_VCPU_EVENT_KIND_IO_ACCESS: u32 = 1;
+pub const CROSVM_VCPU_EVENT_KIND_PAUSED: u32 = 2;
+pub const CROSVM_VCPU_EVENT_KIND_HYPERV_HCALL: u32 = 3;
+pub const CROSVM_VCPU_EVENT_KIND_HYPERV_SYNIC: u32 = 4;
+
+// ---------------------------------------------------------------------------
+// Opaque handles.
+
+/// `struct crosvm`: one main connection.
+pub struct crosvm {
+    conn: Connection,
+}
+
+/// `struct crosvm_io`.
+pub struct crosvm_io {
+    io: IoEvent,
+}
+
+/// `struct crosvm_memory`.
+pub struct crosvm_memory {
+    mem: Memory,
+}
+
+/// `struct crosvm_irq`.
+pub struct crosvm_irq {
+    irq: IrqEvent,
+}
+
+/// `struct crosvm_vcpu`: an entry of the shared vcpu table (library-owned).
+#[repr(transparent)]
+pub struct crosvm_vcpu(VcpuSlot);
+
+// ---------------------------------------------------------------------------
+// Structures with the exact layouts of c-api.md §6.
+
+/// `struct crosvm_net_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct crosvm_net_config {
+    pub tap_fd: c_int,
+    pub host_ip: u32,
+    pub netmask: u32,
+    pub host_mac_address: [u8; 6],
+    pub _padding: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct crosvm_irq_route_irqchip {
+    pub irqchip: u32,
+    pub pin: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct crosvm_irq_route_msi {
+    pub address: u64,
+    pub data: u32,
+    pub _reserved: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union crosvm_irq_route_union {
+    pub irqchip: crosvm_irq_route_irqchip,
+    pub msi: crosvm_irq_route_msi,
+    pub _reserved: [u8; 16],
+}
+
+/// `struct crosvm_irq_route`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct crosvm_irq_route {
+    pub irq_id: u32,
+    pub kind: u32,
+    pub route: crosvm_irq_route_union,
+}
+
+/// `struct crosvm_hint_detail` (C `bool` members are read as bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct crosvm_hint_detail {
+    pub match_rax: u8,
+    pub match_rbx: u8,
+    pub match_rcx: u8,
+    pub match_rdx: u8,
+    pub _reserved: [u8; 4],
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub send_sregs: u8,
+    pub send_debugregs: u8,
+    pub _reserved2: [u8; 6],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union crosvm_hint_details {
+    pub details: *const crosvm_hint_detail,
+    pub _reserved2: u64,
+}
+
+/// `struct crosvm_hint`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct crosvm_hint {
+    pub hint_version: u32,
+    pub _reserved: u32,
+    pub address_space: u32,
+    pub address_flags: u16,
+    pub details_count: u16,
+    pub address: u64,
+    pub details: crosvm_hint_details,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct crosvm_io_access {
+    pub address_space: u32,
+    pub _padding: [u8; 4],
+    pub address: u64,
+    pub data: *mut u8,
+    pub length: u32,
+    pub is_write: u8,
+    pub no_resume: u8,
+    pub _reserved: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct crosvm_hyperv_call {
+    pub input: u64,
+    pub result: *mut u64,
+    pub params: [u64; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct crosvm_hyperv_synic {
+    pub msr: u32,
+    pub _reserved: u32,
+    pub control: u64,
+    pub evt_page: u64,
+    pub msg_page: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union crosvm_vcpu_event_union {
+    pub io_access: crosvm_io_access,
+    pub user: *mut c_void,
+    pub hyperv_call: crosvm_hyperv_call,
+    pub hyperv_synic: crosvm_hyperv_synic,
+    pub _reserved: [u8; 64],
+}
+
+/// `struct crosvm_vcpu_event`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct crosvm_vcpu_event {
+    pub kind: u32,
+    pub _padding: [u8; 4],
+    pub event: crosvm_vcpu_event_union,
+}
+
+macro_rules! assert_layout {
+    ($ty:ty, size $size:expr, align $align:expr, { $($($field:ident).+ = $off:expr),* $(,)? }) => {
+        const _: () = {
+            assert!(std::mem::size_of::<$ty>() == $size);
+            assert!(std::mem::align_of::<$ty>() == $align);
+            $(assert!(std::mem::offset_of!($ty, $($field).+) == $off);)*
+        };
+    };
+}
+
+assert_layout!(crosvm_net_config, size 20, align 4, {
+    tap_fd = 0, host_ip = 4, netmask = 8, host_mac_address = 12, _padding = 18,
+});
+assert_layout!(crosvm_irq_route, size 24, align 8, {
+    irq_id = 0, kind = 4, route = 8,
+});
+assert_layout!(crosvm_irq_route_irqchip, size 8, align 4, { irqchip = 0, pin = 4 });
+assert_layout!(crosvm_irq_route_msi, size 16, align 8, { address = 0, data = 8, _reserved = 12 });
+assert_layout!(crosvm_hint_detail, size 48, align 8, {
+    match_rax = 0, match_rbx = 1, match_rcx = 2, match_rdx = 3, _reserved = 4,
+    rax = 8, rbx = 16, rcx = 24, rdx = 32, send_sregs = 40, send_debugregs = 41,
+    _reserved2 = 42,
+});
+assert_layout!(crosvm_hint, size 32, align 8, {
+    hint_version = 0, _reserved = 4, address_space = 8, address_flags = 12,
+    details_count = 14, address = 16, details = 24,
+});
+assert_layout!(crosvm_vcpu_event, size 72, align 8, { kind = 0, _padding = 4, event = 8 });
+assert_layout!(crosvm_io_access, size 32, align 8, {
+    address_space = 0, _padding = 4, address = 8, data = 16, length = 24,
+    is_write = 28, no_resume = 29, _reserved = 30,
+});
+assert_layout!(crosvm_hyperv_call, size 32, align 8, { input = 0, result = 8, params = 16 });
+assert_layout!(crosvm_hyperv_synic, size 32, align 8, {
+    msr = 0, _reserved = 4, control = 8, evt_page = 16, msg_page = 24,
+});
+assert_layout!(crosvm_vcpu_event_union, size 64, align 8, {});
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+/// Runs `f`, turning a panic into `-EIO` so no unwind crosses the FFI edge.
+fn ffi(f: impl FnOnce() -> c_int) -> c_int {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(-libc::EIO)
+}
+
+fn status(result: Result<()>) -> c_int {
+    match result {
+        Ok(()) => 0,
+        Err(e) => -e.errno(),
+    }
+}
+
+/// Writes `value` to `out` on success.
+unsafe fn output<T>(result: Result<T>, out: *mut T) -> c_int {
+    match result {
+        Ok(v) => {
+            // SAFETY: the caller passes a valid, writable out-pointer (C API
+            // contract); `write` does not drop the uninitialized old value.
+            unsafe { out.write(v) };
+            0
+        }
+        Err(e) => -e.errno(),
+    }
+}
+
+/// A slice over a C array; `len` 0 accepts NULL.
+unsafe fn c_slice<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
+    if len == 0 || ptr.is_null() {
+        &[]
+    } else {
+        // SAFETY: the caller guarantees `ptr` points to `len` readable,
+        // initialized elements that outlive the returned slice.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The list-query contract: `*out_count` always written (0 on error, else
+/// the count returned), more entries than `capacity` → `-E2BIG`.
+unsafe fn fill_list<T: Copy>(
+    result: Result<Vec<T>>,
+    capacity: u32,
+    out: *mut T,
+    out_count: *mut u32,
+) -> c_int {
+    match result {
+        Err(e) => {
+            // SAFETY: valid out-pointer per the C API contract.
+            unsafe { out_count.write(0) };
+            -e.errno()
+        }
+        Ok(list) => {
+            // SAFETY: valid out-pointer per the C API contract.
+            unsafe { out_count.write(count_u32(list.len())) };
+            if list.len() > capacity as usize {
+                return -libc::E2BIG;
+            }
+            if !list.is_empty() {
+                // SAFETY: `out` has room for `capacity` >= `list.len()`
+                // elements (C API contract) and cannot overlap our Vec.
+                unsafe { std::ptr::copy_nonoverlapping(list.as_ptr(), out, list.len()) };
+            }
+            0
+        }
+    }
+}
+
+unsafe fn conn<'a>(c: *const crosvm) -> &'a Connection {
+    // SAFETY: the caller passes a live handle from crosvm_connect /
+    // crosvm_new_connection (C API contract).
+    unsafe { &(*c).conn }
+}
+
+unsafe fn vcpu<'a>(v: *const crosvm_vcpu) -> VcpuGuard<'a> {
+    // SAFETY: the caller passes a handle from crosvm_get_vcpu; the table it
+    // points into lives as long as any connection sharing it.
+    unsafe { (*v).0.lock() }
+}
+
+fn space(raw: u32) -> Result<AddressSpace> {
+    AddressSpace::from_raw(raw)
+}
+
+// ---------------------------------------------------------------------------
+// Connections.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_connect(out: *mut *mut crosvm) -> c_int {
+    ffi(|| match Connection::from_env() {
+        Ok(conn) => {
+            // SAFETY: valid out-pointer per the C API contract.
+            unsafe { out.write(Box::into_raw(Box::new(crosvm { conn }))) };
+            0
+        }
+        Err(e) => -e.errno(),
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_new_connection(self_: *mut crosvm, out: *mut *mut crosvm) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe {
+        let result = conn(self_)
+            .new_connection()
+            .map(|conn| Box::into_raw(Box::new(crosvm { conn })));
+        output(result, out)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_destroy_connection(self_: *mut *mut crosvm) -> c_int {
+    ffi(|| {
+        // SAFETY: `*self_` came from Box::into_raw in this module and is not
+        // used by the caller afterwards (we clear it).
+        unsafe {
+            drop(Box::from_raw(*self_));
+            *self_ = std::ptr::null_mut();
+        }
+        0
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_shutdown_eventfd(self_: *mut crosvm) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| match unsafe { conn(self_) }.get_shutdown_eventfd() {
+        Ok(fd) => fd.into_raw_fd(),
+        Err(e) => -e.errno(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Capability and CPU queries.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_check_extension(
+    self_: *mut crosvm,
+    extension: u32,
+    has_extension: *mut bool,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe { output(conn(self_).check_extension(extension), has_extension) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_enable_capability(
+    _self: *mut crosvm,
+    _capability: u32,
+    _flags: u32,
+    _args: *mut u64,
+) -> c_int {
+    // VM-level capabilities are not supported (nothing is sent).
+    -libc::EINVAL
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_supported_cpuid(
+    self_: *mut crosvm,
+    entry_count: u32,
+    entries: *mut kvm_cpuid_entry2,
+    out_count: *mut u32,
+) -> c_int {
+    // SAFETY: handle and arrays valid per the C API contract.
+    ffi(|| unsafe {
+        fill_list(
+            conn(self_).get_supported_cpuid(),
+            entry_count,
+            entries,
+            out_count,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_emulated_cpuid(
+    self_: *mut crosvm,
+    entry_count: u32,
+    entries: *mut kvm_cpuid_entry2,
+    out_count: *mut u32,
+) -> c_int {
+    // SAFETY: handle and arrays valid per the C API contract.
+    ffi(|| unsafe {
+        fill_list(
+            conn(self_).get_emulated_cpuid(),
+            entry_count,
+            entries,
+            out_count,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_hyperv_cpuid(
+    vcpu_: *mut crosvm_vcpu,
+    entry_count: u32,
+    entries: *mut kvm_cpuid_entry2,
+    out_count: *mut u32,
+) -> c_int {
+    // SAFETY: handle and arrays valid per the C API contract.
+    ffi(|| unsafe {
+        let result = vcpu(vcpu_).get_hyperv_cpuid();
+        fill_list(result, entry_count, entries, out_count)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_msr_index_list(
+    self_: *mut crosvm,
+    entry_count: u32,
+    msr_indices: *mut u32,
+    out_count: *mut u32,
+) -> c_int {
+    // SAFETY: handle and arrays valid per the C API contract.
+    ffi(|| unsafe {
+        fill_list(
+            conn(self_).get_msr_index_list(),
+            entry_count,
+            msr_indices,
+            out_count,
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Network.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_net_get_config(
+    self_: *mut crosvm,
+    config: *mut crosvm_net_config,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe {
+        let result = conn(self_).get_net_config().map(|c| crosvm_net_config {
+            tap_fd: c.tap.into_raw_fd(),
+            host_ip: ipv4_to_wire(c.host_ip),
+            netmask: ipv4_to_wire(c.netmask),
+            host_mac_address: c.host_mac,
+            _padding: [0; 2],
+        });
+        output(result, config)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reservations and hints.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_reserve_range(
+    self_: *mut crosvm,
+    space_: u32,
+    start: u64,
+    length: u64,
+) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe {
+        status(space(space_).and_then(|s| conn(self_).reserve_range(s, start, length)))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_reserve_async_write_range(
+    self_: *mut crosvm,
+    space_: u32,
+    start: u64,
+    length: u64,
+) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe {
+        status(space(space_).and_then(|s| conn(self_).reserve_async_write_range(s, start, length)))
+    })
+}
+
+/// Validates `hint` (c-api.md §8.4) and converts it.
+unsafe fn call_hint(hint: &crosvm_hint) -> Result<CallHint> {
+    if hint.hint_version != 0 || hint._reserved != 0 {
+        return Err(Error::InvalidArgument(
+            "hint version and reserved field must be 0",
+        ));
+    }
+    if hint.address == 0 {
+        return Err(Error::InvalidArgument("hint address must be non-zero"));
+    }
+    if hint.address_flags != 0 && hint.address_flags != CROSVM_HINT_ON_WRITE {
+        return Err(Error::InvalidArgument("unknown hint address flags"));
+    }
+    if usize::from(hint.details_count) > MAX_HINT_DETAIL_COUNT {
+        return Err(Error::InvalidArgument("too many hint details"));
+    }
+    let space = AddressSpace::from_raw(hint.address_space)?;
+    // SAFETY: `details` points to `details_count` entries (C API contract);
+    // reading the pointer member of the union is what the C code set.
+    let details = unsafe { c_slice(hint.details.details, usize::from(hint.details_count)) };
+    Ok(CallHint {
+        space,
+        address: hint.address,
+        on_write: hint.address_flags == CROSVM_HINT_ON_WRITE,
+        details: details
+            .iter()
+            .map(|d| HintDetail {
+                match_rax: d.match_rax != 0,
+                match_rbx: d.match_rbx != 0,
+                match_rcx: d.match_rcx != 0,
+                match_rdx: d.match_rdx != 0,
+                rax: d.rax,
+                rbx: d.rbx,
+                rcx: d.rcx,
+                rdx: d.rdx,
+                send_sregs: d.send_sregs != 0,
+                send_debugregs: d.send_debugregs != 0,
+            })
+            .collect(),
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_hypercall_hint(
+    self_: *mut crosvm,
+    hints_count: u32,
+    hints: *const crosvm_hint,
+) -> c_int {
+    // SAFETY: handle and `hints` (when hints_count > 0) valid per the C API
+    // contract.
+    ffi(|| unsafe {
+        if hints_count == 0 {
+            return status(conn(self_).clear_call_hint());
+        }
+        if hints_count > CROSVM_MAX_HINT_COUNT {
+            return -libc::EINVAL;
+        }
+        status(call_hint(&*hints).and_then(|h| conn(self_).set_call_hint(&h)))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Interrupts.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_irq(self_: *mut crosvm, irq_id: u32, active: bool) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { status(conn(self_).set_irq(irq_id, active)) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_irq_routing(
+    self_: *mut crosvm,
+    route_count: u32,
+    routes: *const crosvm_irq_route,
+) -> c_int {
+    // SAFETY: handle and `routes` array valid per the C API contract; the
+    // union member read is the one selected by `kind`.
+    ffi(|| unsafe {
+        let routes = c_slice(routes, route_count as usize);
+        let converted: Result<Vec<IrqRoute>> = routes
+            .iter()
+            .map(|r| {
+                let kind = match r.kind {
+                    CROSVM_IRQ_ROUTE_IRQCHIP => IrqRouteKind::Irqchip {
+                        irqchip: r.route.irqchip.irqchip,
+                        pin: r.route.irqchip.pin,
+                    },
+                    CROSVM_IRQ_ROUTE_MSI => IrqRouteKind::Msi {
+                        address: r.route.msi.address,
+                        data: r.route.msi.data,
+                    },
+                    _ => return Err(Error::InvalidArgument("unknown irq route kind")),
+                };
+                Ok(IrqRoute {
+                    irq_id: r.irq_id,
+                    kind,
+                })
+            })
+            .collect();
+        status(converted.and_then(|r| conn(self_).set_irq_routing(&r)))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// VM-wide state.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_pic_state(
+    self_: *mut crosvm,
+    primary: bool,
+    state: *mut kvm_pic_state,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe { output(conn(self_).get_pic_state(primary), state) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_pic_state(
+    self_: *mut crosvm,
+    primary: bool,
+    state: *const kvm_pic_state,
+) -> c_int {
+    // SAFETY: handle and in-pointer valid per the C API contract.
+    ffi(|| unsafe { status(conn(self_).set_pic_state(primary, &*state)) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_ioapic_state(
+    self_: *mut crosvm,
+    state: *mut kvm_ioapic_state,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe { output(conn(self_).get_ioapic_state(), state) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_ioapic_state(
+    self_: *mut crosvm,
+    state: *const kvm_ioapic_state,
+) -> c_int {
+    // SAFETY: handle and in-pointer valid per the C API contract.
+    ffi(|| unsafe { status(conn(self_).set_ioapic_state(&*state)) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_pit_state(
+    self_: *mut crosvm,
+    state: *mut kvm_pit_state2,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe { output(conn(self_).get_pit_state(), state) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_pit_state(
+    self_: *mut crosvm,
+    state: *const kvm_pit_state2,
+) -> c_int {
+    // SAFETY: handle and in-pointer valid per the C API contract.
+    ffi(|| unsafe { status(conn(self_).set_pit_state(&*state)) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_clock(self_: *mut crosvm, clock: *mut kvm_clock_data) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe { output(conn(self_).get_clock(), clock) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_clock(
+    self_: *mut crosvm,
+    clock: *const kvm_clock_data,
+) -> c_int {
+    // SAFETY: handle and in-pointer valid per the C API contract.
+    ffi(|| unsafe { status(conn(self_).set_clock(&*clock)) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_set_identity_map_addr(self_: *mut crosvm, addr: u32) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { status(conn(self_).set_identity_map_addr(addr)) })
+}
+
+// ---------------------------------------------------------------------------
+// Run control.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_pause_vcpus(
+    self_: *mut crosvm,
+    cpu_mask: u64,
+    user: *mut c_void,
+) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { status(conn(self_).pause_vcpus(cpu_mask, user as usize as u64)) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_start(self_: *mut crosvm) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { status(conn(self_).start()) })
+}
+
+// ---------------------------------------------------------------------------
+// Objects.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_create_io_event(
+    self_: *mut crosvm,
+    space_: u32,
+    addr: u64,
+    length: u32,
+    datamatch: *const u8,
+    out: *mut *mut crosvm_io,
+) -> c_int {
+    // SAFETY: handle, out-pointer and (for a valid non-zero length and
+    // non-NULL pointer) `length` readable datamatch bytes per the C API.
+    ffi(|| unsafe {
+        let matcher = match length {
+            1 | 2 | 4 | 8 if !datamatch.is_null() => {
+                let mut bytes = [0u8; 8];
+                std::ptr::copy_nonoverlapping(datamatch, bytes.as_mut_ptr(), length as usize);
+                Datamatch::from_raw(length, u64::from_le_bytes(bytes))
+            }
+            // NULL datamatch means "any value", expressible only as length 0.
+            1 | 2 | 4 | 8 => Ok(Datamatch::Any),
+            other => Datamatch::from_raw(other, 0),
+        };
+        let result = matcher
+            .and_then(|m| space(space_).map(|s| (s, m)))
+            .and_then(|(s, m)| conn(self_).create_io_event(s, addr, m))
+            .map(|io| Box::into_raw(Box::new(crosvm_io { io })));
+        output(result, out)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_destroy_io_event(
+    self_: *mut crosvm,
+    io: *mut *mut crosvm_io,
+) -> c_int {
+    // SAFETY: handles valid per the C API contract; `*io` came from
+    // Box::into_raw and is only freed after a successful destroy.
+    ffi(|| unsafe {
+        match (**io).io.destroy_in_place(conn(self_)) {
+            Ok(()) => {
+                drop(Box::from_raw(*io));
+                *io = std::ptr::null_mut();
+                0
+            }
+            Err(e) => -e.errno(),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_io_event_fd(io: *mut crosvm_io) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { (*io).io.fd().as_raw_fd() })
+}
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn crosvm_create_memory(
+    self_: *mut crosvm,
+    fd: c_int,
+    offset: u64,
+    length: u64,
+    start: u64,
+    read_only: bool,
+    dirty_log: bool,
+    out: *mut *mut crosvm_memory,
+) -> c_int {
+    if fd < 0 {
+        return -libc::EBADF;
+    }
+    // SAFETY: handle and out-pointer valid per the C API contract; `fd` is
+    // non-negative and the caller keeps it open during the call.
+    ffi(|| unsafe {
+        let memfd = BorrowedFd::borrow_raw(fd);
+        let result = conn(self_)
+            .create_memory(memfd, offset, length, start, read_only, dirty_log)
+            .map(|mem| Box::into_raw(Box::new(crosvm_memory { mem })));
+        output(result, out)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_destroy_memory(
+    self_: *mut crosvm,
+    mem: *mut *mut crosvm_memory,
+) -> c_int {
+    // SAFETY: handles valid per the C API contract; `*mem` came from
+    // Box::into_raw and is only freed after a successful destroy.
+    ffi(|| unsafe {
+        match (**mem).mem.destroy_in_place(conn(self_)) {
+            Ok(()) => {
+                drop(Box::from_raw(*mem));
+                *mem = std::ptr::null_mut();
+                0
+            }
+            Err(e) => -e.errno(),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_memory_get_dirty_log(
+    self_: *mut crosvm,
+    mem: *mut crosvm_memory,
+    log: *mut u8,
+) -> c_int {
+    // SAFETY: handles valid and `log` has room for the bitmap (whose length
+    // the SDK checked against the region size) per the C API contract.
+    ffi(|| unsafe {
+        match conn(self_).get_dirty_log(&(*mem).mem) {
+            Ok(bitmap) => {
+                std::ptr::copy_nonoverlapping(bitmap.as_ptr(), log, bitmap.len());
+                0
+            }
+            Err(e) => -e.errno(),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_create_irq_event(
+    self_: *mut crosvm,
+    irq_id: u32,
+    out: *mut *mut crosvm_irq,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract.
+    ffi(|| unsafe {
+        let result = conn(self_)
+            .create_irq_event(irq_id)
+            .map(|irq| Box::into_raw(Box::new(crosvm_irq { irq })));
+        output(result, out)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_destroy_irq_event(
+    self_: *mut crosvm,
+    irq: *mut *mut crosvm_irq,
+) -> c_int {
+    // SAFETY: handles valid per the C API contract; `*irq` came from
+    // Box::into_raw and is only freed after a successful destroy.
+    ffi(|| unsafe {
+        match (**irq).irq.destroy_in_place(conn(self_)) {
+            Ok(()) => {
+                drop(Box::from_raw(*irq));
+                *irq = std::ptr::null_mut();
+                0
+            }
+            Err(e) => -e.errno(),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_irq_event_get_fd(irq: *const crosvm_irq) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { (*irq).irq.fd().as_raw_fd() })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_irq_event_get_resample_fd(irq: *const crosvm_irq) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { (*irq).irq.resample_fd().as_raw_fd() })
+}
+
+// ---------------------------------------------------------------------------
+// Vcpus.
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_vcpu(
+    self_: *mut crosvm,
+    cpu_id: u32,
+    out: *mut *mut crosvm_vcpu,
+) -> c_int {
+    // SAFETY: handle and out-pointer valid per the C API contract. The slot
+    // lives in the shared table, which outlives every connection using it,
+    // and `crosvm_vcpu` is a transparent wrapper of the slot.
+    ffi(|| unsafe {
+        let result = conn(self_)
+            .vcpu_slot(cpu_id)
+            .map(|slot| (slot as *const VcpuSlot).cast::<crosvm_vcpu>().cast_mut());
+        output(result, out)
+    })
+}
+
+/// What `crosvm_vcpu_wait` writes, captured while the event borrows the
+/// vcpu.
+enum Filled {
+    Init,
+    Io {
+        space: u32,
+        address: u64,
+        length: u32,
+        is_write: bool,
+        no_resume: bool,
+    },
+    Paused(u64),
+    HypervCall {
+        input: u64,
+        params: [u64; 2],
+    },
+    Synic(crosvm_hyperv_synic),
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_vcpu_wait(
+    vcpu_: *mut crosvm_vcpu,
+    event: *mut crosvm_vcpu_event,
+) -> c_int {
+    // SAFETY: vcpu handle and event out-pointer valid per the C API
+    // contract. Only the members listed in c-api.md §9.4 are written.
+    ffi(|| unsafe {
+        let mut guard = vcpu(vcpu_);
+        let filled = match guard.wait() {
+            Ok(VcpuEvent::Init) => Filled::Init,
+            Ok(VcpuEvent::Io {
+                space,
+                address,
+                is_write,
+                no_resume,
+                data,
+            }) => Filled::Io {
+                space: space.to_raw(),
+                address,
+                length: count_u32(data.len()),
+                is_write,
+                no_resume,
+            },
+            Ok(VcpuEvent::Paused { user }) => Filled::Paused(user),
+            Ok(VcpuEvent::HypervCall { input, params }) => Filled::HypervCall { input, params },
+            Ok(VcpuEvent::HypervSynic {
+                msr,
+                control,
+                evt_page,
+                msg_page,
+            }) => Filled::Synic(crosvm_hyperv_synic {
+                msr,
+                _reserved: 0,
+                control,
+                evt_page,
+                msg_page,
+            }),
+            Err(e) => return -e.errno(),
+        };
+        let data = guard.event_data_ptr();
+        let ev = &mut *event;
+        match filled {
+            Filled::Init => ev.kind = CROSVM_VCPU_EVENT_KIND_INIT,
+            Filled::Io {
+                space,
+                address,
+                length,
+                is_write,
+                no_resume,
+            } => {
+                ev.kind = CROSVM_VCPU_EVENT_KIND_IO_ACCESS;
+                ev.event.io_access = crosvm_io_access {
+                    address_space: space,
+                    _padding: [0; 4],
+                    address,
+                    data,
+                    length,
+                    is_write: is_write.into(),
+                    no_resume: no_resume.into(),
+                    _reserved: [0; 2],
+                };
+            }
+            Filled::Paused(user) => {
+                ev.kind = CROSVM_VCPU_EVENT_KIND_PAUSED;
+                ev.event.user = user as usize as *mut c_void;
+            }
+            Filled::HypervCall { input, params } => {
+                ev.kind = CROSVM_VCPU_EVENT_KIND_HYPERV_HCALL;
+                ev.event.hyperv_call = crosvm_hyperv_call {
+                    input,
+                    result: data.cast::<u64>(),
+                    params,
+                };
+            }
+            Filled::Synic(synic) => {
+                ev.kind = CROSVM_VCPU_EVENT_KIND_HYPERV_SYNIC;
+                ev.event.hyperv_synic = synic;
+            }
+        }
+        0
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_vcpu_resume(vcpu_: *mut crosvm_vcpu) -> c_int {
+    // SAFETY: live vcpu handle per the C API contract.
+    ffi(|| unsafe { status(vcpu(vcpu_).resume()) })
+}
+
+macro_rules! vcpu_cached_accessors {
+    ($get:ident, $set:ident, $ty:ty, $sdk_get:ident, $sdk_set:ident) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $get(vcpu_: *mut crosvm_vcpu, out: *mut $ty) -> c_int {
+            // SAFETY: vcpu handle and out-pointer valid per the C API contract.
+            ffi(|| unsafe { output(vcpu(vcpu_).$sdk_get(), out) })
+        }
+
+        #[no_mangle]
+        pub unsafe extern "C" fn $set(vcpu_: *mut crosvm_vcpu, value: *const $ty) -> c_int {
+            // SAFETY: vcpu handle and in-pointer valid per the C API contract.
+            ffi(|| unsafe {
+                vcpu(vcpu_).$sdk_set(&*value);
+                0
+            })
+        }
+    };
+}
+
+macro_rules! vcpu_accessors {
+    ($get:ident, $set:ident, $ty:ty, $sdk_get:ident, $sdk_set:ident) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $get(vcpu_: *mut crosvm_vcpu, out: *mut $ty) -> c_int {
+            // SAFETY: vcpu handle and out-pointer valid per the C API contract.
+            ffi(|| unsafe { output(vcpu(vcpu_).$sdk_get(), out) })
+        }
+
+        #[no_mangle]
+        pub unsafe extern "C" fn $set(vcpu_: *mut crosvm_vcpu, value: *const $ty) -> c_int {
+            // SAFETY: vcpu handle and in-pointer valid per the C API contract.
+            ffi(|| unsafe { status(vcpu(vcpu_).$sdk_set(&*value)) })
+        }
+    };
+}
+
+vcpu_cached_accessors!(
+    crosvm_vcpu_get_regs,
+    crosvm_vcpu_set_regs,
+    kvm_regs,
+    get_regs,
+    set_regs
+);
+vcpu_cached_accessors!(
+    crosvm_vcpu_get_sregs,
+    crosvm_vcpu_set_sregs,
+    kvm_sregs,
+    get_sregs,
+    set_sregs
+);
+vcpu_cached_accessors!(
+    crosvm_vcpu_get_debugregs,
+    crosvm_vcpu_set_debugregs,
+    kvm_debugregs,
+    get_debugregs,
+    set_debugregs
+);
+vcpu_accessors!(
+    crosvm_vcpu_get_fpu,
+    crosvm_vcpu_set_fpu,
+    kvm_fpu,
+    get_fpu,
+    set_fpu
+);
+vcpu_accessors!(
+    crosvm_vcpu_get_xcrs,
+    crosvm_vcpu_set_xcrs,
+    kvm_xcrs,
+    get_xcrs,
+    set_xcrs
+);
+vcpu_accessors!(
+    crosvm_vcpu_get_lapic_state,
+    crosvm_vcpu_set_lapic_state,
+    kvm_lapic_state,
+    get_lapic_state,
+    set_lapic_state
+);
+vcpu_accessors!(
+    crosvm_vcpu_get_mp_state,
+    crosvm_vcpu_set_mp_state,
+    kvm_mp_state,
+    get_mp_state,
+    set_mp_state
+);
+vcpu_accessors!(
+    crosvm_vcpu_get_vcpu_events,
+    crosvm_vcpu_set_vcpu_events,
+    kvm_vcpu_events,
+    get_vcpu_events,
+    set_vcpu_events
+);
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_vcpu_get_msrs(
+    vcpu_: *mut crosvm_vcpu,
+    msr_count: u32,
+    msr_entries: *mut kvm_msr_entry,
+    out_count: *mut u32,
+) -> c_int {
+    // SAFETY: vcpu handle, `msr_entries` (msr_count elements) and
+    // `out_count` valid per the C API contract.
+    ffi(|| unsafe {
+        let indices: Vec<u32> = c_slice(msr_entries.cast_const(), msr_count as usize)
+            .iter()
+            .map(|e| e.index)
+            .collect();
+        match vcpu(vcpu_).get_msrs(&indices) {
+            Err(e) => {
+                out_count.write(0);
+                -e.errno()
+            }
+            Ok(values) => {
+                out_count.write(count_u32(values.len()));
+                if values.len() > indices.len() {
+                    return -libc::E2BIG;
+                }
+                for (i, value) in values.into_iter().enumerate() {
+                    (*msr_entries.add(i)).data = value;
+                }
+                0
+            }
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_vcpu_set_msrs(
+    vcpu_: *mut crosvm_vcpu,
+    msr_count: u32,
+    msr_entries: *const kvm_msr_entry,
+) -> c_int {
+    // SAFETY: vcpu handle and `msr_entries` valid per the C API contract.
+    ffi(|| unsafe {
+        let entries = c_slice(msr_entries, msr_count as usize);
+        status(vcpu(vcpu_).set_msrs(entries))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_vcpu_set_cpuid(
+    vcpu_: *mut crosvm_vcpu,
+    cpuid_count: u32,
+    cpuid_entries: *const kvm_cpuid_entry2,
+) -> c_int {
+    // SAFETY: vcpu handle and `cpuid_entries` valid per the C API contract.
+    ffi(|| unsafe {
+        let entries = c_slice(cpuid_entries, cpuid_count as usize);
+        status(vcpu(vcpu_).set_cpuid(entries))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_vcpu_enable_capability(
+    vcpu_: *mut crosvm_vcpu,
+    capability: u32,
+    flags: u32,
+    args: *mut u64,
+) -> c_int {
+    // SAFETY: vcpu handle valid; `args` points to four readable values
+    // whenever `flags` is 0 (C API contract), and is not read otherwise.
+    ffi(|| unsafe {
+        let args = if flags == 0 {
+            std::ptr::read_unaligned(args.cast::<[u64; 4]>())
+        } else {
+            [0; 4]
+        };
+        status(vcpu(vcpu_).enable_capability(capability, flags, args))
+    })
+}

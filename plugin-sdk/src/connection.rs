@@ -1,0 +1,555 @@
+//! Main connections: the request/response socket to the VMM, the shared vcpu
+//! table and the shared object-id allocator.
+
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_ioapic_state, kvm_pic_state, kvm_pit_state2,
+};
+use nix::errno::Errno;
+use plugin_proto::framing::{
+    full_cmsg_space, recv_packet_with, send_message, MAX_MESSAGE_SIZE, SCM_MAX_FD,
+};
+use plugin_proto::main_request::{self, StateSet};
+use plugin_proto::main_response;
+use plugin_proto::protobuf::{EnumOrUnknown, Message};
+use plugin_proto::{MainRequest, MainResponse};
+
+use crate::error::{Error, Result};
+use crate::image::StateImage;
+use crate::transport::PipeTransport;
+use crate::types::{
+    cpuid_from_proto, ipv4_from_wire, AddressSpace, CallHint, IrqRoute, NetConfig,
+    MAX_HINT_DETAIL_COUNT,
+};
+use crate::vcpu::{Vcpu, VcpuSlot};
+
+/// Name of the environment variable holding the inherited socket number.
+pub const SOCKET_ENV: &str = "CROSVM_SOCKET";
+
+/// Set once the `CROSVM_SOCKET` descriptor has been adopted, so it never gets
+/// two owners.
+static ENV_SOCKET_ADOPTED: AtomicBool = AtomicBool::new(false);
+
+/// State shared by a connection and every connection derived from it.
+pub(crate) struct Shared {
+    pub(crate) vcpus: Box<[VcpuSlot]>,
+    next_id: Mutex<u32>,
+}
+
+impl Shared {
+    /// Takes the next object id (c-api.md §9.2).
+    pub(crate) fn alloc_id(&self) -> Result<u32> {
+        let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        let id = *next;
+        *next = id.checked_add(1).ok_or(Error::IdsExhausted)?;
+        Ok(id)
+    }
+
+    /// Gives `id` back, but only when it is the most recently allocated one.
+    pub(crate) fn release_id(&self, id: u32) {
+        let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        if id.checked_add(1) == Some(*next) {
+            *next = id;
+        }
+    }
+}
+
+/// The socket of one main connection plus its reusable buffers.
+struct MainChannel {
+    sock: OwnedFd,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+    cmsg_buf: Vec<u8>,
+}
+
+impl MainChannel {
+    fn new(sock: OwnedFd) -> MainChannel {
+        MainChannel {
+            sock,
+            send_buf: Vec::new(),
+            recv_buf: Vec::new(),
+            cmsg_buf: Vec::new(),
+        }
+    }
+
+    /// Receives and decodes one response (no errno check).
+    fn recv(&mut self, op: &'static str) -> Result<(MainResponse, Vec<OwnedFd>)> {
+        if self.recv_buf.len() < MAX_MESSAGE_SIZE {
+            self.recv_buf.resize(MAX_MESSAGE_SIZE, 0);
+            self.cmsg_buf.resize(full_cmsg_space(), 0);
+        }
+        let packet = recv_packet_with(
+            self.sock.as_fd(),
+            &mut self.recv_buf,
+            &mut self.cmsg_buf,
+            SCM_MAX_FD,
+        )
+        .map_err(Error::transport(op))?;
+        let response = MainResponse::parse_from_bytes(&self.recv_buf[..packet.len])
+            .map_err(Error::decode(op))?;
+        Ok((response, packet.fds))
+    }
+
+    /// One request/response exchange; a non-zero errno becomes an error
+    /// (descriptors attached to a failed reply are closed).
+    fn transact(
+        &mut self,
+        op: &'static str,
+        request: &MainRequest,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(MainResponse, Vec<OwnedFd>)> {
+        send_message(self.sock.as_fd(), request, fds, &mut self.send_buf)
+            .map_err(Error::transport(op))?;
+        let (response, fds) = self.recv(op)?;
+        if response.errno != 0 {
+            return Err(Error::Host(response.errno));
+        }
+        Ok((response, fds))
+    }
+
+    /// `GetVcpus` with chunked descriptor delivery; returns 2·N descriptors.
+    fn get_vcpus(&mut self) -> Result<Vec<OwnedFd>> {
+        const OP: &str = "get_vcpus";
+        let mut req = MainRequest::new();
+        req.set_get_vcpus(main_request::GetVcpus {
+            accept_chunked_fds: true,
+            ..Default::default()
+        });
+        let (resp, mut fds) = self.transact(OP, &req, &[])?;
+        let total = match resp.message {
+            Some(main_response::Message::GetVcpus(g)) => g.vcpu_count,
+            _ => return Err(Error::Protocol("get_vcpus reply lacks its member")),
+        };
+        if total != 0 {
+            let expected = usize::try_from(total)
+                .ok()
+                .and_then(|t| t.checked_mul(2))
+                .ok_or(Error::Protocol("absurd vcpu count"))?;
+            while fds.len() < expected {
+                let (resp, more) = self.recv(OP)?;
+                if resp.errno != 0 {
+                    return Err(Error::Host(resp.errno));
+                }
+                if !matches!(resp.message, Some(main_response::Message::GetVcpus(_))) {
+                    return Err(Error::Protocol("follow-up packet is not get_vcpus"));
+                }
+                if more.is_empty() {
+                    return Err(Error::Protocol(
+                        "follow-up get_vcpus packet has no descriptors",
+                    ));
+                }
+                fds.extend(more);
+            }
+            if fds.len() != expected {
+                return Err(Error::Protocol(
+                    "get_vcpus descriptor count does not match vcpu_count",
+                ));
+            }
+        }
+        if fds.is_empty() || fds.len() % 2 != 0 {
+            return Err(Error::Protocol(
+                "get_vcpus needs a non-zero, even descriptor count",
+            ));
+        }
+        Ok(fds)
+    }
+}
+
+struct ConnectionInner {
+    main: Mutex<MainChannel>,
+    shared: Arc<Shared>,
+}
+
+/// A main connection to the VMM.
+///
+/// Cloning is cheap and shares the same socket (requests are serialized by
+/// an internal lock); use [`Connection::new_connection`] for an independent
+/// socket that can be used in parallel. All methods take `&self`.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<ConnectionInner>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("vcpus", &self.inner.shared.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn first_fd(fds: Vec<OwnedFd>, what: &'static str) -> Result<OwnedFd> {
+    fds.into_iter().next().ok_or(Error::Protocol(what))
+}
+
+impl Connection {
+    /// Adopts the socket named by `CROSVM_SOCKET` and fetches the vcpu
+    /// channels. Absent variable → `ENOTCONN`; not a number or negative →
+    /// `EINVAL`. The descriptor can be adopted once per process (a second
+    /// call fails with `EBUSY`).
+    pub fn from_env() -> Result<Connection> {
+        let value = std::env::var_os(SOCKET_ENV).ok_or(Error::NoSocketEnv)?;
+        let text = value
+            .to_str()
+            .ok_or_else(|| Error::BadSocketEnv(value.to_string_lossy().into_owned()))?;
+        let fd: i32 = text
+            .parse()
+            .map_err(|_| Error::BadSocketEnv(text.to_owned()))?;
+        if fd < 0 {
+            return Err(Error::BadSocketEnv(text.to_owned()));
+        }
+        // SAFETY: F_GETFD only inspects the descriptor table entry; no memory
+        // is passed to the kernel.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(Error::Sys {
+                op: "checking the CROSVM_SOCKET descriptor",
+                source: Errno::last(),
+            });
+        }
+        if ENV_SOCKET_ADOPTED.swap(true, Ordering::SeqCst) {
+            return Err(Error::AlreadyAdopted);
+        }
+        // SAFETY: the VMM hands this open descriptor (checked above) to the
+        // plugin for exclusive use, and the flag above guarantees it is
+        // adopted at most once in this process.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        Connection::from_fd(sock)
+    }
+
+    /// Uses `sock` (a connected `SOCK_SEQPACKET` socket to the VMM) as the
+    /// first main connection: sends `GetVcpus` and builds the vcpu table.
+    pub fn from_fd(sock: OwnedFd) -> Result<Connection> {
+        let mut main = MainChannel::new(sock);
+        let fds = main.get_vcpus()?;
+        let mut vcpus = Vec::with_capacity(fds.len() / 2);
+        let mut iter = fds.into_iter();
+        while let (Some(request), Some(response)) = (iter.next(), iter.next()) {
+            let id = u32::try_from(vcpus.len()).map_err(|_| Error::Protocol("too many vcpus"))?;
+            vcpus.push(VcpuSlot::new(
+                id,
+                Box::new(PipeTransport::new(request, response)),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            vcpus: vcpus.into_boxed_slice(),
+            next_id: Mutex::new(0),
+        });
+        Ok(Connection::with_shared(main, shared))
+    }
+
+    fn with_shared(main: MainChannel, shared: Arc<Shared>) -> Connection {
+        Connection {
+            inner: Arc::new(ConnectionInner {
+                main: Mutex::new(main),
+                shared,
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// One exchange on this connection's socket.
+    pub(crate) fn transact(
+        &self,
+        op: &'static str,
+        request: &MainRequest,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(MainResponse, Vec<OwnedFd>)> {
+        let mut main = self.inner.main.lock().unwrap_or_else(|e| e.into_inner());
+        main.transact(op, request, fds)
+    }
+
+    /// Exchange whose reply content is not needed beyond the errno.
+    fn simple(&self, op: &'static str, request: &MainRequest) -> Result<()> {
+        self.transact(op, request, &[]).map(drop)
+    }
+
+    /// Opens another main connection sharing the vcpu table and object ids.
+    pub fn new_connection(&self) -> Result<Connection> {
+        let mut req = MainRequest::new();
+        req.set_new_connection(main_request::NewConnection::new());
+        let (_, fds) = self.transact("new_connection", &req, &[])?;
+        let sock = first_fd(fds, "new_connection reply carries no descriptor")?;
+        Ok(Connection::with_shared(
+            MainChannel::new(sock),
+            self.inner.shared.clone(),
+        ))
+    }
+
+    /// A new descriptor for the VM's shutdown eventfd (caller-owned).
+    pub fn get_shutdown_eventfd(&self) -> Result<OwnedFd> {
+        let mut req = MainRequest::new();
+        req.set_get_shutdown_eventfd(main_request::GetShutdownEventfd::new());
+        let (_, fds) = self.transact("get_shutdown_eventfd", &req, &[])?;
+        first_fd(fds, "get_shutdown_eventfd reply carries no descriptor")
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM: true only if KVM reported exactly 1.
+    pub fn check_extension(&self, extension: u32) -> Result<bool> {
+        let mut req = MainRequest::new();
+        req.mut_check_extension().extension = extension;
+        match self.transact("check_extension", &req, &[])?.0.message {
+            Some(main_response::Message::CheckExtension(c)) => Ok(c.has_extension),
+            _ => Err(Error::Protocol("check_extension reply lacks its member")),
+        }
+    }
+
+    /// `KVM_GET_SUPPORTED_CPUID`.
+    pub fn get_supported_cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>> {
+        let mut req = MainRequest::new();
+        req.set_get_supported_cpuid(main_request::CpuidRequest::new());
+        match self.transact("get_supported_cpuid", &req, &[])?.0.message {
+            Some(main_response::Message::GetSupportedCpuid(c)) => {
+                Ok(c.entries.iter().map(cpuid_from_proto).collect())
+            }
+            _ => Err(Error::Protocol(
+                "get_supported_cpuid reply lacks its member",
+            )),
+        }
+    }
+
+    /// `KVM_GET_EMULATED_CPUID`.
+    pub fn get_emulated_cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>> {
+        let mut req = MainRequest::new();
+        req.set_get_emulated_cpuid(main_request::CpuidRequest::new());
+        match self.transact("get_emulated_cpuid", &req, &[])?.0.message {
+            Some(main_response::Message::GetEmulatedCpuid(c)) => {
+                Ok(c.entries.iter().map(cpuid_from_proto).collect())
+            }
+            _ => Err(Error::Protocol("get_emulated_cpuid reply lacks its member")),
+        }
+    }
+
+    /// `KVM_GET_MSR_INDEX_LIST`.
+    pub fn get_msr_index_list(&self) -> Result<Vec<u32>> {
+        let mut req = MainRequest::new();
+        req.set_get_msr_index_list(main_request::MsrListRequest::new());
+        match self.transact("get_msr_index_list", &req, &[])?.0.message {
+            Some(main_response::Message::GetMsrIndexList(m)) => Ok(m.indices),
+            _ => Err(Error::Protocol("get_msr_index_list reply lacks its member")),
+        }
+    }
+
+    /// Describes the VMM's first tap device (`ENODATA` when there is none).
+    pub fn get_net_config(&self) -> Result<NetConfig> {
+        let mut req = MainRequest::new();
+        req.set_get_net_config(main_request::GetNetConfig::new());
+        let (resp, fds) = self.transact("get_net_config", &req, &[])?;
+        let config = match resp.message {
+            Some(main_response::Message::GetNetConfig(c)) => c,
+            _ => return Err(Error::Protocol("get_net_config reply lacks its member")),
+        };
+        let tap = fds.into_iter().last().ok_or(Error::Protocol(
+            "get_net_config reply carries no descriptor",
+        ))?;
+        let host_mac: [u8; 6] =
+            config
+                .host_mac_address
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::BadLength {
+                    what: "host MAC address",
+                    expected: 6,
+                    got: config.host_mac_address.len(),
+                })?;
+        Ok(NetConfig {
+            tap,
+            host_ip: ipv4_from_wire(config.host_ipv4_address),
+            netmask: ipv4_from_wire(config.netmask),
+            host_mac,
+        })
+    }
+
+    fn reserve(
+        &self,
+        space: AddressSpace,
+        start: u64,
+        length: u64,
+        async_write: bool,
+    ) -> Result<()> {
+        let mut req = MainRequest::new();
+        let r = req.mut_reserve_range();
+        r.space = space.to_proto();
+        r.start = start;
+        r.length = length;
+        r.async_write = async_write;
+        self.simple("reserve_range", &req)
+    }
+
+    /// Reserves `[start, start + length)` for synchronous io events (reads
+    /// and writes stop the vcpu until resumed). `length` 0 removes the
+    /// reservation starting at `start`, like [`unreserve_range`](Self::unreserve_range).
+    pub fn reserve_range(&self, space: AddressSpace, start: u64, length: u64) -> Result<()> {
+        self.reserve(space, start, length, false)
+    }
+
+    /// Reserves a write-notification range: writes are reported with
+    /// `no_resume` while the guest continues; reads are not reported.
+    pub fn reserve_async_write_range(
+        &self,
+        space: AddressSpace,
+        start: u64,
+        length: u64,
+    ) -> Result<()> {
+        self.reserve(space, start, length, true)
+    }
+
+    /// Removes the reservation (of either kind) starting at `start`.
+    pub fn unreserve_range(&self, space: AddressSpace, start: u64) -> Result<()> {
+        self.reserve(space, start, 0, false)
+    }
+
+    /// Replaces the hypercall hint. The address must be non-zero and at most
+    /// [`MAX_HINT_DETAIL_COUNT`] details are allowed (else `EINVAL`).
+    pub fn set_call_hint(&self, hint: &CallHint) -> Result<()> {
+        if hint.address == 0 {
+            return Err(Error::InvalidArgument("hint address must be non-zero"));
+        }
+        if hint.details.len() > MAX_HINT_DETAIL_COUNT {
+            return Err(Error::InvalidArgument("too many hint details"));
+        }
+        let mut req = MainRequest::new();
+        let h = req.mut_set_call_hint();
+        h.space = hint.space.to_proto();
+        h.address = hint.address;
+        h.on_write = hint.on_write;
+        h.hints = hint.details.iter().map(|d| d.to_proto()).collect();
+        self.simple("set_call_hint", &req)
+    }
+
+    /// Removes the hypercall hint.
+    pub fn clear_call_hint(&self) -> Result<()> {
+        let mut req = MainRequest::new();
+        req.set_set_call_hint(main_request::SetCallHint::new());
+        self.simple("set_call_hint", &req)
+    }
+
+    /// Sets the level of an irq line (`KVM_IRQ_LINE`).
+    pub fn set_irq(&self, irq_id: u32, active: bool) -> Result<()> {
+        let mut req = MainRequest::new();
+        let s = req.mut_set_irq();
+        s.irq_id = irq_id;
+        s.active = active;
+        self.simple("set_irq", &req)
+    }
+
+    /// Replaces the whole GSI routing table (empty clears it).
+    pub fn set_irq_routing(&self, routes: &[IrqRoute]) -> Result<()> {
+        let mut req = MainRequest::new();
+        req.mut_set_irq_routing().routes = routes.iter().map(|r| r.to_proto()).collect();
+        self.simple("set_irq_routing", &req)
+    }
+
+    fn get_vm_state<T: StateImage>(&self, set: StateSet) -> Result<T> {
+        let mut req = MainRequest::new();
+        req.mut_get_state().set = EnumOrUnknown::new(set);
+        match self.transact("get_state", &req, &[])?.0.message {
+            Some(main_response::Message::GetState(s)) => T::from_image(&s.state),
+            _ => Err(Error::Protocol("get_state reply lacks its member")),
+        }
+    }
+
+    fn set_vm_state<T: StateImage>(&self, set: StateSet, value: &T) -> Result<()> {
+        let mut req = MainRequest::new();
+        let s = req.mut_set_state();
+        s.set = EnumOrUnknown::new(set);
+        s.state = value.as_image().to_vec();
+        self.simple("set_state", &req)
+    }
+
+    fn pic_set(primary: bool) -> StateSet {
+        if primary {
+            StateSet::PIC0
+        } else {
+            StateSet::PIC1
+        }
+    }
+
+    /// State of the primary (`true`) or secondary in-kernel PIC.
+    pub fn get_pic_state(&self, primary: bool) -> Result<kvm_pic_state> {
+        self.get_vm_state(Self::pic_set(primary))
+    }
+
+    pub fn set_pic_state(&self, primary: bool, state: &kvm_pic_state) -> Result<()> {
+        self.set_vm_state(Self::pic_set(primary), state)
+    }
+
+    pub fn get_ioapic_state(&self) -> Result<kvm_ioapic_state> {
+        self.get_vm_state(StateSet::IOAPIC)
+    }
+
+    pub fn set_ioapic_state(&self, state: &kvm_ioapic_state) -> Result<()> {
+        self.set_vm_state(StateSet::IOAPIC, state)
+    }
+
+    pub fn get_pit_state(&self) -> Result<kvm_pit_state2> {
+        self.get_vm_state(StateSet::PIT)
+    }
+
+    pub fn set_pit_state(&self, state: &kvm_pit_state2) -> Result<()> {
+        self.set_vm_state(StateSet::PIT, state)
+    }
+
+    pub fn get_clock(&self) -> Result<kvm_clock_data> {
+        self.get_vm_state(StateSet::CLOCK)
+    }
+
+    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<()> {
+        self.set_vm_state(StateSet::CLOCK, clock)
+    }
+
+    /// `KVM_SET_IDENTITY_MAP_ADDR` (only accepted before the vcpus exist).
+    pub fn set_identity_map_addr(&self, address: u32) -> Result<()> {
+        let mut req = MainRequest::new();
+        req.mut_set_identity_map_addr().address = address;
+        self.simple("set_identity_map_addr", &req)
+    }
+
+    /// Asks the vcpus whose bit is set in `cpu_mask` to stop with a
+    /// [`VcpuEvent::Paused`](crate::VcpuEvent::Paused) event carrying `user`.
+    pub fn pause_vcpus(&self, cpu_mask: u64, user: u64) -> Result<()> {
+        let mut req = MainRequest::new();
+        let p = req.mut_pause_vcpus();
+        p.cpu_mask = cpu_mask;
+        p.user = user;
+        self.simple("pause_vcpus", &req)
+    }
+
+    /// Ends setup: the VMM creates the vcpus, which then report `Init`.
+    pub fn start(&self) -> Result<()> {
+        let mut req = MainRequest::new();
+        req.set_start(main_request::Start::new());
+        self.simple("start", &req)
+    }
+
+    /// Number of vcpus in the table.
+    pub fn vcpu_count(&self) -> usize {
+        self.inner.shared.vcpus.len()
+    }
+
+    /// The vcpu with index `id` (`ENOENT` if there is none). Purely local;
+    /// all handles to the same id share one channel.
+    pub fn vcpu(&self, id: u32) -> Result<Vcpu> {
+        let index = self.vcpu_index(id)?;
+        Ok(Vcpu::new(self.inner.shared.clone(), index))
+    }
+
+    fn vcpu_index(&self, id: u32) -> Result<usize> {
+        usize::try_from(id)
+            .ok()
+            .filter(|&i| i < self.inner.shared.vcpus.len())
+            .ok_or(Error::NoSuchVcpu(id))
+    }
+
+    /// The table slot of vcpu `id`, whose address stays stable as long as
+    /// any connection sharing the table lives (used by the C API).
+    pub(crate) fn vcpu_slot(&self, id: u32) -> Result<&VcpuSlot> {
+        let index = self.vcpu_index(id)?;
+        Ok(&self.inner.shared.vcpus[index])
+    }
+}

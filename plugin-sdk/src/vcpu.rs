@@ -1,0 +1,600 @@
+//! Vcpu channels: events, resume, register cache and per-vcpu state calls.
+
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+};
+use plugin_proto::protobuf::EnumOrUnknown;
+use plugin_proto::vcpu_request::{self, StateSet};
+use plugin_proto::vcpu_response::{self, wait::Exit};
+use plugin_proto::{VcpuRequest, VcpuResponse};
+
+use crate::connection::Shared;
+use crate::error::{Error, Result};
+use crate::image::StateImage;
+use crate::transport::VcpuTransport;
+use crate::types::{cpuid_from_proto, cpuid_to_proto, AddressSpace};
+
+/// Initial capacity of the per-vcpu event data buffer: the largest io access
+/// the host reports (a 256-byte string IN), so it never reallocates.
+const EVENT_DATA_CAPACITY: usize = 256;
+
+/// One event reported by a vcpu (see [`VcpuGuard::wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent<'a> {
+    /// First event of every vcpu after `start`; the vcpu has not run yet.
+    Init,
+    /// A guest access to a reserved address.
+    Io {
+        space: AddressSpace,
+        address: u64,
+        is_write: bool,
+        /// True for writes to an async-write range: the guest already
+        /// continued, the vcpu must not be resumed (only `wait` is legal).
+        no_resume: bool,
+        /// The written bytes, or (for a read) a zero-filled buffer whose
+        /// length is the access size.
+        data: &'a [u8],
+    },
+    /// The vcpu stopped because of [`Connection::pause_vcpus`](crate::Connection::pause_vcpus).
+    Paused { user: u64 },
+    /// A Hyper-V hypercall; answer with [`VcpuGuard::resume_hypercall`].
+    HypervCall { input: u64, params: [u64; 2] },
+    /// A write to a Hyper-V SynIC MSR.
+    HypervSynic {
+        msr: u32,
+        control: u64,
+        evt_page: u64,
+        msg_page: u64,
+    },
+}
+
+impl VcpuEvent<'_> {
+    /// True when the vcpu is stopped and waits for a resume.
+    pub fn needs_resume(&self) -> bool {
+        !matches!(
+            self,
+            VcpuEvent::Io {
+                no_resume: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Cache of one deferred-settable register image (c-api.md §9.3).
+#[derive(Default)]
+struct RegCache {
+    image: Vec<u8>,
+    /// `image` holds current state that can answer a get.
+    valid: bool,
+    /// `image` holds a set not yet sent.
+    dirty: bool,
+}
+
+impl RegCache {
+    fn set(&mut self, bytes: &[u8]) {
+        self.image.clear();
+        self.image.extend_from_slice(bytes);
+        self.dirty = true;
+        self.valid = false;
+    }
+
+    fn take_eager(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            self.valid = false;
+        } else {
+            self.image.clear();
+            self.image.extend_from_slice(bytes);
+            self.valid = true;
+        }
+    }
+}
+
+/// The three register kinds whose sets are deferred.
+#[derive(Clone, Copy)]
+enum Cached {
+    Regs,
+    Sregs,
+    Debugregs,
+}
+
+impl Cached {
+    fn state_set(self) -> StateSet {
+        match self {
+            Cached::Regs => StateSet::REGS,
+            Cached::Sregs => StateSet::SREGS,
+            Cached::Debugregs => StateSet::DEBUGREGS,
+        }
+    }
+}
+
+/// Mutable state of one vcpu channel.
+pub(crate) struct VcpuState {
+    transport: Box<dyn VcpuTransport>,
+    wait_sent: bool,
+    regs: RegCache,
+    sregs: RegCache,
+    debugregs: RegCache,
+    /// Data of the current event: io bytes or the 8-byte hypercall result.
+    /// Becomes the `data` of the next resume.
+    event_data: Vec<u8>,
+    /// Reused decode target.
+    response: VcpuResponse,
+}
+
+impl VcpuState {
+    fn cache(&mut self, which: Cached) -> &mut RegCache {
+        match which {
+            Cached::Regs => &mut self.regs,
+            Cached::Sregs => &mut self.sregs,
+            Cached::Debugregs => &mut self.debugregs,
+        }
+    }
+
+    fn invalidate_caches(&mut self) {
+        self.regs.valid = false;
+        self.sregs.valid = false;
+        self.debugregs.valid = false;
+    }
+
+    /// Sends `request` and returns the reply's message after the errno check.
+    fn transact(&mut self, request: &VcpuRequest) -> Result<vcpu_response::Message> {
+        self.transport.send(request)?;
+        self.transport.recv(&mut self.response)?;
+        if self.response.errno != 0 {
+            return Err(Error::Host(self.response.errno));
+        }
+        self.response
+            .message
+            .take()
+            .ok_or(Error::Protocol("vcpu reply without a message"))
+    }
+}
+
+/// Table entry of one vcpu; its address is the C API's `struct crosvm_vcpu *`.
+pub(crate) struct VcpuSlot {
+    id: u32,
+    state: Mutex<VcpuState>,
+}
+
+impl VcpuSlot {
+    pub(crate) fn new(id: u32, transport: Box<dyn VcpuTransport>) -> VcpuSlot {
+        VcpuSlot {
+            id,
+            state: Mutex::new(VcpuState {
+                transport,
+                wait_sent: false,
+                regs: RegCache::default(),
+                sregs: RegCache::default(),
+                debugregs: RegCache::default(),
+                event_data: Vec::with_capacity(EVENT_DATA_CAPACITY),
+                response: VcpuResponse::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> VcpuGuard<'_> {
+        VcpuGuard {
+            id: self.id,
+            // A panic while holding the lock leaves the state consistent
+            // enough (at worst a desynchronized channel, reported later).
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    fn try_lock(&self) -> Option<VcpuGuard<'_>> {
+        let state = match self.state.try_lock() {
+            Ok(s) => s,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(VcpuGuard { id: self.id, state })
+    }
+}
+
+/// A shareable handle to one vcpu of the table built at connect time.
+///
+/// Cheap to clone and `Send + Sync`; every operation goes through
+/// [`Vcpu::lock`], which gives exclusive use of the vcpu channel. Different
+/// vcpus can be driven concurrently from different threads.
+#[derive(Clone)]
+pub struct Vcpu {
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id()).finish()
+    }
+}
+
+impl Vcpu {
+    pub(crate) fn new(shared: Arc<Shared>, index: usize) -> Vcpu {
+        Vcpu { shared, index }
+    }
+
+    fn slot(&self) -> &VcpuSlot {
+        &self.shared.vcpus[self.index]
+    }
+
+    /// The vcpu id (its index in the table).
+    pub fn id(&self) -> u32 {
+        self.slot().id
+    }
+
+    /// Takes exclusive use of the vcpu channel, blocking while another
+    /// thread holds it.
+    pub fn lock(&self) -> VcpuGuard<'_> {
+        self.slot().lock()
+    }
+
+    /// Like [`Vcpu::lock`] but returns `None` instead of blocking.
+    pub fn try_lock(&self) -> Option<VcpuGuard<'_>> {
+        self.slot().try_lock()
+    }
+}
+
+/// Exclusive access to one vcpu channel.
+///
+/// State calls (`get_*`/`set_*`, msrs, cpuid, capabilities) are only
+/// meaningful while the vcpu is stopped in an event that needs a resume,
+/// i.e. between [`wait`](Self::wait) and [`resume`](Self::resume).
+pub struct VcpuGuard<'a> {
+    id: u32,
+    state: MutexGuard<'a, VcpuState>,
+}
+
+impl VcpuGuard<'_> {
+    /// The vcpu id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Blocks until the vcpu reports its next event.
+    ///
+    /// The first call on a vcpu sends the `Wait` request; every call reads
+    /// the next response. The io data of the event stays available through
+    /// [`event_data`](Self::event_data) until the next resume.
+    pub fn wait(&mut self) -> Result<VcpuEvent<'_>> {
+        let st = &mut *self.state;
+        if !st.wait_sent {
+            let mut req = VcpuRequest::new();
+            req.set_wait(vcpu_request::Wait::new());
+            st.transport.send(&req)?;
+            st.wait_sent = true;
+        }
+        st.transport.recv(&mut st.response)?;
+        if st.response.errno != 0 {
+            return Err(Error::Host(st.response.errno));
+        }
+        let wait = match st.response.message.as_mut() {
+            Some(vcpu_response::Message::Wait(w)) => w,
+            _ => return Err(Error::Protocol("vcpu reply is not a wait event")),
+        };
+        let exit = wait
+            .exit
+            .as_ref()
+            .ok_or(Error::Protocol("wait event without a known exit"))?;
+        st.event_data.clear();
+        match exit {
+            Exit::Init(_) => {
+                st.regs.valid = false;
+                st.sregs.valid = false;
+                st.debugregs.valid = false;
+                Ok(VcpuEvent::Init)
+            }
+            Exit::Io(io) => {
+                let space = AddressSpace::from_proto(io.space)?;
+                st.event_data.extend_from_slice(&io.data);
+                st.regs.take_eager(&io.regs);
+                st.sregs.take_eager(&io.sregs);
+                st.debugregs.take_eager(&io.debugregs);
+                Ok(VcpuEvent::Io {
+                    space,
+                    address: io.address,
+                    is_write: io.is_write,
+                    no_resume: io.no_resume,
+                    data: &st.event_data,
+                })
+            }
+            Exit::User(u) => {
+                let user = u.user;
+                st.invalidate_caches();
+                Ok(VcpuEvent::Paused { user })
+            }
+            Exit::HypervCall(h) => {
+                let event = VcpuEvent::HypervCall {
+                    input: h.input,
+                    params: [h.params0, h.params1],
+                };
+                st.event_data.extend_from_slice(&[0; 8]);
+                st.regs.valid = false;
+                st.sregs.valid = false;
+                st.debugregs.valid = false;
+                Ok(event)
+            }
+            Exit::HypervSynic(s) => {
+                let event = VcpuEvent::HypervSynic {
+                    msr: s.msr,
+                    control: s.control,
+                    evt_page: s.evt_page,
+                    msg_page: s.msg_page,
+                };
+                st.invalidate_caches();
+                Ok(event)
+            }
+            _ => Err(Error::Protocol("wait event without a known exit")),
+        }
+    }
+
+    /// The current event's data: the io bytes (fill it in for a read), or
+    /// the 8-byte little-endian hypercall result. Sent with the next resume.
+    pub fn event_data(&self) -> &[u8] {
+        &self.state.event_data
+    }
+
+    /// Mutable view of [`event_data`](Self::event_data).
+    pub fn event_data_mut(&mut self) -> &mut [u8] {
+        &mut self.state.event_data
+    }
+
+    /// Raw pointer to the event data buffer for the C API. It stays valid
+    /// (no reallocation) until the next `wait`.
+    pub(crate) fn event_data_ptr(&mut self) -> *mut u8 {
+        self.state.event_data.as_mut_ptr()
+    }
+
+    /// Lets the vcpu continue: sends `Resume` with the event data and every
+    /// pending (dirty) register image. There is no reply.
+    pub fn resume(&mut self) -> Result<()> {
+        let st = &mut *self.state;
+        let mut resume = vcpu_request::Resume::new();
+        std::mem::swap(&mut resume.data, &mut st.event_data);
+        let moved = [st.regs.dirty, st.sregs.dirty, st.debugregs.dirty];
+        if moved[0] {
+            std::mem::swap(&mut resume.regs, &mut st.regs.image);
+            st.regs.dirty = false;
+        }
+        if moved[1] {
+            std::mem::swap(&mut resume.sregs, &mut st.sregs.image);
+            st.sregs.dirty = false;
+        }
+        if moved[2] {
+            std::mem::swap(&mut resume.debugregs, &mut st.debugregs.image);
+            st.debugregs.dirty = false;
+        }
+        let mut req = VcpuRequest::new();
+        req.set_resume(resume);
+        let result = st.transport.send(&req);
+        // Take the buffers back so their allocations are reused.
+        if let Some(vcpu_request::Message::Resume(mut resume)) = req.message.take() {
+            std::mem::swap(&mut resume.data, &mut st.event_data);
+            if moved[0] {
+                std::mem::swap(&mut resume.regs, &mut st.regs.image);
+            }
+            if moved[1] {
+                std::mem::swap(&mut resume.sregs, &mut st.sregs.image);
+            }
+            if moved[2] {
+                std::mem::swap(&mut resume.debugregs, &mut st.debugregs.image);
+            }
+        }
+        result
+    }
+
+    /// Answers an io read: copies `data` into the event buffer (truncated to
+    /// the access size, missing bytes are zero) and resumes.
+    pub fn resume_io_read(&mut self, data: &[u8]) -> Result<()> {
+        let buf = &mut self.state.event_data;
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        buf[n..].fill(0);
+        self.resume()
+    }
+
+    /// Answers a hypercall with its 64-bit result and resumes.
+    pub fn resume_hypercall(&mut self, result: u64) -> Result<()> {
+        let buf = &mut self.state.event_data;
+        buf.clear();
+        buf.extend_from_slice(&result.to_le_bytes());
+        self.resume()
+    }
+
+    fn get_state_image<T: StateImage>(&mut self, set: StateSet) -> Result<T> {
+        let mut req = VcpuRequest::new();
+        req.mut_get_state().set = EnumOrUnknown::new(set);
+        match self.state.transact(&req)? {
+            vcpu_response::Message::GetState(gs) => T::from_image(&gs.state),
+            _ => Err(Error::Protocol("vcpu reply is not get_state")),
+        }
+    }
+
+    fn set_state_bytes(&mut self, set: StateSet, state: Vec<u8>) -> Result<Vec<u8>> {
+        let mut req = VcpuRequest::new();
+        let ss = req.mut_set_state();
+        ss.set = EnumOrUnknown::new(set);
+        ss.state = state;
+        let reply = self.state.transact(&req);
+        let buffer = match req.message.take() {
+            Some(vcpu_request::Message::SetState(ss)) => ss.state,
+            _ => Vec::new(),
+        };
+        match reply? {
+            vcpu_response::Message::SetState(_) => Ok(buffer),
+            _ => Err(Error::Protocol("vcpu reply is not set_state")),
+        }
+    }
+
+    fn set_state_image<T: StateImage>(&mut self, set: StateSet, value: &T) -> Result<()> {
+        self.set_state_bytes(set, value.as_image().to_vec())
+            .map(drop)
+    }
+
+    fn get_cached<T: StateImage>(&mut self, which: Cached) -> Result<T> {
+        let cache = self.state.cache(which);
+        if cache.dirty {
+            cache.dirty = false;
+            let image = std::mem::take(&mut cache.image);
+            let buffer = self.set_state_bytes(which.state_set(), image)?;
+            self.state.cache(which).image = buffer;
+        }
+        let cache = self.state.cache(which);
+        if cache.valid {
+            return T::from_image(&cache.image);
+        }
+        self.get_state_image(which.state_set())
+    }
+
+    fn set_cached<T: StateImage>(&mut self, which: Cached, value: &T) {
+        self.state.cache(which).set(value.as_image());
+    }
+
+    /// General-purpose registers (flushes a pending set first; answered
+    /// locally when the current io event carried them).
+    pub fn get_regs(&mut self) -> Result<kvm_regs> {
+        self.get_cached(Cached::Regs)
+    }
+
+    /// Deferred: the registers are sent with the next resume (or flushed by
+    /// the next [`get_regs`](Self::get_regs)). Never talks to the VMM.
+    pub fn set_regs(&mut self, regs: &kvm_regs) {
+        self.set_cached(Cached::Regs, regs)
+    }
+
+    /// Special registers (cached like [`get_regs`](Self::get_regs)).
+    pub fn get_sregs(&mut self) -> Result<kvm_sregs> {
+        self.get_cached(Cached::Sregs)
+    }
+
+    /// Deferred like [`set_regs`](Self::set_regs).
+    pub fn set_sregs(&mut self, sregs: &kvm_sregs) {
+        self.set_cached(Cached::Sregs, sregs)
+    }
+
+    /// Debug registers (cached like [`get_regs`](Self::get_regs)).
+    pub fn get_debugregs(&mut self) -> Result<kvm_debugregs> {
+        self.get_cached(Cached::Debugregs)
+    }
+
+    /// Deferred like [`set_regs`](Self::set_regs).
+    pub fn set_debugregs(&mut self, dregs: &kvm_debugregs) {
+        self.set_cached(Cached::Debugregs, dregs)
+    }
+
+    /// FPU state (immediate round trip).
+    pub fn get_fpu(&mut self) -> Result<kvm_fpu> {
+        self.get_state_image(StateSet::FPU)
+    }
+
+    pub fn set_fpu(&mut self, fpu: &kvm_fpu) -> Result<()> {
+        self.set_state_image(StateSet::FPU, fpu)
+    }
+
+    /// Extended control registers.
+    pub fn get_xcrs(&mut self) -> Result<kvm_xcrs> {
+        self.get_state_image(StateSet::XCREGS)
+    }
+
+    pub fn set_xcrs(&mut self, xcrs: &kvm_xcrs) -> Result<()> {
+        self.set_state_image(StateSet::XCREGS, xcrs)
+    }
+
+    /// Local APIC state.
+    pub fn get_lapic_state(&mut self) -> Result<kvm_lapic_state> {
+        self.get_state_image(StateSet::LAPIC)
+    }
+
+    pub fn set_lapic_state(&mut self, lapic: &kvm_lapic_state) -> Result<()> {
+        self.set_state_image(StateSet::LAPIC, lapic)
+    }
+
+    /// Multiprocessing state.
+    pub fn get_mp_state(&mut self) -> Result<kvm_mp_state> {
+        self.get_state_image(StateSet::MP)
+    }
+
+    pub fn set_mp_state(&mut self, mp: &kvm_mp_state) -> Result<()> {
+        self.set_state_image(StateSet::MP, mp)
+    }
+
+    /// Pending exceptions, interrupts and NMIs.
+    pub fn get_vcpu_events(&mut self) -> Result<kvm_vcpu_events> {
+        self.get_state_image(StateSet::EVENTS)
+    }
+
+    pub fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<()> {
+        self.set_state_image(StateSet::EVENTS, events)
+    }
+
+    /// Reads the MSRs `indices`, returning their values in order. The VMM may
+    /// return fewer values than requested (KVM stopped at an unreadable MSR).
+    pub fn get_msrs(&mut self, indices: &[u32]) -> Result<Vec<u64>> {
+        let mut req = VcpuRequest::new();
+        req.mut_get_msrs().entry_indices = indices.to_vec();
+        match self.state.transact(&req)? {
+            vcpu_response::Message::GetMsrs(g) => Ok(g.entry_data),
+            _ => Err(Error::Protocol("vcpu reply is not get_msrs")),
+        }
+    }
+
+    /// Writes `{index, data}` of every entry.
+    pub fn set_msrs(&mut self, entries: &[kvm_msr_entry]) -> Result<()> {
+        let mut req = VcpuRequest::new();
+        req.mut_set_msrs().entries = entries
+            .iter()
+            .map(|e| vcpu_request::MsrEntry {
+                index: e.index,
+                data: e.data,
+                ..Default::default()
+            })
+            .collect();
+        match self.state.transact(&req)? {
+            vcpu_response::Message::SetMsrs(_) => Ok(()),
+            _ => Err(Error::Protocol("vcpu reply is not set_msrs")),
+        }
+    }
+
+    /// Replaces the vcpu's CPUID table.
+    pub fn set_cpuid(&mut self, entries: &[kvm_cpuid_entry2]) -> Result<()> {
+        let mut req = VcpuRequest::new();
+        req.mut_set_cpuid().entries = entries.iter().map(cpuid_to_proto).collect();
+        match self.state.transact(&req)? {
+            vcpu_response::Message::SetCpuid(_) => Ok(()),
+            _ => Err(Error::Protocol("vcpu reply is not set_cpuid")),
+        }
+    }
+
+    /// The Hyper-V CPUID leaves KVM supports for this vcpu.
+    pub fn get_hyperv_cpuid(&mut self) -> Result<Vec<kvm_cpuid_entry2>> {
+        let mut req = VcpuRequest::new();
+        req.set_get_hyperv_cpuid(vcpu_request::CpuidRequest::new());
+        match self.state.transact(&req)? {
+            vcpu_response::Message::GetHypervCpuid(c) => {
+                Ok(c.entries.iter().map(cpuid_from_proto).collect())
+            }
+            _ => Err(Error::Protocol("vcpu reply is not get_hyperv_cpuid")),
+        }
+    }
+
+    /// Enables a vcpu capability (the VMM accepts `KVM_CAP_HYPERV_SYNIC` and
+    /// `KVM_CAP_HYPERV_SYNIC2`). `flags` and every `args` value must be 0
+    /// (else `EINVAL`, nothing sent).
+    pub fn enable_capability(&mut self, capability: u32, flags: u32, args: [u64; 4]) -> Result<()> {
+        if flags != 0 {
+            return Err(Error::InvalidArgument("capability flags must be 0"));
+        }
+        if args.iter().any(|&a| a != 0) {
+            return Err(Error::InvalidArgument("capability args must be 0"));
+        }
+        let mut req = VcpuRequest::new();
+        req.mut_enable_capability().capability = capability;
+        match self.state.transact(&req)? {
+            vcpu_response::Message::EnableCapability(_) => Ok(()),
+            _ => Err(Error::Protocol("vcpu reply is not enable_capability")),
+        }
+    }
+}
