@@ -1,0 +1,24 @@
+//! `vmm`: a plugin-hosted virtual machine monitor for Linux/KVM on x86-64,
+//! wire-compatible with crosvm's plugin mode (plugin API 0.22).
+//!
+//! The host owns `/dev/kvm`, creates the VM (in-kernel irqchip and PIT, no
+//! memory of its own) and runs the plugin, which is the machine: it maps guest
+//! memory, reserves IO ranges, and drives every vcpu over the protocol of
+//! `plugin_proto`.
+
+pub mod cli;
+pub mod limits;
+pub mod plugin;
+pub mod vm;
+
+/// Formats an error with its whole `source()` chain: `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

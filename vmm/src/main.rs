@@ -1,1 +1,73 @@
-fn main(){}
+//! `vmm` binary: parse arguments, run the VM, print the whole error chain.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{Args, PARSE_ERROR_STATUS};
+use vmm::plugin::{self, RunConfig};
+
+/// Writes log records to stderr as `[vmm LEVEL] message`.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "[vmm {}] {}", record.level(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let status = if e.use_stderr() {
+                PARSE_ERROR_STATUS
+            } else {
+                0
+            };
+            let _ = e.print();
+            return ExitCode::from(status as u8);
+        }
+    };
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(args.log_level);
+
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm: error: {}", vmm::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.disable_sandbox {
+        return Err(
+            "the plugin jail is not available in this build yet; pass --disable-sandbox".into(),
+        );
+    }
+    if args.mem.is_some() {
+        log::info!("--mem is ignored: guest memory comes from the plugin");
+    }
+    let config = RunConfig {
+        plugin: args.plugin.clone(),
+        args: args.plugin_argv(),
+        vcpus: args.cpus,
+        kvm_path: args.kvm_path(),
+        vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
+    };
+    plugin::run(config)?;
+    Ok(())
+}

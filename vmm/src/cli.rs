@@ -1,0 +1,511 @@
+//! Command line: clap definitions (with crosvm's option spellings), value
+//! parsers that follow host-behaviour.md §2, and list files.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+/// Exit status for errors caught while parsing arguments (as crosvm).
+pub const PARSE_ERROR_STATUS: i32 = 35;
+
+/// Runs a virtual machine whose devices, memory and vcpus are driven by a
+/// plugin process.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Args {
+    /// Plugin executable: the machine. It is started with CROSVM_SOCKET set.
+    #[arg(long, value_name = "PATH")]
+    pub plugin: PathBuf,
+
+    /// Arguments for the plugin; everything after this option is passed on,
+    /// one argument per word (quote arguments that contain spaces).
+    #[arg(long = "plugin-args", value_name = "ARG", num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+    pub plugin_args: Vec<String>,
+
+    /// One plugin argument (crosvm spelling); repeatable, kept in order and
+    /// placed before --plugin-args.
+    #[arg(short = 'p', long = "params", value_name = "STR")]
+    pub params: Vec<String>,
+
+    /// Number of vcpus: N or num-cores=N.
+    #[arg(short = 'c', long = "cpus", value_name = "SPEC", value_parser = parse_cpus, default_value = "1")]
+    pub cpus: usize,
+
+    /// Accepted for crosvm compatibility and ignored: all guest memory comes
+    /// from the plugin.
+    #[arg(short = 'm', long = "mem", value_name = "SPEC", value_parser = parse_mem)]
+    pub mem: Option<u64>,
+
+    /// Start the plugin without any jail.
+    #[arg(long)]
+    pub disable_sandbox: bool,
+
+    /// Seccomp policy file for the plugin (JSON, see README) replacing the
+    /// built-in filter.
+    #[arg(long, value_name = "FILE")]
+    pub seccomp_policy: Option<PathBuf>,
+
+    /// crosvm spelling: use DIR/plugin.policy (minijail syntax) if present,
+    /// else the built-in filter.
+    #[arg(long, value_name = "DIR")]
+    pub seccomp_policy_dir: Option<PathBuf>,
+
+    /// Log seccomp violations instead of killing the plugin.
+    #[arg(long)]
+    pub seccomp_log_failures: bool,
+
+    /// Jail root when --plugin-root is absent.
+    #[arg(long, value_name = "DIR")]
+    pub pivot_root: Option<PathBuf>,
+
+    /// Root directory of the plugin's jail (default: an empty directory the
+    /// host creates).
+    #[arg(long, value_name = "DIR")]
+    pub plugin_root: Option<PathBuf>,
+
+    /// Extra bind mount into the jail: SRC[:[DST][:true|false]] (true =
+    /// writable); repeatable.
+    #[arg(long, value_name = "SPEC", value_parser = parse_mount)]
+    pub plugin_mount: Vec<BindMount>,
+
+    /// File with one --plugin-mount SPEC per line (# comments).
+    #[arg(long, value_name = "FILE")]
+    pub plugin_mount_file: Option<PathBuf>,
+
+    /// Extra gid mapping for the jail's user namespace:
+    /// INNER[:[OUTER][:COUNT]]; repeatable.
+    #[arg(long, value_name = "SPEC", value_parser = parse_gid_map)]
+    pub plugin_gid_map: Vec<GidMap>,
+
+    /// File with one --plugin-gid-map SPEC per line (# comments).
+    #[arg(long, value_name = "FILE")]
+    pub plugin_gid_map_file: Option<PathBuf>,
+
+    /// Host IPv4 address of a new tap device (needs --netmask and --mac).
+    #[arg(long, value_name = "IP")]
+    pub host_ip: Option<Ipv4Addr>,
+
+    /// Netmask of that tap device.
+    #[arg(long, value_name = "MASK")]
+    pub netmask: Option<Ipv4Addr>,
+
+    /// MAC address of that tap device (hh:hh:hh:hh:hh:hh).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub mac: Option<[u8; 6]>,
+
+    /// Tap device: tap-name=NAME[,mac=MAC] | tap-fd=FD[,mac=MAC] |
+    /// host-ip=IP,netmask=MASK,mac=MAC; repeatable. Only the first tap is
+    /// visible to the plugin.
+    #[arg(long, value_name = "KV", value_parser = parse_net)]
+    pub net: Vec<NetSpec>,
+
+    /// Existing tap interface to open by name; repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub tap_name: Vec<String>,
+
+    /// Already open tap descriptor to adopt; repeatable.
+    #[arg(long, value_name = "FD")]
+    pub tap_fd: Vec<i32>,
+
+    /// Put the host process and vcpu threads into DIR/tasks.
+    #[arg(long, value_name = "DIR")]
+    pub vcpu_cgroup_path: Option<PathBuf>,
+
+    /// Hypervisor: kvm[device=PATH].
+    #[arg(long, value_name = "SPEC", value_parser = parse_hypervisor, conflicts_with = "kvm_device")]
+    pub hypervisor: Option<PathBuf>,
+
+    /// KVM device node (deprecated spelling of --hypervisor kvm[device=PATH]).
+    #[arg(long, value_name = "PATH")]
+    pub kvm_device: Option<PathBuf>,
+
+    /// Accepted for crosvm compatibility; no effect (no host-allocated memory).
+    #[arg(long)]
+    pub hugepages: bool,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+/// One `--plugin-mount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub writable: bool,
+}
+
+/// One `--plugin-gid-map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GidMap {
+    pub inner: u32,
+    pub outer: u32,
+    pub count: u32,
+}
+
+/// One `--net` (or deprecated equivalent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetSpec {
+    TapName {
+        name: String,
+        mac: Option<[u8; 6]>,
+    },
+    TapFd {
+        fd: i32,
+        mac: Option<[u8; 6]>,
+    },
+    HostIp {
+        ip: Ipv4Addr,
+        netmask: Ipv4Addr,
+        mac: [u8; 6],
+    },
+}
+
+/// Errors resolving the parsed arguments into a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    ReadListFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    BadListLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("--host-ip, --netmask and --mac must be given together: {0} is missing")]
+    IncompleteNet(&'static str),
+}
+
+pub fn parse_cpus(s: &str) -> Result<usize, String> {
+    let n = s.strip_prefix("num-cores=").unwrap_or(s);
+    let n = n.split(',').next().unwrap_or(n);
+    match n.parse::<usize>() {
+        Ok(0) => Err("the vcpu count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not N or num-cores=N")),
+    }
+}
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let n = s.strip_prefix("size=").unwrap_or(s);
+    n.parse::<u64>()
+        .map_err(|_| format!("`{s}` is not N or size=N"))
+}
+
+fn parse_hypervisor(s: &str) -> Result<PathBuf, String> {
+    let rest = s
+        .strip_prefix("kvm")
+        .ok_or_else(|| format!("unsupported hypervisor `{s}`"))?;
+    if rest.is_empty() {
+        return Ok(PathBuf::from("/dev/kvm"));
+    }
+    rest.strip_prefix("[device=")
+        .and_then(|r| r.strip_suffix(']'))
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("`{s}` is not kvm or kvm[device=PATH]"))
+}
+
+/// `SRC[:[DST][:WRITABLE]]` (host-behaviour.md §2.1).
+pub fn parse_mount(s: &str) -> Result<BindMount, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() > 3 || parts[0].is_empty() {
+        return Err(format!("`{s}` is not SRC[:[DST][:true|false]]"));
+    }
+    let src = PathBuf::from(parts[0]);
+    if !src.is_absolute() {
+        return Err(format!(
+            "mount source `{}` must be an absolute path",
+            src.display()
+        ));
+    }
+    if !src.exists() {
+        return Err(format!("mount source `{}` does not exist", src.display()));
+    }
+    let dst = match parts.get(1) {
+        None | Some(&"") => src.clone(),
+        Some(d) => PathBuf::from(d),
+    };
+    if !dst.is_absolute() {
+        return Err(format!(
+            "mount destination `{}` must be an absolute path",
+            dst.display()
+        ));
+    }
+    let writable = match parts.get(2) {
+        None => false,
+        Some(&"true") => true,
+        Some(&"false") => false,
+        Some(w) => return Err(format!("`{w}` is not true or false")),
+    };
+    Ok(BindMount { src, dst, writable })
+}
+
+/// `INNER[:[OUTER][:COUNT]]` (host-behaviour.md §2.2).
+pub fn parse_gid_map(s: &str) -> Result<GidMap, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() > 3 || parts[0].is_empty() {
+        return Err(format!("`{s}` is not INNER[:[OUTER][:COUNT]]"));
+    }
+    let num = |p: &str| {
+        p.parse::<u32>()
+            .map_err(|_| format!("`{p}` is not a group id or count"))
+    };
+    let inner = num(parts[0])?;
+    let outer = match parts.get(1) {
+        None | Some(&"") => inner,
+        Some(o) => num(o)?,
+    };
+    let count = match parts.get(2) {
+        None => 1,
+        Some(c) => num(c)?,
+    };
+    Ok(GidMap {
+        inner,
+        outer,
+        count,
+    })
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("`{s}` is not a MAC address hh:hh:hh:hh:hh:hh");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+/// `--net` key-values.
+pub fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let (mut name, mut fd, mut mac, mut ip, mut mask) = (None, None, None, None, None);
+    for kv in s.split(',') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "tap-name" => name = Some(v.to_string()),
+            "tap-fd" => {
+                fd = Some(
+                    v.parse::<i32>()
+                        .map_err(|_| format!("`{v}` is not a descriptor"))?,
+                )
+            }
+            "mac" => mac = Some(parse_mac(v)?),
+            "host-ip" => {
+                ip = Some(
+                    v.parse::<Ipv4Addr>()
+                        .map_err(|_| format!("`{v}` is not an IPv4 address"))?,
+                )
+            }
+            "netmask" => {
+                mask = Some(
+                    v.parse::<Ipv4Addr>()
+                        .map_err(|_| format!("`{v}` is not an IPv4 netmask"))?,
+                )
+            }
+            "vhost-net" => return Err("vhost-net is not supported with a plugin".into()),
+            "vq-pairs" | "packed-queue" | "pci-address" | "mrg_rxbuf" => {}
+            _ => return Err(format!("unknown --net key `{k}`")),
+        }
+    }
+    match (name, fd, ip, mask, mac) {
+        (Some(name), None, None, None, mac) => Ok(NetSpec::TapName { name, mac }),
+        (None, Some(fd), None, None, mac) => Ok(NetSpec::TapFd { fd, mac }),
+        (None, None, Some(ip), Some(netmask), Some(mac)) => Ok(NetSpec::HostIp { ip, netmask, mac }),
+        _ => Err(format!(
+            "`{s}` is not tap-name=NAME[,mac=MAC], tap-fd=FD[,mac=MAC] or host-ip=IP,netmask=MASK,mac=MAC"
+        )),
+    }
+}
+
+/// Reads a list file: `#` starts a comment, blank lines are skipped, each
+/// remaining line is parsed with `parse`.
+pub fn read_list_file<T>(
+    path: &Path,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadListFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        out.push(parse(line).map_err(|message| ConfigError::BadListLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        })?);
+    }
+    Ok(out)
+}
+
+impl Args {
+    /// The plugin's argv after argv[0]: `--params` then `--plugin-args`.
+    pub fn plugin_argv(&self) -> Vec<String> {
+        self.params
+            .iter()
+            .chain(&self.plugin_args)
+            .cloned()
+            .collect()
+    }
+
+    /// All bind mounts: command line first, then the list file.
+    pub fn all_mounts(&self) -> Result<Vec<BindMount>, ConfigError> {
+        let mut v = self.plugin_mount.clone();
+        if let Some(f) = &self.plugin_mount_file {
+            v.extend(read_list_file(f, parse_mount)?);
+        }
+        Ok(v)
+    }
+
+    /// All gid maps: command line first, then the list file.
+    pub fn all_gid_maps(&self) -> Result<Vec<GidMap>, ConfigError> {
+        let mut v = self.plugin_gid_map.clone();
+        if let Some(f) = &self.plugin_gid_map_file {
+            v.extend(read_list_file(f, parse_gid_map)?);
+        }
+        Ok(v)
+    }
+
+    /// Taps in creation order: --net, --tap-name, --tap-fd, then the
+    /// deprecated --host-ip/--netmask/--mac triple.
+    pub fn all_nets(&self) -> Result<Vec<NetSpec>, ConfigError> {
+        let mut v = self.net.clone();
+        v.extend(self.tap_name.iter().map(|name| NetSpec::TapName {
+            name: name.clone(),
+            mac: None,
+        }));
+        v.extend(
+            self.tap_fd
+                .iter()
+                .map(|&fd| NetSpec::TapFd { fd, mac: None }),
+        );
+        match (self.host_ip, self.netmask, self.mac) {
+            (None, None, None) => {}
+            (Some(ip), Some(netmask), Some(mac)) => v.push(NetSpec::HostIp { ip, netmask, mac }),
+            (None, _, _) => return Err(ConfigError::IncompleteNet("--host-ip")),
+            (_, None, _) => return Err(ConfigError::IncompleteNet("--netmask")),
+            (_, _, None) => return Err(ConfigError::IncompleteNet("--mac")),
+        }
+        Ok(v)
+    }
+
+    /// The KVM device node to open.
+    pub fn kvm_path(&self) -> PathBuf {
+        self.hypervisor
+            .clone()
+            .or_else(|| self.kvm_device.clone())
+            .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_specs() {
+        let m = parse_mount("/dev/null").unwrap();
+        assert_eq!(
+            (m.src.to_str(), m.dst.to_str(), m.writable),
+            (Some("/dev/null"), Some("/dev/null"), false)
+        );
+        let m = parse_mount("/dev/null:/dev/zero").unwrap();
+        assert_eq!(m.dst, PathBuf::from("/dev/zero"));
+        assert!(parse_mount("/dev/null::true").unwrap().writable);
+        assert!(parse_mount("/dev/null:/a:true:x").is_err());
+        assert!(parse_mount("dev/null").is_err());
+        assert!(parse_mount("/dev/null:rel").is_err());
+        assert!(parse_mount("/dev/null::yes").is_err());
+        assert!(parse_mount("/no/such/path/here").is_err());
+        assert!(parse_mount("").is_err());
+    }
+
+    #[test]
+    fn gid_map_specs() {
+        let g = |s| parse_gid_map(s).map(|g| (g.inner, g.outer, g.count));
+        assert_eq!(g("1:2:3"), Ok((1, 2, 3)));
+        assert_eq!(g("1"), Ok((1, 1, 1)));
+        assert_eq!(g("1:2"), Ok((1, 2, 1)));
+        assert_eq!(g("1::3"), Ok((1, 1, 3)));
+        assert!(g("1:2:").is_err());
+        assert!(g(":1").is_err());
+        assert!(g("1:2:3:4").is_err());
+        assert!(g("x").is_err());
+    }
+
+    #[test]
+    fn cpus_and_net() {
+        assert_eq!(parse_cpus("4"), Ok(4));
+        assert_eq!(parse_cpus("num-cores=2"), Ok(2));
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("x").is_err());
+        assert_eq!(
+            parse_mac("de:21:e8:47:6b:6a"),
+            Ok([0xde, 0x21, 0xe8, 0x47, 0x6b, 0x6a])
+        );
+        assert!(parse_mac("de:21:e8:47:6b").is_err());
+        assert!(matches!(
+            parse_net("tap-name=t0,mac=de:21:e8:47:6b:6a"),
+            Ok(NetSpec::TapName { .. })
+        ));
+        assert!(matches!(
+            parse_net("tap-fd=5,vq-pairs=2"),
+            Ok(NetSpec::TapFd { fd: 5, mac: None })
+        ));
+        assert!(matches!(
+            parse_net("host-ip=100.115.92.5,netmask=255.255.255.252,mac=de:21:e8:47:6b:6a"),
+            Ok(NetSpec::HostIp { .. })
+        ));
+        assert!(parse_net("tap-name=t0,vhost-net=true").is_err());
+        assert!(parse_net("host-ip=1.2.3.4").is_err());
+    }
+
+    #[test]
+    fn argv_order_and_spaces() {
+        let a = Args::try_parse_from([
+            "vmm",
+            "--plugin",
+            "/bin/true",
+            "-p",
+            "one two",
+            "--cpus",
+            "2",
+            "--plugin-args",
+            "--x",
+            "three four",
+        ])
+        .unwrap();
+        assert_eq!(a.plugin_argv(), vec!["one two", "--x", "three four"]);
+        assert_eq!(a.cpus, 2);
+    }
+
+    #[test]
+    fn list_file_comments() {
+        let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("gids");
+        std::fs::write(&f, "# header\n 1:2:3 # trailing\n\n5\n").unwrap();
+        let v = read_list_file(&f, parse_gid_map).unwrap();
+        assert_eq!(v.len(), 2);
+        std::fs::write(&f, "1\nbad\n").unwrap();
+        let e = read_list_file(&f, parse_gid_map).unwrap_err();
+        assert!(e.to_string().contains(":2:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,602 @@
+//! `MainRequest` → `MainResponse`: a plain function over a [`Vm`] and the
+//! host resources in [`HostServices`], so the same code runs on real KVM, in
+//! unit tests and under the fuzzer.
+
+use std::fs::File;
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::{lseek, Whence};
+use plugin_proto::protobuf::Message;
+use plugin_proto::{main_request, CpuidEntry, MainRequest, MainResponse};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::objects::{CallHint, ExitConfig, Object, ObjectTable, RegHint, SharedExitConfig};
+use crate::limits;
+use crate::vm::{borrow_raw, Cpuid, IrqRoute, Space, Vm, VmState};
+
+/// The first tap's description for `GetNetConfig`.
+pub struct NetConfig<'a> {
+    pub mac: [u8; 6],
+    /// Octets in network order.
+    pub ip: [u8; 4],
+    pub netmask: [u8; 4],
+    pub fd: BorrowedFd<'a>,
+}
+
+/// Host resources the handler hands out or acts on, besides the VM.
+pub trait HostServices {
+    fn vcpu_count(&self) -> usize;
+    /// [request-pipe write end, response-pipe read end] of vcpu `i`.
+    fn vcpu_fds(&self, i: usize) -> [BorrowedFd<'_>; 2];
+    fn shutdown_eventfd(&self) -> BorrowedFd<'_>;
+    /// `Ok(None)` when no tap is configured.
+    fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno>;
+    /// Records a pause of the masked vcpus (delivered as `User` events).
+    fn pause_vcpus(&self, mask: u64, user: u64);
+    /// Number of main connections currently served.
+    fn connection_count(&self) -> usize;
+}
+
+/// State owned by the main loop and changed only by main requests.
+pub struct MainState {
+    pub objects: ObjectTable,
+    pub exit_config: ExitConfig,
+    pub shared_exit: Arc<SharedExitConfig>,
+    pub started: bool,
+}
+
+impl MainState {
+    pub fn new(shared_exit: Arc<SharedExitConfig>) -> Self {
+        MainState {
+            objects: ObjectTable::default(),
+            exit_config: ExitConfig::default(),
+            shared_exit,
+            started: false,
+        }
+    }
+
+    fn publish(&self) {
+        self.shared_exit.publish(self.exit_config.clone());
+    }
+}
+
+/// What to send back, and side effects for the main loop.
+#[derive(Default)]
+pub struct Reply {
+    pub response: MainResponse,
+    pub fds: Vec<OwnedFd>,
+    /// Extra packets that follow the response (chunked `GetVcpus`).
+    pub follow_ups: Vec<(MainResponse, Vec<OwnedFd>)>,
+    /// Host end of a new main connection to serve.
+    pub new_connection: Option<OwnedFd>,
+}
+
+impl Reply {
+    fn with(response: MainResponse) -> Self {
+        Reply {
+            response,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why a request could not even be answered (the connection is dropped).
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("undecodable MainRequest")]
+    Decode(#[source] plugin_proto::protobuf::Error),
+}
+
+type Outcome = Result<Reply, Errno>;
+
+fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    fd.try_clone_to_owned()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))
+}
+
+/// A close-on-exec counter-mode eventfd, as handed to plugins.
+pub fn new_eventfd() -> Result<EventFd, Errno> {
+    EventFd::new(libc::EFD_CLOEXEC).map_err(|e| io_errno(&e))
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL))
+}
+
+fn space(
+    v: plugin_proto::protobuf::EnumOrUnknown<plugin_proto::AddressSpace>,
+) -> Result<Space, Errno> {
+    Space::from_wire(v.value()).ok_or(Errno::EINVAL)
+}
+
+/// The response member matching a request, selected even on error (as the
+/// reference host does), so clients that look at it are not surprised.
+fn response_for(req: &main_request::Message) -> MainResponse {
+    use main_request::Message as Q;
+    let mut r = MainResponse::new();
+    match req {
+        Q::Create(_) => r.set_create(Default::default()),
+        Q::Destroy(_) => r.set_destroy(Default::default()),
+        Q::NewConnection(_) => r.set_new_connection(Default::default()),
+        Q::GetShutdownEventfd(_) => r.set_get_shutdown_eventfd(Default::default()),
+        Q::CheckExtension(_) => r.set_check_extension(Default::default()),
+        Q::GetSupportedCpuid(_) => r.set_get_supported_cpuid(Default::default()),
+        Q::GetEmulatedCpuid(_) => r.set_get_emulated_cpuid(Default::default()),
+        Q::GetMsrIndexList(_) => r.set_get_msr_index_list(Default::default()),
+        Q::GetNetConfig(_) => {}
+        Q::ReserveRange(_) => r.set_reserve_range(Default::default()),
+        Q::SetIrq(_) => r.set_set_irq(Default::default()),
+        Q::SetIrqRouting(_) => r.set_set_irq_routing(Default::default()),
+        Q::GetState(_) => r.set_get_state(Default::default()),
+        Q::SetState(_) => r.set_set_state(Default::default()),
+        Q::SetIdentityMapAddr(_) => r.set_set_identity_map_addr(Default::default()),
+        Q::PauseVcpus(_) => r.set_pause_vcpus(Default::default()),
+        Q::GetVcpus(_) => r.set_get_vcpus(Default::default()),
+        Q::Start(_) => r.set_start(Default::default()),
+        Q::SetCallHint(_) => r.set_set_call_hint(Default::default()),
+        Q::DirtyLog(_) => r.set_dirty_log(Default::default()),
+        _ => {}
+    }
+    r
+}
+
+/// Handles one request packet. `fds` are the descriptors that came with it;
+/// `fds_truncated` says the sender attached more than the host accepts.
+pub fn handle(
+    state: &mut MainState,
+    vm: &impl Vm,
+    services: &impl HostServices,
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+) -> Result<Reply, HandlerError> {
+    let request = MainRequest::parse_from_bytes(bytes).map_err(HandlerError::Decode)?;
+    Ok(handle_request(
+        state,
+        vm,
+        services,
+        request,
+        fds,
+        fds_truncated,
+    ))
+}
+
+/// Handles one decoded request.
+pub fn handle_request(
+    state: &mut MainState,
+    vm: &impl Vm,
+    services: &impl HostServices,
+    request: MainRequest,
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+) -> Reply {
+    let Some(msg) = request.message else {
+        let mut r = MainResponse::new();
+        r.errno = Errno::ENOTTY as i32;
+        return Reply::with(r);
+    };
+    // A packet with two or more descriptors counts as carrying none.
+    let fd = if fds.len() == 1 && !fds_truncated {
+        fds.into_iter().next()
+    } else {
+        None
+    };
+    let base = response_for(&msg);
+    use main_request::Message as Q;
+    let outcome = match msg {
+        Q::Create(c) => create(state, vm, c, fd, base.clone()),
+        Q::Destroy(d) => destroy(state, vm, d.id).map(|()| Reply::with(base.clone())),
+        Q::NewConnection(_) => new_connection(services, base.clone()),
+        Q::GetShutdownEventfd(_) => dup(services.shutdown_eventfd()).map(|fd| Reply {
+            fds: vec![fd],
+            ..Reply::with(base.clone())
+        }),
+        Q::CheckExtension(c) => {
+            let mut r = base.clone();
+            r.mut_check_extension().has_extension = vm.check_extension(c.extension) == 1;
+            Ok(Reply::with(r))
+        }
+        Q::GetSupportedCpuid(_) => vm.supported_cpuid().map(|entries| {
+            let mut r = base.clone();
+            r.mut_get_supported_cpuid().entries = entries.iter().map(cpuid_to_proto).collect();
+            Reply::with(r)
+        }),
+        Q::GetEmulatedCpuid(_) => vm.emulated_cpuid().map(|entries| {
+            let mut r = base.clone();
+            r.mut_get_emulated_cpuid().entries = entries.iter().map(cpuid_to_proto).collect();
+            Reply::with(r)
+        }),
+        Q::GetMsrIndexList(_) => vm.msr_index_list().map(|indices| {
+            let mut r = base.clone();
+            r.mut_get_msr_index_list().indices = indices;
+            Reply::with(r)
+        }),
+        Q::GetNetConfig(_) => net_config(services),
+        Q::ReserveRange(rr) => reserve_range(state, rr).map(|()| Reply::with(base.clone())),
+        Q::SetIrq(s) => vm
+            .set_irq_line(s.irq_id, s.active)
+            .map(|()| Reply::with(base.clone())),
+        Q::SetIrqRouting(s) => set_irq_routing(vm, s).map(|()| Reply::with(base.clone())),
+        Q::GetState(g) => VmState::from_wire(g.set.value())
+            .ok_or(Errno::EINVAL)
+            .and_then(|set| vm.get_state(set))
+            .map(|image| {
+                let mut r = base.clone();
+                r.mut_get_state().state = image;
+                Reply::with(r)
+            }),
+        Q::SetState(s) => set_state(vm, s).map(|()| Reply::with(base.clone())),
+        Q::SetIdentityMapAddr(s) => {
+            if state.started {
+                Err(Errno::EINVAL)
+            } else {
+                vm.set_identity_map_addr(u64::from(s.address))
+                    .map(|()| Reply::with(base.clone()))
+            }
+        }
+        Q::PauseVcpus(p) => {
+            services.pause_vcpus(p.cpu_mask, p.user);
+            Ok(Reply::with(base.clone()))
+        }
+        Q::GetVcpus(g) => get_vcpus(services, g.accept_chunked_fds, base.clone()),
+        Q::Start(_) => {
+            if state.started {
+                Err(Errno::EINVAL)
+            } else {
+                state.started = true;
+                Ok(Reply::with(base.clone()))
+            }
+        }
+        Q::SetCallHint(h) => set_call_hint(state, h).map(|()| Reply::with(base.clone())),
+        Q::DirtyLog(d) => dirty_log(state, vm, d.id).map(|bitmap| {
+            let mut r = base.clone();
+            r.mut_dirty_log().bitmap = bitmap;
+            Reply::with(r)
+        }),
+        _ => Err(Errno::ENOTTY),
+    };
+    outcome.unwrap_or_else(|e| {
+        let mut r = base;
+        r.errno = e as i32;
+        Reply::with(r)
+    })
+}
+
+fn cpuid_to_proto(c: &Cpuid) -> CpuidEntry {
+    CpuidEntry {
+        function: c.function,
+        has_index: c.index.is_some(),
+        index: c.index.unwrap_or(0),
+        eax: c.eax,
+        ebx: c.ebx,
+        ecx: c.ecx,
+        edx: c.edx,
+        ..Default::default()
+    }
+}
+
+fn create(
+    state: &mut MainState,
+    vm: &impl Vm,
+    c: main_request::Create,
+    fd: Option<OwnedFd>,
+    base: MainResponse,
+) -> Outcome {
+    use main_request::create::Constructor;
+    if state.objects.contains(c.id) {
+        return Err(Errno::EEXIST);
+    }
+    let Some(constructor) = c.constructor else {
+        return Err(Errno::ENOTTY);
+    };
+    if state.objects.len() >= limits::MAX_OBJECTS {
+        return Err(Errno::ENOSPC);
+    }
+    let mut reply = Reply::with(base);
+    let obj = match constructor {
+        Constructor::IoEvent(io) => {
+            let space = space(io.space)?;
+            if !matches!(io.length, 0 | 1 | 2 | 4 | 8) {
+                return Err(Errno::EINVAL);
+            }
+            let datamatch = match io.length {
+                0 => 0,
+                8 => io.datamatch,
+                n => io.datamatch & ((1u64 << (8 * n)) - 1),
+            };
+            let evt = new_eventfd()?;
+            vm.register_ioevent(&evt, space, io.address, io.length, datamatch)?;
+            match dup(borrow_raw(&evt)) {
+                Ok(fd) => reply.fds.push(fd),
+                Err(e) => {
+                    let _ = vm.unregister_ioevent(&evt, space, io.address, io.length, datamatch);
+                    return Err(e);
+                }
+            }
+            Object::IoEvent {
+                evt,
+                space,
+                address: io.address,
+                length: io.length,
+                datamatch,
+            }
+        }
+        Constructor::Memory(m) => create_memory(state, vm, m, fd.ok_or(Errno::EBADF)?)?,
+        Constructor::IrqEvent(irq) => {
+            let trigger = new_eventfd()?;
+            let resample = new_eventfd()?;
+            vm.register_irqfd(&trigger, &resample, irq.irq_id)?;
+            match dup(borrow_raw(&trigger)) {
+                Ok(fd) => reply.fds.push(fd),
+                Err(e) => {
+                    let _ = vm.unregister_irqfd(&trigger, irq.irq_id);
+                    return Err(e);
+                }
+            }
+            // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
+            reply
+                .fds
+                .push(unsafe { OwnedFd::from_raw_fd(resample.into_raw_fd()) });
+            Object::IrqEvent {
+                trigger,
+                gsi: irq.irq_id,
+            }
+        }
+        _ => return Err(Errno::ENOTTY),
+    };
+    state.objects.insert(c.id, obj);
+    Ok(reply)
+}
+
+fn create_memory(
+    state: &MainState,
+    vm: &impl Vm,
+    m: main_request::create::Memory,
+    fd: OwnedFd,
+) -> Result<Object, Errno> {
+    let size = lseek(&fd, 0, Whence::SeekEnd)?;
+    let size = u64::try_from(size).map_err(|_| Errno::EINVAL)?;
+    let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)?;
+    if !SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
+        return Err(Errno::EPERM);
+    }
+    let end = m.offset.checked_add(m.length).ok_or(Errno::EOVERFLOW)?;
+    if end > size {
+        return Err(Errno::EINVAL);
+    }
+    if m.start.checked_add(m.length).is_none() {
+        return Err(Errno::EOVERFLOW);
+    }
+    if m.length == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let length = usize::try_from(m.length).map_err(|_| Errno::EINVAL)?;
+    let slot = state
+        .objects
+        .free_slot(vm.max_memory_slots())
+        .ok_or(Errno::ENOSPC)?;
+    // Read-only regions are mapped read-only, so a memfd sealed against
+    // writes can back them.
+    let prot = if m.read_only {
+        libc::PROT_READ
+    } else {
+        libc::PROT_READ | libc::PROT_WRITE
+    };
+    let mapping = MmapRegion::build(
+        Some(FileOffset::new(File::from(fd), m.offset)),
+        length,
+        prot,
+        libc::MAP_SHARED | libc::MAP_NORESERVE,
+    )
+    .map_err(|e| match e {
+        vm_memory::mmap::MmapRegionError::Mmap(io) => io_errno(&io),
+        _ => Errno::EINVAL,
+    })?;
+    // SAFETY: `mapping` is stored in the object table with the slot and is
+    // only dropped after the slot has been removed (see `destroy`).
+    unsafe {
+        vm.add_memory_slot(
+            slot,
+            m.start,
+            m.length,
+            mapping.as_ptr() as u64,
+            m.read_only,
+            m.dirty_log,
+        )
+    }?;
+    Ok(Object::Memory {
+        slot,
+        start: m.start,
+        length: m.length,
+        dirty_log: m.dirty_log,
+        mapping,
+    })
+}
+
+/// Unregisters and forgets an object. The object is gone from the table even
+/// when the teardown fails (reference behaviour, quirk 10).
+pub fn destroy(state: &mut MainState, vm: &impl Vm, id: u32) -> Result<(), Errno> {
+    let obj = state.objects.remove(id).ok_or(Errno::ENOENT)?;
+    teardown(vm, obj)
+}
+
+/// Undoes what `create` registered with the VM.
+pub fn teardown(vm: &impl Vm, obj: Object) -> Result<(), Errno> {
+    match obj {
+        Object::IoEvent {
+            evt,
+            space,
+            address,
+            length,
+            datamatch,
+        } => vm.unregister_ioevent(&evt, space, address, length, datamatch),
+        Object::Memory {
+            slot,
+            start,
+            mapping,
+            ..
+        } => {
+            let r = vm.remove_memory_slot(slot, start);
+            if r.is_err() {
+                // KVM may still reference the pages: leaking the mapping is
+                // the only safe choice.
+                std::mem::forget(mapping);
+            }
+            r
+        }
+        Object::IrqEvent { trigger, gsi } => vm.unregister_irqfd(&trigger, gsi),
+    }
+}
+
+fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
+    if services.connection_count() >= limits::MAX_CONNECTIONS {
+        return Err(Errno::EMFILE);
+    }
+    let (host, plugin) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    Ok(Reply {
+        fds: vec![plugin],
+        new_connection: Some(host),
+        ..Reply::with(base)
+    })
+}
+
+fn net_config(services: &impl HostServices) -> Outcome {
+    let cfg = services.net_config()?.ok_or(Errno::ENODATA)?;
+    let mut r = MainResponse::new();
+    let n = r.mut_get_net_config();
+    n.host_mac_address = cfg.mac.to_vec();
+    n.host_ipv4_address = u32::from_le_bytes(cfg.ip);
+    n.netmask = u32::from_le_bytes(cfg.netmask);
+    Ok(Reply {
+        fds: vec![dup(cfg.fd)?],
+        ..Reply::with(r)
+    })
+}
+
+fn reserve_range(state: &mut MainState, rr: main_request::ReserveRange) -> Result<(), Errno> {
+    let space = space(rr.space)?;
+    let reservations = &mut state.exit_config.reservations;
+    if rr.length == 0 {
+        reservations.unreserve(space, rr.start)?;
+    } else {
+        reservations.reserve(space, rr.start, rr.length, rr.async_write)?;
+    }
+    state.publish();
+    Ok(())
+}
+
+fn set_irq_routing(vm: &impl Vm, s: main_request::SetIrqRouting) -> Result<(), Errno> {
+    use main_request::set_irq_routing::route::Route as R;
+    if s.routes.len() > limits::MAX_IRQ_ROUTES {
+        return Err(Errno::E2BIG);
+    }
+    let routes = s
+        .routes
+        .iter()
+        .map(|r| match &r.route {
+            Some(R::Irqchip(c)) => Ok(IrqRoute::Irqchip {
+                gsi: r.irq_id,
+                chip: c.irqchip,
+                pin: c.pin,
+            }),
+            Some(R::Msi(m)) => Ok(IrqRoute::Msi {
+                gsi: r.irq_id,
+                address: m.address,
+                data: m.data,
+            }),
+            _ => Err(Errno::EINVAL),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    vm.set_gsi_routing(&routes)
+}
+
+fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Errno> {
+    let set = VmState::from_wire(s.set.value()).ok_or(Errno::EINVAL)?;
+    if s.state.len() != set.size() {
+        return Err(Errno::EINVAL);
+    }
+    vm.set_state(set, &s.state)
+}
+
+fn get_vcpus(services: &impl HostServices, accept_chunked: bool, base: MainResponse) -> Outcome {
+    let n = services.vcpu_count();
+    let mut all = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        for fd in services.vcpu_fds(i) {
+            all.push(dup(fd)?);
+        }
+    }
+    // Whole vcpus per packet, within SCM_MAX_FD.
+    let per_packet = (plugin_proto::framing::SCM_MAX_FD / 2) * 2;
+    let mut response = base;
+    response.mut_get_vcpus().vcpu_count = u32::try_from(n).unwrap_or(u32::MAX);
+    let rest = all.split_off(all.len().min(per_packet));
+    let mut reply = Reply {
+        fds: all,
+        ..Reply::with(response.clone())
+    };
+    if accept_chunked {
+        let mut rest = rest.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<OwnedFd> = rest.by_ref().take(per_packet).collect();
+            reply.follow_ups.push((response.clone(), chunk));
+        }
+    }
+    Ok(reply)
+}
+
+fn set_call_hint(state: &mut MainState, h: main_request::SetCallHint) -> Result<(), Errno> {
+    let space = space(h.space)?;
+    if h.hints.len() > limits::MAX_CALL_HINT_DETAILS {
+        return Err(Errno::E2BIG);
+    }
+    state.exit_config.hint = if h.address == 0 {
+        CallHint::default()
+    } else {
+        CallHint {
+            space: Some(space),
+            address: h.address,
+            on_write: h.on_write,
+            hints: h
+                .hints
+                .iter()
+                .map(|d| RegHint {
+                    rax: d.match_rax.then_some(d.rax),
+                    rbx: d.match_rbx.then_some(d.rbx),
+                    rcx: d.match_rcx.then_some(d.rcx),
+                    rdx: d.match_rdx.then_some(d.rdx),
+                    send_sregs: d.send_sregs,
+                    send_debugregs: d.send_debugregs,
+                })
+                .collect(),
+        }
+    };
+    state.publish();
+    Ok(())
+}
+
+/// Bytes of a dirty bitmap for a region: one bit per 4 KiB page.
+pub fn dirty_bitmap_len(length: u64) -> usize {
+    let pages = length.div_ceil(4096);
+    usize::try_from(pages.div_ceil(8)).unwrap_or(usize::MAX)
+}
+
+fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Errno> {
+    match state.objects.get(id) {
+        Some(Object::Memory { slot, length, .. }) => {
+            vm.get_dirty_log(*slot, *length, dirty_bitmap_len(*length))
+        }
+        _ => Err(Errno::ENOENT),
+    }
+}

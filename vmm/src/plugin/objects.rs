@@ -1,0 +1,371 @@
+//! Host-side state that main requests change: the object table (id → memory
+//! slot / ioeventfd / irqfd), the reserved address ranges and the call hint.
+//!
+//! Reservations and the hint are read by every vcpu on every exit. The main
+//! thread owns the authoritative copy and, after each change, publishes an
+//! immutable [`ExitConfig`] snapshot; a vcpu re-reads the snapshot only when the
+//! generation counter moved, so an exit costs one atomic load, never a lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use nix::errno::Errno;
+use vm_memory::mmap::MmapRegion;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::limits;
+use crate::vm::Space;
+
+/// A live object created by `Create`.
+pub enum Object {
+    IoEvent {
+        evt: EventFd,
+        space: Space,
+        address: u64,
+        length: u32,
+        datamatch: u64,
+    },
+    Memory {
+        slot: u32,
+        start: u64,
+        length: u64,
+        dirty_log: bool,
+        /// Keeps the host mapping alive while KVM uses it.
+        mapping: MmapRegion<()>,
+    },
+    IrqEvent {
+        trigger: EventFd,
+        gsi: u32,
+    },
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::IoEvent { .. } => "io_event",
+            Object::Memory { .. } => "memory",
+            Object::IrqEvent { .. } => "irq_event",
+        }
+    }
+}
+
+/// All objects of the VM, keyed by the plugin-chosen id (one id space for all
+/// kinds and all connections).
+#[derive(Default)]
+pub struct ObjectTable {
+    objects: HashMap<u32, Object>,
+    used_slots: BTreeSet<u32>,
+}
+
+impl ObjectTable {
+    pub fn contains(&self, id: u32) -> bool {
+        self.objects.contains_key(&id)
+    }
+
+    pub fn get(&self, id: u32) -> Option<&Object> {
+        self.objects.get(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Inserts under a free id; the caller checked `contains` and the limit.
+    pub fn insert(&mut self, id: u32, obj: Object) {
+        if let Object::Memory { slot, .. } = &obj {
+            self.used_slots.insert(*slot);
+        }
+        self.objects.insert(id, obj);
+    }
+
+    pub fn remove(&mut self, id: u32) -> Option<Object> {
+        let obj = self.objects.remove(&id)?;
+        if let Object::Memory { slot, .. } = &obj {
+            self.used_slots.remove(slot);
+        }
+        Some(obj)
+    }
+
+    /// Lowest memory slot number not in use, below `max`.
+    pub fn free_slot(&self, max: u32) -> Option<u32> {
+        (0..max).find(|s| !self.used_slots.contains(s))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u32, &Object)> {
+        self.objects.iter()
+    }
+}
+
+/// One reserved range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub start: u64,
+    pub length: u64,
+    pub async_write: bool,
+}
+
+/// The reserved ranges of both address spaces.
+#[derive(Debug, Clone, Default)]
+pub struct Reservations {
+    ioport: BTreeMap<u64, Range>,
+    mmio: BTreeMap<u64, Range>,
+}
+
+impl Reservations {
+    fn map(&self, space: Space) -> &BTreeMap<u64, Range> {
+        match space {
+            Space::Ioport => &self.ioport,
+            Space::Mmio => &self.mmio,
+        }
+    }
+
+    fn map_mut(&mut self, space: Space) -> &mut BTreeMap<u64, Range> {
+        match space {
+            Space::Ioport => &mut self.ioport,
+            Space::Mmio => &mut self.mmio,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ioport.len() + self.mmio.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reserves `[start, start + length)`; every overlap with an existing
+    /// range is refused with `EPERM` (host-behaviour.md §9, quirk 2 fixed).
+    pub fn reserve(
+        &mut self,
+        space: Space,
+        start: u64,
+        length: u64,
+        async_write: bool,
+    ) -> Result<(), Errno> {
+        if length == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if self.lookup(space, start).is_some() {
+            return Err(Errno::EPERM);
+        }
+        let end = start.checked_add(length).ok_or(Errno::EINVAL)?;
+        let map = self.map_mut(space);
+        if map.range(start..end).next().is_some() {
+            return Err(Errno::EPERM);
+        }
+        if self.len() >= limits::MAX_RESERVED_RANGES {
+            return Err(Errno::ENOSPC);
+        }
+        self.map_mut(space).insert(
+            start,
+            Range {
+                start,
+                length,
+                async_write,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes the range that starts exactly at `start` (either kind).
+    pub fn unreserve(&mut self, space: Space, start: u64) -> Result<(), Errno> {
+        self.map_mut(space)
+            .remove(&start)
+            .map(|_| ())
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// The range containing `addr`, if any.
+    pub fn lookup(&self, space: Space, addr: u64) -> Option<Range> {
+        let (_, r) = self.map(space).range(..=addr).next_back()?;
+        (addr - r.start < r.length).then_some(*r)
+    }
+
+    pub fn ranges(&self, space: Space) -> impl Iterator<Item = &Range> {
+        self.map(space).values()
+    }
+}
+
+/// One register-match entry of a call hint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegHint {
+    pub rax: Option<u64>,
+    pub rbx: Option<u64>,
+    pub rcx: Option<u64>,
+    pub rdx: Option<u64>,
+    pub send_sregs: bool,
+    pub send_debugregs: bool,
+}
+
+impl RegHint {
+    /// Whether every enabled comparison holds.
+    pub fn matches(&self, rax: u64, rbx: u64, rcx: u64, rdx: u64) -> bool {
+        self.rax.is_none_or(|v| v == rax)
+            && self.rbx.is_none_or(|v| v == rbx)
+            && self.rcx.is_none_or(|v| v == rcx)
+            && self.rdx.is_none_or(|v| v == rdx)
+    }
+}
+
+/// The single global call hint (`SetCallHint`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallHint {
+    pub space: Option<Space>,
+    pub address: u64,
+    pub on_write: bool,
+    pub hints: Vec<RegHint>,
+}
+
+impl CallHint {
+    pub fn applies(&self, space: Space, address: u64, is_write: bool) -> bool {
+        self.address != 0
+            && self.space == Some(space)
+            && self.address == address
+            && self.on_write == is_write
+    }
+}
+
+/// What a vcpu needs to route an exit: an immutable snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct ExitConfig {
+    pub reservations: Reservations,
+    pub hint: CallHint,
+}
+
+/// Shared between the main thread (writer) and vcpu threads (readers).
+#[derive(Default)]
+pub struct SharedExitConfig {
+    generation: AtomicU64,
+    current: RwLock<Arc<ExitConfig>>,
+}
+
+impl SharedExitConfig {
+    /// Replaces the snapshot; vcpus see it on their next exit.
+    pub fn publish(&self, config: ExitConfig) {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *cur = Arc::new(config);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn load(&self) -> (u64, Arc<ExitConfig>) {
+        // Read the generation first: a publish racing with us makes the cached
+        // generation stale, so the next exit reloads.
+        let generation = self.generation.load(Ordering::Acquire);
+        let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
+        (generation, Arc::clone(&cur))
+    }
+}
+
+/// A vcpu's cached view of the shared snapshot.
+pub struct ExitConfigReader {
+    shared: Arc<SharedExitConfig>,
+    generation: u64,
+    cached: Arc<ExitConfig>,
+}
+
+impl ExitConfigReader {
+    pub fn new(shared: Arc<SharedExitConfig>) -> Self {
+        let (generation, cached) = shared.load();
+        ExitConfigReader {
+            shared,
+            generation,
+            cached,
+        }
+    }
+
+    /// The current snapshot (refreshed only when it changed).
+    pub fn get(&mut self) -> &ExitConfig {
+        if self.shared.generation.load(Ordering::Acquire) != self.generation {
+            let (generation, cached) = self.shared.load();
+            self.generation = generation;
+            self.cached = cached;
+        }
+        &self.cached
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_reserve_sequence() {
+        // host-behaviour.md §9 sequence (length 0 is an error at this level).
+        let mut r = Reservations::default();
+        let s = Space::Ioport;
+        assert!(r.reserve(s, 0x10, 0, false).is_err());
+        assert_eq!(r.reserve(s, 0x10, 0x10, false), Ok(()));
+        assert!(r.reserve(s, 0x0f, 0x10, false).is_err());
+        assert!(r.reserve(s, 0x10, 0x10, false).is_err());
+        assert!(r.reserve(s, 0x10, 0x15, false).is_err());
+        assert!(r.reserve(s, 0x12, 0x15, false).is_err());
+        assert!(r.reserve(s, 0x12, 0x01, false).is_err());
+        assert!(r.reserve(s, 0x0, 0x20, false).is_err());
+        assert_eq!(r.reserve(s, 0x20, 0x05, false), Ok(()));
+        assert_eq!(r.reserve(s, 0x25, 0x05, false), Ok(()));
+        assert_eq!(r.reserve(s, 0x0, 0x10, false), Ok(()));
+    }
+
+    #[test]
+    fn overlap_on_last_address_is_refused() {
+        // Quirk 2: the reference accepted a range whose last address is an
+        // existing range's first address.
+        let mut r = Reservations::default();
+        r.reserve(Space::Mmio, 0x1000, 0x10, false).unwrap();
+        assert_eq!(
+            r.reserve(Space::Mmio, 0xff1, 0x10, false),
+            Err(Errno::EPERM)
+        );
+        assert_eq!(r.reserve(Space::Mmio, 0xff0, 0x10, false), Ok(()));
+    }
+
+    #[test]
+    fn wrapping_range_is_einval_and_spaces_are_independent() {
+        let mut r = Reservations::default();
+        assert_eq!(
+            r.reserve(Space::Mmio, u64::MAX, 2, false),
+            Err(Errno::EINVAL)
+        );
+        r.reserve(Space::Ioport, 0x3f8, 8, false).unwrap();
+        r.reserve(Space::Mmio, 0x3f8, 8, true).unwrap();
+        assert!(!r.lookup(Space::Ioport, 0x3ff).unwrap().async_write);
+        assert!(r.lookup(Space::Mmio, 0x3ff).unwrap().async_write);
+        assert!(r.lookup(Space::Ioport, 0x400).is_none());
+        assert!(r.lookup(Space::Ioport, 0x3f7).is_none());
+        assert_eq!(r.unreserve(Space::Ioport, 0x3f9), Err(Errno::ENOENT));
+        assert_eq!(r.unreserve(Space::Ioport, 0x3f8), Ok(()));
+        assert!(r.lookup(Space::Ioport, 0x3f8).is_none());
+    }
+
+    #[test]
+    fn snapshot_reader_sees_updates() {
+        let shared = Arc::new(SharedExitConfig::default());
+        let mut reader = ExitConfigReader::new(Arc::clone(&shared));
+        assert!(reader.get().reservations.is_empty());
+        let mut cfg = ExitConfig::default();
+        cfg.reservations
+            .reserve(Space::Ioport, 1, 1, false)
+            .unwrap();
+        shared.publish(cfg);
+        assert_eq!(reader.get().reservations.len(), 1);
+    }
+
+    #[test]
+    fn reg_hint_matching() {
+        let any = RegHint::default();
+        assert!(any.matches(1, 2, 3, 4));
+        let h = RegHint {
+            rax: Some(1),
+            rdx: Some(4),
+            ..Default::default()
+        };
+        assert!(h.matches(1, 0, 0, 4));
+        assert!(!h.matches(1, 0, 0, 5));
+    }
+}

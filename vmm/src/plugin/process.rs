@@ -1,0 +1,86 @@
+//! Starting the plugin process and ending it.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+/// Errors starting the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start the plugin {path}")]
+    Spawn {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the plugin is started with.
+pub struct Launch<'a> {
+    pub path: &'a Path,
+    /// argv[1..]; argv[0] is the path as given, in both modes (quirk 3).
+    pub args: &'a [String],
+    /// The plugin end of the main socket; passed at the same number.
+    pub socket: &'a OwnedFd,
+    /// Write end of the host's stderr pipe.
+    pub stderr: OwnedFd,
+}
+
+/// A running plugin. It leads its own process group, so anything it forks
+/// is killed with it.
+pub struct Plugin {
+    pub pid: Pid,
+}
+
+impl Plugin {
+    /// SIGKILLs the plugin's whole process group.
+    pub fn kill(&self) -> Result<(), Errno> {
+        match killpg(self.pid, Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Starts the plugin without a jail (`--disable-sandbox`).
+pub fn spawn_unjailed(launch: Launch<'_>) -> Result<Plugin, ProcessError> {
+    let socket_fd: RawFd = launch.socket.as_raw_fd();
+    let mut cmd = Command::new(launch.path);
+    cmd.arg0(launch.path)
+        .args(launch.args)
+        .env("CROSVM_SOCKET", socket_fd.to_string())
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::from(launch.stderr))
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (fcntl, prctl) on values captured by copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The socket must survive exec; every other host descriptor is
+            // close-on-exec.
+            if libc::fcntl(socket_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // If the host dies, the plugin must not outlive it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        path: launch.path.display().to_string(),
+        source,
+    })?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    // The child is reaped by the main loop with waitpid; std's handle is not
+    // used to wait.
+    drop(child);
+    Ok(Plugin { pid })
+}

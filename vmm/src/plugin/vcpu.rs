@@ -1,0 +1,671 @@
+//! Vcpu threads: the `KVM_RUN` loop, exit routing, and servicing the plugin
+//! on the vcpu channel.
+//!
+//! The servicing state machine (wire-protocol.md §8.2) is the plain function
+//! [`handle_request`] over a [`Vcpu`], so it can be unit-tested and fuzzed; the
+//! thread around it only does I/O.
+//!
+//! Stopping a vcpu thread: the main thread sets the kill flag and sends the
+//! kick signal. The handler sets `immediate_exit` in the thread's `kvm_run`
+//! (so a `KVM_RUN` about to start returns at once) and, being installed
+//! without `SA_RESTART`, interrupts a blocking pipe read or write. This works in
+//! every phase, Init included (host-behaviour.md quirk 14).
+
+use std::cell::Cell;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use kvm_bindings::{KVM_EXIT_HYPERV_HCALL, KVM_EXIT_HYPERV_SYNIC};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, error, info, warn};
+use nix::errno::Errno;
+use plugin_proto::protobuf::Message;
+use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::objects::{ExitConfigReader, SharedExitConfig};
+use crate::limits;
+use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
+
+/// Most bytes of a port read forwarded to the plugin (string `IN`).
+const MAX_IO_READ: usize = 256;
+/// Most bytes of a write forwarded to the plugin.
+const MAX_IO_WRITE: usize = 8;
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is set by this thread to its own kvm_run mapping
+        // and cleared before that mapping is dropped; a volatile byte store is
+        // async-signal-safe.
+        unsafe { p.write_volatile(1) };
+    }
+}
+
+/// The signal used to kick vcpu threads.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (once per process).
+pub fn install_kick_handler() -> Result<(), Errno> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| Errno::from_raw(e.errno()))
+}
+
+/// A start barrier that can be cancelled, so a failed start never leaves
+/// threads waiting forever.
+pub struct StartBarrier {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+impl StartBarrier {
+    pub fn new(n: usize) -> Self {
+        StartBarrier {
+            state: Mutex::new((n, false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Waits until all parties arrived (true) or the barrier was cancelled.
+    pub fn wait(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        if st.0 == 0 {
+            self.cv.notify_all();
+        }
+        while st.0 > 0 && !st.1 {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        !st.1
+    }
+
+    pub fn cancel(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Per-vcpu state the main thread acts on. Exists from startup, so a pause
+/// requested before the vcpu threads exist is kept, not dropped.
+#[derive(Default)]
+pub struct VcpuControl {
+    pending_pause: Mutex<Option<u64>>,
+    has_pending: AtomicBool,
+}
+
+impl VcpuControl {
+    /// Records a pause; a newer value overwrites an unserviced older one.
+    pub fn request_pause(&self, user: u64) {
+        let mut p = self.pending_pause.lock().unwrap_or_else(|p| p.into_inner());
+        *p = Some(user);
+        self.has_pending.store(true, Ordering::Release);
+    }
+
+    fn has_pending(&self) -> bool {
+        self.has_pending.load(Ordering::Acquire)
+    }
+
+    fn take_pause(&self) -> Option<u64> {
+        let mut p = self.pending_pause.lock().unwrap_or_else(|p| p.into_inner());
+        self.has_pending.store(false, Ordering::Release);
+        p.take()
+    }
+}
+
+/// State shared by all vcpu threads and the main thread.
+pub struct VcpuShared {
+    pub kill: AtomicBool,
+    pub barrier: StartBarrier,
+    pub exit_config: Arc<SharedExitConfig>,
+    /// Signalled whenever a vcpu thread ends.
+    pub exited: EventFd,
+}
+
+/// The host's ends of one vcpu channel (the plugin's ends are kept by the
+/// main loop for `GetVcpus`).
+pub struct HostChannel {
+    pub request_read: OwnedFd,
+    pub response_write: OwnedFd,
+}
+
+/// What servicing one request leads to.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Send this reply and keep servicing.
+    Reply(VcpuResponse),
+    /// Leave servicing and re-enter the guest.
+    Resume(vcpu_request::Resume),
+    /// Stop servicing at once, without a reply.
+    Shutdown,
+}
+
+fn errno_reply(e: Errno) -> VcpuResponse {
+    let mut r = VcpuResponse::new();
+    r.errno = e as i32;
+    r
+}
+
+fn cpuid_from_proto(e: &plugin_proto::CpuidEntry) -> Cpuid {
+    Cpuid {
+        function: e.function,
+        index: e.has_index.then_some(e.index),
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+/// The vcpu servicing state machine for one request. `init_pending` is true
+/// while the Init wait reason has not been delivered.
+pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuRequest) -> Action {
+    use vcpu_request::Message as Q;
+    if *init_pending {
+        return match req.message {
+            Some(Q::Wait(_)) => {
+                *init_pending = false;
+                let mut w = vcpu_response::Wait::new();
+                w.set_init(Default::default());
+                let mut r = VcpuResponse::new();
+                r.set_wait(w);
+                Action::Reply(r)
+            }
+            _ => Action::Reply(errno_reply(Errno::EPROTO)),
+        };
+    }
+    let Some(msg) = req.message else {
+        return Action::Reply(errno_reply(Errno::ENOTTY));
+    };
+    let mut r = VcpuResponse::new();
+    let result: Result<(), Errno> = match msg {
+        Q::Wait(_) => Err(Errno::EPROTO),
+        Q::Resume(resume) => return Action::Resume(resume),
+        Q::Shutdown(_) => return Action::Shutdown,
+        Q::GetState(g) => {
+            r.set_get_state(Default::default());
+            VcpuState::from_wire(g.set.value())
+                .ok_or(Errno::EINVAL)
+                .and_then(|set| vcpu.get_state(set))
+                .map(|image| r.mut_get_state().state = image)
+        }
+        Q::SetState(s) => {
+            r.set_set_state(Default::default());
+            match VcpuState::from_wire(s.set.value()) {
+                Some(set) if s.state.len() == set.size() => vcpu.set_state(set, &s.state),
+                _ => Err(Errno::EINVAL),
+            }
+        }
+        Q::GetMsrs(g) => {
+            r.set_get_msrs(Default::default());
+            if g.entry_indices.len() > limits::MAX_MSR_ENTRIES {
+                Err(Errno::E2BIG)
+            } else {
+                vcpu.get_msrs(&g.entry_indices)
+                    .map(|data| r.mut_get_msrs().entry_data = data)
+            }
+        }
+        Q::SetMsrs(s) => {
+            r.set_set_msrs(Default::default());
+            if s.entries.len() > limits::MAX_MSR_ENTRIES {
+                Err(Errno::E2BIG)
+            } else {
+                let entries: Vec<(u32, u64)> =
+                    s.entries.iter().map(|e| (e.index, e.data)).collect();
+                vcpu.set_msrs(&entries)
+            }
+        }
+        Q::SetCpuid(s) => {
+            r.set_set_cpuid(Default::default());
+            if s.entries.len() > limits::MAX_CPUID_ENTRIES {
+                Err(Errno::E2BIG)
+            } else {
+                let entries: Vec<Cpuid> = s.entries.iter().map(cpuid_from_proto).collect();
+                vcpu.set_cpuid(&entries)
+            }
+        }
+        Q::GetHypervCpuid(_) => {
+            r.set_get_hyperv_cpuid(Default::default());
+            vcpu.get_hyperv_cpuid().map(|entries| {
+                r.mut_get_hyperv_cpuid().entries = entries
+                    .iter()
+                    .map(|c| plugin_proto::CpuidEntry {
+                        function: c.function,
+                        has_index: c.index.is_some(),
+                        index: c.index.unwrap_or(0),
+                        eax: c.eax,
+                        ebx: c.ebx,
+                        ecx: c.ecx,
+                        edx: c.edx,
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        }
+        Q::EnableCapability(c) => {
+            r.set_enable_capability(Default::default());
+            vcpu.enable_capability(c.capability)
+        }
+        _ => Err(Errno::ENOTTY),
+    };
+    if let Err(e) = result {
+        r.errno = e as i32;
+    }
+    Action::Reply(r)
+}
+
+/// Applies the deferred register images of a `Resume` (regs, sregs,
+/// debugregs, in that order). Empty images mean "no change".
+pub fn apply_deferred_registers(
+    vcpu: &impl Vcpu,
+    resume: &vcpu_request::Resume,
+) -> Result<(), Errno> {
+    for (set, image) in [
+        (VcpuState::Regs, &resume.regs),
+        (VcpuState::Sregs, &resume.sregs),
+        (VcpuState::Debugregs, &resume.debugregs),
+    ] {
+        if image.is_empty() {
+            continue;
+        }
+        if image.len() != set.size() {
+            return Err(Errno::EINVAL);
+        }
+        vcpu.set_state(set, image)?;
+    }
+    Ok(())
+}
+
+/// Why servicing the plugin ended without a `Resume`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("the vcpu is being stopped")]
+    Killed,
+    #[error("the plugin sent Shutdown")]
+    Shutdown,
+    #[error("reading the vcpu request pipe failed")]
+    Read(#[source] Errno),
+    #[error("the vcpu request pipe was closed")]
+    Closed,
+    #[error("writing the vcpu response pipe failed")]
+    Write(#[source] Errno),
+    #[error("undecodable vcpu request")]
+    Decode(#[source] plugin_proto::protobuf::Error),
+    #[error("applying deferred registers on resume failed")]
+    DeferredRegisters(#[source] Errno),
+}
+
+/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
+pub struct Servicer {
+    pub id: u32,
+    /// A second handle on the same KVM vcpu, for state requests while the
+    /// run handle is borrowed by an exit.
+    pub vcpu: VcpuFd,
+    pub channel: Arc<HostChannel>,
+    pub control: Arc<VcpuControl>,
+    pub shared: Arc<VcpuShared>,
+    config: ExitConfigReader,
+    read_buf: Vec<u8>,
+    write_buf: Vec<u8>,
+}
+
+impl Servicer {
+    pub fn new(
+        id: u32,
+        vcpu: VcpuFd,
+        channel: Arc<HostChannel>,
+        control: Arc<VcpuControl>,
+        shared: Arc<VcpuShared>,
+    ) -> Self {
+        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
+        Servicer {
+            id,
+            vcpu,
+            channel,
+            control,
+            shared,
+            config,
+            read_buf: vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
+            write_buf: Vec::with_capacity(512),
+        }
+    }
+
+    fn killed(&self) -> bool {
+        self.shared.kill.load(Ordering::Acquire)
+    }
+
+    fn read_request(&mut self) -> Result<VcpuRequest, ServiceError> {
+        let n = loop {
+            if self.killed() {
+                return Err(ServiceError::Killed);
+            }
+            match nix::unistd::read(self.channel.request_read.as_fd(), &mut self.read_buf) {
+                Ok(0) => return Err(ServiceError::Closed),
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(ServiceError::Read(e)),
+            }
+        };
+        VcpuRequest::parse_from_bytes(&self.read_buf[..n]).map_err(ServiceError::Decode)
+    }
+
+    fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError> {
+        plugin_proto::framing::encode_delimited(msg, &mut self.write_buf)
+            .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
+        let mut off = 0;
+        while off < self.write_buf.len() {
+            if self.killed() {
+                return Err(ServiceError::Killed);
+            }
+            match nix::unistd::write(self.channel.response_write.as_fd(), &self.write_buf[off..]) {
+                Ok(n) => off += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(ServiceError::Write(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Services the plugin until `Resume`. With `init`, the Init reason is
+    /// pending and must be asked for with `Wait` first.
+    fn service(&mut self, init: bool) -> Result<vcpu_request::Resume, ServiceError> {
+        let mut init_pending = init;
+        loop {
+            let req = self.read_request()?;
+            match handle_request(&self.vcpu, &mut init_pending, req) {
+                Action::Reply(r) => self.write_response(&r)?,
+                Action::Resume(resume) => {
+                    apply_deferred_registers(&self.vcpu, &resume)
+                        .map_err(ServiceError::DeferredRegisters)?;
+                    return Ok(resume);
+                }
+                Action::Shutdown => return Err(ServiceError::Shutdown),
+            }
+        }
+    }
+
+    /// Sends an unsolicited wait reason and, unless it is a posted write,
+    /// services the plugin until `Resume`.
+    fn deliver(
+        &mut self,
+        wait: vcpu_response::Wait,
+        needs_resume: bool,
+    ) -> Result<Option<Vec<u8>>, ServiceError> {
+        let mut r = VcpuResponse::new();
+        r.set_wait(wait);
+        self.write_response(&r)?;
+        if !needs_resume {
+            return Ok(None);
+        }
+        self.service(false).map(|resume| Some(resume.data))
+    }
+
+    fn log_service_error(&self, what: &str, e: &ServiceError) {
+        match e {
+            ServiceError::Killed | ServiceError::Shutdown => {
+                debug!("vcpu {}: {what} servicing ended: {e}", self.id)
+            }
+            _ => warn!(
+                "vcpu {}: {what} servicing failed: {}",
+                self.id,
+                crate::error_chain(e)
+            ),
+        }
+    }
+
+    fn io_event(
+        &mut self,
+        space: Space,
+        address: u64,
+        is_write: bool,
+        data: &[u8],
+        no_resume: bool,
+    ) -> vcpu_response::Wait {
+        let mut io = vcpu_response::wait::Io::new();
+        io.space = plugin_proto::protobuf::EnumOrUnknown::from_i32(space.to_wire());
+        io.address = address;
+        io.is_write = is_write;
+        io.no_resume = no_resume;
+        io.data = data.to_vec();
+        if !no_resume {
+            self.add_hinted_registers(space, address, is_write, &mut io);
+        }
+        let mut w = vcpu_response::Wait::new();
+        w.set_io(io);
+        w
+    }
+
+    /// Eager registers per the call hint (wire-protocol.md §8.8).
+    fn add_hinted_registers(
+        &mut self,
+        space: Space,
+        address: u64,
+        is_write: bool,
+        io: &mut vcpu_response::wait::Io,
+    ) {
+        let hint = &self.config.get().hint;
+        if !hint.applies(space, address, is_write) {
+            return;
+        }
+        let Ok(regs) = self.vcpu.get_regs() else {
+            return;
+        };
+        let (send_sregs, send_debugregs) = hint
+            .hints
+            .iter()
+            .find(|h| h.matches(regs.rax, regs.rbx, regs.rcx, regs.rdx))
+            .map_or((false, false), |h| (h.send_sregs, h.send_debugregs));
+        io.regs = zerocopy::IntoBytes::as_bytes(&regs).to_vec();
+        if send_sregs {
+            io.sregs = Vcpu::get_state(&self.vcpu, VcpuState::Sregs).unwrap_or_default();
+        }
+        if send_debugregs {
+            io.debugregs = Vcpu::get_state(&self.vcpu, VcpuState::Debugregs).unwrap_or_default();
+        }
+    }
+
+    /// A guest write at `address`.
+    fn on_write(&mut self, space: Space, address: u64, data: &[u8]) {
+        let Some(range) = self.config.get().reservations.lookup(space, address) else {
+            return;
+        };
+        let data = &data[..data.len().min(MAX_IO_WRITE)];
+        let wait = self.io_event(space, address, true, data, range.async_write);
+        if let Err(e) = self.deliver(wait, !range.async_write) {
+            self.log_service_error("io write", &e);
+        }
+    }
+
+    /// A guest read at `address`; fills `data` (zeros when unreserved or when
+    /// servicing fails, missing bytes of a short reply read as zero).
+    fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
+        data.fill(0);
+        let sync = self
+            .config
+            .get()
+            .reservations
+            .lookup(space, address)
+            .is_some_and(|r| !r.async_write);
+        if !sync {
+            return;
+        }
+        let len = data.len().min(MAX_IO_READ);
+        let zeros = [0u8; MAX_IO_READ];
+        let wait = self.io_event(space, address, false, &zeros[..len], false);
+        match self.deliver(wait, true) {
+            Ok(Some(reply)) => {
+                let n = reply.len().min(data.len());
+                data[..n].copy_from_slice(&reply[..n]);
+            }
+            Ok(None) => {}
+            Err(e) => self.log_service_error("io read", &e),
+        }
+    }
+
+    fn on_pause(&mut self, user: u64) -> Result<(), ServiceError> {
+        let mut u = vcpu_response::wait::User::new();
+        u.user = user;
+        let mut w = vcpu_response::Wait::new();
+        w.set_user(u);
+        self.deliver(w, true).map(|_| ())
+    }
+}
+
+/// Runs vcpu `id` to completion on the current thread.
+pub fn run_vcpu(mut run: VcpuFd, mut sv: Servicer) {
+    let ptr: *mut u8 = &mut run.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(ptr));
+    let id = sv.id;
+
+    let init = sv.service(true);
+    if let Err(e) = &init {
+        sv.log_service_error("init", e);
+    }
+    let go = sv.shared.barrier.wait();
+    if init.is_ok() && go {
+        run_loop(&mut run, &mut sv);
+    }
+
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    if let Err(e) = sv.shared.exited.write(1) {
+        error!("vcpu {id}: cannot signal its exit: {e}");
+    }
+}
+
+fn run_loop(run: &mut VcpuFd, sv: &mut Servicer) {
+    let id = sv.id;
+    let mut unknown_exits = 0u32;
+    loop {
+        if sv.killed() {
+            return;
+        }
+        if sv.control.has_pending() {
+            run.set_kvm_immediate_exit(1);
+        }
+        match run.run() {
+            Ok(exit) => {
+                let mut known = true;
+                match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        sv.on_write(Space::Ioport, u64::from(port), data)
+                    }
+                    VcpuExit::IoIn(port, data) => sv.on_read(Space::Ioport, u64::from(port), data),
+                    VcpuExit::MmioWrite(addr, data) => sv.on_write(Space::Mmio, addr, data),
+                    VcpuExit::MmioRead(addr, data) => sv.on_read(Space::Mmio, addr, data),
+                    VcpuExit::Hyperv => {
+                        if !hyperv_exit(run, sv) {
+                            return;
+                        }
+                    }
+                    VcpuExit::Hlt => {
+                        info!("vcpu {id}: guest halted");
+                        return;
+                    }
+                    VcpuExit::Shutdown => {
+                        info!("vcpu {id}: guest shut down (triple fault)");
+                        return;
+                    }
+                    VcpuExit::InternalError => {
+                        error!("vcpu {id}: KVM internal error");
+                        return;
+                    }
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        error!(
+                            "vcpu {id}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                        );
+                        return;
+                    }
+                    VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+                    other => {
+                        known = false;
+                        warn!("vcpu {id}: unhandled exit {other:?}");
+                    }
+                }
+                // An unknown exit that repeats without end would spin: give up.
+                unknown_exits = if known { 0 } else { unknown_exits + 1 };
+                if unknown_exits > limits::MAX_CONSECUTIVE_UNKNOWN_EXITS {
+                    error!("vcpu {id}: too many consecutive unhandled exits");
+                    return;
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                run.set_kvm_immediate_exit(0);
+                if sv.killed() {
+                    return;
+                }
+                if let Some(user) = sv.control.take_pause() {
+                    if let Err(e) = sv.on_pause(user) {
+                        sv.log_service_error("pause", &e);
+                        return;
+                    }
+                }
+            }
+            Err(e) if e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                error!("vcpu {id}: KVM_RUN failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Handles `KVM_EXIT_HYPERV`; false ends the thread.
+fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
+    let kvm_run = run.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_HYPERV, so the kernel filled the
+    // `hyperv` member of the exit union.
+    let hv = unsafe { kvm_run.__bindgen_anon_1.hyperv };
+    match hv.type_ {
+        KVM_EXIT_HYPERV_HCALL => {
+            // SAFETY: type HCALL selects the `hcall` member.
+            let hcall = unsafe { hv.u.hcall };
+            let mut c = vcpu_response::wait::HypervCall::new();
+            c.input = hcall.input;
+            c.params0 = hcall.params[0];
+            c.params1 = hcall.params[1];
+            let mut w = vcpu_response::Wait::new();
+            w.set_hyperv_call(c);
+            let result = match sv.deliver(w, true) {
+                Ok(Some(data)) => {
+                    <[u8; 8]>::try_from(data.as_slice()).map_or(0, u64::from_le_bytes)
+                }
+                Ok(None) => 0,
+                Err(e) => {
+                    sv.log_service_error("hypercall", &e);
+                    0
+                }
+            };
+            // Still the same HCALL exit: writing the result member is how
+            // userspace completes it.
+            run.get_kvm_run().__bindgen_anon_1.hyperv.u.hcall.result = result;
+            true
+        }
+        KVM_EXIT_HYPERV_SYNIC => {
+            // SAFETY: type SYNIC selects the `synic` member.
+            let synic = unsafe { hv.u.synic };
+            let mut s = vcpu_response::wait::HypervSynic::new();
+            s.msr = synic.msr;
+            s.control = synic.control;
+            s.evt_page = synic.evt_page;
+            s.msg_page = synic.msg_page;
+            let mut w = vcpu_response::Wait::new();
+            w.set_hyperv_synic(s);
+            if let Err(e) = sv.deliver(w, true) {
+                sv.log_service_error("synic", &e);
+            }
+            true
+        }
+        other => {
+            error!("vcpu {}: unknown Hyper-V exit type {other}", sv.id);
+            false
+        }
+    }
+}

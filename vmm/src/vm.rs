@@ -1,0 +1,712 @@
+//! The narrow hypervisor surface the request handlers use.
+//!
+//! [`Vm`] and [`Vcpu`] are what the main and vcpu request handlers call; the
+//! real implementations sit on `kvm-ioctls` ([`KvmVm`], `kvm_ioctls::VcpuFd`),
+//! and an in-memory model implements the same traits for unit tests and fuzzing.
+//! State images cross these traits as raw bytes, exactly as they cross the wire.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_enable_cap, kvm_fpu,
+    kvm_irq_routing_entry, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_config,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
+    CpuId, KvmIrqRouting, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use nix::errno::Errno;
+use vmm_sys_util::eventfd::EventFd;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Most entries a CPUID or MSR-list query returns (as the reference host).
+pub const MAX_KVM_LIST_ENTRIES: usize = 256;
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// Errors setting up the VM itself (not request handling, which uses errnos).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open the KVM device {path}")]
+    OpenKvm {
+        path: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP failed")]
+    CreateIrqchip(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2 failed")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_VCPU {id} failed")]
+    CreateVcpu {
+        id: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// An address space of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Space {
+    Ioport,
+    Mmio,
+}
+
+impl Space {
+    /// Decodes the wire value (0 = IOPORT, 1 = MMIO).
+    pub fn from_wire(v: i32) -> Option<Space> {
+        match v {
+            0 => Some(Space::Ioport),
+            1 => Some(Space::Mmio),
+            _ => None,
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        match self {
+            Space::Ioport => 0,
+            Space::Mmio => 1,
+        }
+    }
+}
+
+/// VM-wide state images (`MainRequest.StateSet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Pic0,
+    Pic1,
+    Ioapic,
+    Pit,
+    Clock,
+}
+
+impl VmState {
+    pub fn from_wire(v: i32) -> Option<VmState> {
+        Some(match v {
+            0 => VmState::Pic0,
+            1 => VmState::Pic1,
+            2 => VmState::Ioapic,
+            3 => VmState::Pit,
+            4 => VmState::Clock,
+            _ => return None,
+        })
+    }
+
+    /// Size in bytes of the image.
+    pub fn size(self) -> usize {
+        match self {
+            VmState::Pic0 | VmState::Pic1 => 16,
+            VmState::Ioapic => 216,
+            VmState::Pit => std::mem::size_of::<kvm_pit_state2>(),
+            VmState::Clock => std::mem::size_of::<kvm_clock_data>(),
+        }
+    }
+}
+
+/// Per-vcpu state images (`VcpuRequest.StateSet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    Regs,
+    Sregs,
+    Fpu,
+    Debugregs,
+    Lapic,
+    Mp,
+    Xcregs,
+    Events,
+}
+
+impl VcpuState {
+    pub fn from_wire(v: i32) -> Option<VcpuState> {
+        Some(match v {
+            0 => VcpuState::Regs,
+            1 => VcpuState::Sregs,
+            2 => VcpuState::Fpu,
+            3 => VcpuState::Debugregs,
+            4 => VcpuState::Lapic,
+            5 => VcpuState::Mp,
+            6 => VcpuState::Xcregs,
+            7 => VcpuState::Events,
+            _ => return None,
+        })
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            VcpuState::Regs => std::mem::size_of::<kvm_regs>(),
+            VcpuState::Sregs => std::mem::size_of::<kvm_sregs>(),
+            VcpuState::Fpu => std::mem::size_of::<kvm_fpu>(),
+            VcpuState::Debugregs => std::mem::size_of::<kvm_debugregs>(),
+            VcpuState::Lapic => std::mem::size_of::<kvm_lapic_state>(),
+            VcpuState::Mp => std::mem::size_of::<kvm_mp_state>(),
+            VcpuState::Xcregs => std::mem::size_of::<kvm_xcrs>(),
+            VcpuState::Events => std::mem::size_of::<kvm_vcpu_events>(),
+        }
+    }
+}
+
+/// One GSI route of `SetIrqRouting`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqRoute {
+    Irqchip { gsi: u32, chip: u32, pin: u32 },
+    Msi { gsi: u32, address: u64, data: u32 },
+}
+
+/// A CPUID entry as the protocol carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cpuid {
+    pub function: u32,
+    pub index: Option<u32>,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+impl Cpuid {
+    pub fn from_kvm(e: &kvm_cpuid_entry2) -> Cpuid {
+        Cpuid {
+            function: e.function,
+            index: (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0).then_some(e.index),
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+
+    /// Host rule of wire-protocol.md §4.2: the index (and the flag) only when
+    /// it is significant.
+    pub fn to_kvm(&self) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function: self.function,
+            index: self.index.unwrap_or(0),
+            flags: if self.index.is_some() {
+                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            } else {
+                0
+            },
+            eax: self.eax,
+            ebx: self.ebx,
+            ecx: self.ecx,
+            edx: self.edx,
+            ..Default::default()
+        }
+    }
+}
+
+/// The VM-level operations the main request handler needs.
+pub trait Vm {
+    /// `KVM_CHECK_EXTENSION` on the VM; the raw ioctl result.
+    fn check_extension(&self, cap: u32) -> i32;
+    fn supported_cpuid(&self) -> Result<Vec<Cpuid>>;
+    fn emulated_cpuid(&self) -> Result<Vec<Cpuid>>;
+    fn msr_index_list(&self) -> Result<Vec<u32>>;
+    /// Installs `[host_addr, host_addr + size)` at `guest_addr` in `slot`.
+    ///
+    /// # Safety
+    /// The host range must stay mapped until the slot is removed.
+    unsafe fn add_memory_slot(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+        read_only: bool,
+        dirty_log: bool,
+    ) -> Result<()>;
+    fn remove_memory_slot(&self, slot: u32, guest_addr: u64) -> Result<()>;
+    fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        space: Space,
+        addr: u64,
+        len: u32,
+        datamatch: u64,
+    ) -> Result<()>;
+    fn unregister_ioevent(
+        &self,
+        evt: &EventFd,
+        space: Space,
+        addr: u64,
+        len: u32,
+        datamatch: u64,
+    ) -> Result<()>;
+    fn register_irqfd(&self, trigger: &EventFd, resample: &EventFd, gsi: u32) -> Result<()>;
+    fn unregister_irqfd(&self, trigger: &EventFd, gsi: u32) -> Result<()>;
+    fn set_irq_line(&self, irq: u32, active: bool) -> Result<()>;
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
+    fn get_state(&self, set: VmState) -> Result<Vec<u8>>;
+    /// `image` has already been checked to be `set.size()` bytes.
+    fn set_state(&self, set: VmState, image: &[u8]) -> Result<()>;
+    fn set_identity_map_addr(&self, addr: u64) -> Result<()>;
+    /// Fetches (and resets) the dirty bitmap of `slot`, `bitmap_len` bytes.
+    fn get_dirty_log(&self, slot: u32, size: u64, bitmap_len: usize) -> Result<Vec<u8>>;
+    /// Highest number of memory slots the VM supports.
+    fn max_memory_slots(&self) -> u32;
+}
+
+/// The per-vcpu operations the vcpu request handler needs.
+pub trait Vcpu {
+    fn get_state(&self, set: VcpuState) -> Result<Vec<u8>>;
+    /// `image` has already been checked to be `set.size()` bytes.
+    fn set_state(&self, set: VcpuState, image: &[u8]) -> Result<()>;
+    /// Returns the values of the first MSRs the kernel could read.
+    fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>>;
+    fn set_msrs(&self, entries: &[(u32, u64)]) -> Result<()>;
+    fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()>;
+    fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>>;
+    fn enable_capability(&self, cap: u32) -> Result<()>;
+}
+
+fn errno(e: kvm_ioctls::Error) -> Errno {
+    Errno::from_raw(e.errno())
+}
+
+/// The VM on real KVM.
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+}
+
+impl KvmVm {
+    /// Opens the KVM device and creates a VM with the in-kernel irqchip and PIT
+    /// (host-behaviour.md §4.1). No memory, no vcpus yet.
+    pub fn new(kvm_path: &str) -> std::result::Result<KvmVm, VmError> {
+        let path = std::ffi::CString::new(kvm_path).map_err(|_| VmError::OpenKvm {
+            path: kvm_path.to_string(),
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let kvm = Kvm::new_with_path(path).map_err(|source| VmError::OpenKvm {
+            path: kvm_path.to_string(),
+            source,
+        })?;
+        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+        vm.create_irq_chip().map_err(VmError::CreateIrqchip)?;
+        vm.create_pit2(kvm_pit_config::default())
+            .map_err(VmError::CreatePit)?;
+        Ok(KvmVm { kvm, vm })
+    }
+
+    /// Largest vcpu count KVM allows.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    pub fn create_vcpu(&self, id: u32) -> std::result::Result<VcpuFd, VmError> {
+        self.vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VmError::CreateVcpu { id, source })
+    }
+
+    /// Creates vcpu `id` and a second handle on it: one for `KVM_RUN`, one
+    /// for state ioctls while an exit borrows the first.
+    pub fn create_vcpu_pair(&self, id: u32) -> std::result::Result<(VcpuFd, VcpuFd), VmError> {
+        let run = self.create_vcpu(id)?;
+        let fail = |e: Errno| VmError::CreateVcpu {
+            id,
+            source: kvm_ioctls::Error::new(e as i32),
+        };
+        let dup = nix::unistd::dup(borrow_raw(&run)).map_err(fail)?;
+        // SAFETY: `dup` is a fresh descriptor for the vcpu just created;
+        // ownership passes to the new VcpuFd.
+        let control = unsafe {
+            self.vm
+                .create_vcpu_from_rawfd(std::os::fd::IntoRawFd::into_raw_fd(dup))
+        }
+        .map_err(|source| VmError::CreateVcpu { id, source })?;
+        Ok((run, control))
+    }
+
+    /// Whether `KVM_CAP_IMMEDIATE_EXIT` is available.
+    pub fn has_immediate_exit(&self) -> bool {
+        self.kvm.check_extension(kvm_ioctls::Cap::ImmediateExit)
+    }
+
+    fn irqchip(&self, chip: u32) -> Result<kvm_irqchip> {
+        let mut irqchip = kvm_irqchip {
+            chip_id: chip,
+            ..Default::default()
+        };
+        self.vm.get_irqchip(&mut irqchip).map_err(errno)?;
+        Ok(irqchip)
+    }
+
+    fn set_irqchip(&self, chip: u32, image: &[u8]) -> Result<()> {
+        let mut irqchip = kvm_irqchip {
+            chip_id: chip,
+            ..Default::default()
+        };
+        let dst = irqchip.chip.as_mut_bytes();
+        dst[..image.len()].copy_from_slice(image);
+        self.vm.set_irqchip(&irqchip).map_err(errno)
+    }
+}
+
+fn cpuid_list(r: std::result::Result<CpuId, kvm_ioctls::Error>) -> Result<Vec<Cpuid>> {
+    Ok(r.map_err(errno)?
+        .as_slice()
+        .iter()
+        .map(Cpuid::from_kvm)
+        .collect())
+}
+
+fn io_address(space: Space, addr: u64) -> IoEventAddress {
+    match space {
+        Space::Ioport => IoEventAddress::Pio(addr),
+        Space::Mmio => IoEventAddress::Mmio(addr),
+    }
+}
+
+/// Calls `KVM_IOEVENTFD` through the typed kvm-ioctls wrapper, which encodes
+/// the access width in the datamatch type.
+fn ioevent_call(
+    vm: &VmFd,
+    evt: &EventFd,
+    space: Space,
+    addr: u64,
+    len: u32,
+    datamatch: u64,
+    assign: bool,
+) -> Result<()> {
+    let addr = io_address(space, addr);
+    macro_rules! call {
+        ($dm:expr) => {
+            if assign {
+                vm.register_ioevent(evt, &addr, $dm)
+            } else {
+                vm.unregister_ioevent(evt, &addr, $dm)
+            }
+        };
+    }
+    match len {
+        0 => call!(kvm_ioctls::NoDatamatch),
+        1 => call!(datamatch as u8),
+        2 => call!(datamatch as u16),
+        4 => call!(datamatch as u32),
+        8 => call!(datamatch),
+        _ => return Err(Errno::EINVAL),
+    }
+    .map_err(errno)
+}
+
+impl Vm for KvmVm {
+    fn check_extension(&self, cap: u32) -> i32 {
+        self.vm.check_extension_raw(libc::c_ulong::from(cap))
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<Cpuid>> {
+        cpuid_list(self.kvm.get_supported_cpuid(MAX_KVM_LIST_ENTRIES))
+    }
+
+    fn emulated_cpuid(&self) -> Result<Vec<Cpuid>> {
+        cpuid_list(self.kvm.get_emulated_cpuid(MAX_KVM_LIST_ENTRIES))
+    }
+
+    fn msr_index_list(&self) -> Result<Vec<u32>> {
+        Ok(self
+            .kvm
+            .get_msr_index_list()
+            .map_err(errno)?
+            .as_slice()
+            .to_vec())
+    }
+
+    unsafe fn add_memory_slot(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+        read_only: bool,
+        dirty_log: bool,
+    ) -> Result<()> {
+        let mut flags = 0;
+        if read_only {
+            flags |= KVM_MEM_READONLY;
+        }
+        if dirty_log {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped until the
+        // slot is removed (this trait method's contract).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(errno)
+    }
+
+    fn remove_memory_slot(&self, slot: u32, guest_addr: u64) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; KVM keeps no reference
+        // to host memory afterwards.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(errno)
+    }
+
+    fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        space: Space,
+        addr: u64,
+        len: u32,
+        datamatch: u64,
+    ) -> Result<()> {
+        ioevent_call(&self.vm, evt, space, addr, len, datamatch, true)
+    }
+
+    fn unregister_ioevent(
+        &self,
+        evt: &EventFd,
+        space: Space,
+        addr: u64,
+        len: u32,
+        datamatch: u64,
+    ) -> Result<()> {
+        ioevent_call(&self.vm, evt, space, addr, len, datamatch, false)
+    }
+
+    fn register_irqfd(&self, trigger: &EventFd, resample: &EventFd, gsi: u32) -> Result<()> {
+        self.vm
+            .register_irqfd_with_resample(trigger, resample, gsi)
+            .map_err(errno)
+    }
+
+    fn unregister_irqfd(&self, trigger: &EventFd, gsi: u32) -> Result<()> {
+        self.vm.unregister_irqfd(trigger, gsi).map_err(errno)
+    }
+
+    fn set_irq_line(&self, irq: u32, active: bool) -> Result<()> {
+        self.vm.set_irq_line(irq, active).map_err(errno)
+    }
+
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = routes
+            .iter()
+            .map(|r| {
+                let mut e = kvm_irq_routing_entry::default();
+                match *r {
+                    IrqRoute::Irqchip { gsi, chip, pin } => {
+                        e.gsi = gsi;
+                        e.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+                        e.u.irqchip.irqchip = chip;
+                        e.u.irqchip.pin = pin;
+                    }
+                    IrqRoute::Msi { gsi, address, data } => {
+                        e.gsi = gsi;
+                        e.type_ = KVM_IRQ_ROUTING_MSI;
+                        e.u.msi.address_lo = address as u32;
+                        e.u.msi.address_hi = (address >> 32) as u32;
+                        e.u.msi.data = data;
+                    }
+                }
+                e
+            })
+            .collect();
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        self.vm.set_gsi_routing(&table).map_err(errno)
+    }
+
+    fn get_state(&self, set: VmState) -> Result<Vec<u8>> {
+        Ok(match set {
+            VmState::Pic0 => self.irqchip(KVM_IRQCHIP_PIC_MASTER)?.chip.as_bytes()[..16].to_vec(),
+            VmState::Pic1 => self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?.chip.as_bytes()[..16].to_vec(),
+            VmState::Ioapic => self.irqchip(KVM_IRQCHIP_IOAPIC)?.chip.as_bytes()[..216].to_vec(),
+            VmState::Pit => self.vm.get_pit2().map_err(errno)?.as_bytes().to_vec(),
+            VmState::Clock => self.vm.get_clock().map_err(errno)?.as_bytes().to_vec(),
+        })
+    }
+
+    fn set_state(&self, set: VmState, image: &[u8]) -> Result<()> {
+        match set {
+            VmState::Pic0 => self.set_irqchip(KVM_IRQCHIP_PIC_MASTER, image),
+            VmState::Pic1 => self.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, image),
+            VmState::Ioapic => self.set_irqchip(KVM_IRQCHIP_IOAPIC, image),
+            VmState::Pit => {
+                let pit = kvm_pit_state2::read_from_bytes(image).map_err(|_| Errno::EINVAL)?;
+                self.vm.set_pit2(&pit).map_err(errno)
+            }
+            VmState::Clock => {
+                let clock = kvm_clock_data::read_from_bytes(image).map_err(|_| Errno::EINVAL)?;
+                self.vm.set_clock(&clock).map_err(errno)
+            }
+        }
+    }
+
+    fn set_identity_map_addr(&self, addr: u64) -> Result<()> {
+        self.vm.set_identity_map_address(addr).map_err(errno)
+    }
+
+    fn get_dirty_log(&self, slot: u32, size: u64, bitmap_len: usize) -> Result<Vec<u8>> {
+        let size = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
+        let words = self.vm.get_dirty_log(slot, size).map_err(errno)?;
+        let mut bitmap: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bitmap.truncate(bitmap_len);
+        Ok(bitmap)
+    }
+
+    fn max_memory_slots(&self) -> u32 {
+        u32::try_from(self.kvm.get_nr_memslots()).unwrap_or(u32::MAX)
+    }
+}
+
+impl AsRawFd for KvmVm {
+    fn as_raw_fd(&self) -> i32 {
+        self.vm.as_raw_fd()
+    }
+}
+
+/// `kvm_fpu` is the one state struct kvm-bindings does not derive zerocopy
+/// traits for; it is plain data with no padding (416 bytes of integer fields).
+fn fpu_to_bytes(fpu: &kvm_fpu) -> Vec<u8> {
+    const _: () = assert!(std::mem::size_of::<kvm_fpu>() == 416);
+    // SAFETY: kvm_fpu is a repr(C) struct of integer arrays and integers with
+    // no padding bytes (size asserted above), so every byte is initialized.
+    unsafe {
+        std::slice::from_raw_parts(
+            (fpu as *const kvm_fpu).cast::<u8>(),
+            std::mem::size_of::<kvm_fpu>(),
+        )
+    }
+    .to_vec()
+}
+
+fn fpu_from_bytes(image: &[u8]) -> Result<kvm_fpu> {
+    if image.len() != std::mem::size_of::<kvm_fpu>() {
+        return Err(Errno::EINVAL);
+    }
+    let mut fpu = kvm_fpu::default();
+    // SAFETY: the lengths match (checked above), kvm_fpu accepts any bit
+    // pattern (integers only), and the two regions cannot overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            image.as_ptr(),
+            (&mut fpu as *mut kvm_fpu).cast::<u8>(),
+            image.len(),
+        );
+    }
+    Ok(fpu)
+}
+
+fn parse<T: FromBytes>(image: &[u8]) -> Result<T> {
+    T::read_from_bytes(image).map_err(|_| Errno::EINVAL)
+}
+
+impl Vcpu for VcpuFd {
+    fn get_state(&self, set: VcpuState) -> Result<Vec<u8>> {
+        Ok(match set {
+            VcpuState::Regs => self.get_regs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuState::Sregs => self.get_sregs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuState::Fpu => fpu_to_bytes(&self.get_fpu().map_err(errno)?),
+            VcpuState::Debugregs => self.get_debug_regs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuState::Lapic => self.get_lapic().map_err(errno)?.as_bytes().to_vec(),
+            VcpuState::Mp => self.get_mp_state().map_err(errno)?.as_bytes().to_vec(),
+            VcpuState::Xcregs => self.get_xcrs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuState::Events => self.get_vcpu_events().map_err(errno)?.as_bytes().to_vec(),
+        })
+    }
+
+    fn set_state(&self, set: VcpuState, image: &[u8]) -> Result<()> {
+        match set {
+            VcpuState::Regs => self.set_regs(&parse(image)?),
+            VcpuState::Sregs => self.set_sregs(&parse(image)?),
+            VcpuState::Fpu => self.set_fpu(&fpu_from_bytes(image)?),
+            VcpuState::Debugregs => self.set_debug_regs(&parse(image)?),
+            VcpuState::Lapic => self.set_lapic(&parse(image)?),
+            VcpuState::Mp => self.set_mp_state(parse(image)?),
+            VcpuState::Xcregs => self.set_xcrs(&parse(image)?),
+            VcpuState::Events => self.set_vcpu_events(&parse(image)?),
+        }
+        .map_err(errno)
+    }
+
+    fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        let n = VcpuFd::get_msrs(self, &mut msrs).map_err(errno)?;
+        Ok(msrs.as_slice()[..n.min(indices.len())]
+            .iter()
+            .map(|e| e.data)
+            .collect())
+    }
+
+    fn set_msrs(&self, entries: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = entries
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        VcpuFd::set_msrs(self, &msrs).map(|_| ()).map_err(errno)
+    }
+
+    fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()> {
+        let entries: Vec<kvm_cpuid_entry2> = entries.iter().map(Cpuid::to_kvm).collect();
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        self.set_cpuid2(&cpuid).map_err(errno)
+    }
+
+    fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>> {
+        let mut cpuid = CpuId::new(MAX_KVM_LIST_ENTRIES).map_err(|_| Errno::ENOMEM)?;
+        // SAFETY: KVM_GET_SUPPORTED_HV_CPUID writes at most `nent` entries into
+        // the kvm_cpuid2 buffer, which CpuId allocated with room for `nent`.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ptr(
+                self,
+                kvm_get_supported_hv_cpuid(),
+                cpuid.as_mut_fam_struct_ptr(),
+            )
+        };
+        if ret < 0 {
+            return Err(Errno::last());
+        }
+        Ok(cpuid.as_slice().iter().map(Cpuid::from_kvm).collect())
+    }
+
+    fn enable_capability(&self, cap: u32) -> Result<()> {
+        const KVM_CAP_HYPERV_SYNIC: u32 = 123;
+        const KVM_CAP_HYPERV_SYNIC2: u32 = 148;
+        if cap != KVM_CAP_HYPERV_SYNIC && cap != KVM_CAP_HYPERV_SYNIC2 {
+            return Err(Errno::EINVAL);
+        }
+        let cap = kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
+        self.enable_cap(&cap).map_err(errno)
+    }
+}
+
+vmm_sys_util::ioctl_iowr_nr!(
+    kvm_get_supported_hv_cpuid,
+    kvm_bindings::KVMIO,
+    0xc1,
+    kvm_bindings::kvm_cpuid2
+);
+
+/// Borrows a descriptor owned elsewhere for the duration of a call.
+pub fn borrow_raw(fd: &impl AsRawFd) -> BorrowedFd<'_> {
+    // SAFETY: `fd` outlives the returned borrow, which is tied to it.
+    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+}
