@@ -1,0 +1,170 @@
+//! Shared pieces of the example machines: guest RAM from a sealed memfd,
+//! real-mode vcpu setup, a runtime x86 assembler, and the shutdown watcher.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crosvm_plugin::{Connection, VcpuGuard};
+use iced_x86::code_asm::CodeAssembler;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+/// Errors of the example helpers.
+#[derive(Debug)]
+pub enum ExampleError {
+    Sys(nix::errno::Errno),
+    Plugin(crosvm_plugin::Error),
+    Asm(iced_x86::IcedError),
+}
+
+impl std::fmt::Display for ExampleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExampleError::Sys(e) => write!(f, "system call failed: {e}"),
+            ExampleError::Plugin(e) => write!(f, "plugin API call failed: {e}"),
+            ExampleError::Asm(e) => write!(f, "assembling guest code failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ExampleError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ExampleError::Sys(e) => Some(e),
+            ExampleError::Plugin(e) => Some(e),
+            ExampleError::Asm(e) => Some(e),
+        }
+    }
+}
+
+impl From<nix::errno::Errno> for ExampleError {
+    fn from(e: nix::errno::Errno) -> Self {
+        ExampleError::Sys(e)
+    }
+}
+
+impl From<crosvm_plugin::Error> for ExampleError {
+    fn from(e: crosvm_plugin::Error) -> Self {
+        ExampleError::Plugin(e)
+    }
+}
+
+impl From<iced_x86::IcedError> for ExampleError {
+    fn from(e: iced_x86::IcedError) -> Self {
+        ExampleError::Asm(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ExampleError>;
+
+/// Guest RAM backed by a memfd sealed against shrinking, as the host
+/// requires.
+pub struct GuestRam {
+    fd: OwnedFd,
+    size: u64,
+}
+
+impl GuestRam {
+    pub fn new(size: u64) -> Result<GuestRam> {
+        let fd = memfd_create(
+            c"guest-ram",
+            MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC,
+        )?;
+        nix::unistd::ftruncate(&fd, i64::try_from(size).unwrap_or(i64::MAX))?;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))?;
+        Ok(GuestRam { fd, size })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Copies `bytes` to guest-physical `gpa` (RAM starts at guest address 0).
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
+        let off = i64::try_from(gpa).unwrap_or(i64::MAX);
+        let n = nix::sys::uio::pwrite(&self.fd, bytes, off)?;
+        if n != bytes.len() {
+            return Err(ExampleError::Sys(nix::errno::Errno::EIO));
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at guest-physical `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        let off = i64::try_from(gpa).unwrap_or(i64::MAX);
+        let n = nix::sys::uio::pread(&self.fd, &mut buf, off)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Maps the whole RAM at guest address 0 through `conn`.
+    pub fn map(&self, conn: &Connection) -> Result<crosvm_plugin::Memory> {
+        Ok(conn.create_memory(self.fd(), 0, self.size, 0, false, false)?)
+    }
+}
+
+/// Puts a vcpu (in its Init event) into 16-bit real mode at `0:ip`, with the
+/// stack at `0:sp`.
+pub fn enter_real_mode(v: &mut VcpuGuard<'_>, ip: u16, sp: u16) -> Result<()> {
+    let mut sregs = v.get_sregs()?;
+    for seg in [
+        &mut sregs.cs,
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.ss,
+        &mut sregs.fs,
+        &mut sregs.gs,
+    ] {
+        seg.base = 0;
+        seg.selector = 0;
+    }
+    v.set_sregs(&sregs);
+    let mut regs = v.get_regs()?;
+    regs.rip = u64::from(ip);
+    regs.rsp = u64::from(sp);
+    regs.rflags = 2;
+    v.set_regs(&regs);
+    Ok(())
+}
+
+/// Assembles 16-bit code for load address `base`.
+pub fn assemble16(
+    base: u64,
+    build: impl FnOnce(&mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError>,
+) -> Result<Vec<u8>> {
+    let mut a = CodeAssembler::new(16)?;
+    build(&mut a)?;
+    Ok(a.assemble(base)?)
+}
+
+/// Exits the process with status 1 when the host signals shutdown (for
+/// instance because a vcpu stopped unexpectedly), so the machine never
+/// outlives its VM.
+pub fn exit_on_host_shutdown(conn: &Connection) -> Result<()> {
+    let fd = conn.get_shutdown_eventfd()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8];
+        if nix::unistd::read(&fd, &mut buf).is_ok() {
+            eprintln!("the host is shutting the VM down");
+            std::process::exit(1);
+        }
+    });
+    Ok(())
+}
+
+/// Prints an error with its whole source chain and exits with status 1.
+pub fn exit_with(e: &dyn std::error::Error) -> ! {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    eprintln!("error: {msg}");
+    std::process::exit(1);
+}

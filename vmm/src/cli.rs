@@ -125,7 +125,7 @@ pub struct Args {
     pub hugepages: bool,
 
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
 }
 

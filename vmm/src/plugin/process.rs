@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 /// Errors starting the plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
-    #[error("cannot start the plugin {path}")]
+    #[error("cannot execute {path}")]
     Spawn {
         path: String,
         #[source]
