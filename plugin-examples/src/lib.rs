@@ -108,8 +108,12 @@ impl GuestRam {
 }
 
 /// Puts a vcpu (in its Init event) into 16-bit real mode at `0:ip`, with the
-/// stack at `0:sp`.
+/// stack at `0:sp`, and makes it runnable (application processors start out
+/// waiting for a startup IPI).
 pub fn enter_real_mode(v: &mut VcpuGuard<'_>, ip: u16, sp: u16) -> Result<()> {
+    v.set_mp_state(&crosvm_plugin::kvm_bindings::kvm_mp_state {
+        mp_state: crosvm_plugin::kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    })?;
     let mut sregs = v.get_sregs()?;
     for seg in [
         &mut sregs.cs,

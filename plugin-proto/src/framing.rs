@@ -206,14 +206,22 @@ pub fn write_all_once(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<()> {
 
 /// Writes a bare vcpu request (plugin → host): serialized into `scratch`,
 /// sent with one `write()`.
-pub fn write_vcpu_request<M: Message>(fd: BorrowedFd<'_>, msg: &M, scratch: &mut Vec<u8>) -> Result<()> {
+pub fn write_vcpu_request<M: Message>(
+    fd: BorrowedFd<'_>,
+    msg: &M,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
     scratch.clear();
     msg.write_to_vec(scratch).map_err(FramingError::Encode)?;
     write_all_once(fd, scratch)
 }
 
 /// Writes a length-delimited vcpu response (host → plugin) with one `write()`.
-pub fn write_vcpu_response<M: Message>(fd: BorrowedFd<'_>, msg: &M, scratch: &mut Vec<u8>) -> Result<()> {
+pub fn write_vcpu_response<M: Message>(
+    fd: BorrowedFd<'_>,
+    msg: &M,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
     encode_delimited(msg, scratch)?;
     write_all_once(fd, scratch)
 }

@@ -16,7 +16,11 @@ fn hex(s: &str) -> Vec<u8> {
 fn check<M: Message + PartialEq + std::fmt::Debug>(msg: M, bytes: &str) {
     let expected = hex(bytes);
     assert_eq!(msg.write_to_bytes().unwrap(), expected, "encode {msg:?}");
-    assert_eq!(M::parse_from_bytes(&expected).unwrap(), msg, "decode {bytes}");
+    assert_eq!(
+        M::parse_from_bytes(&expected).unwrap(),
+        msg,
+        "decode {bytes}"
+    );
 }
 
 #[test]
@@ -69,7 +73,10 @@ fn main_response_examples() {
     assert_eq!(nc.netmask, 0xFCFFFFFF);
     let mut r = MainResponse::new();
     r.set_get_net_config(nc);
-    check(r, "52 12 0a 06 de 21 e8 47 6b 6a 15 64 73 5c 05 1d ff ff ff fc");
+    check(
+        r,
+        "52 12 0a 06 de 21 e8 47 6b 6a 15 64 73 5c 05 1d ff ff ff fc",
+    );
 }
 
 #[test]
@@ -201,7 +208,10 @@ fn pipe_frames_several_per_read_and_split() {
 #[test]
 fn varint_limits() {
     assert_eq!(framing::decode_varint(&[0x80]).unwrap(), None);
-    assert_eq!(framing::decode_varint(&[0xac, 0x02]).unwrap(), Some((300, 2)));
+    assert_eq!(
+        framing::decode_varint(&[0xac, 0x02]).unwrap(),
+        Some((300, 2))
+    );
     assert!(framing::decode_varint(&[0xff; 11]).is_err());
     let mut reader = FrameReader::new();
     // A prefix announcing a frame larger than the buffer is refused.

@@ -1,2 +1,178 @@
-//! Helpers shared by the end-to-end tests: locating the built binaries and
-//! running `vmm` with a plugin under a deadline.
+//! Helpers shared by the end-to-end tests: locating the built binaries,
+//! compiling C plugins against `crosvm.h`, and running `vmm` with a plugin
+//! under a hang guard.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The cargo target directory of the current profile (where `vmm`, the
+/// examples and `libcrosvm_plugin.so` are built).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of a built binary; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// A scratch directory for one test, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "vmm-e2e-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Compiles a C plugin with `cc` against `plugin-sdk/include/crosvm.h` and
+/// `libcrosvm_plugin.so`, exactly as a user would.
+pub fn compile_c(source: &Path, out: &Path) -> PathBuf {
+    let include = repo_root().join("plugin-sdk/include");
+    let lib = target_dir();
+    assert!(
+        lib.join("libcrosvm_plugin.so").exists(),
+        "libcrosvm_plugin.so is not built in {}",
+        lib.display()
+    );
+    let output = Command::new("cc")
+        .arg(format!("-I{}", include.display()))
+        .args(["-std=gnu11", "-Wall", "-Werror", "-pthread", "-o"])
+        .arg(out)
+        .arg(source)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lcrosvm_plugin")
+        .output()
+        .expect("run cc");
+    assert!(
+        output.status.success(),
+        "cc failed for {}:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out.to_path_buf()
+}
+
+/// The result of one `vmm` run.
+#[derive(Debug)]
+pub struct VmmRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl VmmRun {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Panics with the whole output unless `vmm` exited 0.
+    pub fn assert_success(&self) -> &Self {
+        assert!(self.success(), "vmm failed: {self:#?}");
+        self
+    }
+}
+
+/// Longest a single `vmm` run may take before the test declares it hung.
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Runs `vmm [vmm_args] --plugin PLUGIN --plugin-args PLUGIN_ARGS`. A run
+/// that outlives [`HANG_GUARD`] is killed and fails the test.
+pub fn run_vmm(vmm_args: &[&str], plugin: &Path, plugin_args: &[&str]) -> VmmRun {
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.args(vmm_args).arg("--plugin").arg(plugin);
+    if !plugin_args.is_empty() {
+        cmd.arg("--plugin-args").args(plugin_args);
+    }
+    run_command(cmd)
+}
+
+/// Runs a prepared command with captured output under the hang guard.
+pub fn run_command(mut cmd: Command) -> VmmRun {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > HANG_GUARD {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm hung for more than {HANG_GUARD:?}: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    VmmRun {
+        code: status.code(),
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Every process whose command line mentions `needle` (for leak checks).
+pub fn processes_matching(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                if String::from_utf8_lossy(&cmd).contains(needle) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}

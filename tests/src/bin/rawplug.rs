@@ -188,10 +188,157 @@ fn smoke() {
     assert_eq!(out, b"ok");
 }
 
+fn destroy(c: &mut Conn, id: u32) -> i32 {
+    simple(c, |r| r.mut_destroy().id = id)
+}
+
+/// Bad requests get errnos, and the connection stays usable.
+fn errnos() {
+    const ENOENT: i32 = 2;
+    const EBADF: i32 = 9;
+    const EEXIST: i32 = 17;
+    const EINVAL: i32 = 22;
+    const ENOTTY: i32 = 25;
+    const EPERM: i32 = 1;
+    const EOVERFLOW: i32 = 75;
+    const ESPIPE: i32 = 29;
+    let mut c = Conn::from_env();
+    let _vcpus = get_vcpus(&mut c);
+    // Unknown id.
+    assert_eq!(destroy(&mut c, 77), ENOENT);
+    // Overlapping reservations, including the reference's missed case.
+    assert_eq!(reserve(&mut c, AddressSpace::IOPORT, 0x100, 0x10, false), 0);
+    assert_eq!(
+        reserve(&mut c, AddressSpace::IOPORT, 0x108, 1, false),
+        EPERM
+    );
+    assert_eq!(
+        reserve(&mut c, AddressSpace::IOPORT, 0xf1, 0x10, false),
+        EPERM
+    );
+    assert_eq!(
+        reserve(&mut c, AddressSpace::MMIO, u64::MAX - 1, 4, false),
+        EINVAL
+    );
+    assert_eq!(
+        reserve(&mut c, AddressSpace::IOPORT, 0x300, 0, false),
+        ENOENT
+    );
+    // Memory without a descriptor, with two, with a bad one, unsealed.
+    let mut r = MainRequest::new();
+    r.mut_create().id = 1;
+    r.mut_create().mut_memory().length = 0x1000;
+    assert_eq!(c.call(&r, &[]).0.errno, EBADF);
+    let mem = memfd(0x2000);
+    assert_eq!(c.call(&r, &[mem.as_fd(), mem.as_fd()]).0.errno, EBADF);
+    // A pipe cannot be sized (lseek fails: ESPIPE, passed through).
+    let (rd, _wr) = nix::unistd::pipe().unwrap();
+    assert_eq!(c.call(&r, &[rd.as_fd()]).0.errno, ESPIPE);
+    // A regular file has no seals (F_GET_SEALS fails: EINVAL).
+    let file = std::fs::File::open("/proc/self/exe").unwrap();
+    assert_eq!(c.call(&r, &[file.as_fd()]).0.errno, EINVAL);
+    let unsealed =
+        nix::sys::memfd::memfd_create(c"x", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&unsealed, 0x1000).unwrap();
+    assert_eq!(c.call(&r, &[unsealed.as_fd()]).0.errno, EPERM);
+    // Too short, wrapping.
+    assert_eq!(create_memory(&mut c, 1, &mem, 0, 0x3000), EINVAL);
+    let mut r2 = r.clone();
+    r2.mut_create().mut_memory().offset = u64::MAX - 0xfff;
+    assert_eq!(c.call(&r2, &[mem.as_fd()]).0.errno, EOVERFLOW);
+    // Reused id.
+    assert_eq!(create_memory(&mut c, 1, &mem, 0, 0x1000), 0);
+    assert_eq!(create_memory(&mut c, 1, &mem, 0x1000, 0x1000), EEXIST);
+    // Overlapping memory slot (KVM refuses).
+    assert_ne!(create_memory(&mut c, 2, &mem, 0, 0x1000), 0);
+    assert_eq!(destroy(&mut c, 1), 0);
+    assert_eq!(destroy(&mut c, 1), ENOENT);
+    // Unknown request member.
+    let (resp, _) = {
+        framing::send_packet(c.sock.as_fd(), &[0xea, 0x04, 0x00], &[]).unwrap();
+        let p = framing::recv_packet(c.sock.as_fd(), &mut c.buf, 4).unwrap();
+        (
+            MainResponse::parse_from_bytes(&c.buf[..p.len]).unwrap(),
+            p.fds,
+        )
+    };
+    assert_eq!(resp.errno, ENOTTY);
+    // Start twice.
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), EINVAL);
+    println!("errnos ok");
+}
+
+/// Crashes while the guest is stopped in an IO exit.
+fn segv_in_io() {
+    let mut c = Conn::from_env();
+    let mut vcpus = get_vcpus(&mut c);
+    let mem = memfd(0x10000);
+    nix::sys::uio::pwrite(&mem, GUEST, 0x1000).unwrap();
+    assert_eq!(create_memory(&mut c, 1, &mem, 0, 0x10000), 0);
+    assert_eq!(reserve(&mut c, AddressSpace::IOPORT, 0x3f8, 8, false), 0);
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    init_vcpu(&mut vcpus[0]);
+    let r = vcpus[0].recv();
+    assert!(r.wait().has_io());
+    eprintln!("rawplug: crashing in the middle of an IO exit");
+    // Rust's runtime handles SIGSEGV itself (stack overflow detection); take
+    // the default action so the process really dies of it.
+    // SAFETY: restoring the default disposition of a signal is always sound.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGSEGV,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+        .unwrap();
+    }
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV).unwrap();
+    unreachable!("SIGSEGV did not kill the plugin");
+}
+
+/// Starts the VM and exits without ever sending Wait (the reference host hung).
+fn exit_after_start() {
+    let mut c = Conn::from_env();
+    let _vcpus = get_vcpus(&mut c);
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+}
+
+/// The vcpu's Init fails (a Resume with a malformed register image), so the
+/// vcpu stops and the host shuts the VM down; the plugin ignores the
+/// shutdown eventfd and hangs. The host must kill it after the grace period.
+fn hang_after_shutdown() {
+    let mut c = Conn::from_env();
+    let mut vcpus = get_vcpus(&mut c);
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    let v = &mut vcpus[0];
+    let mut w = VcpuRequest::new();
+    w.set_wait(Default::default());
+    v.send(&w);
+    assert!(v.recv().wait().has_init());
+    let mut res = VcpuRequest::new();
+    res.mut_resume().regs = vec![0; 10];
+    v.send(&res);
+    eprintln!("rawplug: hanging and ignoring the shutdown eventfd");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     match scenario.as_str() {
         "smoke" => smoke(),
+        "errnos" => errnos(),
+        "segv-in-io" => segv_in_io(),
+        "exit-after-start" => exit_after_start(),
+        "exit-early" => std::process::exit(3),
+        "hang-after-shutdown" => hang_after_shutdown(),
+        "close-and-linger" => {
+            drop(Conn::from_env());
+            eprintln!("rawplug: closed the socket, lingering");
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
         other => {
             eprintln!("unknown scenario `{other}`");
             std::process::exit(2);

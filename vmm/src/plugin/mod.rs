@@ -88,7 +88,9 @@ pub enum RunError {
     },
     #[error("the plugin did not exit within {0:?} of the VM shutting down; it was killed")]
     PluginTimeout(Duration),
-    #[error("the plugin closed every connection before starting the VM")]
+    #[error(
+        "the plugin closed every connection before starting the VM and did not exit; it was killed"
+    )]
     PluginAbandoned,
     #[error("an unexpected child process {pid} ended ({status})")]
     OtherChild { pid: i32, status: String },
@@ -242,7 +244,7 @@ struct Host {
     shutdown: EventFd,
     connections: HashMap<u64, OwnedFd>,
     next_token: u64,
-    ever_connected: bool,
+    abandoned: bool,
     dying_since: Option<Instant>,
     errors: Vec<RunError>,
     recv_buf: Vec<u8>,
@@ -344,7 +346,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         shutdown,
         connections: HashMap::new(),
         next_token: FIRST_CONNECTION_TOKEN,
-        ever_connected: false,
+        abandoned: false,
         dying_since: None,
         errors: Vec::new(),
         recv_buf: vec![0; limits::MAX_MAIN_REQUEST],
@@ -372,7 +374,6 @@ impl Host {
         self.next_token += 1;
         self.watch(fd.as_fd(), token)?;
         self.connections.insert(token, fd);
-        self.ever_connected = true;
         Ok(())
     }
 
@@ -381,8 +382,10 @@ impl Host {
             let _ = self.epoll.delete(&fd);
         }
         if self.connections.is_empty() && !self.state.started && self.dying_since.is_none() {
-            // Nothing can start the VM any more.
-            self.errors.push(RunError::PluginAbandoned);
+            // Nothing can start the VM any more. If the plugin exits now, its
+            // exit status tells how the run went; if it lingers, this is why
+            // it gets killed.
+            self.abandoned = true;
             self.enter_dying("the plugin closed its last connection before starting the VM");
         }
     }
@@ -655,7 +658,8 @@ impl Host {
             }
         }
 
-        if self.plugin_end.is_none() {
+        let timed_out = self.plugin_end.is_none();
+        if timed_out {
             // Grace period over (or the loop failed): the plugin must go.
             if let Err(e) = self.plugin.kill() {
                 error!("cannot kill the plugin: {e}");
@@ -668,7 +672,9 @@ impl Host {
             if self.plugin_end.is_none() {
                 error!("the plugin (pid {}) could not be reaped", self.plugin.pid);
             }
-            if !self.errors.iter().any(|e| matches!(e, RunError::Wait(_))) {
+            if self.abandoned {
+                self.errors.insert(0, RunError::PluginAbandoned);
+            } else if !self.errors.iter().any(|e| matches!(e, RunError::Wait(_))) {
                 self.errors.insert(0, RunError::PluginTimeout(DYING_GRACE));
             }
         }
@@ -680,6 +686,8 @@ impl Host {
         }
 
         match self.plugin_end {
+            // Killed by us: the timeout is the cause.
+            _ if timed_out => {}
             Some(PluginEnd::Exited(code)) if code != 0 => {
                 self.errors.insert(0, RunError::PluginExit(code))
             }
