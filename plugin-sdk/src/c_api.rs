@@ -753,7 +753,7 @@ pub unsafe extern "C" fn crosvm_create_io_event(
         let result = matcher
             .and_then(|m| space(space_).map(|s| (s, m)))
             .and_then(|(s, m)| conn(self_).create_io_event(s, addr, m))
-            .map(|io| Box::into_raw(Box::new(crosvm_io { io })));
+            .map(|io| Box::into_raw(Box::new(crosvm_io { io: io.detach() })));
         output(result, out)
     })
 }
@@ -804,7 +804,7 @@ pub unsafe extern "C" fn crosvm_create_memory(
         let memfd = BorrowedFd::borrow_raw(fd);
         let result = conn(self_)
             .create_memory(memfd, offset, length, start, read_only, dirty_log)
-            .map(|mem| Box::into_raw(Box::new(crosvm_memory { mem })));
+            .map(|mem| Box::into_raw(Box::new(crosvm_memory { mem: mem.detach() })));
         output(result, out)
     })
 }
@@ -857,7 +857,7 @@ pub unsafe extern "C" fn crosvm_create_irq_event(
     ffi(|| unsafe {
         let result = conn(self_)
             .create_irq_event(irq_id)
-            .map(|irq| Box::into_raw(Box::new(crosvm_irq { irq })));
+            .map(|irq| Box::into_raw(Box::new(crosvm_irq { irq: irq.detach() })));
         output(result, out)
     })
 }

@@ -46,6 +46,7 @@
 //! reports (negated).
 
 mod connection;
+mod decode;
 mod error;
 mod image;
 mod objects;

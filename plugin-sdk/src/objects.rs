@@ -2,12 +2,13 @@
 //! and irq events. Each handle destroys its object when dropped.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use plugin_proto::main_request::{self, create};
 use plugin_proto::main_response;
 use plugin_proto::MainRequest;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Shared};
 use crate::error::{Error, Result};
 use crate::types::{AddressSpace, Datamatch};
 
@@ -15,12 +16,26 @@ use crate::types::{AddressSpace, Datamatch};
 pub const PAGE_SIZE: u64 = 4096;
 
 /// The common part of every object handle.
-#[derive(Debug)]
 struct ObjectCore {
-    conn: Connection,
+    /// The creating connection, used by `Drop` and the methods without a
+    /// connection argument. `None` for handles owned by the C API, which
+    /// always names the connection to use (so a destroyed C connection's
+    /// socket is really closed).
+    conn: Option<Connection>,
+    /// Where the id came from.
+    shared: Arc<Shared>,
     id: u32,
     /// False once destroyed (so `Drop` does nothing).
     live: bool,
+}
+
+impl std::fmt::Debug for ObjectCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Object")
+            .field("id", &self.id)
+            .field("live", &self.live)
+            .finish()
+    }
 }
 
 impl ObjectCore {
@@ -30,18 +45,28 @@ impl ObjectCore {
         req.mut_destroy().id = self.id;
         conn.transact("destroy", &req, &[])?;
         self.live = false;
-        self.conn.shared().release_id(self.id);
+        self.shared.release_id(self.id);
         Ok(())
+    }
+
+    /// The creating connection (`EBADF` for detached C API handles, which
+    /// never call this).
+    fn conn(&self) -> Result<&Connection> {
+        self.conn.as_ref().ok_or(Error::Sys {
+            op: "using a detached object handle",
+            source: nix::errno::Errno::EBADF,
+        })
     }
 }
 
 impl Drop for ObjectCore {
     fn drop(&mut self) {
         if self.live {
-            let conn = self.conn.clone();
-            // Errors cannot be reported from a destructor; use `destroy` to
-            // see them.
-            let _ = self.destroy_via(&conn);
+            if let Some(conn) = self.conn.take() {
+                // Errors cannot be reported from a destructor; use `destroy`
+                // to see them.
+                let _ = self.destroy_via(&conn);
+            }
         }
     }
 }
@@ -62,7 +87,8 @@ fn create_object(
     match conn.transact("create", &req, fds) {
         Ok((_, fds)) => Ok((
             ObjectCore {
-                conn: conn.clone(),
+                conn: Some(conn.clone()),
+                shared: shared.clone(),
                 id,
                 live: true,
             },
@@ -78,9 +104,10 @@ fn create_object(
 /// Creation succeeded on the VMM but the reply lacked descriptors: destroy
 /// the object again so it does not linger, and report `EPROTO`.
 fn missing_fds<T>(mut core: ObjectCore, what: &'static str) -> Result<T> {
-    let conn = core.conn.clone();
-    if core.destroy_via(&conn).is_err() {
-        core.live = false;
+    if let Some(conn) = core.conn.take() {
+        // If this fails too, the object is left to the VMM (nothing sent on
+        // drop, since the connection was taken).
+        let _ = core.destroy_via(&conn);
     }
     Err(Error::Protocol(what))
 }
@@ -96,7 +123,10 @@ macro_rules! destroy_methods {
             /// Destroys the object through its creating connection. On
             /// failure the handle is returned intact together with the error.
             pub fn destroy(self) -> std::result::Result<(), ($ty, Error)> {
-                let conn = self.core.conn.clone();
+                let conn = match self.core.conn() {
+                    Ok(c) => c.clone(),
+                    Err(e) => return Err((self, e)),
+                };
                 self.destroy_via(&conn)
             }
 
@@ -114,9 +144,16 @@ macro_rules! destroy_methods {
 
             /// Destroy for the C API: on success the handle is inert (its
             /// drop sends nothing) and only has to be freed.
-            #[allow(dead_code)]
             pub(crate) fn destroy_in_place(&mut self, conn: &Connection) -> Result<()> {
                 self.core.destroy_via(conn)
+            }
+
+            /// For the C API: forget the creating connection, so the handle
+            /// does not keep its socket open. A detached handle is destroyed
+            /// only explicitly.
+            pub(crate) fn detach(mut self) -> Self {
+                self.core.conn = None;
+                self
             }
         }
     };
@@ -163,7 +200,7 @@ impl Memory {
     /// Fetches (and resets) the dirty-page bitmap through the creating
     /// connection. The region needs `dirty_log` enabled.
     pub fn dirty_log(&self) -> Result<Vec<u8>> {
-        self.core.conn.get_dirty_log(self)
+        self.core.conn()?.get_dirty_log(self)
     }
 }
 

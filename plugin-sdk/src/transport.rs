@@ -8,8 +8,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use plugin_proto::framing::{write_vcpu_request, FrameReader};
-use plugin_proto::protobuf::Message;
-use plugin_proto::{VcpuRequest, VcpuResponse};
+use plugin_proto::VcpuRequest;
 
 use crate::error::{Error, Result};
 
@@ -18,10 +17,9 @@ pub(crate) trait VcpuTransport: Send {
     /// Sends one request (no reply is awaited here).
     fn send(&mut self, request: &VcpuRequest) -> Result<()>;
 
-    /// Blocks until the next response arrives and decodes it into
-    /// `response` (which is cleared first, so its allocations can be reused
-    /// by implementations that support it).
-    fn recv(&mut self, response: &mut VcpuResponse) -> Result<()>;
+    /// Blocks until the next response arrives and returns its serialized
+    /// `VcpuResponse` (valid until the next call).
+    fn recv_frame(&mut self) -> Result<&[u8]>;
 }
 
 /// The wire protocol's transport: bare requests written to the request pipe,
@@ -53,14 +51,10 @@ impl VcpuTransport for PipeTransport {
             .map_err(Error::transport("writing a vcpu request"))
     }
 
-    fn recv(&mut self, response: &mut VcpuResponse) -> Result<()> {
+    fn recv_frame(&mut self) -> Result<&[u8]> {
         let reader = self.reader.get_or_insert_with(FrameReader::new);
-        let frame = reader
+        reader
             .next_frame(self.response.as_fd())
-            .map_err(Error::transport("reading a vcpu response"))?;
-        response.clear();
-        response
-            .merge_from_bytes(frame)
-            .map_err(Error::decode("a vcpu response"))
+            .map_err(Error::transport("reading a vcpu response"))
     }
 }

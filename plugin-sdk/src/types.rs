@@ -47,13 +47,6 @@ impl AddressSpace {
             AddressSpace::Mmio => plugin_proto::AddressSpace::MMIO,
         })
     }
-
-    pub(crate) fn from_proto(value: EnumOrUnknown<plugin_proto::AddressSpace>) -> Result<Self> {
-        u32::try_from(value.value())
-            .ok()
-            .and_then(|v| AddressSpace::from_raw(v).ok())
-            .ok_or(Error::Protocol("unknown address space in an io event"))
-    }
 }
 
 /// Which guest writes signal an [`IoEvent`](crate::IoEvent).

@@ -6,12 +6,13 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
-use plugin_proto::protobuf::EnumOrUnknown;
+use plugin_proto::protobuf::{EnumOrUnknown, Message};
 use plugin_proto::vcpu_request::{self, StateSet};
-use plugin_proto::vcpu_response::{self, wait::Exit};
+use plugin_proto::vcpu_response;
 use plugin_proto::{VcpuRequest, VcpuResponse};
 
 use crate::connection::Shared;
+use crate::decode::{Exit, Member, WaitDecoder};
 use crate::error::{Error, Result};
 use crate::image::StateImage;
 use crate::transport::VcpuTransport;
@@ -121,8 +122,8 @@ pub(crate) struct VcpuState {
     /// Data of the current event: io bytes or the 8-byte hypercall result.
     /// Becomes the `data` of the next resume.
     event_data: Vec<u8>,
-    /// Reused decode target.
-    response: VcpuResponse,
+    /// Reused decode target of wait events.
+    decoder: WaitDecoder,
 }
 
 impl VcpuState {
@@ -143,13 +144,14 @@ impl VcpuState {
     /// Sends `request` and returns the reply's message after the errno check.
     fn transact(&mut self, request: &VcpuRequest) -> Result<vcpu_response::Message> {
         self.transport.send(request)?;
-        self.transport.recv(&mut self.response)?;
-        if self.response.errno != 0 {
-            return Err(Error::Host(self.response.errno));
+        let frame = self.transport.recv_frame()?;
+        let response =
+            VcpuResponse::parse_from_bytes(frame).map_err(Error::decode("a vcpu response"))?;
+        if response.errno != 0 {
+            return Err(Error::Host(response.errno));
         }
-        self.response
+        response
             .message
-            .take()
             .ok_or(Error::Protocol("vcpu reply without a message"))
     }
 }
@@ -171,7 +173,7 @@ impl VcpuSlot {
                 sregs: RegCache::default(),
                 debugregs: RegCache::default(),
                 event_data: Vec::with_capacity(EVENT_DATA_CAPACITY),
-                response: VcpuResponse::new(),
+                decoder: WaitDecoder::new(EVENT_DATA_CAPACITY),
             }),
         }
     }
@@ -267,67 +269,76 @@ impl VcpuGuard<'_> {
             st.transport.send(&req)?;
             st.wait_sent = true;
         }
-        st.transport.recv(&mut st.response)?;
-        if st.response.errno != 0 {
-            return Err(Error::Host(st.response.errno));
+        let frame = st.transport.recv_frame()?;
+        let dec = &mut st.decoder;
+        dec.decode(frame)
+            .map_err(Error::decode("a vcpu wait response"))?;
+        if dec.errno != 0 {
+            return Err(Error::Host(dec.errno));
         }
-        let wait = match st.response.message.as_mut() {
-            Some(vcpu_response::Message::Wait(w)) => w,
-            _ => return Err(Error::Protocol("vcpu reply is not a wait event")),
-        };
-        let exit = wait
+        if dec.member != Member::Wait {
+            return Err(Error::Protocol("vcpu reply is not a wait event"));
+        }
+        let exit = dec
             .exit
-            .as_ref()
             .ok_or(Error::Protocol("wait event without a known exit"))?;
         st.event_data.clear();
         match exit {
-            Exit::Init(_) => {
-                st.regs.valid = false;
-                st.sregs.valid = false;
-                st.debugregs.valid = false;
+            Exit::Init => {
+                st.invalidate_caches();
                 Ok(VcpuEvent::Init)
             }
-            Exit::Io(io) => {
-                let space = AddressSpace::from_proto(io.space)?;
-                st.event_data.extend_from_slice(&io.data);
-                st.regs.take_eager(&io.regs);
-                st.sregs.take_eager(&io.sregs);
-                st.debugregs.take_eager(&io.debugregs);
+            Exit::Io {
+                space,
+                address,
+                is_write,
+                no_resume,
+            } => {
+                let space = AddressSpace::from_raw(u32::try_from(space).unwrap_or(u32::MAX))
+                    .map_err(|_| Error::Protocol("unknown address space in an io event"))?;
+                // Both buffers keep their capacity: no allocation per exit.
+                std::mem::swap(&mut st.event_data, &mut dec.data);
+                st.regs.take_eager(&dec.regs);
+                st.sregs.take_eager(&dec.sregs);
+                st.debugregs.take_eager(&dec.debugregs);
                 Ok(VcpuEvent::Io {
                     space,
-                    address: io.address,
-                    is_write: io.is_write,
-                    no_resume: io.no_resume,
+                    address,
+                    is_write,
+                    no_resume,
                     data: &st.event_data,
                 })
             }
-            Exit::User(u) => {
-                let user = u.user;
+            Exit::User { user } => {
                 st.invalidate_caches();
                 Ok(VcpuEvent::Paused { user })
             }
-            Exit::HypervCall(h) => {
-                let event = VcpuEvent::HypervCall {
-                    input: h.input,
-                    params: [h.params0, h.params1],
-                };
+            Exit::HypervCall {
+                input,
+                params0,
+                params1,
+            } => {
                 st.event_data.extend_from_slice(&[0; 8]);
-                st.regs.valid = false;
-                st.sregs.valid = false;
-                st.debugregs.valid = false;
-                Ok(event)
-            }
-            Exit::HypervSynic(s) => {
-                let event = VcpuEvent::HypervSynic {
-                    msr: s.msr,
-                    control: s.control,
-                    evt_page: s.evt_page,
-                    msg_page: s.msg_page,
-                };
                 st.invalidate_caches();
-                Ok(event)
+                Ok(VcpuEvent::HypervCall {
+                    input,
+                    params: [params0, params1],
+                })
             }
-            _ => Err(Error::Protocol("wait event without a known exit")),
+            Exit::HypervSynic {
+                msr,
+                control,
+                evt_page,
+                msg_page,
+            } => {
+                st.invalidate_caches();
+                Ok(VcpuEvent::HypervSynic {
+                    msr,
+                    control,
+                    evt_page,
+                    msg_page,
+                })
+            }
         }
     }
 
