@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod limits;
+pub mod net;
 pub mod plugin;
 pub mod vm;
 

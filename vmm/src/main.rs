@@ -67,6 +67,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         vcpus: args.cpus,
         kvm_path: args.kvm_path(),
         vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
+        nets: args.all_nets()?,
     };
     plugin::run(config)?;
     Ok(())

@@ -32,6 +32,7 @@ use self::objects::SharedExitConfig;
 use self::process::{Launch, Plugin};
 use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
 use crate::limits;
+use crate::net::Tap;
 use crate::vm::{borrow_raw, KvmVm, VmError};
 
 /// How long the plugin may take to exit once the VM is shutting down.
@@ -52,6 +53,8 @@ pub struct RunConfig {
     pub vcpus: usize,
     pub kvm_path: PathBuf,
     pub vcpu_cgroup_path: Option<PathBuf>,
+    /// Tap devices, in creation order; the first is the plugin's.
+    pub nets: Vec<crate::cli::NetSpec>,
 }
 
 /// Why a run failed. `Display` of each names the cause for the user.
@@ -67,6 +70,8 @@ pub enum RunError {
     },
     #[error("cannot set up the VM")]
     Vm(#[source] VmError),
+    #[error("cannot set up the network")]
+    Net(#[source] crate::net::NetError),
     #[error("{requested} vcpus requested but KVM allows at most {max}")]
     TooManyVcpus { requested: usize, max: usize },
     #[error("cannot start the plugin")]
@@ -129,6 +134,7 @@ fn new_channel() -> Result<Channel, RunError> {
 /// The host resources the main request handler sees.
 struct Services<'a> {
     channels: &'a [Channel],
+    taps: &'a [Tap],
     controls: &'a [Arc<VcpuControl>],
     threads: &'a [JoinHandle<()>],
     shutdown: &'a EventFd,
@@ -150,7 +156,16 @@ impl HostServices for Services<'_> {
     }
 
     fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno> {
-        Ok(None)
+        let Some(tap) = self.taps.first() else {
+            return Ok(None);
+        };
+        let a = tap.addresses()?;
+        Ok(Some(NetConfig {
+            mac: a.mac,
+            ip: a.ip,
+            netmask: a.netmask,
+            fd: tap.fd(),
+        }))
     }
 
     fn pause_vcpus(&self, mask: u64, user: u64) {
@@ -237,6 +252,7 @@ struct Host {
     plugin: Plugin,
     plugin_end: Option<PluginEnd>,
     channels: Vec<Channel>,
+    taps: Vec<Tap>,
     controls: Vec<Arc<VcpuControl>>,
     shared: Arc<VcpuShared>,
     threads: Vec<JoinHandle<()>>,
@@ -270,7 +286,11 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let (stderr_r, stderr_w) = pipe2(OFlag::O_CLOEXEC).map_err(resource("the stderr pipe"))?;
     fcntl(&stderr_r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(resource("the stderr pipe"))?;
 
-    // 3. The VM: irqchip and PIT, no memory, no vcpus yet.
+    // 3. Taps, then the VM: irqchip and PIT, no memory, no vcpus yet.
+    let taps = crate::net::open_taps(&config.nets).map_err(RunError::Net)?;
+    for t in &taps {
+        info!("tap device {}", t.name());
+    }
     let kvm_path = config.kvm_path.to_string_lossy().into_owned();
     let vm = KvmVm::new(&kvm_path).map_err(RunError::Vm)?;
     let max = vm.max_vcpus();
@@ -340,6 +360,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         plugin,
         plugin_end: None,
         channels,
+        taps,
         shared,
         threads: Vec::new(),
         vcpus_failed: false,
@@ -545,6 +566,7 @@ impl Host {
         };
         let services = Services {
             channels: &self.channels,
+            taps: &self.taps,
             controls: &self.controls,
             threads: &self.threads,
             shutdown: &self.shutdown,

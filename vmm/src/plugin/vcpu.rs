@@ -574,7 +574,15 @@ fn run_loop(run: &mut VcpuFd, sv: &mut Servicer) {
                         return;
                     }
                     VcpuExit::InternalError => {
-                        error!("vcpu {id}: KVM internal error");
+                        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
+                        // the kernel filled the `internal` member.
+                        let internal = unsafe { run.get_kvm_run().__bindgen_anon_1.internal };
+                        let n = (internal.ndata as usize).min(internal.data.len());
+                        error!(
+                            "vcpu {id}: KVM internal error (suberror {}, data {:x?})",
+                            internal.suberror,
+                            &internal.data[..n]
+                        );
                         return;
                     }
                     VcpuExit::FailEntry(reason, cpu) => {

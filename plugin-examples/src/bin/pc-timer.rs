@@ -1,0 +1,182 @@
+//! `pc-timer`: a PC-style timer machine. The guest programs the in-kernel
+//! PIT (channel 0, ~1 kHz) and the in-kernel PIC, sleeps with `hlt` between
+//! interrupts, counts timer interrupts in its IRQ0 handler and, after
+//! `TICKS` of them (`pc-timer [TICKS]`, default 50), reports the count
+//! through a port. The plugin sets the GSI routes (GSI 0 → PIC master pin 0
+//! and IOAPIC pin 2) and puts the local APIC's LINT0 in ExtINT mode so PIC
+//! interrupts reach the vcpu.
+
+use crosvm_plugin::kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use crosvm_plugin::{AddressSpace, Connection, IrqRoute, IrqRouteKind, VcpuEvent};
+use iced_x86::code_asm::*;
+use plugin_examples::{
+    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, GuestRam, Result,
+};
+
+const REPORT_PORT: u64 = 0x610;
+const SHUTDOWN_PORT: u64 = 0x501;
+const CODE: u64 = 0x1000;
+const HANDLER: u64 = 0x1400;
+const COUNTER: u64 = 0x3000;
+/// PIT input clock / 1193 ≈ 1 kHz.
+const PIT_DIVISOR: u16 = 1193;
+/// Offset of LVT LINT0 in the local APIC register page.
+const APIC_LVT0: usize = 0x350;
+/// LVT delivery mode ExtINT, unmasked.
+const LVT_EXTINT: u32 = 0x700;
+
+fn guest_main(ticks: u16) -> Result<Vec<u8>> {
+    assemble16(CODE, |a| {
+        let mut wait = a.create_label();
+        a.cli()?;
+        // IVT entry 8 (IRQ0 at PIC base 8) -> 0000:HANDLER.
+        a.mov(word_ptr(8 * 4), HANDLER as u32)?;
+        a.mov(word_ptr(8 * 4 + 2), 0u32)?;
+        a.mov(word_ptr(COUNTER), 0u32)?;
+        // Master PIC: ICW1 edge/cascade/ICW4, ICW2 base 8, ICW3 slave on 2,
+        // ICW4 8086 mode; then mask everything but IRQ0.
+        for (port, value) in [
+            (0x20u32, 0x11u32),
+            (0x21, 0x08),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0xfe),
+        ] {
+            a.mov(al, value)?;
+            a.out(port, al)?;
+        }
+        // Slave PIC: base 0x70, identity 2, 8086 mode, all masked.
+        for (port, value) in [
+            (0xa0u32, 0x11u32),
+            (0xa1, 0x70),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0xa1, 0xff),
+        ] {
+            a.mov(al, value)?;
+            a.out(port, al)?;
+        }
+        // PIT channel 0: lobyte/hibyte, mode 2 (rate generator).
+        a.mov(al, 0x34u32)?;
+        a.out(0x43u32, al)?;
+        a.mov(al, u32::from(PIT_DIVISOR & 0xff))?;
+        a.out(0x40u32, al)?;
+        a.mov(al, u32::from(PIT_DIVISOR >> 8))?;
+        a.out(0x40u32, al)?;
+        a.sti()?;
+        a.set_label(&mut wait)?;
+        a.hlt()?;
+        a.cmp(word_ptr(COUNTER), u32::from(ticks))?;
+        a.jb(wait)?;
+        a.cli()?;
+        a.mov(ax, word_ptr(COUNTER))?;
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, ax)?;
+        a.mov(dx, SHUTDOWN_PORT as u32)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        Ok(())
+    })
+}
+
+fn guest_handler() -> Result<Vec<u8>> {
+    assemble16(HANDLER, |a| {
+        a.push(ax)?;
+        a.inc(word_ptr(COUNTER))?;
+        a.mov(al, 0x20u32)?; // non-specific EOI
+        a.out(0x20u32, al)?;
+        a.pop(ax)?;
+        a.iret()?;
+        Ok(())
+    })
+}
+
+fn run(ticks: u16) -> Result<u16> {
+    let conn = Connection::from_env()?;
+    exit_on_host_shutdown(&conn)?;
+    let ram = GuestRam::new(0x10000)?;
+    ram.write(CODE, &guest_main(ticks)?)?;
+    ram.write(HANDLER, &guest_handler()?)?;
+    let _mem = ram.map(&conn)?;
+    conn.reserve_range(AddressSpace::IoPort, REPORT_PORT, 1)?;
+    conn.reserve_range(AddressSpace::IoPort, SHUTDOWN_PORT, 1)?;
+
+    // The PC's standard wiring: ISA IRQs 0-7 on the master PIC, 8-15 on the
+    // slave, all also on the IOAPIC, with the timer on IOAPIC pin 2.
+    let mut routes = Vec::new();
+    for irq in 0..16u32 {
+        let (chip, pin) = if irq < 8 {
+            (KVM_IRQCHIP_PIC_MASTER, irq)
+        } else {
+            (KVM_IRQCHIP_PIC_SLAVE, irq - 8)
+        };
+        routes.push(IrqRoute {
+            irq_id: irq,
+            kind: IrqRouteKind::Irqchip { irqchip: chip, pin },
+        });
+        let ioapic_pin = if irq == 0 { 2 } else { irq };
+        routes.push(IrqRoute {
+            irq_id: irq,
+            kind: IrqRouteKind::Irqchip {
+                irqchip: KVM_IRQCHIP_IOAPIC,
+                pin: ioapic_pin,
+            },
+        });
+    }
+    conn.set_irq_routing(&routes)?;
+
+    let vcpu = conn.vcpu(0)?;
+    conn.start()?;
+    let mut v = vcpu.lock();
+    let mut reported = None;
+    loop {
+        match v.wait()? {
+            VcpuEvent::Init => {
+                enter_real_mode(&mut v, CODE as u16, 0x8000)?;
+                let mut lapic = v.get_lapic_state()?;
+                for (i, b) in LVT_EXTINT.to_le_bytes().iter().enumerate() {
+                    lapic.regs[APIC_LVT0 + i] = *b as _;
+                }
+                v.set_lapic_state(&lapic)?;
+            }
+            VcpuEvent::Io {
+                address: REPORT_PORT,
+                data,
+                ..
+            } => {
+                reported = <[u8; 2]>::try_from(data).ok().map(u16::from_le_bytes);
+            }
+            VcpuEvent::Io {
+                address: SHUTDOWN_PORT,
+                ..
+            } => break,
+            _ => {}
+        }
+        v.resume()?;
+    }
+    let pit = conn.get_pit_state()?;
+    println!(
+        "PIT channel 0: mode {}, count {}",
+        pit.channels[0].mode, pit.channels[0].count
+    );
+    reported.ok_or(plugin_examples::ExampleError::Sys(
+        nix::errno::Errno::EPROTO,
+    ))
+}
+
+fn main() {
+    let ticks: u16 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(50);
+    match run(ticks) {
+        Ok(count) if count >= ticks => println!("the guest counted {count} timer interrupts"),
+        Ok(count) => {
+            eprintln!("pc-timer: the guest reported {count} interrupts, expected {ticks}");
+            std::process::exit(1);
+        }
+        Err(e) => exit_with(&e),
+    }
+}
