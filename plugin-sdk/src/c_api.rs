@@ -4,6 +4,17 @@
 //! result to `0` / `-errno` (or a descriptor). No protocol logic lives here.
 //! Handles and pointers are not validated (c-api.md §7): passing NULL or a
 //! stale handle is undefined behaviour, as in the reference library.
+//!
+//! Where this library deliberately differs from the reference:
+//! * failing system calls are reported as negative errno values (the
+//!   reference returned them positive);
+//! * `crosvm_create_io_event` with a NULL `datamatch` and a non-zero length
+//!   matches any value (sent as length 0) instead of dereferencing NULL;
+//! * a second successful `crosvm_connect` in one process fails with
+//!   `-EBUSY` instead of giving the inherited socket a second owner;
+//! * more than 16 vcpus are supported (chunked `GetVcpus` extension);
+//! * if a create reply lacks its descriptors, the object is destroyed again
+//!   before `-EPROTO` is returned (the reference left it on the VMM).
 
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]

@@ -68,3 +68,14 @@ pub use vcpu::{Vcpu, VcpuEvent, VcpuGuard};
 
 /// Re-export of the KVM uapi structs used in the API.
 pub use kvm_bindings;
+
+// Handles are meant to be shared with and moved to other threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Connection>();
+    send_sync::<Vcpu>();
+    send_sync::<IoEvent>();
+    send_sync::<Memory>();
+    send_sync::<IrqEvent>();
+    send_sync::<Error>();
+};
