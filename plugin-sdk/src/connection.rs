@@ -78,8 +78,9 @@ impl MainChannel {
     /// Receives and decodes one response (no errno check).
     fn recv(&mut self, op: &'static str) -> Result<(MainResponse, Vec<OwnedFd>)> {
         if self.recv_buf.len() < MAX_MESSAGE_SIZE {
-            self.recv_buf.resize(MAX_MESSAGE_SIZE, 0);
-            self.cmsg_buf.resize(full_cmsg_space(), 0);
+            // Zeroed allocation: pages are only touched when used.
+            self.recv_buf = vec![0; MAX_MESSAGE_SIZE];
+            self.cmsg_buf = vec![0; full_cmsg_space()];
         }
         let packet = recv_packet_with(
             self.sock.as_fd(),
