@@ -807,7 +807,10 @@ pub unsafe extern "C" fn crosvm_create_memory(
     out: *mut *mut crosvm_memory,
 ) -> c_int {
     if fd < 0 {
-        return -libc::EBADF;
+        // Argument checks first, as the SDK would do them before sending.
+        let aligned =
+            offset.is_multiple_of(crate::PAGE_SIZE) && length.is_multiple_of(crate::PAGE_SIZE);
+        return if aligned { -libc::EBADF } else { -libc::EINVAL };
     }
     // SAFETY: handle and out-pointer valid per the C API contract; `fd` is
     // non-negative and the caller keeps it open during the call.

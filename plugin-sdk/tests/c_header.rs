@@ -9,8 +9,7 @@ fn sdk_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `<target>/<profile>`: the test binary lives in its `deps/` directory,
-/// next to which cargo puts the package's cdylib.
+/// `<target>/<profile>`: the test binary lives in its `deps/` directory.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     exe.parent()
@@ -19,10 +18,20 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The package's cdylib. Cargo writes it to `deps/` (next to this test
+/// binary) when building tests, and copies it to the profile directory
+/// only for `cargo build`; prefer the former, which is always current.
 fn library() -> PathBuf {
-    let lib = profile_dir().join("libcrosvm_plugin.so");
-    assert!(lib.exists(), "{} not built", lib.display());
-    lib
+    let profile = profile_dir();
+    let candidates = [
+        profile.join("deps/libcrosvm_plugin.so"),
+        profile.join("libcrosvm_plugin.so"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("libcrosvm_plugin.so not found in {candidates:?}"))
+        .clone()
 }
 
 fn out_dir() -> PathBuf {

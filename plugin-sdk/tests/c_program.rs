@@ -25,9 +25,18 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Directory of the package's cdylib (see tests/c_header.rs).
+fn library_dir() -> PathBuf {
+    let profile = profile_dir();
+    [profile.join("deps"), profile.clone()]
+        .into_iter()
+        .find(|d| d.join("libcrosvm_plugin.so").exists())
+        .expect("libcrosvm_plugin.so not built")
+}
+
 fn build_flow() -> PathBuf {
-    let dir = profile_dir();
-    let out = dir.join("c-api-tests");
+    let dir = library_dir();
+    let out = profile_dir().join("c-api-tests");
     std::fs::create_dir_all(&out).unwrap();
     let exe = out.join("flow");
     let sdk = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
