@@ -1,0 +1,146 @@
+//! The benchmark's Rust SDK plugin. `bench-plugin MODE ITERATIONS` runs the
+//! benchmark guest and prints one line:
+//! `RESULT exits=N secs=S init_ns=T rss_anon_kb=A rss_file_kb=F rss_shmem_kb=M`
+//! (`init_ns`: CLOCK_MONOTONIC when vcpu 0 reported Init; the RSS values are
+//! the host's, read from /proc/<parent>/status when the run is done).
+//!
+//! Modes: `pio`, `mmio-write`, `mmio-read`, `async` (posted writes to an
+//! async-write range), `ioeventfd` (writes signal an eventfd in the kernel),
+//! `pio2` (two vcpus, run with `vmm --cpus 2`), `trivial` (one exit).
+
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use crosvm_plugin::{AddressSpace, Connection, Datamatch, VcpuEvent};
+use plugin_examples::{enter_real_mode, GuestRam};
+use vmm_bench::guest::{loop_code, Access, CODE, DONE_PORT, LOOP_PORT, MMIO_ADDR, RAM_SIZE};
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn host_rss() -> (u64, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", nix::unistd::getppid()))
+        .unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"), field("RssShmem:"))
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("bench-plugin: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mode = args
+        .next()
+        .unwrap_or_else(|| fail("usage: bench-plugin MODE ITERATIONS"));
+    let iterations: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let (access, iterations) = match mode.as_str() {
+        "mmio-write" => (Access::MmioWrite, iterations),
+        "mmio-read" => (Access::MmioRead, iterations),
+        "trivial" => (Access::PortOut, 1),
+        "pio" | "async" | "ioeventfd" | "pio2" => (Access::PortOut, iterations),
+        other => fail(&format!("unknown mode {other}")),
+    };
+    let conn = Connection::from_env().unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    let ram = GuestRam::new(RAM_SIZE).unwrap_or_else(|e| fail(&format!("ram: {e}")));
+    ram.write(CODE, &loop_code(access, iterations))
+        .unwrap_or_else(|e| fail(&format!("{e}")));
+    let _mem = ram
+        .map(&conn)
+        .unwrap_or_else(|e| fail(&format!("map: {e}")));
+    let port = u64::from(LOOP_PORT);
+    let mut io_event = None;
+    let reserve = match mode.as_str() {
+        "async" => conn.reserve_async_write_range(AddressSpace::IoPort, port, 1),
+        "ioeventfd" => {
+            io_event = Some(
+                conn.create_io_event(AddressSpace::IoPort, port, Datamatch::Any)
+                    .unwrap_or_else(|e| fail(&format!("io event: {e}"))),
+            );
+            Ok(())
+        }
+        "mmio-write" | "mmio-read" => conn.reserve_range(AddressSpace::Mmio, MMIO_ADDR, 1),
+        _ => conn.reserve_range(AddressSpace::IoPort, port, 1),
+    };
+    reserve.unwrap_or_else(|e| fail(&format!("reserve: {e}")));
+    conn.reserve_range(AddressSpace::IoPort, u64::from(DONE_PORT), 1)
+        .unwrap_or_else(|e| fail(&format!("reserve: {e}")));
+
+    let n = conn.vcpu_count() as u32;
+    let mut workers = Vec::new();
+    for id in 0..n {
+        let vcpu = conn
+            .vcpu(id)
+            .unwrap_or_else(|e| fail(&format!("vcpu: {e}")));
+        workers.push(std::thread::spawn(move || {
+            let mut v = vcpu.lock();
+            let mut exits = 0u64;
+            let mut init_ns = 0;
+            let mut start = None;
+            loop {
+                let ev = v.wait().unwrap_or_else(|e| fail(&format!("wait: {e}")));
+                match ev {
+                    VcpuEvent::Init => {
+                        init_ns = monotonic_ns();
+                        enter_real_mode(&mut v, CODE as u16, 0x8000)
+                            .unwrap_or_else(|e| fail(&format!("{e}")));
+                        start = Some(Instant::now());
+                    }
+                    VcpuEvent::Io { address, .. } if address == u64::from(DONE_PORT) => {
+                        let secs = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                        return (exits, secs, init_ns);
+                    }
+                    VcpuEvent::Io {
+                        no_resume: true, ..
+                    } => {
+                        exits += 1;
+                        continue;
+                    }
+                    VcpuEvent::Io {
+                        is_write: false, ..
+                    } => {
+                        exits += 1;
+                        v.resume_io_read(&[0])
+                            .unwrap_or_else(|e| fail(&format!("resume: {e}")));
+                        continue;
+                    }
+                    VcpuEvent::Io { .. } => exits += 1,
+                    _ => {}
+                }
+                v.resume().unwrap_or_else(|e| fail(&format!("resume: {e}")));
+            }
+        }));
+    }
+    conn.start()
+        .unwrap_or_else(|e| fail(&format!("start: {e}")));
+    let results: Vec<(u64, f64, u64)> = workers
+        .into_iter()
+        .map(|w| w.join().unwrap_or_else(|_| fail("vcpu thread panicked")))
+        .collect();
+    let (anon, file, shmem) = host_rss();
+    let mut exits: u64 = results.iter().map(|r| r.0).sum();
+    let secs = results.iter().map(|r| r.1).fold(0.0, f64::max);
+    if let Some(evt) = &io_event {
+        let mut buf = [0u8; 8];
+        if nix::unistd::read(evt.fd().as_fd(), &mut buf).is_ok() {
+            exits = u64::from_ne_bytes(buf);
+        }
+    }
+    println!(
+        "RESULT exits={exits} secs={secs:.6} init_ns={} rss_anon_kb={anon} rss_file_kb={file} rss_shmem_kb={shmem}",
+        results[0].2
+    );
+    // Leave while the vcpus are stopped in their done exits.
+    std::process::exit(0);
+}

@@ -1,0 +1,303 @@
+//! `vmm-bench`: measures the vcpu exit path against its floors in one run and
+//! prints a Markdown table. See README.md, section "Performance".
+//!
+//! `vmm-bench [--iterations N] [--runs R]`: each row is the median of R runs
+//! (default 3) of N guest exits (default 50000).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use vmm_bench::floor::{self, Floor};
+use vmm_bench::guest::{loop_code, Access};
+
+struct Options {
+    iterations: u32,
+    runs: usize,
+    env: Vec<(String, String)>,
+}
+
+/// One plugin run's report.
+#[derive(Default, Clone, Copy)]
+struct PluginResult {
+    rate: f64,
+    init_ns: u64,
+    rss_anon_kb: u64,
+    rss_file_kb: u64,
+}
+
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .expect("locate the target directory")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn field(line: &str, name: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs `vmm` with a benchmark plugin once.
+fn run_plugin(opts: &Options, cpus: u32, plugin: &Path, args: &[String]) -> (PluginResult, u64) {
+    let mut cmd = Command::new(target_dir().join("vmm"));
+    cmd.args(["--disable-sandbox", "--cpus", &cpus.to_string(), "--plugin"])
+        .arg(plugin)
+        .arg("--plugin-args")
+        .args(args)
+        .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let spawned_ns = monotonic_ns();
+    let out = cmd.output().expect("run vmm");
+    assert!(
+        out.status.success(),
+        "vmm with {} {args:?} failed",
+        plugin.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .expect("plugin RESULT line");
+    let exits = field(line, "exits").unwrap_or(0.0);
+    let secs = field(line, "secs").unwrap_or(f64::INFINITY);
+    let r = PluginResult {
+        rate: exits / secs,
+        init_ns: field(line, "init_ns").unwrap_or(0.0) as u64,
+        rss_anon_kb: field(line, "rss_anon_kb").unwrap_or(0.0) as u64,
+        rss_file_kb: field(line, "rss_file_kb").unwrap_or(0.0) as u64,
+    };
+    (r, spawned_ns)
+}
+
+fn plugin_rate(opts: &Options, cpus: u32, plugin: &Path, args: &[String]) -> f64 {
+    median(
+        (0..opts.runs)
+            .map(|_| run_plugin(opts, cpus, plugin, args).0.rate)
+            .collect(),
+    )
+}
+
+fn floor_rate(opts: &Options, f: Floor) -> f64 {
+    median(
+        (0..opts.runs)
+            .map(|_| floor::run(f, Access::PortOut, opts.iterations))
+            .collect(),
+    )
+}
+
+/// A process that keeps one core busy while it lives.
+struct BusyLoop(nix::unistd::Pid);
+
+impl BusyLoop {
+    fn start() -> BusyLoop {
+        // SAFETY: the orchestrator is single-threaded; the child only spins.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => loop {
+                std::hint::spin_loop();
+            },
+            nix::unistd::ForkResult::Parent { child } => BusyLoop(child),
+        }
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.0, None);
+    }
+}
+
+fn compile_c_plugin(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf();
+    let out = dir.join("bench_c");
+    let lib = target_dir();
+    let status = Command::new("cc")
+        .arg(format!("-I{}", root.join("plugin-sdk/include").display()))
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(root.join("bench/c/bench.c"))
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lcrosvm_plugin")
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compiling the C benchmark plugin failed");
+    out
+}
+
+struct Table {
+    rows: Vec<(String, f64)>,
+}
+
+impl Table {
+    fn add(&mut self, label: &str, rate: f64) -> f64 {
+        eprintln!("  {label}: {rate:.0} exits/s");
+        self.rows.push((label.to_string(), rate));
+        rate
+    }
+
+    fn print(&self, title: &str, in_process: f64, pipes: f64) {
+        println!("\n{title}\n");
+        println!("| row | exits/s | µs per exit | vs in-process | vs bare pipe |");
+        println!("|---|---:|---:|---:|---:|");
+        for (label, rate) in &self.rows {
+            println!(
+                "| {label} | {rate:.0} | {:.2} | {:.2}x | {:.2}x |",
+                1e6 / rate,
+                rate / in_process,
+                rate / pipes
+            );
+        }
+    }
+}
+
+fn main() {
+    let mut opts = Options {
+        iterations: 50_000,
+        runs: 3,
+        env: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--iterations" => {
+                opts.iterations = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--iterations N")
+            }
+            "--runs" => opts.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs R"),
+            "--env" => {
+                let kv = args.next().expect("--env K=V");
+                let (k, v) = kv.split_once('=').expect("--env K=V");
+                opts.env.push((k.to_string(), v.to_string()));
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let tmp = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    let rust_plugin = target_dir().join("bench-plugin");
+    let c_plugin = compile_c_plugin(&tmp);
+    let code_file = tmp.join("pio.bin");
+    std::fs::write(&code_file, loop_code(Access::PortOut, opts.iterations))
+        .expect("write guest code");
+    let n = opts.iterations.to_string();
+    let rust = |mode: &str| vec![mode.to_string(), n.clone()];
+    let c_args = vec![code_file.display().to_string(), n.clone()];
+
+    eprintln!("idle second core:");
+    let mut idle = Table { rows: Vec::new() };
+    let in_process = idle.add(
+        Floor::InProcess.label(),
+        floor_rate(&opts, Floor::InProcess),
+    );
+    let pipes = idle.add(Floor::Pipes.label(), floor_rate(&opts, Floor::Pipes));
+    for f in [Floor::Seqpacket, Floor::Futex, Floor::Spin] {
+        idle.add(f.label(), floor_rate(&opts, f));
+    }
+    idle.add(
+        "plugin (Rust SDK): port out",
+        plugin_rate(&opts, 1, &rust_plugin, &rust("pio")),
+    );
+    idle.add(
+        "plugin (C, crosvm.h): port out",
+        plugin_rate(&opts, 1, &c_plugin, &c_args),
+    );
+    idle.add(
+        "plugin (Rust SDK): MMIO write",
+        plugin_rate(&opts, 1, &rust_plugin, &rust("mmio-write")),
+    );
+    idle.add(
+        "plugin (Rust SDK): MMIO read",
+        plugin_rate(&opts, 1, &rust_plugin, &rust("mmio-read")),
+    );
+    idle.add(
+        "plugin (Rust SDK): async-write range",
+        plugin_rate(&opts, 1, &rust_plugin, &rust("async")),
+    );
+    idle.add(
+        "plugin (Rust SDK): ioeventfd",
+        plugin_rate(&opts, 1, &rust_plugin, &rust("ioeventfd")),
+    );
+    idle.add(
+        "plugin (Rust SDK): 2 vcpus, total",
+        plugin_rate(&opts, 2, &rust_plugin, &rust("pio2")),
+    );
+    idle.print("Second core idle", in_process, pipes);
+
+    eprintln!("second core busy:");
+    let busy_rows = {
+        let _busy = BusyLoop::start();
+        let mut busy = Table { rows: Vec::new() };
+        let in_process = busy.add(
+            Floor::InProcess.label(),
+            floor_rate(&opts, Floor::InProcess),
+        );
+        let pipes = busy.add(Floor::Pipes.label(), floor_rate(&opts, Floor::Pipes));
+        for f in [Floor::Futex, Floor::Spin] {
+            busy.add(f.label(), floor_rate(&opts, f));
+        }
+        busy.add(
+            "plugin (Rust SDK): port out",
+            plugin_rate(&opts, 1, &rust_plugin, &rust("pio")),
+        );
+        busy.add(
+            "plugin (C, crosvm.h): port out",
+            plugin_rate(&opts, 1, &c_plugin, &c_args),
+        );
+        (busy, in_process, pipes)
+    };
+    busy_rows.0.print(
+        "Second core busy (another process spins on it)",
+        busy_rows.1,
+        busy_rows.2,
+    );
+
+    // Start-up, whole life of a trivial plugin, and host memory.
+    let mut to_init = Vec::new();
+    let mut life = Vec::new();
+    let mut rss = PluginResult::default();
+    for _ in 0..10 {
+        let t = Instant::now();
+        let (r, spawned) = run_plugin(&opts, 1, &rust_plugin, &rust("trivial"));
+        life.push(t.elapsed().as_secs_f64() * 1e3);
+        to_init.push((r.init_ns.saturating_sub(spawned)) as f64 / 1e6);
+        rss = r;
+    }
+    let big = run_plugin(&opts, 1, &rust_plugin, &rust("pio")).0;
+    println!("\nStart-up and memory\n");
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| vmm start → first vcpu Init event (median of 10) | {:.2} ms |",
+        median(to_init)
+    );
+    println!("| whole life of a trivial plugin: start, connect, one exit, teardown (median of 10) | {:.2} ms |", median(life));
+    println!(
+        "| host RSS excluding guest memory (anon + file), trivial plugin | {:.2} MiB |",
+        (rss.rss_anon_kb + rss.rss_file_kb) as f64 / 1024.0
+    );
+    println!(
+        "| host RSS excluding guest memory (anon + file), after {} exits | {:.2} MiB |",
+        opts.iterations,
+        (big.rss_anon_kb + big.rss_file_kb) as f64 / 1024.0
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
