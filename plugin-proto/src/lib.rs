@@ -7,6 +7,7 @@ mod generated {
 }
 
 pub mod framing;
+pub mod shm;
 
 pub use generated::plugin::*;
 pub use protobuf;

@@ -19,7 +19,7 @@ use plugin_proto::{MainRequest, MainResponse};
 
 use crate::error::{Error, Result};
 use crate::image::StateImage;
-use crate::transport::PipeTransport;
+use crate::transport::{PipeTransport, ShmTransport, VcpuTransport};
 use crate::types::{
     cpuid_from_proto, ipv4_from_wire, AddressSpace, CallHint, IrqRoute, NetConfig,
     MAX_HINT_DETAIL_COUNT,
@@ -111,23 +111,28 @@ impl MainChannel {
         Ok((response, fds))
     }
 
-    /// `GetVcpus` with chunked descriptor delivery; returns 2·N descriptors.
-    fn get_vcpus(&mut self) -> Result<Vec<OwnedFd>> {
+    /// `GetVcpus` with chunked descriptor delivery (and, if `fast`, the
+    /// shared-memory channel offer); returns the descriptors and how many
+    /// there are per vcpu (2, or 3 when the host granted the fast channel).
+    fn get_vcpus(&mut self, fast: bool) -> Result<(Vec<OwnedFd>, usize)> {
         const OP: &str = "get_vcpus";
         let mut req = MainRequest::new();
         req.set_get_vcpus(main_request::GetVcpus {
             accept_chunked_fds: true,
+            request_fast_channel: fast,
             ..Default::default()
         });
         let (resp, mut fds) = self.transact(OP, &req, &[])?;
-        let total = match resp.message {
-            Some(main_response::Message::GetVcpus(g)) => g.vcpu_count,
+        let (total, per_vcpu) = match resp.message {
+            Some(main_response::Message::GetVcpus(g)) => {
+                (g.vcpu_count, if g.fast_channel { 3 } else { 2 })
+            }
             _ => return Err(Error::Protocol("get_vcpus reply lacks its member")),
         };
         if total != 0 {
             let expected = usize::try_from(total)
                 .ok()
-                .and_then(|t| t.checked_mul(2))
+                .and_then(|t| t.checked_mul(per_vcpu))
                 .ok_or(Error::Protocol("absurd vcpu count"))?;
             while fds.len() < expected {
                 let (resp, more) = self.recv(OP)?;
@@ -150,13 +155,21 @@ impl MainChannel {
                 ));
             }
         }
-        if fds.is_empty() || fds.len() % 2 != 0 {
+        if fds.is_empty() || fds.len() % per_vcpu != 0 {
             return Err(Error::Protocol(
-                "get_vcpus needs a non-zero, even descriptor count",
+                "get_vcpus needs a non-zero descriptor count, a whole number per vcpu",
             ));
         }
-        Ok(fds)
+        Ok((fds, per_vcpu))
     }
+}
+
+/// Environment variable that disables the shared-memory vcpu channel when
+/// set to `0` (the crosvm pipes are used even if the host offers it).
+pub const FAST_CHANNEL_ENV: &str = "CROSVM_FAST_CHANNEL";
+
+fn fast_channel_wanted() -> bool {
+    std::env::var_os(FAST_CHANNEL_ENV).is_none_or(|v| v != "0")
 }
 
 struct ConnectionInner {
@@ -224,15 +237,20 @@ impl Connection {
     /// first main connection: sends `GetVcpus` and builds the vcpu table.
     pub fn from_fd(sock: OwnedFd) -> Result<Connection> {
         let mut main = MainChannel::new(sock);
-        let fds = main.get_vcpus()?;
-        let mut vcpus = Vec::with_capacity(fds.len() / 2);
+        let (fds, per_vcpu) = main.get_vcpus(fast_channel_wanted())?;
+        let mut vcpus = Vec::with_capacity(fds.len() / per_vcpu);
         let mut iter = fds.into_iter();
         while let (Some(request), Some(response)) = (iter.next(), iter.next()) {
             let id = u32::try_from(vcpus.len()).map_err(|_| Error::Protocol("too many vcpus"))?;
-            vcpus.push(VcpuSlot::new(
-                id,
-                Box::new(PipeTransport::new(request, response)),
-            ));
+            let transport: Box<dyn VcpuTransport> = if per_vcpu == 3 {
+                let shm = iter
+                    .next()
+                    .ok_or(Error::Protocol("missing fast channel descriptor"))?;
+                Box::new(ShmTransport::new(&shm, response)?)
+            } else {
+                Box::new(PipeTransport::new(request, response))
+            };
+            vcpus.push(VcpuSlot::new(id, transport));
         }
         let shared = Arc::new(Shared {
             vcpus: vcpus.into_boxed_slice(),

@@ -44,6 +44,8 @@ pub enum Error {
     },
     /// The reply was well formed but not what the protocol prescribes
     /// (missing oneof member, missing descriptors, ...).
+    #[error("the fast vcpu channel failed while {0}")]
+    FastChannel(&'static str, #[source] plugin_proto::shm::ShmError),
     #[error("protocol violation by the VMM: {0}")]
     Protocol(&'static str),
     /// A state image or bitmap had the wrong size.
@@ -92,6 +94,14 @@ impl Error {
             Error::IdsExhausted => libc::ENOSPC,
             Error::TooMany { .. } => libc::E2BIG,
             Error::Sys { source, .. } => *source as i32,
+            Error::FastChannel(_, e) => match e {
+                plugin_proto::shm::ShmError::Create(e) | plugin_proto::shm::ShmError::Map(e) => {
+                    *e as i32
+                }
+                plugin_proto::shm::ShmError::TooLarge(_) => libc::EMSGSIZE,
+                plugin_proto::shm::ShmError::Aborted => libc::EINVAL,
+                _ => libc::EPROTO,
+            },
         }
     }
 

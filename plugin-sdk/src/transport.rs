@@ -8,6 +8,8 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use plugin_proto::framing::{write_vcpu_request, FrameReader};
+use plugin_proto::protobuf::Message;
+use plugin_proto::shm::{ShmChannel, ShmError, Side};
 use plugin_proto::VcpuRequest;
 
 use crate::error::{Error, Result};
@@ -56,5 +58,75 @@ impl VcpuTransport for PipeTransport {
         reader
             .next_frame(self.response.as_fd())
             .map_err(Error::transport("reading a vcpu response"))
+    }
+}
+
+/// The shared-memory fast channel (protocol extension, see
+/// `docs/protocol-extensions.md`): the same messages, carried by two rings
+/// in a memfd the host created, with spin-then-futex waiting.
+pub(crate) struct ShmTransport {
+    channel: ShmChannel,
+    /// The response pipe, unused for data: its hang-up tells that the host
+    /// is gone, so a waiting vcpu returns instead of sleeping forever.
+    liveness: OwnedFd,
+    scratch: Vec<u8>,
+}
+
+impl ShmTransport {
+    pub(crate) fn new(memfd: &OwnedFd, response_pipe: OwnedFd) -> Result<ShmTransport> {
+        let channel = ShmChannel::map(memfd.as_fd(), Side::Plugin)
+            .map_err(|e| Error::FastChannel("mapping the vcpu channel", e))?;
+        Ok(ShmTransport {
+            channel,
+            liveness: response_pipe,
+            scratch: Vec::with_capacity(512),
+        })
+    }
+}
+
+/// True once the host closed its end of `pipe` (it exited).
+fn host_gone(pipe: &OwnedFd) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        pipe.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().is_some_and(|r| {
+            r.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR)
+        }),
+        Err(_) => false,
+    }
+}
+
+fn shm_error(what: &'static str) -> impl FnOnce(ShmError) -> Error {
+    move |e| match e {
+        // The host went away: the same as EOF on the response pipe.
+        ShmError::Aborted => Error::Transport {
+            op: what,
+            source: plugin_proto::framing::FramingError::Closed,
+        },
+        e => Error::FastChannel(what, e),
+    }
+}
+
+impl VcpuTransport for ShmTransport {
+    fn send(&mut self, request: &VcpuRequest) -> Result<()> {
+        self.scratch.clear();
+        request
+            .write_to_vec(&mut self.scratch)
+            .map_err(|_| Error::Protocol("encoding a vcpu request failed"))?;
+        let liveness = &self.liveness;
+        let mut abort = || host_gone(liveness);
+        self.channel
+            .send(&self.scratch, &mut abort)
+            .map_err(shm_error("sending a vcpu request"))
+    }
+
+    fn recv_frame(&mut self) -> Result<&[u8]> {
+        let liveness = &self.liveness;
+        let mut abort = || host_gone(liveness);
+        self.channel
+            .recv(&mut abort)
+            .map_err(shm_error("receiving a vcpu response"))
     }
 }

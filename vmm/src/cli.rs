@@ -124,6 +124,11 @@ pub struct Args {
     #[arg(long)]
     pub hugepages: bool,
 
+    /// Never offer the shared-memory vcpu channel: plugins use the crosvm
+    /// pipes even if their library asks for the fast channel.
+    #[arg(long)]
+    pub no_fast_channel: bool,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,

@@ -68,6 +68,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         kvm_path: args.kvm_path(),
         vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
         nets: args.all_nets()?,
+        fast_channel: !args.no_fast_channel,
     };
     plugin::run(config)?;
     Ok(())

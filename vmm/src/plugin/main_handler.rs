@@ -34,6 +34,9 @@ pub trait HostServices {
     fn vcpu_count(&self) -> usize;
     /// [request-pipe write end, response-pipe read end] of vcpu `i`.
     fn vcpu_fds(&self, i: usize) -> [BorrowedFd<'_>; 2];
+    /// The shared-memory channel memfd of vcpu `i`, when the host offers the
+    /// fast channel.
+    fn fast_channel_fd(&self, i: usize) -> Option<BorrowedFd<'_>>;
     fn shutdown_eventfd(&self) -> BorrowedFd<'_>;
     /// `Ok(None)` when no tap is configured.
     fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno>;
@@ -49,6 +52,9 @@ pub struct MainState {
     pub exit_config: ExitConfig,
     pub shared_exit: Arc<SharedExitConfig>,
     pub started: bool,
+    /// The vcpu channels use shared memory (granted by `GetVcpus` before
+    /// `Start`).
+    pub fast_channel: bool,
 }
 
 impl MainState {
@@ -58,6 +64,7 @@ impl MainState {
             exit_config: ExitConfig::default(),
             shared_exit,
             started: false,
+            fast_channel: false,
         }
     }
 
@@ -244,7 +251,7 @@ pub fn handle_request(
             services.pause_vcpus(p.cpu_mask, p.user);
             Ok(Reply::with(base.clone()))
         }
-        Q::GetVcpus(g) => get_vcpus(services, g.accept_chunked_fds, base.clone()),
+        Q::GetVcpus(g) => get_vcpus(state, services, &g, base.clone()),
         Q::Start(_) => {
             if state.started {
                 Err(Errno::EINVAL)
@@ -529,24 +536,48 @@ fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Errno> {
     vm.set_state(set, &s.state)
 }
 
-fn get_vcpus(services: &impl HostServices, accept_chunked: bool, base: MainResponse) -> Outcome {
+fn get_vcpus(
+    state: &mut MainState,
+    services: &impl HostServices,
+    g: &main_request::GetVcpus,
+    base: MainResponse,
+) -> Outcome {
     let n = services.vcpu_count();
-    let mut all = Vec::with_capacity(2 * n);
+    let offered = n > 0 && services.fast_channel_fd(0).is_some();
+    let fast = if state.fast_channel {
+        // The channels already run over shared memory: a client that cannot
+        // use it would never be served.
+        if !g.request_fast_channel {
+            return Err(Errno::EBUSY);
+        }
+        true
+    } else {
+        let grant = g.request_fast_channel && offered && !state.started;
+        state.fast_channel = grant;
+        grant
+    };
+    let per_vcpu = if fast { 3 } else { 2 };
+    let mut all = Vec::with_capacity(per_vcpu * n);
     for i in 0..n {
         for fd in services.vcpu_fds(i) {
             all.push(dup(fd)?);
         }
+        if fast {
+            all.push(dup(services.fast_channel_fd(i).ok_or(Errno::EIO)?)?);
+        }
     }
     // Whole vcpus per packet, within SCM_MAX_FD.
-    let per_packet = (plugin_proto::framing::SCM_MAX_FD / 2) * 2;
+    let per_packet = (plugin_proto::framing::SCM_MAX_FD / per_vcpu) * per_vcpu;
     let mut response = base;
-    response.mut_get_vcpus().vcpu_count = u32::try_from(n).unwrap_or(u32::MAX);
+    let r = response.mut_get_vcpus();
+    r.vcpu_count = u32::try_from(n).unwrap_or(u32::MAX);
+    r.fast_channel = fast;
     let rest = all.split_off(all.len().min(per_packet));
     let mut reply = Reply {
         fds: all,
         ..Reply::with(response.clone())
     };
-    if accept_chunked {
+    if g.accept_chunked_fds {
         let mut rest = rest.into_iter().peekable();
         while rest.peek().is_some() {
             let chunk: Vec<OwnedFd> = rest.by_ref().take(per_packet).collect();

@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub vcpu_cgroup_path: Option<PathBuf>,
     /// Tap devices, in creation order; the first is the plugin's.
     pub nets: Vec<crate::cli::NetSpec>,
+    /// Offer the shared-memory vcpu channel to plugins that ask for it.
+    pub fast_channel: bool,
 }
 
 /// Why a run failed. `Display` of each names the cause for the user.
@@ -112,9 +114,25 @@ struct Channel {
     host: Arc<HostChannel>,
     /// [request-pipe write end, response-pipe read end].
     plugin: [OwnedFd; 2],
+    /// The shared-memory channel's memfd, when it is offered.
+    fast: Option<OwnedFd>,
 }
 
-fn new_channel() -> Result<Channel, RunError> {
+fn new_channel(fast: bool) -> Result<Channel, RunError> {
+    let fast = if fast {
+        Some(
+            plugin_proto::shm::create_memfd().map_err(|e| RunError::Resource {
+                what: "a fast vcpu channel",
+                source: match e {
+                    plugin_proto::shm::ShmError::Create(e)
+                    | plugin_proto::shm::ShmError::Map(e) => e,
+                    _ => Errno::EINVAL,
+                },
+            })?,
+        )
+    } else {
+        None
+    };
     let (req_r, req_w) = pipe2(OFlag::O_CLOEXEC).map_err(resource("a vcpu pipe"))?;
     let (resp_r, resp_w) = pipe2(OFlag::O_CLOEXEC).map_err(resource("a vcpu pipe"))?;
     for fd in [&req_w, &resp_w] {
@@ -128,6 +146,7 @@ fn new_channel() -> Result<Channel, RunError> {
             response_write: resp_w,
         }),
         plugin: [req_w, resp_r],
+        fast,
     })
 }
 
@@ -149,6 +168,10 @@ impl HostServices for Services<'_> {
     fn vcpu_fds(&self, i: usize) -> [BorrowedFd<'_>; 2] {
         let [a, b] = &self.channels[i].plugin;
         [a.as_fd(), b.as_fd()]
+    }
+
+    fn fast_channel_fd(&self, i: usize) -> Option<BorrowedFd<'_>> {
+        self.channels[i].fast.as_ref().map(|f| f.as_fd())
     }
 
     fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
@@ -312,7 +335,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     fcntl(&host_sock, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
         .map_err(resource("the plugin socket"))?;
     let channels = (0..config.vcpus)
-        .map(|_| new_channel())
+        .map(|_| new_channel(config.fast_channel))
         .collect::<Result<Vec<_>, _>>()?;
 
     // 5. The plugin, then the shutdown eventfd (so the plugin cannot inherit it).
@@ -628,11 +651,30 @@ impl Host {
         for id in 0..self.channels.len() as u32 {
             pairs.push(self.vm.create_vcpu_pair(id).map_err(RunError::Vm)?);
         }
-        for (id, (run, control_fd)) in pairs.into_iter().enumerate() {
+        let mut transports = Vec::with_capacity(pairs.len());
+        for channel in &self.channels {
+            transports.push(match (&channel.fast, self.state.fast_channel) {
+                (Some(memfd), true) => vcpu::Transport::Shm(
+                    plugin_proto::shm::ShmChannel::map(
+                        memfd.as_fd(),
+                        plugin_proto::shm::Side::Host,
+                    )
+                    .map_err(|e| RunError::Resource {
+                        what: "the fast vcpu channel mapping",
+                        source: match e {
+                            plugin_proto::shm::ShmError::Map(e) => e,
+                            _ => Errno::EINVAL,
+                        },
+                    })?,
+                ),
+                _ => vcpu::Transport::Pipe(Arc::clone(&channel.host)),
+            });
+        }
+        for (id, ((run, control_fd), transport)) in pairs.into_iter().zip(transports).enumerate() {
             let servicer = Servicer::new(
                 id as u32,
                 control_fd,
-                Arc::clone(&self.channels[id].host),
+                transport,
                 Arc::clone(&self.controls[id]),
                 Arc::clone(&self.shared),
             );
@@ -660,7 +702,15 @@ impl Host {
                 }
             }
         }
-        info!("started {} vcpu(s)", self.threads.len());
+        info!(
+            "started {} vcpu(s) on {} channels",
+            self.threads.len(),
+            if self.state.fast_channel {
+                "shared-memory"
+            } else {
+                "pipe"
+            }
+        );
         Ok(())
     }
 

@@ -137,6 +137,14 @@ pub struct HostChannel {
     pub response_write: OwnedFd,
 }
 
+/// How a vcpu thread talks to the plugin.
+pub enum Transport {
+    /// The crosvm pipes: bare requests in, varint-delimited responses out.
+    Pipe(Arc<HostChannel>),
+    /// The shared-memory fast channel (protocol extension).
+    Shm(plugin_proto::shm::ShmChannel),
+}
+
 /// What servicing one request leads to.
 #[derive(Debug, PartialEq)]
 pub enum Action {
@@ -301,6 +309,15 @@ pub enum ServiceError {
     Decode(#[source] plugin_proto::protobuf::Error),
     #[error("applying deferred registers on resume failed")]
     DeferredRegisters(#[source] Errno),
+    #[error("the fast vcpu channel failed")]
+    FastChannel(#[source] plugin_proto::shm::ShmError),
+}
+
+fn shm_error(e: plugin_proto::shm::ShmError) -> ServiceError {
+    match e {
+        plugin_proto::shm::ShmError::Aborted => ServiceError::Killed,
+        e => ServiceError::FastChannel(e),
+    }
 }
 
 /// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
@@ -309,7 +326,7 @@ pub struct Servicer {
     /// A second handle on the same KVM vcpu, for state requests while the
     /// run handle is borrowed by an exit.
     pub vcpu: VcpuFd,
-    pub channel: Arc<HostChannel>,
+    pub transport: Transport,
     pub control: Arc<VcpuControl>,
     pub shared: Arc<VcpuShared>,
     config: ExitConfigReader,
@@ -321,7 +338,7 @@ impl Servicer {
     pub fn new(
         id: u32,
         vcpu: VcpuFd,
-        channel: Arc<HostChannel>,
+        transport: Transport,
         control: Arc<VcpuControl>,
         shared: Arc<VcpuShared>,
     ) -> Self {
@@ -329,7 +346,7 @@ impl Servicer {
         Servicer {
             id,
             vcpu,
-            channel,
+            transport,
             control,
             shared,
             config,
@@ -343,35 +360,60 @@ impl Servicer {
     }
 
     fn read_request(&mut self) -> Result<VcpuRequest, ServiceError> {
-        let n = loop {
-            if self.killed() {
-                return Err(ServiceError::Killed);
+        let shared = &self.shared;
+        match &mut self.transport {
+            Transport::Pipe(channel) => {
+                let n = loop {
+                    if shared.kill.load(Ordering::Acquire) {
+                        return Err(ServiceError::Killed);
+                    }
+                    match nix::unistd::read(channel.request_read.as_fd(), &mut self.read_buf) {
+                        Ok(0) => return Err(ServiceError::Closed),
+                        Ok(n) => break n,
+                        Err(Errno::EINTR) => continue,
+                        Err(e) => return Err(ServiceError::Read(e)),
+                    }
+                };
+                VcpuRequest::parse_from_bytes(&self.read_buf[..n]).map_err(ServiceError::Decode)
             }
-            match nix::unistd::read(self.channel.request_read.as_fd(), &mut self.read_buf) {
-                Ok(0) => return Err(ServiceError::Closed),
-                Ok(n) => break n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(ServiceError::Read(e)),
+            Transport::Shm(channel) => {
+                let mut killed = || shared.kill.load(Ordering::Acquire);
+                let bytes = channel.recv(&mut killed).map_err(shm_error)?;
+                VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)
             }
-        };
-        VcpuRequest::parse_from_bytes(&self.read_buf[..n]).map_err(ServiceError::Decode)
+        }
     }
 
     fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError> {
-        plugin_proto::framing::encode_delimited(msg, &mut self.write_buf)
-            .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
-        let mut off = 0;
-        while off < self.write_buf.len() {
-            if self.killed() {
-                return Err(ServiceError::Killed);
+        let shared = &self.shared;
+        match &mut self.transport {
+            Transport::Pipe(channel) => {
+                plugin_proto::framing::encode_delimited(msg, &mut self.write_buf)
+                    .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
+                let mut off = 0;
+                while off < self.write_buf.len() {
+                    if shared.kill.load(Ordering::Acquire) {
+                        return Err(ServiceError::Killed);
+                    }
+                    match nix::unistd::write(channel.response_write.as_fd(), &self.write_buf[off..])
+                    {
+                        Ok(n) => off += n,
+                        Err(Errno::EINTR) => continue,
+                        Err(e) => return Err(ServiceError::Write(e)),
+                    }
+                }
+                Ok(())
             }
-            match nix::unistd::write(self.channel.response_write.as_fd(), &self.write_buf[off..]) {
-                Ok(n) => off += n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(ServiceError::Write(e)),
+            Transport::Shm(channel) => {
+                self.write_buf.clear();
+                msg.write_to_vec(&mut self.write_buf)
+                    .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
+                let mut killed = || shared.kill.load(Ordering::Acquire);
+                channel
+                    .send(&self.write_buf, &mut killed)
+                    .map_err(shm_error)
             }
         }
-        Ok(())
     }
 
     /// Services the plugin until `Resume`. With `init`, the Init reason is
