@@ -53,20 +53,21 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    if !args.disable_sandbox {
-        return Err(
-            "the plugin jail is not available in this build yet; pass --disable-sandbox".into(),
-        );
-    }
     if args.mem.is_some() {
         log::info!("--mem is ignored: guest memory comes from the plugin");
     }
+    let jail = if args.disable_sandbox {
+        None
+    } else {
+        Some(vmm::jail::config_from_args(&args)?)
+    };
     let config = RunConfig {
         plugin: args.plugin.clone(),
         args: args.plugin_argv(),
         vcpus: args.cpus,
         kvm_path: args.kvm_path(),
         vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
+        jail,
     };
     plugin::run(config)?;
     Ok(())
