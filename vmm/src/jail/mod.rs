@@ -256,6 +256,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
         path: exe.clone(),
         source,
     })?;
+    let libs_listed = started.elapsed();
     let (root, temp_root) = match &config.root {
         Some(r) => {
             mounts::check_root(r).map_err(JailError::Mounts)?;
@@ -375,6 +376,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     drop(launch.stderr);
 
     write_id_maps(init, &config.gid_maps)?;
+    let mapped = started.elapsed();
     nix::sys::socket::send(host_ctl.as_raw_fd(), b"g", MsgFlags::empty())
         .map_err(JailError::Control)?;
 
@@ -407,7 +409,8 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
         Err(e) => return Err(JailError::Control(e)),
     }
     debug!(
-        "jail ready in {:?} (preparing {prepared:?}); plugin pid {plugin_pid}",
+        "jail ready in {:?} (listing libraries {libs_listed:?}, preparing {prepared:?}, \
+         mapping ids {mapped:?}); plugin pid {plugin_pid}",
         started.elapsed()
     );
     guard.0 = None;

@@ -518,7 +518,7 @@ impl Host {
             return;
         }
         if let Some(what) = j.on_seccomp() {
-            error!("seccomp: the plugin called {what}; killing it");
+            info!("seccomp: the plugin called {what}; killing it");
             if !self
                 .errors
                 .iter()
