@@ -153,14 +153,8 @@ fn main() {
                     -1,
                     0,
                 );
-                if p == libc::MAP_FAILED {
-                    Err(Errno::last())
-                } else if libc::mprotect(
-                    p,
-                    4096,
-                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                ) < 0
-                {
+                let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+                if p == libc::MAP_FAILED || libc::mprotect(p, 4096, rwx) < 0 {
                     Err(Errno::last())
                 } else {
                     Ok(())

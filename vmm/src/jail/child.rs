@@ -343,10 +343,10 @@ fn plugin_main(ctx: &Context<'_>) -> ! {
         if sig == Signal::SIGKILL || sig == Signal::SIGSTOP {
             continue;
         }
+        let dfl = nix::sys::signal::SigHandler::SigDfl;
         // SAFETY: restoring default dispositions is always sound.
-        if let Err(e) =
-            unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }
-        {
+        let r = unsafe { nix::sys::signal::signal(sig, dfl) };
+        if let Err(e) = r {
             die(SIGNALS, e);
         }
     }

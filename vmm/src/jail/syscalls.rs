@@ -3,7 +3,7 @@
 //! pairs them with their names.
 
 /// Every x86-64 system call libc knows, with its number.
-const SYSCALLS: &[(&str, libc::c_long)] = &[
+const SYSCALLS: &[(&str, i64)] = &[
     ("read", libc::SYS_read),
     ("write", libc::SYS_write),
     ("open", libc::SYS_open),
@@ -368,17 +368,14 @@ const SYSCALLS: &[(&str, libc::c_long)] = &[
 
 /// The number of system call `name`, if it exists on x86-64.
 pub fn number(name: &str) -> Option<i64> {
-    SYSCALLS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|&(_, nr)| nr as i64)
+    SYSCALLS.iter().find(|(n, _)| *n == name).map(|&(_, nr)| nr)
 }
 
 /// The name of system call `nr`, if libc knows it.
 pub fn name(nr: i64) -> Option<&'static str> {
     SYSCALLS
         .iter()
-        .find(|&&(_, n)| n as i64 == nr)
+        .find(|&&(_, n)| n == nr)
         .map(|&(name, _)| name)
 }
 
@@ -395,7 +392,7 @@ mod tests {
         assert_eq!(number("no_such_call"), None);
         assert_eq!(name(100_000), None);
         for (n, nr) in SYSCALLS {
-            assert_eq!(name(*nr as i64), Some(*n), "duplicate number {nr}");
+            assert_eq!(name(*nr), Some(*n), "duplicate number {nr}");
         }
     }
 }
