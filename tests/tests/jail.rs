@@ -480,6 +480,52 @@ fn jail_configuration_errors_are_clear() {
 }
 
 #[test]
+fn jail_setup_failures_name_the_step() {
+    let tmp = TempDir::new("setup-failure");
+    let scratch = tmp.0.join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    // The second mount point would have to be created inside the host
+    // directory bound by the first: vmm never creates anything there, so
+    // that bind fails, and the step is named.
+    let first = format!("{}:/scratch:true", scratch.display());
+    let r = run_vmm(
+        &[
+            "--plugin-mount",
+            &first,
+            "--plugin-mount",
+            "/dev/null:/scratch/sub/null",
+        ],
+        &bin("hello"),
+        &[],
+    );
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains(
+            "the jail failed to bind /dev/null to /scratch/sub/null (read-only) in the jail: \
+             ENOENT"
+        ),
+        "{r:#?}"
+    );
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+
+    // An exec that fails inside the jail is reported with its errno.
+    let copy = tmp.0.join("not-executable");
+    std::fs::copy(bin("evil"), &copy).unwrap();
+    let mut perm = std::fs::metadata(&copy).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&copy, perm).unwrap();
+    let r = run_vmm(&[], &copy, &["ids"]);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "cannot execute {} in the jail: EACCES",
+            copy.display()
+        )),
+        "{r:#?}"
+    );
+}
+
+#[test]
 fn explicit_plugin_root_is_used_as_the_jail_root() {
     let tmp = TempDir::new("plugin-root");
     let r = run_vmm(

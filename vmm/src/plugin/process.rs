@@ -21,8 +21,8 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the plugin in its jail")]
-    Jail(#[source] JailError),
+    #[error(transparent)]
+    Jail(JailError),
 }
 
 /// What the plugin is started with.
