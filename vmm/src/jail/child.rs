@@ -9,7 +9,7 @@
 //! fixed-size records: (kind, stage, value).
 
 use std::ffi::{c_char, CStr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
@@ -108,10 +108,13 @@ pub fn parse_record(r: &[u8]) -> Option<(u32, u32, i32)> {
     ))
 }
 
+/// Sends a record with sendmsg: the only call the seccomp prologue allows
+/// on the control socket once the plugin's filter is installed. (Without
+/// control messages nix's sendmsg allocates nothing.)
 fn send(ctl: RawFd, rec: &[u8]) {
-    // SAFETY: `ctl` is open in this process for its whole life.
-    let fd = unsafe { BorrowedFd::borrow_raw(ctl) };
-    let _ = nix::sys::socket::send(fd.as_raw_fd(), rec, nix::sys::socket::MsgFlags::empty());
+    let iov = [std::io::IoSlice::new(rec)];
+    let _ =
+        nix::sys::socket::sendmsg::<()>(ctl, &iov, &[], nix::sys::socket::MsgFlags::empty(), None);
 }
 
 fn fail(ctx: &Context<'_>, stage: u32, e: Errno) -> isize {

@@ -126,6 +126,8 @@ pub enum JailError {
     Control(#[source] Errno),
     #[error("the plugin was stopped by the seccomp filter before it started: it called {0}")]
     EarlyViolation(String),
+    #[error("cannot start the plugin under its seccomp filter")]
+    Listener(#[source] seccomp::SeccompError),
     #[error("cannot execute {path} in the jail")]
     Exec {
         path: PathBuf,
@@ -388,25 +390,34 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
 
     // The first notification must be the plugin's execve.
     wait_readable(listener.as_fd(), deadline)?;
-    let n = listener.recv().map_err(|_| JailError::InitDied)?;
+    let n = listener.recv().map_err(JailError::Listener)?;
     if n.nr != libc::SYS_execve as i32 {
         return Err(JailError::EarlyViolation(n.describe()));
     }
-    listener.allow(n.id).map_err(|_| JailError::InitDied)?;
+    listener.allow(n.id).map_err(JailError::Listener)?;
     let plugin_pid = n.pid;
 
-    // EOF: the exec happened (the pipe is close-on-exec); 4 bytes: errno.
-    wait_readable(exec_status.as_fd(), deadline)?;
-    let mut errno = [0u8; 4];
-    match nix::unistd::read(&exec_status, &mut errno) {
-        Ok(0) => {}
-        Ok(_) => {
-            return Err(JailError::Exec {
-                path: exe,
-                source: Errno::from_raw(i32::from_le_bytes(errno)),
-            })
+    // EOF: the exec happened (the pipe is close-on-exec, so this comes
+    // before any call of the new program); 4 bytes: the exec's errno. A
+    // failed exec's report (write, exit) may itself be stopped by a user
+    // policy: that is still vmm's code, let it run.
+    loop {
+        if wait_either(exec_status.as_fd(), listener.as_fd(), deadline)? {
+            let mut errno = [0u8; 4];
+            match nix::unistd::read(&exec_status, &mut errno) {
+                Ok(0) => break,
+                Ok(_) => {
+                    return Err(JailError::Exec {
+                        path: exe,
+                        source: Errno::from_raw(i32::from_le_bytes(errno)),
+                    })
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(JailError::Control(e)),
+            }
         }
-        Err(e) => return Err(JailError::Control(e)),
+        let n = listener.recv().map_err(JailError::Listener)?;
+        listener.allow(n.id).map_err(JailError::Listener)?;
     }
     debug!(
         "jail ready in {:?} (listing libraries {libs_listed:?}, preparing {prepared:?}, \
@@ -469,6 +480,44 @@ fn wait_readable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), JailError>
             Ok(0) => continue,
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => continue,
+            Err(e) => return Err(JailError::Control(e)),
+        }
+    }
+}
+
+/// Waits until `first` or `second` is readable; true if `first` is.
+fn wait_either(
+    first: BorrowedFd<'_>,
+    second: BorrowedFd<'_>,
+    deadline: Instant,
+) -> Result<bool, JailError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(JailError::Timeout(START_TIMEOUT));
+        }
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let mut fds = [
+            PollFd::new(first, PollFlags::POLLIN),
+            PollFd::new(second, PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {
+                let ready = |f: &PollFd<'_>| {
+                    f.revents()
+                        .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP))
+                };
+                if ready(&fds[0]) {
+                    return Ok(true);
+                }
+                if ready(&fds[1]) {
+                    return Ok(false);
+                }
+                // Only an error condition on the listener: the plugin is
+                // gone without an exec report.
+                return Err(JailError::InitDied);
+            }
             Err(e) => return Err(JailError::Control(e)),
         }
     }
