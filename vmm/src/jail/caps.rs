@@ -135,7 +135,8 @@ pub fn lock_secure_bits() -> Result<(), CapsError> {
 /// The host's step 7: no capabilities from now on. What the host still
 /// needs works without them: its KVM descriptors are open, the plugin runs
 /// under the host's own uid (so it can be signalled and reaped), and the
-/// seccomp listener needs none.
+/// seccomp listener needs none. Capabilities belong to threads: call this
+/// before creating any (vcpu threads inherit the empty sets).
 pub fn drop_host_capabilities() -> Result<(), CapsError> {
     drop_all()
 }

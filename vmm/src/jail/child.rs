@@ -3,8 +3,10 @@
 //! up to its `execve`.
 //!
 //! Everything here was prepared by the host before the clone (paths,
-//! argv/envp, the BPF program); this code makes system calls and does not
-//! allocate, so it does not depend on the state of the host's allocator.
+//! argv/envp, the BPF program); this code only makes system calls: it does
+//! not allocate or take locks (the plugin process is forked with a raw
+//! clone, ids are changed with raw calls), so it does not depend on the
+//! state the host's other threads, if any, left the copied memory in.
 //! Failures are reported to the host over the jail's control socket as
 //! fixed-size records: (kind, stage, value).
 
@@ -15,7 +17,6 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use nix::errno::Errno;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{SigSet, Signal};
-use nix::unistd::{Gid, Uid};
 use seccompiler::sock_filter;
 
 use super::caps;
@@ -153,11 +154,13 @@ pub fn init_main(ctx: &Context<'_>) -> isize {
     if let Err(e) = nix::unistd::sethostname(HOSTNAME_IN_JAIL) {
         return fail(ctx, HOSTNAME, e);
     }
-    let (root_u, root_g) = (Uid::from_raw(0), Gid::from_raw(0));
-    if let Err(e) = nix::unistd::setresgid(root_g, root_g, root_g)
-        .and_then(|()| nix::unistd::setresuid(root_u, root_u, root_u))
-    {
-        return fail(ctx, IDS, e);
+    // Raw system calls: glibc's wrappers would try to change the ids of
+    // every thread the host had (this clone has only one).
+    for nr in [libc::SYS_setresgid, libc::SYS_setresuid] {
+        // SAFETY: setresgid/setresuid with integer arguments.
+        if unsafe { libc::syscall(nr, 0, 0, 0) } != 0 {
+            return fail(ctx, IDS, Errno::last());
+        }
     }
     for (res, limit) in [
         (Resource::RLIMIT_NOFILE, ctx.nofile),
@@ -194,12 +197,16 @@ pub fn init_main(ctx: &Context<'_>) -> isize {
         return fail(ctx, PDEATHSIG, e);
     }
 
-    // SAFETY: this process is single-threaded; the child only makes system
-    // calls and then execs or exits.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => plugin_main(ctx),
-        Ok(nix::unistd::ForkResult::Parent { child }) => reap_loop(ctx, child.as_raw()),
-        Err(e) => fail(ctx, FORK, e),
+    // A raw fork (clone with only SIGCHLD): glibc's fork would take
+    // allocator locks whose state was copied from the host. The child only
+    // makes system calls, then execs or exits.
+    // SAFETY: with a null stack the child continues on a copy of this stack,
+    // like fork; it does not return from this function.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    match pid {
+        0 => plugin_main(ctx),
+        p if p > 0 => reap_loop(ctx, p as libc::pid_t),
+        _ => fail(ctx, FORK, Errno::last()),
     }
 }
 

@@ -244,7 +244,7 @@ fn cstring(s: &[u8], what: &str) -> Result<CString, JailError> {
 }
 
 /// Starts the plugin in a new jail. Returns init's pid (the host's child)
-/// and the jail handle. Must be called while the host is single-threaded.
+/// and the jail handle.
 pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), JailError> {
     let started = Instant::now();
     let exe = launch
