@@ -115,6 +115,35 @@ fn c_plugin_linked_against_the_shared_library_runs_jailed() {
 }
 
 #[test]
+fn statically_linked_plugins_are_jailed_too() {
+    let tmp = TempDir::new("static");
+    let exe = tmp.0.join("static_probe");
+    let out = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&exe)
+        .arg(repo_root().join("tests/c/static_probe.c"))
+        .output()
+        .expect("run cc");
+    if !out.status.success() {
+        eprintln!(
+            "skipped: no static libc to link with:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let r = run_vmm(&[], &exe, &[]);
+    assert!(
+        r.stdout.contains(&format!(
+            "static probe {}\nopen /dev/kvm: No such file or directory\n",
+            exe.display()
+        )),
+        "{r:#?}"
+    );
+    assert_stopped_by_seccomp(&r, "socket");
+    assert!(!r.stdout.contains("socket returned"), "{r:#?}");
+}
+
+#[test]
 fn jailed_plugin_keeps_ordinary_signal_semantics() {
     // The plugin is not PID 1 (an init reaps it), so raise(SIGSEGV) kills
     // it and the host reports the signal.
