@@ -238,6 +238,19 @@ fn writable_executable_memory_is_stopped() {
 }
 
 #[test]
+fn system_calls_of_another_architecture_are_stopped() {
+    let r = evil(&[], "int80", &[]);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains(
+            "the plugin was stopped by the seccomp filter: it called a 32-bit (i386) system \
+             call, number 20"
+        ),
+        "{r:#?}"
+    );
+}
+
+#[test]
 fn fork_bomb_is_stopped_at_the_first_fork() {
     let r = evil(&[], "fork-bomb", &[]);
     assert_stopped_by_seccomp(&r, "clone");

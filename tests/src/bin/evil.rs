@@ -214,6 +214,15 @@ fn main() {
                 .expect("write the writable file");
             println!("wrote the writable file");
         }
+        "int80" => {
+            // The 32-bit system call entry (i386 getpid), a classic way
+            // around filters written for x86-64 numbers.
+            let mut rax: u64 = 20;
+            // SAFETY: `int 0x80` with eax = 20 (getpid) touches no memory;
+            // the 32-bit ABI clobbers only eax and the flags.
+            unsafe { std::arch::asm!("int 0x80", inout("rax") rax) };
+            outcome(&format!("i386 getpid returned {rax}"), Ok(()))
+        }
         "argv" => println!("argv={}", args.join("|")),
         "sleep" => {
             let ms: u64 = arg(&args, 2, "milliseconds").parse().expect("ms");

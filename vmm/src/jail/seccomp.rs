@@ -107,6 +107,7 @@ impl PolicySource {
 }
 
 const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
 const SECCOMP_DATA_NR: u32 = 0;
 const SECCOMP_DATA_ARCH: u32 = 4;
 const SECCOMP_DATA_ARG0: u32 = 16;
@@ -303,19 +304,17 @@ pub struct Notification {
 }
 
 impl Notification {
-    /// `name (syscall N) with arguments (…)`.
+    /// "`name` (system call N) with arguments (…)".
     pub fn describe(&self) -> String {
-        let name = if self.arch == AUDIT_ARCH_X86_64 {
-            syscalls::name(self.nr.into()).unwrap_or("an unknown system call")
-        } else {
-            "a system call of another architecture"
+        let nr = self.nr;
+        let call = match (self.arch, syscalls::name(nr.into())) {
+            (AUDIT_ARCH_X86_64, Some(name)) => format!("`{name}` (system call {nr})"),
+            (AUDIT_ARCH_X86_64, None) => format!("an unknown system call (number {nr:#x})"),
+            (AUDIT_ARCH_I386, _) => format!("a 32-bit (i386) system call, number {nr}"),
+            (arch, _) => format!("a system call of architecture {arch:#x}, number {nr}"),
         };
         let args: Vec<String> = self.args.iter().map(|a| format!("{a:#x}")).collect();
-        format!(
-            "`{name}` (system call {}) with arguments ({})",
-            self.nr,
-            args.join(", ")
-        )
+        format!("{call} with arguments ({})", args.join(", "))
     }
 }
 
@@ -527,5 +526,20 @@ mod tests {
         assert!(n
             .describe()
             .starts_with("`socket` (system call 41) with arguments (0x2, 0x1"));
+        let i386 = Notification {
+            arch: AUDIT_ARCH_I386,
+            nr: 20,
+            ..n.clone()
+        };
+        assert!(i386
+            .describe()
+            .starts_with("a 32-bit (i386) system call, number 20 with"));
+        let unknown = Notification {
+            nr: 0x4000_0001,
+            ..n
+        };
+        assert!(unknown
+            .describe()
+            .starts_with("an unknown system call (number 0x40000001)"));
     }
 }
