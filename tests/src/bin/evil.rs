@@ -179,7 +179,9 @@ fn main() {
                     }
                     _ => forked += 1,
                 }
-                if forked >= 100_000 {
+                // Far above the jail's task limit; a bound for this test
+                // machine should the limit not hold.
+                if forked >= 3000 {
                     outcome("fork bomb", Ok(()))
                 }
             }
