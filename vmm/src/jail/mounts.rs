@@ -12,7 +12,7 @@
 //! so nothing is ever created through a bind mount in a host directory.
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -420,8 +420,6 @@ impl MountPlan {
         }
     }
 }
-
-use std::ffi::CStr;
 
 #[cfg(test)]
 mod tests {

@@ -24,12 +24,12 @@ use std::collections::BTreeMap;
 
 use super::syscalls;
 
-/// A policy error, with the line it is on.
+/// Errors parsing a policy.
 #[derive(Debug, thiserror::Error)]
-#[error("line {line}: {message}")]
-pub struct PolicyError {
-    pub line: usize,
-    pub message: String,
+pub enum PolicyError {
+    /// A line that does not parse, and why.
+    #[error("line {line}: {message}")]
+    Line { line: usize, message: String },
 }
 
 /// How an argument is compared.
@@ -78,7 +78,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     let mut policy = Policy::default();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
-        let err = |message: String| PolicyError { line, message };
+        let err = |message: String| PolicyError::Line { line, message };
         let content = raw.split('#').next().unwrap_or("").trim();
         if content.is_empty() {
             continue;
@@ -520,7 +520,8 @@ mod tests {
             ("read: 1\nread: return EPERM\n", 2, "both"),
         ] {
             let e = parse(text).unwrap_err();
-            assert_eq!(e.line, line, "{text}: {e}");
+            let PolicyError::Line { line: at, .. } = &e;
+            assert_eq!(*at, line, "{text}: {e}");
             assert!(e.to_string().contains(needle), "{text}: {e}");
         }
     }
