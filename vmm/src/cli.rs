@@ -37,30 +37,33 @@ pub struct Args {
     #[arg(short = 'm', long = "mem", value_name = "SPEC", value_parser = parse_mem)]
     pub mem: Option<u64>,
 
-    /// Start the plugin without any jail.
+    /// Start the plugin without any jail (by default it runs jailed:
+    /// namespaces, a tmpfs root, no capabilities, a seccomp filter).
     #[arg(long)]
     pub disable_sandbox: bool,
 
-    /// Seccomp policy file for the plugin (JSON, see README) replacing the
-    /// built-in filter.
-    #[arg(long, value_name = "FILE")]
+    /// Seccomp policy for the plugin in seccompiler's JSON format (the
+    /// filter named `plugin`, or the only one), replacing the built-in one.
+    #[arg(long, value_name = "FILE", conflicts_with = "seccomp_policy_dir")]
     pub seccomp_policy: Option<PathBuf>,
 
     /// crosvm spelling: use DIR/plugin.policy (minijail syntax) if present,
-    /// else the built-in filter.
+    /// else the built-in policy.
     #[arg(long, value_name = "DIR")]
     pub seccomp_policy_dir: Option<PathBuf>,
 
-    /// Log seccomp violations instead of killing the plugin.
+    /// Log the system calls the seccomp policy forbids and let them run,
+    /// instead of stopping the plugin.
     #[arg(long)]
     pub seccomp_log_failures: bool,
 
-    /// Jail root when --plugin-root is absent.
+    /// Jail root when --plugin-root is absent (default: an empty directory
+    /// vmm creates). A 64 MiB tmpfs covers it.
     #[arg(long, value_name = "DIR")]
     pub pivot_root: Option<PathBuf>,
 
-    /// Root directory of the plugin's jail (default: an empty directory the
-    /// host creates).
+    /// Root directory of the plugin's jail (default: the pivot root). A
+    /// 64 MiB tmpfs covers it: use --plugin-mount to show files.
     #[arg(long, value_name = "DIR")]
     pub plugin_root: Option<PathBuf>,
 

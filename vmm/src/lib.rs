@@ -7,6 +7,7 @@
 //! `plugin_proto`.
 
 pub mod cli;
+pub mod jail;
 pub mod limits;
 pub mod net;
 pub mod plugin;

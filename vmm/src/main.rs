@@ -53,14 +53,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    if !args.disable_sandbox {
-        return Err(
-            "the plugin jail is not available in this build yet; pass --disable-sandbox".into(),
-        );
-    }
     if args.mem.is_some() {
         log::info!("--mem is ignored: guest memory comes from the plugin");
     }
+    let jail = if args.disable_sandbox {
+        None
+    } else {
+        Some(vmm::jail::config_from_args(&args)?)
+    };
     let config = RunConfig {
         plugin: args.plugin.clone(),
         args: args.plugin_argv(),
@@ -69,6 +69,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
         nets: args.all_nets()?,
         fast_channel: !args.no_fast_channel,
+        jail,
     };
     plugin::run(config)?;
     Ok(())

@@ -31,6 +31,7 @@ use self::main_handler::{HostServices, MainState, NetConfig};
 use self::objects::SharedExitConfig;
 use self::process::{Launch, Plugin};
 use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
+use crate::jail::{self, JailConfig};
 use crate::limits;
 use crate::net::Tap;
 use crate::vm::{borrow_raw, KvmVm, VmError};
@@ -44,6 +45,7 @@ const PIPE_CAPACITY: i32 = 0x40000;
 const TOKEN_SIGNAL: u64 = 0;
 const TOKEN_STDERR: u64 = 1;
 const TOKEN_VCPU_EXIT: u64 = 2;
+const TOKEN_SECCOMP: u64 = 3;
 const FIRST_CONNECTION_TOKEN: u64 = 16;
 
 /// What `run` needs to know.
@@ -57,6 +59,8 @@ pub struct RunConfig {
     pub nets: Vec<crate::cli::NetSpec>,
     /// Offer the shared-memory vcpu channel to plugins that ask for it.
     pub fast_channel: bool,
+    /// `None`: `--disable-sandbox`.
+    pub jail: Option<JailConfig>,
 }
 
 /// Why a run failed. `Display` of each names the cause for the user.
@@ -78,6 +82,10 @@ pub enum RunError {
     TooManyVcpus { requested: usize, max: usize },
     #[error("cannot start the plugin")]
     Spawn(#[source] process::ProcessError),
+    #[error("cannot drop the host's capabilities")]
+    Caps(#[source] jail::caps::CapsError),
+    #[error("the plugin was stopped by the seccomp filter: it called {0}")]
+    Seccomp(String),
     #[error("cannot add vcpu threads to the cgroup {path}")]
     Cgroup {
         path: PathBuf,
@@ -339,12 +347,16 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         .collect::<Result<Vec<_>, _>>()?;
 
     // 5. The plugin, then the shutdown eventfd (so the plugin cannot inherit it).
-    let plugin = process::spawn_unjailed(Launch {
+    let launch = Launch {
         path: &config.plugin,
         args: &config.args,
         socket: &plugin_sock,
         stderr: stderr_w,
-    })
+    };
+    let plugin = match &config.jail {
+        Some(j) => process::spawn_jailed(launch, j),
+        None => process::spawn_unjailed(launch),
+    }
     .map_err(RunError::Spawn)?;
     drop(plugin_sock);
     info!(
@@ -353,6 +365,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         plugin.pid
     );
     let shutdown = main_handler::new_eventfd().map_err(resource("the shutdown eventfd"))?;
+    // 6. The jail is built: the host needs no capabilities any more.
+    jail::caps::drop_host_capabilities().map_err(RunError::Caps)?;
 
     let exit_config = Arc::new(SharedExitConfig::default());
     let shared = Arc::new(VcpuShared {
@@ -400,6 +414,9 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     host.watch(host.signals.as_fd(), TOKEN_SIGNAL)?;
     host.watch(host.stderr.fd.as_fd(), TOKEN_STDERR)?;
     host.watch(borrow_raw(&host.shared.exited), TOKEN_VCPU_EXIT)?;
+    if let Some(j) = &host.plugin.jail {
+        host.watch(j.seccomp_fd(), TOKEN_SECCOMP)?;
+    }
     host.add_connection(host_sock)?;
 
     host.main_loop();
@@ -492,6 +509,7 @@ impl Host {
                         let _ = self.shared.exited.read();
                         self.enter_dying("a vcpu stopped");
                     }
+                    TOKEN_SECCOMP => self.on_seccomp(ev.events()),
                     token => self.serve(token),
                 }
                 if self.plugin_end.is_some() {
@@ -532,10 +550,41 @@ impl Host {
         self.reap();
     }
 
+    /// A system call stopped by the jail's filter: record it and kill the
+    /// plugin (unless `--seccomp-log-failures` let it through).
+    fn on_seccomp(&mut self, events: EpollFlags) {
+        let Some(j) = &mut self.plugin.jail else {
+            return;
+        };
+        if !events.contains(EpollFlags::EPOLLIN) {
+            // Hang-up: nobody uses the filter any more.
+            let _ = self.epoll.delete(j.seccomp_fd());
+            return;
+        }
+        if let Some(what) = j.on_seccomp() {
+            info!("seccomp: the plugin called {what}; killing it");
+            if !self
+                .errors
+                .iter()
+                .any(|e| matches!(e, RunError::Seccomp(_)))
+            {
+                self.errors.insert(0, RunError::Seccomp(what));
+            }
+            if let Err(e) = self.plugin.kill() {
+                error!("cannot kill the plugin: {e}");
+            }
+        }
+    }
+
     /// Collects every ended child; the plugin's end leaves the main loop.
     fn reap(&mut self) {
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            let status = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG));
+            let status = match status {
+                Ok(s) if s.pid() == Some(self.plugin.pid) => Ok(self.plugin.end_status(s)),
+                other => other,
+            };
+            match status {
                 Ok(WaitStatus::Exited(pid, code)) if pid == self.plugin.pid => {
                     info!("plugin exited with status {code}");
                     self.plugin_end = Some(PluginEnd::Exited(code));
@@ -763,6 +812,9 @@ impl Host {
             Some(PluginEnd::Exited(code)) if code != 0 => {
                 self.errors.insert(0, RunError::PluginExit(code))
             }
+            // Killed by us after a seccomp violation: that is the cause.
+            Some(PluginEnd::Signaled(_))
+                if matches!(self.errors.first(), Some(RunError::Seccomp(_))) => {}
             Some(PluginEnd::Signaled(sig)) => self.errors.insert(
                 0,
                 RunError::PluginSignaled {

@@ -6,8 +6,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+
+use crate::jail::{self, JailConfig, JailError, Jailed};
 
 /// Errors starting the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +21,8 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Jail(JailError),
 }
 
 /// What the plugin is started with.
@@ -31,20 +36,48 @@ pub struct Launch<'a> {
     pub stderr: OwnedFd,
 }
 
-/// A running plugin. It leads its own process group, so anything it forks
-/// is killed with it.
+/// A running plugin: the host's child. Unjailed, that is the plugin, which
+/// leads its own process group so anything it forks is killed with it.
+/// Jailed, it is the jail's init, and killing it ends the whole PID
+/// namespace.
 pub struct Plugin {
     pub pid: Pid,
+    pub jail: Option<Jailed>,
 }
 
 impl Plugin {
-    /// SIGKILLs the plugin's whole process group.
+    /// SIGKILLs the plugin and everything it started.
     pub fn kill(&self) -> Result<(), Errno> {
-        match killpg(self.pid, Signal::SIGKILL) {
+        let r = match self.jail {
+            Some(_) => kill(self.pid, Signal::SIGKILL),
+            None => killpg(self.pid, Signal::SIGKILL),
+        };
+        match r {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(e) => Err(e),
         }
     }
+
+    /// How the plugin ended, given how the host's child ended: jailed, the
+    /// plugin's own status as init reported it (if init was not killed).
+    pub fn end_status(&self, child: WaitStatus) -> WaitStatus {
+        match &self.jail {
+            Some(j) => j
+                .plugin_status()
+                .and_then(|raw| WaitStatus::from_raw(self.pid, raw).ok())
+                .unwrap_or(child),
+            None => child,
+        }
+    }
+}
+
+/// Starts the plugin in a jail (the default).
+pub fn spawn_jailed(launch: Launch<'_>, config: &JailConfig) -> Result<Plugin, ProcessError> {
+    let (pid, jailed) = jail::spawn(config, launch).map_err(ProcessError::Jail)?;
+    Ok(Plugin {
+        pid,
+        jail: Some(jailed),
+    })
 }
 
 /// Starts the plugin without a jail (`--disable-sandbox`).
@@ -82,5 +115,5 @@ pub fn spawn_unjailed(launch: Launch<'_>) -> Result<Plugin, ProcessError> {
     // The child is reaped by the main loop with waitpid; std's handle is not
     // used to wait.
     drop(child);
-    Ok(Plugin { pid })
+    Ok(Plugin { pid, jail: None })
 }

@@ -1,0 +1,235 @@
+//! A malicious plugin: `evil SCENARIO [ARGS]` tries one thing a jailed
+//! plugin must not be able to do. Outcomes the tests check:
+//!
+//! * stopped by the seccomp filter: the host kills it mid-call and names
+//!   the system call (this process prints nothing more);
+//! * refused by the kernel with an errno: prints
+//!   `evil: WHAT: blocked: ERRNO` on stderr and exits with [`BLOCKED`];
+//! * succeeded: prints `evil: WHAT: SUCCEEDED` and exits with [`ESCAPED`].
+//!
+//! A few scenarios are not attacks but probes of the jail (`ids`, `files`,
+//! `argv`, `sleep`), exiting 0 when all went as expected.
+
+use std::ffi::CString;
+use std::io::Write;
+
+use nix::errno::Errno;
+
+/// Exit status when the attack failed with an errno.
+const BLOCKED: i32 = 7;
+/// Exit status when the attack worked.
+const ESCAPED: i32 = 66;
+
+fn outcome(what: &str, r: Result<(), Errno>) -> ! {
+    match r {
+        Ok(()) => {
+            eprintln!("evil: {what}: SUCCEEDED");
+            std::process::exit(ESCAPED)
+        }
+        Err(e) => {
+            eprintln!("evil: {what}: blocked: {e}");
+            std::process::exit(BLOCKED)
+        }
+    }
+}
+
+fn io(r: std::io::Result<()>) -> Result<(), Errno> {
+    r.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+}
+
+fn arg(args: &[String], i: usize, what: &str) -> String {
+    args.get(i)
+        .cloned()
+        .unwrap_or_else(|| panic!("missing argument: {what}"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scenario = arg(&args, 1, "scenario");
+    match scenario.as_str() {
+        "kvm" => outcome(
+            "open /dev/kvm",
+            io(std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .map(drop)),
+        ),
+        "read" => {
+            let path = arg(&args, 2, "file");
+            outcome(&format!("read {path}"), io(std::fs::read(&path).map(drop)))
+        }
+        "net" => {
+            // SAFETY: plain socket/connect calls on values owned here.
+            let r = unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if s < 0 {
+                    Err(Errno::last())
+                } else {
+                    let addr = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as u16,
+                        sin_port: 22u16.to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    let rc = libc::connect(
+                        s,
+                        &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    );
+                    if rc < 0 {
+                        Err(Errno::last())
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            outcome("connect to 127.0.0.1:22", r)
+        }
+        "ptrace" => {
+            let pid: i32 = arg(&args, 2, "pid").parse().expect("pid");
+            // SAFETY: PTRACE_ATTACH with integer arguments.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) };
+            outcome(
+                &format!("ptrace pid {pid}"),
+                if rc < 0 { Err(Errno::last()) } else { Ok(()) },
+            )
+        }
+        "kill" => {
+            let pid: i32 = arg(&args, 2, "pid").parse().expect("pid");
+            outcome(
+                &format!("kill pid {pid}"),
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL),
+            )
+        }
+        "exec" => {
+            let sh = CString::new("/bin/sh").expect("cstring");
+            let argv = [
+                CString::new("sh").expect("cstring"),
+                CString::new("-c").expect("cstring"),
+                CString::new("echo pwned").expect("cstring"),
+            ];
+            let r = nix::unistd::execv(&sh, &argv).map(drop);
+            outcome("execve /bin/sh", r)
+        }
+        "proc-sys" => outcome(
+            "write /proc/sys/vm/overcommit_memory",
+            io(std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/sys/vm/overcommit_memory")
+                .and_then(|mut f| f.write_all(b"1"))),
+        ),
+        "wx" => {
+            // SAFETY: an anonymous mapping; nothing is done with it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            outcome(
+                "mmap writable+executable memory",
+                if p == libc::MAP_FAILED {
+                    Err(Errno::last())
+                } else {
+                    Ok(())
+                },
+            )
+        }
+        "wx-mprotect" => {
+            // SAFETY: an anonymous mapping, then a protection change on it.
+            let r = unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+                if p == libc::MAP_FAILED || libc::mprotect(p, 4096, rwx) < 0 {
+                    Err(Errno::last())
+                } else {
+                    Ok(())
+                }
+            };
+            outcome("mprotect memory writable+executable", r)
+        }
+        "fork-bomb" => {
+            // Forks until the kernel refuses; children wait forever.
+            let mut forked = 0u32;
+            loop {
+                // SAFETY: the child only calls pause and never returns.
+                match unsafe { libc::fork() } {
+                    0 => loop {
+                        // SAFETY: pause has no arguments.
+                        unsafe { libc::pause() };
+                    },
+                    -1 => {
+                        let e = Errno::last();
+                        eprintln!("evil: forked {forked} processes");
+                        outcome("fork bomb", Err(e))
+                    }
+                    _ => forked += 1,
+                }
+                // Far above the jail's task limit; a bound for this test
+                // machine should the limit not hold.
+                if forked >= 3000 {
+                    outcome("fork bomb", Ok(()))
+                }
+            }
+        }
+        "ids" => {
+            let map = |f: &str| std::fs::read_to_string(f).unwrap_or_else(|e| format!("{f}: {e}"));
+            println!(
+                "uid={} euid={} gid={} egid={}",
+                nix::unistd::getuid(),
+                nix::unistd::geteuid(),
+                nix::unistd::getgid(),
+                nix::unistd::getegid()
+            );
+            print!("uid_map:{}", map("/proc/self/uid_map"));
+            print!("gid_map:{}", map("/proc/self/gid_map").replace('\n', "|"));
+            println!();
+            println!("pid={}", std::process::id());
+        }
+        "files" => {
+            let ro = arg(&args, 2, "read-only file");
+            let rw = arg(&args, 3, "writable file");
+            let text = std::fs::read_to_string(&ro).expect("read the read-only file");
+            println!("read-only file says: {}", text.trim());
+            match std::fs::OpenOptions::new().append(true).open(&ro) {
+                Ok(_) => outcome(&format!("write {ro}"), Ok(())),
+                Err(e) => println!("writing the read-only file: {e}"),
+            }
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&rw)
+                .and_then(|mut f| f.write_all(b"written by the plugin\n"))
+                .expect("write the writable file");
+            println!("wrote the writable file");
+        }
+        "int80" => {
+            // The 32-bit system call entry (i386 getpid), a classic way
+            // around filters written for x86-64 numbers.
+            let mut rax: u64 = 20;
+            // SAFETY: `int 0x80` with eax = 20 (getpid) touches no memory;
+            // the 32-bit ABI clobbers only eax and the flags.
+            unsafe { std::arch::asm!("int 0x80", inout("rax") rax) };
+            outcome(&format!("i386 getpid returned {rax}"), Ok(()))
+        }
+        "argv" => println!("argv={}", args.join("|")),
+        "sleep" => {
+            let ms: u64 = arg(&args, 2, "milliseconds").parse().expect("ms");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+}
