@@ -1,0 +1,125 @@
+//! The shared-memory vcpu channel (a compatible protocol extension): used by
+//! default by the SDK and the C library, falls back to the crosvm pipes when
+//! either side does not take part, and survives a hostile plugin.
+
+use std::process::Command;
+
+use e2e_tests::{bin, run_command, run_vmm};
+
+fn vmm(
+    args: &[&str],
+    plugin: &str,
+    plugin_args: &[&str],
+    env: &[(&str, &str)],
+) -> e2e_tests::VmmRun {
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.args(["--log-level", "info"])
+        .args(args)
+        .arg("--plugin")
+        .arg(bin(plugin));
+    if !plugin_args.is_empty() {
+        cmd.arg("--plugin-args").args(plugin_args);
+    }
+    cmd.envs(env.iter().copied());
+    run_command(cmd)
+}
+
+#[test]
+fn sdk_plugins_use_the_fast_channel_by_default() {
+    let r = vmm(&[], "hello", &[], &[]);
+    r.assert_success();
+    assert!(r.stderr.contains("on shared-memory channels"), "{r:#?}");
+    assert_eq!(r.stdout, "Hello from the guest\n");
+}
+
+#[test]
+fn c_plugins_use_it_transparently() {
+    let r = vmm(&[], "adder_c", &["20", "22"], &[]);
+    r.assert_success();
+    assert!(r.stderr.contains("on shared-memory channels"), "{r:#?}");
+    assert!(r.stdout.contains("20 + 22 = 42"), "{r:#?}");
+}
+
+#[test]
+fn plugin_can_opt_out() {
+    let r = vmm(
+        &["--disable-sandbox"],
+        "multi_io",
+        &["200"],
+        &[("CROSVM_FAST_CHANNEL", "0")],
+    );
+    r.assert_success();
+    assert!(r.stderr.contains("on pipe channels"), "{r:#?}");
+}
+
+#[test]
+fn host_that_does_not_offer_it_gets_pipes() {
+    // A new client against a host without the extension: the client falls
+    // back to the crosvm pipes.
+    let r = vmm(
+        &["--no-fast-channel", "--cpus", "4"],
+        "multi_io",
+        &["200"],
+        &[],
+    );
+    r.assert_success();
+    assert!(r.stderr.contains("on pipe channels"), "{r:#?}");
+    assert!(r.stdout.contains("vcpus=4 writes=800"), "{r:#?}");
+}
+
+#[test]
+fn old_clients_never_see_it() {
+    // rawplug speaks the plain protocol and never asks for the channel.
+    let r = vmm(&["--disable-sandbox"], "rawplug", &["smoke"], &[]);
+    r.assert_success();
+    assert!(r.stderr.contains("on pipe channels"), "{r:#?}");
+}
+
+#[test]
+fn many_vcpus_and_pauses_over_the_fast_channel() {
+    let r = run_vmm(&["--cpus", "8"], &bin("multi-vcpu"), &["3"]);
+    r.assert_success();
+    assert!(
+        r.stdout.contains("round 3: all 8 vcpus paused and resumed"),
+        "{r:#?}"
+    );
+}
+
+fn hostile(mode: &str) -> e2e_tests::VmmRun {
+    vmm(&["--disable-sandbox"], "shm_hostile", &[mode], &[])
+}
+
+#[test]
+fn corrupted_ring_index_stops_the_vm_cleanly() {
+    let r = hostile("head");
+    assert!(
+        r.stderr.contains("the peer corrupted the shared ring"),
+        "{r:#?}"
+    );
+    assert!(r.stdout.contains("host shut down the VM"), "{r:#?}");
+    assert!(!r.stderr.contains("panicked"), "{r:#?}");
+}
+
+#[test]
+fn lying_length_prefix_stops_the_vm_cleanly() {
+    let r = hostile("length");
+    assert!(
+        r.stderr.contains("the peer corrupted the shared ring"),
+        "{r:#?}"
+    );
+    assert!(r.stdout.contains("host shut down the VM"), "{r:#?}");
+}
+
+#[test]
+fn undecodable_request_stops_the_vm_cleanly() {
+    let r = hostile("garbage");
+    assert!(r.stderr.contains("undecodable vcpu request"), "{r:#?}");
+    assert!(r.stdout.contains("host shut down the VM"), "{r:#?}");
+}
+
+#[test]
+fn flood_of_empty_requests_is_answered() {
+    let r = hostile("flood");
+    r.assert_success();
+    assert!(r.stdout.contains("flood answered"), "{r:#?}");
+}
