@@ -24,6 +24,7 @@ use plugin_proto::protobuf::Message;
 use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fastpath;
 use super::objects::{ExitConfigReader, SharedExitConfig};
 use crate::limits;
 use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
@@ -32,6 +33,8 @@ use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
 const MAX_IO_READ: usize = 256;
 /// Most bytes of a write forwarded to the plugin.
 const MAX_IO_WRITE: usize = 8;
+/// Room reserved before a response for its varint length prefix.
+const PREFIX_ROOM: usize = 10;
 
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, for the kick handler.
@@ -274,12 +277,14 @@ pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuReques
 /// debugregs, in that order). Empty images mean "no change".
 pub fn apply_deferred_registers(
     vcpu: &impl Vcpu,
-    resume: &vcpu_request::Resume,
+    regs: &[u8],
+    sregs: &[u8],
+    debugregs: &[u8],
 ) -> Result<(), Errno> {
     for (set, image) in [
-        (VcpuState::Regs, &resume.regs),
-        (VcpuState::Sregs, &resume.sregs),
-        (VcpuState::Debugregs, &resume.debugregs),
+        (VcpuState::Regs, regs),
+        (VcpuState::Sregs, sregs),
+        (VcpuState::Debugregs, debugregs),
     ] {
         if image.is_empty() {
             continue;
@@ -332,6 +337,8 @@ pub struct Servicer {
     config: ExitConfigReader,
     read_buf: Vec<u8>,
     write_buf: Vec<u8>,
+    /// The data of the last `Resume`.
+    resume_data: Vec<u8>,
 }
 
 impl Servicer {
@@ -352,6 +359,7 @@ impl Servicer {
             config,
             read_buf: vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
             write_buf: Vec::with_capacity(512),
+            resume_data: Vec::with_capacity(MAX_IO_READ),
         }
     }
 
@@ -359,40 +367,30 @@ impl Servicer {
         self.shared.kill.load(Ordering::Acquire)
     }
 
-    fn read_request(&mut self) -> Result<VcpuRequest, ServiceError> {
-        let shared = &self.shared;
-        match &mut self.transport {
-            Transport::Pipe(channel) => {
-                let n = loop {
-                    if shared.kill.load(Ordering::Acquire) {
-                        return Err(ServiceError::Killed);
-                    }
-                    match nix::unistd::read(channel.request_read.as_fd(), &mut self.read_buf) {
-                        Ok(0) => return Err(ServiceError::Closed),
-                        Ok(n) => break n,
-                        Err(Errno::EINTR) => continue,
-                        Err(e) => return Err(ServiceError::Read(e)),
-                    }
-                };
-                VcpuRequest::parse_from_bytes(&self.read_buf[..n]).map_err(ServiceError::Decode)
-            }
-            Transport::Shm(channel) => {
-                let mut killed = || shared.kill.load(Ordering::Acquire);
-                let bytes = channel.recv(&mut killed).map_err(shm_error)?;
-                VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)
-            }
-        }
+    /// Starts a frame in `write_buf`: room for the longest length prefix,
+    /// then the message is appended.
+    fn begin_frame(&mut self) {
+        self.write_buf.clear();
+        self.write_buf.resize(PREFIX_ROOM, 0);
     }
 
-    fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError> {
-        let shared = &self.shared;
+    /// Sends the frame built after `begin_frame`: on pipes prefix and body in
+    /// one `write()`, on the fast channel the body (the ring frames it).
+    fn send_frame(&mut self) -> Result<(), ServiceError> {
+        let body_len = (self.write_buf.len() - PREFIX_ROOM) as u64;
+        let plen = fastpath::varint_len(body_len);
+        let start = PREFIX_ROOM - plen;
+        let mut v = body_len;
+        for b in &mut self.write_buf[start..PREFIX_ROOM] {
+            *b = (v & 0x7f) as u8 | if v >= 0x80 { 0x80 } else { 0 };
+            v >>= 7;
+        }
+        let kill = &self.shared.kill;
         match &mut self.transport {
             Transport::Pipe(channel) => {
-                plugin_proto::framing::encode_delimited(msg, &mut self.write_buf)
-                    .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
-                let mut off = 0;
+                let mut off = start;
                 while off < self.write_buf.len() {
-                    if shared.kill.load(Ordering::Acquire) {
+                    if kill.load(Ordering::Acquire) {
                         return Err(ServiceError::Killed);
                     }
                     match nix::unistd::write(channel.response_write.as_fd(), &self.write_buf[off..])
@@ -405,49 +403,71 @@ impl Servicer {
                 Ok(())
             }
             Transport::Shm(channel) => {
-                self.write_buf.clear();
-                msg.write_to_vec(&mut self.write_buf)
-                    .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
-                let mut killed = || shared.kill.load(Ordering::Acquire);
+                let mut killed = || kill.load(Ordering::Acquire);
                 channel
-                    .send(&self.write_buf, &mut killed)
+                    .send(&self.write_buf[PREFIX_ROOM..], &mut killed)
                     .map_err(shm_error)
             }
         }
     }
 
-    /// Services the plugin until `Resume`. With `init`, the Init reason is
-    /// pending and must be asked for with `Wait` first.
-    fn service(&mut self, init: bool) -> Result<vcpu_request::Resume, ServiceError> {
+    fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError> {
+        self.begin_frame();
+        msg.write_to_vec(&mut self.write_buf)
+            .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
+        self.send_frame()
+    }
+
+    /// Services the plugin until `Resume`; the resume data is left in
+    /// `resume_data`. With `init`, the Init reason is pending and must be
+    /// asked for with `Wait` first.
+    fn service(&mut self, init: bool) -> Result<(), ServiceError> {
         let mut init_pending = init;
         loop {
-            let req = self.read_request()?;
+            let bytes = next_request(&mut self.transport, &mut self.read_buf, &self.shared.kill)?;
+            // The common case, decoded without allocating; it means exactly
+            // what `handle_request` would do with it.
+            if !init_pending {
+                if let Some(resume) = fastpath::parse_resume(bytes) {
+                    apply_deferred_registers(
+                        &self.vcpu,
+                        resume.regs,
+                        resume.sregs,
+                        resume.debugregs,
+                    )
+                    .map_err(ServiceError::DeferredRegisters)?;
+                    self.resume_data.clear();
+                    self.resume_data.extend_from_slice(resume.data);
+                    return Ok(());
+                }
+            }
+            let req = VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)?;
             match handle_request(&self.vcpu, &mut init_pending, req) {
                 Action::Reply(r) => self.write_response(&r)?,
                 Action::Resume(resume) => {
-                    apply_deferred_registers(&self.vcpu, &resume)
-                        .map_err(ServiceError::DeferredRegisters)?;
-                    return Ok(resume);
+                    apply_deferred_registers(
+                        &self.vcpu,
+                        &resume.regs,
+                        &resume.sregs,
+                        &resume.debugregs,
+                    )
+                    .map_err(ServiceError::DeferredRegisters)?;
+                    self.resume_data.clear();
+                    self.resume_data.extend_from_slice(&resume.data);
+                    return Ok(());
                 }
                 Action::Shutdown => return Err(ServiceError::Shutdown),
             }
         }
     }
 
-    /// Sends an unsolicited wait reason and, unless it is a posted write,
-    /// services the plugin until `Resume`.
-    fn deliver(
-        &mut self,
-        wait: vcpu_response::Wait,
-        needs_resume: bool,
-    ) -> Result<Option<Vec<u8>>, ServiceError> {
+    /// Sends an unsolicited wait reason and services the plugin until
+    /// `Resume` (its data is then in `resume_data`).
+    fn deliver(&mut self, wait: vcpu_response::Wait) -> Result<(), ServiceError> {
         let mut r = VcpuResponse::new();
         r.set_wait(wait);
         self.write_response(&r)?;
-        if !needs_resume {
-            return Ok(None);
-        }
-        self.service(false).map(|resume| Some(resume.data))
+        self.service(false)
     }
 
     fn log_service_error(&self, what: &str, e: &ServiceError) {
@@ -463,6 +483,8 @@ impl Servicer {
         }
     }
 
+    /// Sends an `Io` event; unless it is a posted write, services the plugin
+    /// until `Resume`.
     fn io_event(
         &mut self,
         space: Space,
@@ -470,48 +492,70 @@ impl Servicer {
         is_write: bool,
         data: &[u8],
         no_resume: bool,
-    ) -> vcpu_response::Wait {
-        let mut io = vcpu_response::wait::Io::new();
-        io.space = plugin_proto::protobuf::EnumOrUnknown::from_i32(space.to_wire());
-        io.address = address;
-        io.is_write = is_write;
-        io.no_resume = no_resume;
-        io.data = data.to_vec();
-        if !no_resume {
-            self.add_hinted_registers(space, address, is_write, &mut io);
+    ) -> Result<(), ServiceError> {
+        let hinted = if no_resume {
+            None
+        } else {
+            self.hinted_registers(space, address, is_write)
+        };
+        let (regs, sregs, debugregs) = hinted
+            .as_ref()
+            .map_or((&[][..], &[][..], &[][..]), |(r, s, d)| {
+                (&r[..], &s[..], &d[..])
+            });
+        self.begin_frame();
+        fastpath::encode_io_event(
+            &mut self.write_buf,
+            &fastpath::IoEvent {
+                space: space.to_wire(),
+                address,
+                is_write,
+                no_resume,
+                data,
+                regs,
+                sregs,
+                debugregs,
+            },
+        );
+        self.send_frame()?;
+        if no_resume {
+            return Ok(());
         }
-        let mut w = vcpu_response::Wait::new();
-        w.set_io(io);
-        w
+        self.service(false)
     }
 
-    /// Eager registers per the call hint (wire-protocol.md §8.8).
-    fn add_hinted_registers(
+    /// Eager register images per the call hint (wire-protocol.md §8.8):
+    /// (regs, sregs, debugregs), empty when not sent.
+    fn hinted_registers(
         &mut self,
         space: Space,
         address: u64,
         is_write: bool,
-        io: &mut vcpu_response::wait::Io,
-    ) {
+    ) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
         let hint = &self.config.get().hint;
         if !hint.applies(space, address, is_write) {
-            return;
+            return None;
         }
-        let Ok(regs) = self.vcpu.get_regs() else {
-            return;
-        };
+        let regs = self.vcpu.get_regs().ok()?;
         let (send_sregs, send_debugregs) = hint
             .hints
             .iter()
             .find(|h| h.matches(regs.rax, regs.rbx, regs.rcx, regs.rdx))
             .map_or((false, false), |h| (h.send_sregs, h.send_debugregs));
-        io.regs = zerocopy::IntoBytes::as_bytes(&regs).to_vec();
-        if send_sregs {
-            io.sregs = Vcpu::get_state(&self.vcpu, VcpuState::Sregs).unwrap_or_default();
-        }
-        if send_debugregs {
-            io.debugregs = Vcpu::get_state(&self.vcpu, VcpuState::Debugregs).unwrap_or_default();
-        }
+        let get = |set| Vcpu::get_state(&self.vcpu, set).unwrap_or_default();
+        Some((
+            zerocopy::IntoBytes::as_bytes(&regs).to_vec(),
+            if send_sregs {
+                get(VcpuState::Sregs)
+            } else {
+                Vec::new()
+            },
+            if send_debugregs {
+                get(VcpuState::Debugregs)
+            } else {
+                Vec::new()
+            },
+        ))
     }
 
     /// A guest write at `address`.
@@ -520,8 +564,7 @@ impl Servicer {
             return;
         };
         let data = &data[..data.len().min(MAX_IO_WRITE)];
-        let wait = self.io_event(space, address, true, data, range.async_write);
-        if let Err(e) = self.deliver(wait, !range.async_write) {
+        if let Err(e) = self.io_event(space, address, true, data, range.async_write) {
             self.log_service_error("io write", &e);
         }
     }
@@ -541,13 +584,11 @@ impl Servicer {
         }
         let len = data.len().min(MAX_IO_READ);
         let zeros = [0u8; MAX_IO_READ];
-        let wait = self.io_event(space, address, false, &zeros[..len], false);
-        match self.deliver(wait, true) {
-            Ok(Some(reply)) => {
-                let n = reply.len().min(data.len());
-                data[..n].copy_from_slice(&reply[..n]);
+        match self.io_event(space, address, false, &zeros[..len], false) {
+            Ok(()) => {
+                let n = self.resume_data.len().min(data.len());
+                data[..n].copy_from_slice(&self.resume_data[..n]);
             }
-            Ok(None) => {}
             Err(e) => self.log_service_error("io read", &e),
         }
     }
@@ -557,7 +598,35 @@ impl Servicer {
         u.user = user;
         let mut w = vcpu_response::Wait::new();
         w.set_user(u);
-        self.deliver(w, true).map(|_| ())
+        self.deliver(w)
+    }
+}
+
+/// Reads the next request's bytes from the transport (without decoding).
+fn next_request<'a>(
+    transport: &'a mut Transport,
+    read_buf: &'a mut [u8],
+    kill: &AtomicBool,
+) -> Result<&'a [u8], ServiceError> {
+    match transport {
+        Transport::Pipe(channel) => {
+            let n = loop {
+                if kill.load(Ordering::Acquire) {
+                    return Err(ServiceError::Killed);
+                }
+                match nix::unistd::read(channel.request_read.as_fd(), read_buf) {
+                    Ok(0) => return Err(ServiceError::Closed),
+                    Ok(n) => break n,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(ServiceError::Read(e)),
+                }
+            };
+            Ok(&read_buf[..n])
+        }
+        Transport::Shm(channel) => {
+            let mut killed = || kill.load(Ordering::Acquire);
+            channel.recv(&mut killed).map_err(shm_error)
+        }
     }
 }
 
@@ -683,11 +752,11 @@ fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
             c.params1 = hcall.params[1];
             let mut w = vcpu_response::Wait::new();
             w.set_hyperv_call(c);
-            let result = match sv.deliver(w, true) {
-                Ok(Some(data)) => {
-                    <[u8; 8]>::try_from(data.as_slice()).map_or(0, u64::from_le_bytes)
+            // A result of the wrong length reads as 0 (spec quirk 6).
+            let result = match sv.deliver(w) {
+                Ok(()) => {
+                    <[u8; 8]>::try_from(sv.resume_data.as_slice()).map_or(0, u64::from_le_bytes)
                 }
-                Ok(None) => 0,
                 Err(e) => {
                     sv.log_service_error("hypercall", &e);
                     0
@@ -708,7 +777,7 @@ fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
             s.msg_page = synic.msg_page;
             let mut w = vcpu_response::Wait::new();
             w.set_hyperv_synic(s);
-            if let Err(e) = sv.deliver(w, true) {
+            if let Err(e) = sv.deliver(w) {
                 sv.log_service_error("synic", &e);
             }
             true
