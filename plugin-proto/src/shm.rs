@@ -89,7 +89,9 @@ pub struct SpinPolicy {
 impl SpinPolicy {
     /// Spinning up to `max`; none at all on a single-CPU machine.
     pub fn new(max: Duration) -> SpinPolicy {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cpus =
+            *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let max = if cpus < 2 { Duration::ZERO } else { max };
         SpinPolicy {
             budget: max,

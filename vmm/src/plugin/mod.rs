@@ -768,9 +768,11 @@ impl Host {
     fn teardown(mut self) -> Result<(), RunError> {
         self.stop_vcpus();
         let deadline = Instant::now() + Duration::from_secs(5);
+        // Kicked threads leave within microseconds; a kick that raced with a
+        // thread entering a blocking call is repeated.
         while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             self.stop_vcpus();
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(100));
         }
         for t in std::mem::take(&mut self.threads) {
             if t.is_finished() {
