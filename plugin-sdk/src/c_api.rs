@@ -30,7 +30,7 @@ use kvm_bindings::{
 };
 
 use crate::error::{Error, Result};
-use crate::objects::{IoEvent, IrqEvent, Memory};
+use crate::objects::{DestroyInPlace, IoEvent, IrqEvent, Memory};
 use crate::types::{
     ipv4_to_wire, AddressSpace, CallHint, Datamatch, HintDetail, IrqRoute, IrqRouteKind,
     MAX_HINT_DETAIL_COUNT,
@@ -769,23 +769,39 @@ pub unsafe extern "C" fn crosvm_create_io_event(
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn crosvm_destroy_io_event(
+/// Shared body of the three destroy functions: destroys the object behind
+/// `*handle` through `self_`, and on success frees the handle and sets
+/// `*handle` to NULL; on failure the handle is left intact.
+///
+/// # Safety
+/// `self_` is a live connection, `handle` points to a live handle that came
+/// from `Box::into_raw` (the C API contract).
+unsafe fn destroy_handle<T, O: DestroyInPlace>(
     self_: *mut crosvm,
-    io: *mut *mut crosvm_io,
+    handle: *mut *mut T,
+    object: impl FnOnce(&mut T) -> &mut O,
 ) -> c_int {
-    // SAFETY: handles valid per the C API contract; `*io` came from
-    // Box::into_raw and is only freed after a successful destroy.
+    // SAFETY: per this function's contract; the box is only freed after a
+    // successful destroy, and nothing else refers to it.
     ffi(|| unsafe {
-        match (**io).io.destroy_in_place(conn(self_)) {
+        match object(&mut **handle).destroy_in_place(conn(self_)) {
             Ok(()) => {
-                drop(Box::from_raw(*io));
-                *io = std::ptr::null_mut();
+                drop(Box::from_raw(*handle));
+                *handle = std::ptr::null_mut();
                 0
             }
             Err(e) => -e.errno(),
         }
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_destroy_io_event(
+    self_: *mut crosvm,
+    io: *mut *mut crosvm_io,
+) -> c_int {
+    // SAFETY: handles valid per the C API contract.
+    unsafe { destroy_handle(self_, io, |h: &mut crosvm_io| &mut h.io) }
 }
 
 #[no_mangle]
@@ -828,18 +844,8 @@ pub unsafe extern "C" fn crosvm_destroy_memory(
     self_: *mut crosvm,
     mem: *mut *mut crosvm_memory,
 ) -> c_int {
-    // SAFETY: handles valid per the C API contract; `*mem` came from
-    // Box::into_raw and is only freed after a successful destroy.
-    ffi(|| unsafe {
-        match (**mem).mem.destroy_in_place(conn(self_)) {
-            Ok(()) => {
-                drop(Box::from_raw(*mem));
-                *mem = std::ptr::null_mut();
-                0
-            }
-            Err(e) => -e.errno(),
-        }
-    })
+    // SAFETY: handles valid per the C API contract.
+    unsafe { destroy_handle(self_, mem, |h: &mut crosvm_memory| &mut h.mem) }
 }
 
 #[no_mangle]
@@ -881,18 +887,8 @@ pub unsafe extern "C" fn crosvm_destroy_irq_event(
     self_: *mut crosvm,
     irq: *mut *mut crosvm_irq,
 ) -> c_int {
-    // SAFETY: handles valid per the C API contract; `*irq` came from
-    // Box::into_raw and is only freed after a successful destroy.
-    ffi(|| unsafe {
-        match (**irq).irq.destroy_in_place(conn(self_)) {
-            Ok(()) => {
-                drop(Box::from_raw(*irq));
-                *irq = std::ptr::null_mut();
-                0
-            }
-            Err(e) => -e.errno(),
-        }
-    })
+    // SAFETY: handles valid per the C API contract.
+    unsafe { destroy_handle(self_, irq, |h: &mut crosvm_irq| &mut h.irq) }
 }
 
 #[no_mangle]

@@ -142,12 +142,6 @@ macro_rules! destroy_methods {
                 }
             }
 
-            /// Destroy for the C API: on success the handle is inert (its
-            /// drop sends nothing) and only has to be freed.
-            pub(crate) fn destroy_in_place(&mut self, conn: &Connection) -> Result<()> {
-                self.core.destroy_via(conn)
-            }
-
             /// For the C API: forget the creating connection, so the handle
             /// does not keep its socket open. A detached handle is destroyed
             /// only explicitly.
@@ -156,7 +150,19 @@ macro_rules! destroy_methods {
                 self
             }
         }
+
+        impl DestroyInPlace for $ty {
+            fn destroy_in_place(&mut self, conn: &Connection) -> Result<()> {
+                self.core.destroy_via(conn)
+            }
+        }
     };
+}
+
+/// Destroy for the C API: on success the handle is inert (its drop sends
+/// nothing) and only has to be freed; on failure it stays usable.
+pub(crate) trait DestroyInPlace {
+    fn destroy_in_place(&mut self, conn: &Connection) -> Result<()>;
 }
 
 /// An ioeventfd: matching guest writes signal [`IoEvent::fd`] in the kernel,
