@@ -8,7 +8,9 @@
 
 pub mod cli;
 pub mod limits;
+pub mod model;
 pub mod plugin;
+pub mod record;
 pub mod vm;
 
 /// Formats an error with its whole `source()` chain: `a: b: c`.

@@ -458,12 +458,16 @@ fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
     if services.connection_count() >= limits::MAX_CONNECTIONS {
         return Err(Errno::EMFILE);
     }
+    // SOCK_NONBLOCK would apply to both ends: only the host's end must not
+    // block (the main loop drops a connection whose replies back up); the
+    // plugin's end is an ordinary blocking socket, like the first one.
     let (host, plugin) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockFlag::SOCK_CLOEXEC,
     )?;
+    fcntl(&host, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     Ok(Reply {
         fds: vec![plugin],
         new_connection: Some(host),
@@ -595,7 +599,13 @@ pub fn dirty_bitmap_len(length: u64) -> usize {
 fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Errno> {
     match state.objects.get(id) {
         Some(Object::Memory { slot, length, .. }) => {
-            vm.get_dirty_log(*slot, *length, dirty_bitmap_len(*length))
+            let len = dirty_bitmap_len(*length);
+            // The region's length is the plugin's choice: bound the bitmap
+            // before anything is allocated for it.
+            if len > limits::MAX_DIRTY_BITMAP {
+                return Err(Errno::E2BIG);
+            }
+            vm.get_dirty_log(*slot, *length, len)
         }
         _ => Err(Errno::ENOENT),
     }

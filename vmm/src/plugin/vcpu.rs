@@ -25,8 +25,8 @@ use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::objects::{ExitConfigReader, SharedExitConfig};
-use crate::limits;
 use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
+use crate::{limits, record};
 
 /// Most bytes of a port read forwarded to the plugin (string `IN`).
 const MAX_IO_READ: usize = 256;
@@ -299,49 +299,194 @@ pub enum ServiceError {
     Write(#[source] Errno),
     #[error("undecodable vcpu request")]
     Decode(#[source] plugin_proto::protobuf::Error),
+    #[error(
+        "undecodable vcpu request: a packed field claims {claimed} bytes but only {left} follow"
+    )]
+    PackedOverrun { claimed: u64, left: usize },
     #[error("applying deferred registers on resume failed")]
     DeferredRegisters(#[source] Errno),
 }
 
-/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
-pub struct Servicer {
-    pub id: u32,
-    /// A second handle on the same KVM vcpu, for state requests while the
-    /// run handle is borrowed by an exit.
-    pub vcpu: VcpuFd,
-    pub channel: Arc<HostChannel>,
-    pub control: Arc<VcpuControl>,
-    pub shared: Arc<VcpuShared>,
-    config: ExitConfigReader,
+/// Reads one field key and returns (field number, wire type) and the bytes
+/// after it, or `None` when `buf` does not start with a well-formed key.
+fn split_key(buf: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let (key, n) = plugin_proto::framing::decode_varint(buf).ok()??;
+    Some((key >> 3, key & 7, &buf[n..]))
+}
+
+/// Reads a length prefix, returning the length and the bytes after it.
+fn split_len(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let (len, n) = plugin_proto::framing::decode_varint(buf).ok()??;
+    Some((len, &buf[n..]))
+}
+
+/// rust-protobuf reserves room for a packed repeated field from the length
+/// it claims (up to 10 million elements, 40 MB for `GetMsrs.entry_indices`)
+/// before checking that the bytes are there. Refuse such a claim first, so a
+/// 10-byte request cannot make the host allocate 40 MB.
+///
+/// Walks the top-level fields of a `VcpuRequest`; for `get_msrs` (field 5)
+/// checks every length-delimited field inside against the bytes that follow.
+/// Anything else malformed is left to the protobuf decoder to reject.
+fn check_packed_lengths(mut buf: &[u8]) -> Result<(), ServiceError> {
+    const GET_MSRS: u64 = 5;
+    const LEN: u64 = 2;
+    while let Some((field, wire, rest)) = split_key(buf) {
+        buf = match wire {
+            0 => match plugin_proto::framing::decode_varint(rest) {
+                Ok(Some((_, n))) => &rest[n..],
+                _ => return Ok(()),
+            },
+            1 if rest.len() >= 8 => &rest[8..],
+            5 if rest.len() >= 4 => &rest[4..],
+            LEN => {
+                let Some((len, body)) = split_len(rest) else {
+                    return Ok(());
+                };
+                let Some(inner) = usize::try_from(len).ok().and_then(|l| body.get(..l)) else {
+                    return Ok(());
+                };
+                if field == GET_MSRS {
+                    let mut m = inner;
+                    while let Some((_, wire, rest)) = split_key(m) {
+                        m = match wire {
+                            0 => match plugin_proto::framing::decode_varint(rest) {
+                                Ok(Some((_, n))) => &rest[n..],
+                                _ => break,
+                            },
+                            LEN => {
+                                let Some((claimed, b)) = split_len(rest) else {
+                                    break;
+                                };
+                                if claimed > b.len() as u64 {
+                                    return Err(ServiceError::PackedOverrun {
+                                        claimed,
+                                        left: b.len(),
+                                    });
+                                }
+                                &b[claimed as usize..]
+                            }
+                            _ => break,
+                        };
+                    }
+                }
+                &body[inner.len()..]
+            }
+            _ => return Ok(()),
+        };
+    }
+    Ok(())
+}
+
+/// Decodes one bare request as read from the request pipe.
+pub fn decode_request(bytes: &[u8]) -> Result<VcpuRequest, ServiceError> {
+    check_packed_lengths(bytes)?;
+    VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)
+}
+
+/// The byte transport of one vcpu channel as the servicing loop sees it: the
+/// pipes on a real host, memory in tests and fuzzing.
+pub trait VcpuIo {
+    /// Blocks for the next request of the plugin.
+    fn read_request(&mut self) -> Result<VcpuRequest, ServiceError>;
+    /// Sends one (length-delimited) response.
+    fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError>;
+}
+
+/// Services the plugin until `Resume` (wire-protocol.md §8.2). With `init`,
+/// the Init reason is pending and must be asked for with `Wait` first. The
+/// deferred registers of the `Resume` are applied before it is returned.
+pub fn service(
+    vcpu: &impl Vcpu,
+    io: &mut impl VcpuIo,
+    init: bool,
+) -> Result<vcpu_request::Resume, ServiceError> {
+    let mut init_pending = init;
+    loop {
+        let req = io.read_request()?;
+        match handle_request(vcpu, &mut init_pending, req) {
+            Action::Reply(r) => io.write_response(&r)?,
+            Action::Resume(resume) => {
+                apply_deferred_registers(vcpu, &resume).map_err(ServiceError::DeferredRegisters)?;
+                return Ok(resume);
+            }
+            Action::Shutdown => return Err(ServiceError::Shutdown),
+        }
+    }
+}
+
+/// Sends an unsolicited wait reason and, unless it is a posted write
+/// (`needs_resume` false), services the plugin until `Resume`; returns the
+/// resume data.
+pub fn deliver(
+    vcpu: &impl Vcpu,
+    io: &mut impl VcpuIo,
+    wait: vcpu_response::Wait,
+    needs_resume: bool,
+) -> Result<Option<Vec<u8>>, ServiceError> {
+    let mut r = VcpuResponse::new();
+    r.set_wait(wait);
+    io.write_response(&r)?;
+    if !needs_resume {
+        return Ok(None);
+    }
+    service(vcpu, io, false).map(|resume| Some(resume.data))
+}
+
+/// Completes a guest read from the plugin's resume data: the first bytes
+/// come from `reply`, everything it does not cover reads as zero (a short
+/// reply crashed the reference host; spec quirk 6).
+pub fn complete_read(data: &mut [u8], reply: Option<&[u8]>) {
+    data.fill(0);
+    if let Some(reply) = reply {
+        let n = reply.len().min(data.len());
+        data[..n].copy_from_slice(&reply[..n]);
+    }
+}
+
+/// The hypercall result carried by resume data: exactly 8 little-endian
+/// bytes, anything else reads as 0 (wire-protocol.md §8.6).
+pub fn hcall_result(reply: Option<&[u8]>) -> u64 {
+    reply
+        .and_then(|d| <[u8; 8]>::try_from(d).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// The `Io` wait reason for a guest access (without eager registers). Write
+/// data is cut to 8 bytes, read buffers to 256 (host-behaviour.md §11.3).
+pub fn io_wait(
+    space: Space,
+    address: u64,
+    is_write: bool,
+    data: &[u8],
+    no_resume: bool,
+) -> vcpu_response::wait::Io {
+    let max = if is_write { MAX_IO_WRITE } else { MAX_IO_READ };
+    let mut io = vcpu_response::wait::Io::new();
+    io.space = plugin_proto::protobuf::EnumOrUnknown::from_i32(space.to_wire());
+    io.address = address;
+    io.is_write = is_write;
+    io.no_resume = no_resume;
+    io.data = data[..data.len().min(max)].to_vec();
+    io
+}
+
+/// The pipes of one vcpu channel.
+struct PipeIo {
+    id: u32,
+    channel: Arc<HostChannel>,
+    shared: Arc<VcpuShared>,
     read_buf: Vec<u8>,
     write_buf: Vec<u8>,
 }
 
-impl Servicer {
-    pub fn new(
-        id: u32,
-        vcpu: VcpuFd,
-        channel: Arc<HostChannel>,
-        control: Arc<VcpuControl>,
-        shared: Arc<VcpuShared>,
-    ) -> Self {
-        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
-        Servicer {
-            id,
-            vcpu,
-            channel,
-            control,
-            shared,
-            config,
-            read_buf: vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
-            write_buf: Vec::with_capacity(512),
-        }
-    }
-
+impl PipeIo {
     fn killed(&self) -> bool {
         self.shared.kill.load(Ordering::Acquire)
     }
+}
 
+impl VcpuIo for PipeIo {
     fn read_request(&mut self) -> Result<VcpuRequest, ServiceError> {
         let n = loop {
             if self.killed() {
@@ -354,7 +499,10 @@ impl Servicer {
                 Err(e) => return Err(ServiceError::Read(e)),
             }
         };
-        VcpuRequest::parse_from_bytes(&self.read_buf[..n]).map_err(ServiceError::Decode)
+        if let Some(r) = record::recorder() {
+            r.vcpu_request(self.id, &self.read_buf[..n]);
+        }
+        decode_request(&self.read_buf[..n])
     }
 
     fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError> {
@@ -373,39 +521,62 @@ impl Servicer {
         }
         Ok(())
     }
+}
 
-    /// Services the plugin until `Resume`. With `init`, the Init reason is
-    /// pending and must be asked for with `Wait` first.
-    fn service(&mut self, init: bool) -> Result<vcpu_request::Resume, ServiceError> {
-        let mut init_pending = init;
-        loop {
-            let req = self.read_request()?;
-            match handle_request(&self.vcpu, &mut init_pending, req) {
-                Action::Reply(r) => self.write_response(&r)?,
-                Action::Resume(resume) => {
-                    apply_deferred_registers(&self.vcpu, &resume)
-                        .map_err(ServiceError::DeferredRegisters)?;
-                    return Ok(resume);
-                }
-                Action::Shutdown => return Err(ServiceError::Shutdown),
-            }
+/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
+pub struct Servicer {
+    pub id: u32,
+    /// A second handle on the same KVM vcpu, for state requests while the
+    /// run handle is borrowed by an exit.
+    pub vcpu: VcpuFd,
+    pub control: Arc<VcpuControl>,
+    pub shared: Arc<VcpuShared>,
+    io: PipeIo,
+    config: ExitConfigReader,
+}
+
+impl Servicer {
+    pub fn new(
+        id: u32,
+        vcpu: VcpuFd,
+        channel: Arc<HostChannel>,
+        control: Arc<VcpuControl>,
+        shared: Arc<VcpuShared>,
+    ) -> Self {
+        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
+        Servicer {
+            id,
+            vcpu,
+            control,
+            io: PipeIo {
+                id,
+                channel,
+                shared: Arc::clone(&shared),
+                read_buf: vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
+                write_buf: Vec::with_capacity(512),
+            },
+            shared,
+            config,
         }
     }
 
-    /// Sends an unsolicited wait reason and, unless it is a posted write,
-    /// services the plugin until `Resume`.
+    fn killed(&self) -> bool {
+        self.shared.kill.load(Ordering::Acquire)
+    }
+
+    fn service(&mut self, init: bool) -> Result<vcpu_request::Resume, ServiceError> {
+        service(&self.vcpu, &mut self.io, init)
+    }
+
     fn deliver(
         &mut self,
         wait: vcpu_response::Wait,
         needs_resume: bool,
     ) -> Result<Option<Vec<u8>>, ServiceError> {
-        let mut r = VcpuResponse::new();
-        r.set_wait(wait);
-        self.write_response(&r)?;
-        if !needs_resume {
-            return Ok(None);
+        if let Some(r) = record::recorder() {
+            r.vcpu_exit(self.id, &wait);
         }
-        self.service(false).map(|resume| Some(resume.data))
+        deliver(&self.vcpu, &mut self.io, wait, needs_resume)
     }
 
     fn log_service_error(&self, what: &str, e: &ServiceError) {
@@ -429,12 +600,7 @@ impl Servicer {
         data: &[u8],
         no_resume: bool,
     ) -> vcpu_response::Wait {
-        let mut io = vcpu_response::wait::Io::new();
-        io.space = plugin_proto::protobuf::EnumOrUnknown::from_i32(space.to_wire());
-        io.address = address;
-        io.is_write = is_write;
-        io.no_resume = no_resume;
-        io.data = data.to_vec();
+        let mut io = io_wait(space, address, is_write, data, no_resume);
         if !no_resume {
             self.add_hinted_registers(space, address, is_write, &mut io);
         }
@@ -477,7 +643,6 @@ impl Servicer {
         let Some(range) = self.config.get().reservations.lookup(space, address) else {
             return;
         };
-        let data = &data[..data.len().min(MAX_IO_WRITE)];
         let wait = self.io_event(space, address, true, data, range.async_write);
         if let Err(e) = self.deliver(wait, !range.async_write) {
             self.log_service_error("io write", &e);
@@ -487,7 +652,6 @@ impl Servicer {
     /// A guest read at `address`; fills `data` (zeros when unreserved or when
     /// servicing fails, missing bytes of a short reply read as zero).
     fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
-        data.fill(0);
         let sync = self
             .config
             .get()
@@ -495,18 +659,18 @@ impl Servicer {
             .lookup(space, address)
             .is_some_and(|r| !r.async_write);
         if !sync {
+            complete_read(data, None);
             return;
         }
-        let len = data.len().min(MAX_IO_READ);
         let zeros = [0u8; MAX_IO_READ];
+        let len = data.len().min(MAX_IO_READ);
         let wait = self.io_event(space, address, false, &zeros[..len], false);
         match self.deliver(wait, true) {
-            Ok(Some(reply)) => {
-                let n = reply.len().min(data.len());
-                data[..n].copy_from_slice(&reply[..n]);
+            Ok(reply) => complete_read(data, reply.as_deref()),
+            Err(e) => {
+                self.log_service_error("io read", &e);
+                complete_read(data, None);
             }
-            Ok(None) => {}
-            Err(e) => self.log_service_error("io read", &e),
         }
     }
 
@@ -634,10 +798,7 @@ fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
             let mut w = vcpu_response::Wait::new();
             w.set_hyperv_call(c);
             let result = match sv.deliver(w, true) {
-                Ok(Some(data)) => {
-                    <[u8; 8]>::try_from(data.as_slice()).map_or(0, u64::from_le_bytes)
-                }
-                Ok(None) => 0,
+                Ok(data) => hcall_result(data.as_deref()),
                 Err(e) => {
                     sv.log_service_error("hypercall", &e);
                     0
