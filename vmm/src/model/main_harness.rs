@@ -243,7 +243,10 @@ impl<V: Inspect> MainHarness<V> {
         truncated: bool,
     ) -> Result<Option<MainResponse>, ModelError> {
         self.stats.requests += 1;
-        let decoded = MainRequest::parse_from_bytes(bytes);
+        // What the handler may accept: complete framing, then protobuf.
+        let decoded = plugin_proto::framing::check_lengths(bytes, &[])
+            .map_err(|_| ())
+            .and_then(|()| MainRequest::parse_from_bytes(bytes).map_err(|_| ()));
         let had_fd = fds.len() == 1 && !truncated;
         let result = main_handler::handle(
             &mut self.state,
@@ -254,7 +257,7 @@ impl<V: Inspect> MainHarness<V> {
             truncated,
         );
         let reply = match (result, decoded) {
-            (Err(HandlerError::Decode(_)), Err(_)) => {
+            (Err(HandlerError::Decode(_) | HandlerError::Malformed(_)), Err(())) => {
                 self.stats.undecodable += 1;
                 self.check()?;
                 return Ok(None);

@@ -152,8 +152,9 @@ impl VcpuIo for QueueIo<'_> {
         match (&decoded, VcpuRequest::parse_from_bytes(&bytes)) {
             (Ok(_), Ok(_)) => {}
             (Err(ServiceError::Decode(_)), Err(_)) => self.stats.undecodable += 1,
-            // The packed-length guard refuses only what protobuf refuses too.
-            (Err(ServiceError::PackedOverrun { .. }), Err(_)) => self.stats.undecodable += 1,
+            // The length check refuses what protobuf refuses, and requests
+            // protobuf would take although they were cut short.
+            (Err(ServiceError::Malformed(_)), _) => self.stats.undecodable += 1,
             (d, p) => {
                 let e = invariant(format!(
                     "decode_request disagrees with protobuf: {:?} vs {:?}",
@@ -344,9 +345,8 @@ impl VcpuHarness {
                             return Err(invariant("Shutdown honoured while Init was pending"));
                         }
                     }
-                    ServiceError::Closed
-                    | ServiceError::Decode(_)
-                    | ServiceError::PackedOverrun { .. } => {}
+                    ServiceError::Closed | ServiceError::Decode(_) | ServiceError::Malformed(_) => {
+                    }
                     other => return Err(invariant(format!("unexpected servicing end: {other}"))),
                 }
             }

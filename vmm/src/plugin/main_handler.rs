@@ -91,6 +91,8 @@ impl Reply {
 pub enum HandlerError {
     #[error("undecodable MainRequest")]
     Decode(#[source] plugin_proto::protobuf::Error),
+    #[error("malformed MainRequest")]
+    Malformed(#[source] plugin_proto::framing::FramingError),
 }
 
 type Outcome = Result<Reply, Errno>;
@@ -156,6 +158,9 @@ pub fn handle(
     fds: Vec<OwnedFd>,
     fds_truncated: bool,
 ) -> Result<Reply, HandlerError> {
+    // rust-protobuf would take a request cut short inside a field for a
+    // complete one; refuse it like any undecodable packet.
+    plugin_proto::framing::check_lengths(bytes, &[]).map_err(HandlerError::Malformed)?;
     let request = MainRequest::parse_from_bytes(bytes).map_err(HandlerError::Decode)?;
     Ok(handle_request(
         state,

@@ -299,88 +299,22 @@ pub enum ServiceError {
     Write(#[source] Errno),
     #[error("undecodable vcpu request")]
     Decode(#[source] plugin_proto::protobuf::Error),
-    #[error(
-        "undecodable vcpu request: a packed field claims {claimed} bytes but only {left} follow"
-    )]
-    PackedOverrun { claimed: u64, left: usize },
+    #[error("malformed vcpu request")]
+    Malformed(#[source] plugin_proto::framing::FramingError),
     #[error("applying deferred registers on resume failed")]
     DeferredRegisters(#[source] Errno),
 }
 
-/// Reads one field key and returns (field number, wire type) and the bytes
-/// after it, or `None` when `buf` does not start with a well-formed key.
-fn split_key(buf: &[u8]) -> Option<(u64, u64, &[u8])> {
-    let (key, n) = plugin_proto::framing::decode_varint(buf).ok()??;
-    Some((key >> 3, key & 7, &buf[n..]))
-}
+/// `VcpuRequest.get_msrs`: its packed `entry_indices` is checked before
+/// decoding (see [`plugin_proto::framing::check_lengths`]).
+const GET_MSRS_FIELD: u64 = 5;
 
-/// Reads a length prefix, returning the length and the bytes after it.
-fn split_len(buf: &[u8]) -> Option<(u64, &[u8])> {
-    let (len, n) = plugin_proto::framing::decode_varint(buf).ok()??;
-    Some((len, &buf[n..]))
-}
-
-/// rust-protobuf reserves room for a packed repeated field from the length
-/// it claims (up to 10 million elements, 40 MB for `GetMsrs.entry_indices`)
-/// before checking that the bytes are there. Refuse such a claim first, so a
-/// 10-byte request cannot make the host allocate 40 MB.
-///
-/// Walks the top-level fields of a `VcpuRequest`; for `get_msrs` (field 5)
-/// checks every length-delimited field inside against the bytes that follow.
-/// Anything else malformed is left to the protobuf decoder to reject.
-fn check_packed_lengths(mut buf: &[u8]) -> Result<(), ServiceError> {
-    const GET_MSRS: u64 = 5;
-    const LEN: u64 = 2;
-    while let Some((field, wire, rest)) = split_key(buf) {
-        buf = match wire {
-            0 => match plugin_proto::framing::decode_varint(rest) {
-                Ok(Some((_, n))) => &rest[n..],
-                _ => return Ok(()),
-            },
-            1 if rest.len() >= 8 => &rest[8..],
-            5 if rest.len() >= 4 => &rest[4..],
-            LEN => {
-                let Some((len, body)) = split_len(rest) else {
-                    return Ok(());
-                };
-                let Some(inner) = usize::try_from(len).ok().and_then(|l| body.get(..l)) else {
-                    return Ok(());
-                };
-                if field == GET_MSRS {
-                    let mut m = inner;
-                    while let Some((_, wire, rest)) = split_key(m) {
-                        m = match wire {
-                            0 => match plugin_proto::framing::decode_varint(rest) {
-                                Ok(Some((_, n))) => &rest[n..],
-                                _ => break,
-                            },
-                            LEN => {
-                                let Some((claimed, b)) = split_len(rest) else {
-                                    break;
-                                };
-                                if claimed > b.len() as u64 {
-                                    return Err(ServiceError::PackedOverrun {
-                                        claimed,
-                                        left: b.len(),
-                                    });
-                                }
-                                &b[claimed as usize..]
-                            }
-                            _ => break,
-                        };
-                    }
-                }
-                &body[inner.len()..]
-            }
-            _ => return Ok(()),
-        };
-    }
-    Ok(())
-}
-
-/// Decodes one bare request as read from the request pipe.
+/// Decodes one bare request as read from the request pipe. A truncated
+/// request, or one whose length prefixes claim more than it holds, is
+/// undecodable.
 pub fn decode_request(bytes: &[u8]) -> Result<VcpuRequest, ServiceError> {
-    check_packed_lengths(bytes)?;
+    plugin_proto::framing::check_lengths(bytes, &[GET_MSRS_FIELD])
+        .map_err(ServiceError::Malformed)?;
     VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)
 }
 
