@@ -383,6 +383,20 @@ impl<V: Inspect> MainHarness<V> {
                 if ok != reply.new_connection.is_some() {
                     return Err(invariant("new connection without a host end"));
                 }
+                if let (Some(host), Some(plugin)) = (&reply.new_connection, reply.fds.first()) {
+                    // Only the host's end may be non-blocking.
+                    let nonblocking = |fd: &std::os::fd::OwnedFd| {
+                        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).is_ok_and(|f| {
+                            nix::fcntl::OFlag::from_bits_truncate(f)
+                                .contains(nix::fcntl::OFlag::O_NONBLOCK)
+                        })
+                    };
+                    if !nonblocking(host) || nonblocking(plugin) {
+                        return Err(invariant(
+                            "a new connection's host end must be non-blocking, the plugin's blocking",
+                        ));
+                    }
+                }
             }
             Q::GetShutdownEventfd(_) => {
                 if !ok {
