@@ -1203,6 +1203,165 @@ fn leaks() {
     );
 }
 
+/// 32-bit guest for `hypercall`: sets the Hyper-V guest OS id, makes two
+/// `HVCALL_POST_MESSAGE` hypercalls (KVM hands them to userspace when SynIC
+/// is active), and writes each result (EAX, then EDX) to port 0x3f8; then
+/// the done port 0x501. `$HCALL` is patched with vmcall or vmmcall.
+fn hypercall_guest(amd: bool) -> Vec<u8> {
+    let hcall: &[u8] = if amd {
+        &[0x0f, 0x01, 0xd9]
+    } else {
+        &[0x0f, 0x01, 0xc1]
+    };
+    let mut g = vec![
+        0xb9, 0x00, 0x00, 0x00, 0x40, // mov ecx, 0x40000000 (HV_X64_MSR_GUEST_OS_ID)
+        0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+        0x31, 0xd2, // xor edx, edx
+        0x0f, 0x30, // wrmsr
+    ];
+    for _ in 0..2 {
+        g.extend_from_slice(&[
+            0xb8, 0x5c, 0x00, 0x00, 0x00, // mov eax, 0x5c (HVCALL_POST_MESSAGE)
+            0x31, 0xd2, // xor edx, edx
+            0x31, 0xdb, // xor ebx, ebx
+            0xb9, 0x00, 0x20, 0x00, 0x00, // mov ecx, 0x2000 (input page)
+            0x31, 0xff, // xor edi, edi
+            0x31, 0xf6, // xor esi, esi
+        ]);
+        g.extend_from_slice(hcall);
+        g.extend_from_slice(&[
+            0x89, 0xd3, // mov ebx, edx
+            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xef, // out dx, eax
+            0x89, 0xd8, // mov eax, ebx
+            0xef, // out dx, eax
+        ]);
+    }
+    g.extend_from_slice(&[
+        0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+        0xee, // out dx, al
+        0xf4, // hlt
+    ]);
+    g
+}
+
+/// Flat 32-bit protected mode (segment caches set directly, no GDT needed).
+fn flat_protected_mode(sregs: &mut kvm_bindings::kvm_sregs) {
+    let seg = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = seg(0x8, 0xb);
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *s = seg(0x10, 0x3);
+    }
+    sregs.cr0 |= 1;
+}
+
+/// Hyper-V hypercall exits with resume data of the right and the wrong
+/// length: 8 bytes are the result, anything else reads as 0.
+fn hypercall() {
+    let amd = {
+        let r = std::arch::x86_64::__cpuid(0);
+        r.ebx == u32::from_le_bytes(*b"Auth")
+    };
+    let mut c = Conn::from_env();
+    let mut vcpus = get_vcpus(&mut c);
+    let mem = memfd(0x10000);
+    nix::sys::uio::pwrite(&mem, &hypercall_guest(amd), 0x1000).unwrap();
+    assert_eq!(create_memory(&mut c, 1, &mem, 0, 0x10000), 0);
+    assert_eq!(reserve(&mut c, AddressSpace::IOPORT, 0x3f8, 1, false), 0);
+    assert_eq!(reserve(&mut c, AddressSpace::IOPORT, 0x501, 1, false), 0);
+    let mut r = MainRequest::new();
+    r.set_get_supported_cpuid(Default::default());
+    let (resp, _) = c.call(&r, &[]);
+    assert_eq!(resp.errno, 0);
+    let mut cpuid = resp.get_supported_cpuid().entries.clone();
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    let v = &mut vcpus[0];
+    assert!(vcpu_call(v, |r| r.set_wait(Default::default()))
+        .wait()
+        .has_init());
+    // Hyper-V leaves (signature "Hv#1") make KVM treat the guest as Hyper-V.
+    let hv = vcpu_call(v, |r| r.set_get_hyperv_cpuid(Default::default()));
+    if hv.errno != 0 {
+        println!(
+            "hypercall skipped: no Hyper-V emulation (errno {})",
+            hv.errno
+        );
+        std::process::exit(0);
+    }
+    cpuid.retain(|e| e.function < 0x4000_0000 || e.function >= 0x5000_0000);
+    cpuid.extend(hv.get_hyperv_cpuid().entries.iter().cloned());
+    cpuid.truncate(256);
+    let r = vcpu_call(v, |r| r.mut_set_cpuid().entries = cpuid);
+    assert_eq!(r.errno, 0, "SetCpuid");
+    let r = vcpu_call(v, |r| r.mut_enable_capability().capability = 123);
+    assert_eq!(r.errno, 0, "enabling SynIC");
+    let r = vcpu_call(v, |r| {
+        r.mut_get_state().set = vcpu_request::StateSet::SREGS.into()
+    });
+    let mut sregs =
+        <kvm_bindings::kvm_sregs as zerocopy::FromBytes>::read_from_bytes(&r.get_state().state)
+            .unwrap();
+    flat_protected_mode(&mut sregs);
+    let regs = kvm_bindings::kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    };
+    resume_with(v, |rs| {
+        rs.regs = regs.as_bytes().to_vec();
+        rs.sregs = sregs.as_bytes().to_vec();
+    });
+    let mut results = Vec::new();
+    for data in [
+        0x1122_3344_5566_7788u64.to_le_bytes().to_vec(),
+        vec![0xff; 3],
+    ] {
+        let w = v.recv();
+        assert!(
+            w.wait().has_hyperv_call(),
+            "expected a hypercall, got {w:?}"
+        );
+        assert_eq!(w.wait().hyperv_call().input & 0xffff, 0x5c);
+        assert_eq!(w.wait().hyperv_call().params0, 0x2000);
+        resume_with(v, |rs| rs.data = data);
+        let mut halves = Vec::new();
+        for _ in 0..2 {
+            let io = next_io(v);
+            assert_eq!(io.address, 0x3f8);
+            halves.push(u32::from_le_bytes(io.data[..4].try_into().unwrap()));
+            resume_with(v, |_| {});
+        }
+        results.push(u64::from(halves[1]) << 32 | u64::from(halves[0]));
+    }
+    assert_eq!(next_io(v).address, 0x501);
+    assert_eq!(
+        results,
+        vec![0x1122_3344_5566_7788, 0],
+        "wrong-length result must read as 0"
+    );
+    println!("hypercall ok: results {results:x?}");
+}
+
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     match scenario.as_str() {
@@ -1229,6 +1388,7 @@ fn main() {
         "flood-vcpu" => flood_vcpu(),
         "never-read" => never_read(),
         "leaks" => leaks(),
+        "hypercall" => hypercall(),
         other => {
             eprintln!("unknown scenario `{other}`");
             std::process::exit(2);
