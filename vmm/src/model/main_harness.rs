@@ -574,7 +574,18 @@ impl<V: Inspect> MainHarness<V> {
                     let mut u = Unstructured::new(rec.payload);
                     if let Ok(input) = MainInput::arbitrary(&mut u) {
                         let (kind, arg) = input.fds();
-                        self.request(&input.to_bytes(), kind, arg)?;
+                        let bytes = input.to_bytes();
+                        // The framing check must never refuse a well-formed
+                        // request.
+                        if matches!(input.damage, super::gen::Damage::None)
+                            && plugin_proto::framing::check_lengths(&bytes, &[]).is_err()
+                        {
+                            return Err(invariant(format!(
+                                "check_lengths refused a well-formed {:?}",
+                                input.shape
+                            )));
+                        }
+                        self.request(&bytes, kind, arg)?;
                     }
                 }
                 RecordKind::CloseConnection => self.close_connection(),

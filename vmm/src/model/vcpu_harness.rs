@@ -205,6 +205,8 @@ pub struct VcpuHarness {
     pub vcpu: ModelVcpu,
     queue: VecDeque<Item>,
     pub stats: VcpuStats,
+    /// A well-formed generated request the decoder refused.
+    rejected_good: Option<String>,
 }
 
 impl Default for VcpuHarness {
@@ -219,6 +221,7 @@ impl VcpuHarness {
             vcpu: ModelVcpu::default(),
             queue: VecDeque::new(),
             stats: VcpuStats::default(),
+            rejected_good: None,
         }
     }
 
@@ -231,7 +234,14 @@ impl VcpuHarness {
                 }
                 RecordKind::VcpuStructured => {
                     if let Ok(i) = VcpuInput::arbitrary(&mut Unstructured::new(rec.payload)) {
-                        self.queue.push_back(Item::Request(i.to_bytes()));
+                        let bytes = i.to_bytes();
+                        if matches!(i.damage, super::gen::Damage::None)
+                            && !matches!(i.shape, super::gen::VcpuShape::Garbage(_))
+                            && decode_request(&bytes).is_err()
+                        {
+                            self.rejected_good = Some(format!("{:?}", i.shape));
+                        }
+                        self.queue.push_back(Item::Request(bytes));
                     }
                 }
                 RecordKind::VcpuExit => {
@@ -360,6 +370,9 @@ impl VcpuHarness {
     /// When the vcpu thread would end (failed Init or pause servicing), the
     /// rest of the input goes to a fresh vcpu.
     pub fn run(&mut self) -> Result<(), ModelError> {
+        if let Some(shape) = &self.rejected_good {
+            return Err(invariant(format!("a well-formed {shape} was refused")));
+        }
         while !self.queue.is_empty() {
             self.vcpu = ModelVcpu::default();
             let before = self.queue.len();
