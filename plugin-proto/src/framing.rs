@@ -50,6 +50,12 @@ pub enum FramingError {
     Encode(#[source] protobuf::Error),
     #[error("protobuf decoding failed")]
     Decode(#[source] protobuf::Error),
+    #[error("a length-delimited field claims {claimed} bytes but only {left} follow")]
+    BadLength { claimed: u64, left: usize },
+    #[error("the message ends in the middle of a field")]
+    Incomplete,
+    #[error("a varint in the message is longer than 10 bytes")]
+    BadVarint,
 }
 
 impl FramingError {
@@ -64,9 +70,12 @@ impl FramingError {
             FramingError::Truncated(_) | FramingError::TooLarge(_) => Errno::EMSGSIZE,
             // The reference client reports EOF, undecodable replies and
             // partial frames as EINVAL.
-            FramingError::Closed | FramingError::BadPrefix | FramingError::Decode(_) => {
-                Errno::EINVAL
-            }
+            FramingError::Closed
+            | FramingError::BadPrefix
+            | FramingError::Decode(_)
+            | FramingError::BadLength { .. }
+            | FramingError::Incomplete
+            | FramingError::BadVarint => Errno::EINVAL,
             FramingError::Encode(_) => Errno::EINVAL,
         }
     }
@@ -247,6 +256,71 @@ pub fn decode_varint(buf: &[u8]) -> Result<Option<(u64, usize)>> {
         }
     }
     Ok(None)
+}
+
+/// Skips one field body of wire type `wire` at the start of `buf` (whose key
+/// was already read); returns the rest, the body of a length-delimited field,
+/// or `None` for wire types left to the protobuf decoder (groups, invalid).
+fn skip_field(buf: &[u8], wire: u64) -> Result<Option<(&[u8], &[u8])>> {
+    let need = |n: usize| {
+        if buf.len() >= n {
+            Ok(Some((&buf[n..], &buf[..0])))
+        } else {
+            Err(FramingError::Incomplete)
+        }
+    };
+    match wire {
+        0 => match decode_varint(buf).map_err(|_| FramingError::BadVarint)? {
+            Some((_, n)) => Ok(Some((&buf[n..], &buf[..0]))),
+            None => Err(FramingError::Incomplete),
+        },
+        1 => need(8),
+        5 => need(4),
+        2 => {
+            let (len, n) = decode_varint(buf)
+                .map_err(|_| FramingError::BadVarint)?
+                .ok_or(FramingError::Incomplete)?;
+            let rest = &buf[n..];
+            if len > rest.len() as u64 {
+                return Err(FramingError::BadLength {
+                    claimed: len,
+                    left: rest.len(),
+                });
+            }
+            let (body, rest) = rest.split_at(len as usize);
+            Ok(Some((rest, body)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Checks the framing of a serialized message before it is decoded: every
+/// field at the top level (and inside the length-delimited top-level fields
+/// numbered in `nested`) is complete and no length prefix claims more bytes
+/// than follow.
+///
+/// rust-protobuf is lenient on both counts when decoding a whole buffer: a
+/// message cut inside a nested message decodes as if the nested message
+/// ended there, and a packed repeated field reserves room for the number of
+/// elements its length *claims* (up to 10 million) before the bytes are
+/// checked. A host must not act on a truncated request, nor let a 10-byte
+/// request make it allocate 40 MB.
+pub fn check_lengths(buf: &[u8], nested: &[u64]) -> Result<()> {
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let (key, n) = decode_varint(rest)
+            .map_err(|_| FramingError::BadVarint)?
+            .ok_or(FramingError::Incomplete)?;
+        let Some((after, body)) = skip_field(&rest[n..], key & 7)? else {
+            // Groups and invalid wire types: the decoder decides.
+            return Ok(());
+        };
+        if key & 7 == 2 && nested.contains(&(key >> 3)) {
+            check_lengths(body, &[])?;
+        }
+        rest = after;
+    }
+    Ok(())
 }
 
 /// Reads one bare request from a vcpu request pipe: a single `read()` into

@@ -114,16 +114,32 @@ pub const HANG_GUARD: Duration = Duration::from_secs(60);
 /// Runs `vmm [vmm_args] --plugin PLUGIN --plugin-args PLUGIN_ARGS`. A run
 /// that outlives [`HANG_GUARD`] is killed and fails the test.
 pub fn run_vmm(vmm_args: &[&str], plugin: &Path, plugin_args: &[&str]) -> VmmRun {
+    run_vmm_with_guard(vmm_args, plugin, plugin_args, HANG_GUARD)
+}
+
+/// [`run_vmm`] with a different hang guard, for runs that are long by
+/// design.
+pub fn run_vmm_with_guard(
+    vmm_args: &[&str],
+    plugin: &Path,
+    plugin_args: &[&str],
+    guard: Duration,
+) -> VmmRun {
     let mut cmd = Command::new(bin("vmm"));
     cmd.args(vmm_args).arg("--plugin").arg(plugin);
     if !plugin_args.is_empty() {
         cmd.arg("--plugin-args").args(plugin_args);
     }
-    run_command(cmd)
+    run_command_with_guard(cmd, guard)
 }
 
 /// Runs a prepared command with captured output under the hang guard.
-pub fn run_command(mut cmd: Command) -> VmmRun {
+pub fn run_command(cmd: Command) -> VmmRun {
+    run_command_with_guard(cmd, HANG_GUARD)
+}
+
+/// [`run_command`] with a different hang guard.
+pub fn run_command_with_guard(mut cmd: Command, guard: Duration) -> VmmRun {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
@@ -145,10 +161,10 @@ pub fn run_command(mut cmd: Command) -> VmmRun {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        if start.elapsed() > HANG_GUARD {
+        if start.elapsed() > guard {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("vmm hung for more than {HANG_GUARD:?}: {cmd:?}");
+            panic!("vmm hung for more than {guard:?}: {cmd:?}");
         }
         std::thread::sleep(Duration::from_millis(5));
     };

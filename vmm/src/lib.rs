@@ -9,8 +9,10 @@
 pub mod cli;
 pub mod jail;
 pub mod limits;
+pub mod model;
 pub mod net;
 pub mod plugin;
+pub mod record;
 pub mod vm;
 
 /// Formats an error with its whole `source()` chain: `a: b: c`.

@@ -98,6 +98,8 @@ impl Reply {
 pub enum HandlerError {
     #[error("undecodable MainRequest")]
     Decode(#[source] plugin_proto::protobuf::Error),
+    #[error("malformed MainRequest")]
+    Malformed(#[source] plugin_proto::framing::FramingError),
 }
 
 type Outcome = Result<Reply, Errno>;
@@ -163,6 +165,9 @@ pub fn handle(
     fds: Vec<OwnedFd>,
     fds_truncated: bool,
 ) -> Result<Reply, HandlerError> {
+    // rust-protobuf would take a request cut short inside a field for a
+    // complete one; refuse it like any undecodable packet.
+    plugin_proto::framing::check_lengths(bytes, &[]).map_err(HandlerError::Malformed)?;
     let request = MainRequest::parse_from_bytes(bytes).map_err(HandlerError::Decode)?;
     Ok(handle_request(
         state,
@@ -465,12 +470,16 @@ fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
     if services.connection_count() >= limits::MAX_CONNECTIONS {
         return Err(Errno::EMFILE);
     }
+    // SOCK_NONBLOCK would apply to both ends: only the host's end must not
+    // block (the main loop drops a connection whose replies back up); the
+    // plugin's end is an ordinary blocking socket, like the first one.
     let (host, plugin) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockFlag::SOCK_CLOEXEC,
     )?;
+    fcntl(&host, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     Ok(Reply {
         fds: vec![plugin],
         new_connection: Some(host),
@@ -626,7 +635,13 @@ pub fn dirty_bitmap_len(length: u64) -> usize {
 fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Errno> {
     match state.objects.get(id) {
         Some(Object::Memory { slot, length, .. }) => {
-            vm.get_dirty_log(*slot, *length, dirty_bitmap_len(*length))
+            let len = dirty_bitmap_len(*length);
+            // The region's length is the plugin's choice: bound the bitmap
+            // before anything is allocated for it.
+            if len > limits::MAX_DIRTY_BITMAP {
+                return Err(Errno::E2BIG);
+            }
+            vm.get_dirty_log(*slot, *length, len)
         }
         _ => Err(Errno::ENOENT),
     }

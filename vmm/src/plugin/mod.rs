@@ -303,6 +303,7 @@ struct Host {
 /// Runs the VM until the plugin exits; `Ok` only for a clean run with plugin
 /// exit status 0.
 pub fn run(config: RunConfig) -> Result<(), RunError> {
+    crate::record::init_from_env();
     // 1. Signals: SIGCHLD (plugin exit) and SIGINT/SIGTERM (user stop) are
     // read from a signalfd; blocking them here also keeps them off the vcpu
     // threads created later.
@@ -628,6 +629,9 @@ impl Host {
             Err(FramingError::Recv(Errno::EAGAIN)) => return,
             Err(FramingError::Closed) => {
                 debug!("plugin closed a connection");
+                if let Some(r) = crate::record::recorder() {
+                    r.connection_closed();
+                }
                 self.drop_connection(token);
                 return;
             }
@@ -637,6 +641,13 @@ impl Host {
                 return;
             }
         };
+        if let Some(r) = crate::record::recorder() {
+            r.main_request(
+                &self.recv_buf[..packet.len],
+                &packet.fds,
+                packet.fds_truncated,
+            );
+        }
         let services = Services {
             channels: &self.channels,
             taps: &self.taps,

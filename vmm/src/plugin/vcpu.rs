@@ -26,15 +26,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::fastpath;
 use super::objects::{ExitConfigReader, SharedExitConfig};
-use crate::limits;
 use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
+use crate::{limits, record};
 
 /// Most bytes of a port read forwarded to the plugin (string `IN`).
 const MAX_IO_READ: usize = 256;
 /// Most bytes of a write forwarded to the plugin.
 const MAX_IO_WRITE: usize = 8;
-/// Room reserved before a response for its varint length prefix.
-const PREFIX_ROOM: usize = 10;
 
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, for the kick handler.
@@ -138,14 +136,6 @@ pub struct VcpuShared {
 pub struct HostChannel {
     pub request_read: OwnedFd,
     pub response_write: OwnedFd,
-}
-
-/// How a vcpu thread talks to the plugin.
-pub enum Transport {
-    /// The crosvm pipes: bare requests in, varint-delimited responses out.
-    Pipe(Arc<HostChannel>),
-    /// The shared-memory fast channel (protocol extension).
-    Shm(plugin_proto::shm::ShmChannel),
 }
 
 /// What servicing one request leads to.
@@ -312,10 +302,166 @@ pub enum ServiceError {
     Write(#[source] Errno),
     #[error("undecodable vcpu request")]
     Decode(#[source] plugin_proto::protobuf::Error),
+    #[error("malformed vcpu request")]
+    Malformed(#[source] plugin_proto::framing::FramingError),
     #[error("applying deferred registers on resume failed")]
     DeferredRegisters(#[source] Errno),
     #[error("the fast vcpu channel failed")]
     FastChannel(#[source] plugin_proto::shm::ShmError),
+}
+
+/// `VcpuRequest.get_msrs`: its packed `entry_indices` is checked before
+/// decoding (see [`plugin_proto::framing::check_lengths`]).
+const GET_MSRS_FIELD: u64 = 5;
+
+/// Decodes one bare request as read from the request pipe. A truncated
+/// request, or one whose length prefixes claim more than it holds, is
+/// undecodable.
+pub fn decode_request(bytes: &[u8]) -> Result<VcpuRequest, ServiceError> {
+    plugin_proto::framing::check_lengths(bytes, &[GET_MSRS_FIELD])
+        .map_err(ServiceError::Malformed)?;
+    VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)
+}
+
+/// The byte transport of one vcpu channel as the servicing loop sees it: the
+/// pipes or the shared-memory channel on a real host, memory in tests and
+/// fuzzing.
+pub trait VcpuIo {
+    /// Blocks for the next request of the plugin and returns its bytes
+    /// (valid until the next call).
+    fn read_request(&mut self) -> Result<&[u8], ServiceError>;
+    /// Sends one serialized response; the transport adds its framing.
+    fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError>;
+}
+
+/// Services the plugin until `Resume` (wire-protocol.md §8.2). With `init`,
+/// the Init reason is pending and must be asked for with `Wait` first. The
+/// deferred registers of the `Resume` are applied and its data is left in
+/// `resume_data`.
+pub fn service(
+    vcpu: &impl Vcpu,
+    io: &mut impl VcpuIo,
+    init: bool,
+    resume_data: &mut Vec<u8>,
+) -> Result<(), ServiceError> {
+    let mut init_pending = init;
+    loop {
+        let bytes = io.read_request()?;
+        // The common case, decoded without allocating; it means exactly what
+        // `handle_request` would make of it.
+        if !init_pending {
+            if let Some(resume) = fastpath::parse_resume(bytes) {
+                apply_deferred_registers(vcpu, resume.regs, resume.sregs, resume.debugregs)
+                    .map_err(ServiceError::DeferredRegisters)?;
+                resume_data.clear();
+                resume_data.extend_from_slice(resume.data);
+                return Ok(());
+            }
+        }
+        let req = decode_request(bytes)?;
+        match handle_request(vcpu, &mut init_pending, req) {
+            Action::Reply(r) => send_response(io, &r)?,
+            Action::Resume(resume) => {
+                apply_deferred_registers(vcpu, &resume.regs, &resume.sregs, &resume.debugregs)
+                    .map_err(ServiceError::DeferredRegisters)?;
+                *resume_data = resume.data;
+                return Ok(());
+            }
+            Action::Shutdown => return Err(ServiceError::Shutdown),
+        }
+    }
+}
+
+/// Serializes and sends one response (replies and rare events; the exit
+/// path uses [`deliver_io`]).
+pub fn send_response(io: &mut impl VcpuIo, msg: &VcpuResponse) -> Result<(), ServiceError> {
+    let body = msg
+        .write_to_bytes()
+        .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
+    io.write_response(&body)
+}
+
+/// Sends an unsolicited wait reason and, unless it is a posted write
+/// (`needs_resume` false), services the plugin until `Resume`. Returns
+/// whether it resumed (then its data is in `resume_data`).
+pub fn deliver(
+    vcpu: &impl Vcpu,
+    io: &mut impl VcpuIo,
+    wait: vcpu_response::Wait,
+    needs_resume: bool,
+    resume_data: &mut Vec<u8>,
+) -> Result<bool, ServiceError> {
+    let mut r = VcpuResponse::new();
+    r.set_wait(wait);
+    send_response(io, &r)?;
+    if !needs_resume {
+        return Ok(false);
+    }
+    service(vcpu, io, false, resume_data).map(|()| true)
+}
+
+/// [`deliver`] for an `Io` event, on the exit path: encoded into `scratch`
+/// without building protobuf messages.
+pub fn deliver_io(
+    vcpu: &impl Vcpu,
+    io: &mut impl VcpuIo,
+    event: &fastpath::IoEvent<'_>,
+    scratch: &mut Vec<u8>,
+    resume_data: &mut Vec<u8>,
+) -> Result<bool, ServiceError> {
+    scratch.clear();
+    fastpath::encode_io_event(scratch, event);
+    io.write_response(scratch)?;
+    if event.no_resume {
+        return Ok(false);
+    }
+    service(vcpu, io, false, resume_data).map(|()| true)
+}
+
+/// Completes a guest read from the plugin's resume data: the first bytes
+/// come from `reply`, everything it does not cover reads as zero (a short
+/// reply crashed the reference host; spec quirk 6).
+pub fn complete_read(data: &mut [u8], reply: Option<&[u8]>) {
+    data.fill(0);
+    if let Some(reply) = reply {
+        let n = reply.len().min(data.len());
+        data[..n].copy_from_slice(&reply[..n]);
+    }
+}
+
+/// The hypercall result carried by resume data: exactly 8 little-endian
+/// bytes, anything else reads as 0 (wire-protocol.md §8.6).
+pub fn hcall_result(reply: Option<&[u8]>) -> u64 {
+    reply
+        .and_then(|d| <[u8; 8]>::try_from(d).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// The `Io` wait reason for a guest access (without eager registers). Write
+/// data is cut to 8 bytes, read buffers to 256 (host-behaviour.md §11.3).
+pub fn io_wait(
+    space: Space,
+    address: u64,
+    is_write: bool,
+    data: &[u8],
+    no_resume: bool,
+) -> vcpu_response::wait::Io {
+    let max = if is_write { MAX_IO_WRITE } else { MAX_IO_READ };
+    let mut io = vcpu_response::wait::Io::new();
+    io.space = plugin_proto::protobuf::EnumOrUnknown::from_i32(space.to_wire());
+    io.address = address;
+    io.is_write = is_write;
+    io.no_resume = no_resume;
+    io.data = data[..data.len().min(max)].to_vec();
+    io
+}
+
+/// How a vcpu thread talks to the plugin.
+pub enum Transport {
+    /// The crosvm pipes: bare requests in, varint-delimited responses out.
+    Pipe(Arc<HostChannel>),
+    /// The shared-memory fast channel (protocol extension).
+    Shm(plugin_proto::shm::ShmChannel),
 }
 
 fn shm_error(e: plugin_proto::shm::ShmError) -> ServiceError {
@@ -325,70 +471,54 @@ fn shm_error(e: plugin_proto::shm::ShmError) -> ServiceError {
     }
 }
 
-/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
-pub struct Servicer {
-    pub id: u32,
-    /// A second handle on the same KVM vcpu, for state requests while the
-    /// run handle is borrowed by an exit.
-    pub vcpu: VcpuFd,
-    pub transport: Transport,
-    pub control: Arc<VcpuControl>,
-    pub shared: Arc<VcpuShared>,
-    config: ExitConfigReader,
+/// One vcpu channel of a real host, either transport.
+struct ChannelIo {
+    id: u32,
+    transport: Transport,
+    shared: Arc<VcpuShared>,
     read_buf: Vec<u8>,
     write_buf: Vec<u8>,
-    /// The data of the last `Resume`.
-    resume_data: Vec<u8>,
 }
 
-impl Servicer {
-    pub fn new(
-        id: u32,
-        vcpu: VcpuFd,
-        transport: Transport,
-        control: Arc<VcpuControl>,
-        shared: Arc<VcpuShared>,
-    ) -> Self {
-        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
-        Servicer {
-            id,
-            vcpu,
-            transport,
-            control,
-            shared,
-            config,
-            read_buf: vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
-            write_buf: Vec::with_capacity(512),
-            resume_data: Vec::with_capacity(MAX_IO_READ),
+impl VcpuIo for ChannelIo {
+    fn read_request(&mut self) -> Result<&[u8], ServiceError> {
+        let kill = &self.shared.kill;
+        let bytes: &[u8] = match &mut self.transport {
+            Transport::Pipe(channel) => {
+                let n = loop {
+                    if kill.load(Ordering::Acquire) {
+                        return Err(ServiceError::Killed);
+                    }
+                    match nix::unistd::read(channel.request_read.as_fd(), &mut self.read_buf) {
+                        Ok(0) => return Err(ServiceError::Closed),
+                        Ok(n) => break n,
+                        Err(Errno::EINTR) => continue,
+                        Err(e) => return Err(ServiceError::Read(e)),
+                    }
+                };
+                &self.read_buf[..n]
+            }
+            Transport::Shm(channel) => {
+                let mut killed = || kill.load(Ordering::Acquire);
+                channel.recv(&mut killed).map_err(shm_error)?
+            }
+        };
+        if let Some(r) = record::recorder() {
+            r.vcpu_request(self.id, bytes);
         }
+        Ok(bytes)
     }
 
-    fn killed(&self) -> bool {
-        self.shared.kill.load(Ordering::Acquire)
-    }
-
-    /// Starts a frame in `write_buf`: room for the longest length prefix,
-    /// then the message is appended.
-    fn begin_frame(&mut self) {
-        self.write_buf.clear();
-        self.write_buf.resize(PREFIX_ROOM, 0);
-    }
-
-    /// Sends the frame built after `begin_frame`: on pipes prefix and body in
-    /// one `write()`, on the fast channel the body (the ring frames it).
-    fn send_frame(&mut self) -> Result<(), ServiceError> {
-        let body_len = (self.write_buf.len() - PREFIX_ROOM) as u64;
-        let plen = fastpath::varint_len(body_len);
-        let start = PREFIX_ROOM - plen;
-        let mut v = body_len;
-        for b in &mut self.write_buf[start..PREFIX_ROOM] {
-            *b = (v & 0x7f) as u8 | if v >= 0x80 { 0x80 } else { 0 };
-            v >>= 7;
-        }
+    fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError> {
         let kill = &self.shared.kill;
         match &mut self.transport {
             Transport::Pipe(channel) => {
-                let mut off = start;
+                // Prefix and message in one write(), so the reader never sees
+                // half a frame.
+                self.write_buf.clear();
+                fastpath::put_varint(&mut self.write_buf, body.len() as u64);
+                self.write_buf.extend_from_slice(body);
+                let mut off = 0;
                 while off < self.write_buf.len() {
                     if kill.load(Ordering::Acquire) {
                         return Err(ServiceError::Killed);
@@ -404,70 +534,73 @@ impl Servicer {
             }
             Transport::Shm(channel) => {
                 let mut killed = || kill.load(Ordering::Acquire);
-                channel
-                    .send(&self.write_buf[PREFIX_ROOM..], &mut killed)
-                    .map_err(shm_error)
+                channel.send(body, &mut killed).map_err(shm_error)
             }
         }
     }
+}
 
-    fn write_response(&mut self, msg: &VcpuResponse) -> Result<(), ServiceError> {
-        self.begin_frame();
-        msg.write_to_vec(&mut self.write_buf)
-            .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
-        self.send_frame()
+/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
+pub struct Servicer {
+    pub id: u32,
+    /// A second handle on the same KVM vcpu, for state requests while the
+    /// run handle is borrowed by an exit.
+    pub vcpu: VcpuFd,
+    pub control: Arc<VcpuControl>,
+    pub shared: Arc<VcpuShared>,
+    io: ChannelIo,
+    config: ExitConfigReader,
+    /// Encoding buffer of the exit path.
+    scratch: Vec<u8>,
+    /// The data of the last `Resume`.
+    resume_data: Vec<u8>,
+}
+
+impl Servicer {
+    pub fn new(
+        id: u32,
+        vcpu: VcpuFd,
+        transport: Transport,
+        control: Arc<VcpuControl>,
+        shared: Arc<VcpuShared>,
+    ) -> Self {
+        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
+        let read_buf = match transport {
+            Transport::Pipe(_) => vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
+            Transport::Shm(_) => Vec::new(),
+        };
+        Servicer {
+            id,
+            vcpu,
+            control,
+            io: ChannelIo {
+                id,
+                transport,
+                shared: Arc::clone(&shared),
+                read_buf,
+                write_buf: Vec::with_capacity(512),
+            },
+            shared,
+            config,
+            scratch: Vec::with_capacity(512),
+            resume_data: Vec::with_capacity(MAX_IO_READ),
+        }
     }
 
-    /// Services the plugin until `Resume`; the resume data is left in
-    /// `resume_data`. With `init`, the Init reason is pending and must be
-    /// asked for with `Wait` first.
+    fn killed(&self) -> bool {
+        self.shared.kill.load(Ordering::Acquire)
+    }
+
     fn service(&mut self, init: bool) -> Result<(), ServiceError> {
-        let mut init_pending = init;
-        loop {
-            let bytes = next_request(&mut self.transport, &mut self.read_buf, &self.shared.kill)?;
-            // The common case, decoded without allocating; it means exactly
-            // what `handle_request` would do with it.
-            if !init_pending {
-                if let Some(resume) = fastpath::parse_resume(bytes) {
-                    apply_deferred_registers(
-                        &self.vcpu,
-                        resume.regs,
-                        resume.sregs,
-                        resume.debugregs,
-                    )
-                    .map_err(ServiceError::DeferredRegisters)?;
-                    self.resume_data.clear();
-                    self.resume_data.extend_from_slice(resume.data);
-                    return Ok(());
-                }
-            }
-            let req = VcpuRequest::parse_from_bytes(bytes).map_err(ServiceError::Decode)?;
-            match handle_request(&self.vcpu, &mut init_pending, req) {
-                Action::Reply(r) => self.write_response(&r)?,
-                Action::Resume(resume) => {
-                    apply_deferred_registers(
-                        &self.vcpu,
-                        &resume.regs,
-                        &resume.sregs,
-                        &resume.debugregs,
-                    )
-                    .map_err(ServiceError::DeferredRegisters)?;
-                    self.resume_data.clear();
-                    self.resume_data.extend_from_slice(&resume.data);
-                    return Ok(());
-                }
-                Action::Shutdown => return Err(ServiceError::Shutdown),
-            }
-        }
+        service(&self.vcpu, &mut self.io, init, &mut self.resume_data)
     }
 
-    /// Sends an unsolicited wait reason and services the plugin until
-    /// `Resume` (its data is then in `resume_data`).
+    /// Delivers a stopping wait reason and services it until `Resume`.
     fn deliver(&mut self, wait: vcpu_response::Wait) -> Result<(), ServiceError> {
-        let mut r = VcpuResponse::new();
-        r.set_wait(wait);
-        self.write_response(&r)?;
-        self.service(false)
+        if let Some(r) = record::recorder() {
+            r.vcpu_exit(self.id, &wait);
+        }
+        deliver(&self.vcpu, &mut self.io, wait, true, &mut self.resume_data).map(drop)
     }
 
     fn log_service_error(&self, what: &str, e: &ServiceError) {
@@ -483,8 +616,9 @@ impl Servicer {
         }
     }
 
-    /// Sends an `Io` event; unless it is a posted write, services the plugin
-    /// until `Resume`.
+    /// Sends an `Io` event (write data cut to 8 bytes, read buffers to 256)
+    /// and, unless it is a posted write, services it; returns whether the
+    /// plugin resumed it.
     fn io_event(
         &mut self,
         space: Space,
@@ -492,7 +626,14 @@ impl Servicer {
         is_write: bool,
         data: &[u8],
         no_resume: bool,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<bool, ServiceError> {
+        let max = if is_write { MAX_IO_WRITE } else { MAX_IO_READ };
+        let data = &data[..data.len().min(max)];
+        if let Some(r) = record::recorder() {
+            let mut w = vcpu_response::Wait::new();
+            w.set_io(io_wait(space, address, is_write, data, no_resume));
+            r.vcpu_exit(self.id, &w);
+        }
         let hinted = if no_resume {
             None
         } else {
@@ -503,25 +644,23 @@ impl Servicer {
             .map_or((&[][..], &[][..], &[][..]), |(r, s, d)| {
                 (&r[..], &s[..], &d[..])
             });
-        self.begin_frame();
-        fastpath::encode_io_event(
-            &mut self.write_buf,
-            &fastpath::IoEvent {
-                space: space.to_wire(),
-                address,
-                is_write,
-                no_resume,
-                data,
-                regs,
-                sregs,
-                debugregs,
-            },
-        );
-        self.send_frame()?;
-        if no_resume {
-            return Ok(());
-        }
-        self.service(false)
+        let event = fastpath::IoEvent {
+            space: space.to_wire(),
+            address,
+            is_write,
+            no_resume,
+            data,
+            regs,
+            sregs,
+            debugregs,
+        };
+        deliver_io(
+            &self.vcpu,
+            &mut self.io,
+            &event,
+            &mut self.scratch,
+            &mut self.resume_data,
+        )
     }
 
     /// Eager register images per the call hint (wire-protocol.md §8.8):
@@ -563,7 +702,6 @@ impl Servicer {
         let Some(range) = self.config.get().reservations.lookup(space, address) else {
             return;
         };
-        let data = &data[..data.len().min(MAX_IO_WRITE)];
         if let Err(e) = self.io_event(space, address, true, data, range.async_write) {
             self.log_service_error("io write", &e);
         }
@@ -572,7 +710,6 @@ impl Servicer {
     /// A guest read at `address`; fills `data` (zeros when unreserved or when
     /// servicing fails, missing bytes of a short reply read as zero).
     fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
-        data.fill(0);
         let sync = self
             .config
             .get()
@@ -580,16 +717,18 @@ impl Servicer {
             .lookup(space, address)
             .is_some_and(|r| !r.async_write);
         if !sync {
+            complete_read(data, None);
             return;
         }
-        let len = data.len().min(MAX_IO_READ);
         let zeros = [0u8; MAX_IO_READ];
+        let len = data.len().min(MAX_IO_READ);
         match self.io_event(space, address, false, &zeros[..len], false) {
-            Ok(()) => {
-                let n = self.resume_data.len().min(data.len());
-                data[..n].copy_from_slice(&self.resume_data[..n]);
+            Ok(true) => complete_read(data, Some(&self.resume_data)),
+            Ok(false) => complete_read(data, None),
+            Err(e) => {
+                self.log_service_error("io read", &e);
+                complete_read(data, None);
             }
-            Err(e) => self.log_service_error("io read", &e),
         }
     }
 
@@ -599,34 +738,6 @@ impl Servicer {
         let mut w = vcpu_response::Wait::new();
         w.set_user(u);
         self.deliver(w)
-    }
-}
-
-/// Reads the next request's bytes from the transport (without decoding).
-fn next_request<'a>(
-    transport: &'a mut Transport,
-    read_buf: &'a mut [u8],
-    kill: &AtomicBool,
-) -> Result<&'a [u8], ServiceError> {
-    match transport {
-        Transport::Pipe(channel) => {
-            let n = loop {
-                if kill.load(Ordering::Acquire) {
-                    return Err(ServiceError::Killed);
-                }
-                match nix::unistd::read(channel.request_read.as_fd(), read_buf) {
-                    Ok(0) => return Err(ServiceError::Closed),
-                    Ok(n) => break n,
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(ServiceError::Read(e)),
-                }
-            };
-            Ok(&read_buf[..n])
-        }
-        Transport::Shm(channel) => {
-            let mut killed = || kill.load(Ordering::Acquire);
-            channel.recv(&mut killed).map_err(shm_error)
-        }
     }
 }
 
@@ -685,15 +796,7 @@ fn run_loop(run: &mut VcpuFd, sv: &mut Servicer) {
                         return;
                     }
                     VcpuExit::InternalError => {
-                        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
-                        // the kernel filled the `internal` member.
-                        let internal = unsafe { run.get_kvm_run().__bindgen_anon_1.internal };
-                        let n = (internal.ndata as usize).min(internal.data.len());
-                        error!(
-                            "vcpu {id}: KVM internal error (suberror {}, data {:x?})",
-                            internal.suberror,
-                            &internal.data[..n]
-                        );
+                        error!("vcpu {id}: KVM internal error");
                         return;
                     }
                     VcpuExit::FailEntry(reason, cpu) => {
@@ -752,11 +855,8 @@ fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
             c.params1 = hcall.params[1];
             let mut w = vcpu_response::Wait::new();
             w.set_hyperv_call(c);
-            // A result of the wrong length reads as 0 (spec quirk 6).
             let result = match sv.deliver(w) {
-                Ok(()) => {
-                    <[u8; 8]>::try_from(sv.resume_data.as_slice()).map_or(0, u64::from_le_bytes)
-                }
+                Ok(()) => hcall_result(Some(&sv.resume_data)),
                 Err(e) => {
                     sv.log_service_error("hypercall", &e);
                     0
