@@ -600,6 +600,33 @@ fn fpu_from_bytes(image: &[u8]) -> Result<kvm_fpu> {
     Ok(fpu)
 }
 
+/// Byte offset of `xstate_bv` (the XSAVE header) in `kvm_xsave.region`, and
+/// its x87 and SSE component bits.
+const XSTATE_BV_WORD: usize = 512 / 4;
+const XFEATURE_FP_SSE: u32 = 0b11;
+
+/// `KVM_SET_FPU` only writes the legacy area of the vcpu's XSAVE image. When
+/// the header marks x87/SSE as being in their initial configuration (always
+/// the case for a vcpu that has not used its FPU yet, e.g. at Init), the
+/// restore before guest entry ignores that area: the guest would never see
+/// the state that was set, while `KVM_GET_FPU` echoes it back. Marking both
+/// components as in use first makes the image set the state the guest runs
+/// with.
+fn mark_fpu_in_use(vcpu: &VcpuFd) -> Result<()> {
+    // Without XSAVE support there is no header to fix.
+    let Ok(mut xsave) = vcpu.get_xsave() else {
+        return Ok(());
+    };
+    if xsave.region[XSTATE_BV_WORD] & XFEATURE_FP_SSE == XFEATURE_FP_SSE {
+        return Ok(());
+    }
+    xsave.region[XSTATE_BV_WORD] |= XFEATURE_FP_SSE;
+    // SAFETY: the host never enables dynamically sized XSTATE features for
+    // its guests (no ARCH_REQ_XCOMP_GUEST_PERM), so the vcpu's XSAVE image
+    // fits the 4096-byte `kvm_xsave` the kernel reads (and just filled).
+    unsafe { vcpu.set_xsave(&xsave) }.map_err(errno)
+}
+
 fn parse<T: FromBytes>(image: &[u8]) -> Result<T> {
     T::read_from_bytes(image).map_err(|_| Errno::EINVAL)
 }
@@ -622,7 +649,11 @@ impl Vcpu for VcpuFd {
         match set {
             VcpuState::Regs => self.set_regs(&parse(image)?),
             VcpuState::Sregs => self.set_sregs(&parse(image)?),
-            VcpuState::Fpu => self.set_fpu(&fpu_from_bytes(image)?),
+            VcpuState::Fpu => {
+                let fpu = fpu_from_bytes(image)?;
+                mark_fpu_in_use(self)?;
+                self.set_fpu(&fpu)
+            }
             VcpuState::Debugregs => self.set_debug_regs(&parse(image)?),
             VcpuState::Lapic => self.set_lapic(&parse(image)?),
             VcpuState::Mp => self.set_mp_state(parse(image)?),

@@ -7,7 +7,7 @@ use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::{lseek, Whence};
 use plugin_proto::protobuf::Message;
@@ -470,16 +470,17 @@ fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
     if services.connection_count() >= limits::MAX_CONNECTIONS {
         return Err(Errno::EMFILE);
     }
-    // SOCK_NONBLOCK would apply to both ends: only the host's end must not
-    // block (the main loop drops a connection whose replies back up); the
-    // plugin's end is an ordinary blocking socket, like the first one.
+    // Only the host's end is non-blocking (the main loop must never stall on
+    // it). The plugin's end must block like the first connection's: the file
+    // status flags travel with the descriptor, and a non-blocking plugin end
+    // makes the client's receive race the reply (EAGAIN).
     let (host, plugin) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )?;
-    fcntl(&host, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+    fcntl(&host, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
     Ok(Reply {
         fds: vec![plugin],
         new_connection: Some(host),
@@ -644,5 +645,55 @@ fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Errno>
             vm.get_dirty_log(*slot, *length, len)
         }
         _ => Err(Errno::ENOENT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Just enough host for requests that do not touch vcpus or taps.
+    struct Stub {
+        shutdown: EventFd,
+    }
+
+    impl HostServices for Stub {
+        fn vcpu_count(&self) -> usize {
+            0
+        }
+        fn vcpu_fds(&self, _: usize) -> [BorrowedFd<'_>; 2] {
+            unreachable!("no vcpus")
+        }
+        fn fast_channel_fd(&self, _: usize) -> Option<BorrowedFd<'_>> {
+            None
+        }
+        fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
+            borrow_raw(&self.shutdown)
+        }
+        fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno> {
+            Ok(None)
+        }
+        fn pause_vcpus(&self, _: u64, _: u64) {}
+        fn connection_count(&self) -> usize {
+            1
+        }
+    }
+
+    fn status_flags(fd: &OwnedFd) -> OFlag {
+        OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap())
+    }
+
+    #[test]
+    fn new_connection_plugin_end_blocks_host_end_does_not() {
+        let stub = Stub {
+            shutdown: new_eventfd().unwrap(),
+        };
+        let reply = new_connection(&stub, MainResponse::new()).unwrap();
+        let host = reply.new_connection.expect("host end");
+        assert_eq!(reply.fds.len(), 1);
+        // The plugin's client does blocking receives on its end.
+        assert!(!status_flags(&reply.fds[0]).contains(OFlag::O_NONBLOCK));
+        // The main loop must never block on the host end.
+        assert!(status_flags(&host).contains(OFlag::O_NONBLOCK));
     }
 }
