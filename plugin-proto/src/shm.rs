@@ -107,19 +107,21 @@ impl SpinPolicy {
 
     fn budget(&mut self) -> Duration {
         if self.budget.is_zero() && !self.max.is_zero() {
-            // Probe now and then, so a machine that became idle again is
-            // noticed.
+            // Probe now and then with the full budget, so a peer that is
+            // running again (or a machine that became idle) is noticed.
             self.idle_waits += 1;
-            if self.idle_waits.is_multiple_of(32) {
-                return Duration::from_micros(2);
+            if self.idle_waits.is_multiple_of(PROBE_EVERY) {
+                return self.max;
             }
         }
         self.budget
     }
 
-    /// The awaited change came while spinning.
-    fn hit(&mut self) {
-        self.budget = (self.budget * 2).clamp(Duration::from_micros(2), self.max);
+    /// The awaited change came while spinning, after `waited`: keep a budget
+    /// that covers such waits with room to spare.
+    fn hit(&mut self, waited: Duration) {
+        let want = waited * 2 + Duration::from_micros(1);
+        self.budget = want.max(self.budget).min(self.max);
     }
 
     /// Spinning did not pay off: the peer was not running.
@@ -130,6 +132,10 @@ impl SpinPolicy {
         }
     }
 }
+
+/// With a zero spin budget, one wait in this many still spins (with the
+/// full budget) to find out whether spinning pays off again.
+const PROBE_EVERY: u32 = 128;
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> Errno {
     let ts = libc::timespec {
@@ -332,7 +338,7 @@ impl ShmChannel {
             loop {
                 for _ in 0..64 {
                     if self.word(offset).load(Ordering::Acquire) != seen {
-                        self.spin.hit();
+                        self.spin.hit(start.elapsed());
                         return Ok(());
                     }
                     std::hint::spin_loop();
