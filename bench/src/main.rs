@@ -51,12 +51,24 @@ fn field(line: &str, name: &str) -> Option<f64> {
 
 /// Runs `vmm` with a benchmark plugin once.
 fn run_plugin(opts: &Options, cpus: u32, plugin: &Path, args: &[String]) -> (PluginResult, u64) {
+    run_plugin_env(opts, cpus, plugin, args, &[])
+}
+
+/// Runs `vmm` with a benchmark plugin once, with extra environment.
+fn run_plugin_env(
+    opts: &Options,
+    cpus: u32,
+    plugin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> (PluginResult, u64) {
     let mut cmd = Command::new(target_dir().join("vmm"));
     cmd.args(["--disable-sandbox", "--cpus", &cpus.to_string(), "--plugin"])
         .arg(plugin)
         .arg("--plugin-args")
         .args(args)
         .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let spawned_ns = monotonic_ns();
@@ -82,10 +94,16 @@ fn run_plugin(opts: &Options, cpus: u32, plugin: &Path, args: &[String]) -> (Plu
     (r, spawned_ns)
 }
 
-fn plugin_rate(opts: &Options, cpus: u32, plugin: &Path, args: &[String]) -> f64 {
+fn plugin_rate(
+    opts: &Options,
+    cpus: u32,
+    plugin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> f64 {
     median(
         (0..opts.runs)
-            .map(|_| run_plugin(opts, cpus, plugin, args).0.rate)
+            .map(|_| run_plugin_env(opts, cpus, plugin, args, env).0.rate)
             .collect(),
     )
 }
@@ -140,6 +158,15 @@ fn compile_c_plugin(dir: &Path) -> PathBuf {
     assert!(status.success(), "compiling the C benchmark plugin failed");
     out
 }
+
+/// One plugin row: label, vcpus, plugin, its arguments, extra environment.
+type Row<'a> = (
+    &'a str,
+    u32,
+    &'a Path,
+    Vec<String>,
+    &'a [(&'a str, &'a str)],
+);
 
 struct Table {
     rows: Vec<(String, f64)>,
@@ -212,34 +239,82 @@ fn main() {
     for f in [Floor::Seqpacket, Floor::Futex, Floor::Spin] {
         idle.add(f.label(), floor_rate(&opts, f));
     }
-    idle.add(
-        "plugin (Rust SDK): port out",
-        plugin_rate(&opts, 1, &rust_plugin, &rust("pio")),
-    );
-    idle.add(
-        "plugin (C, crosvm.h): port out",
-        plugin_rate(&opts, 1, &c_plugin, &c_args),
-    );
-    idle.add(
-        "plugin (Rust SDK): MMIO write",
-        plugin_rate(&opts, 1, &rust_plugin, &rust("mmio-write")),
-    );
-    idle.add(
-        "plugin (Rust SDK): MMIO read",
-        plugin_rate(&opts, 1, &rust_plugin, &rust("mmio-read")),
-    );
-    idle.add(
-        "plugin (Rust SDK): async-write range",
-        plugin_rate(&opts, 1, &rust_plugin, &rust("async")),
-    );
-    idle.add(
-        "plugin (Rust SDK): ioeventfd",
-        plugin_rate(&opts, 1, &rust_plugin, &rust("ioeventfd")),
-    );
-    idle.add(
-        "plugin (Rust SDK): 2 vcpus, total",
-        plugin_rate(&opts, 2, &rust_plugin, &rust("pio2")),
-    );
+    let plain = [("CROSVM_FAST_CHANNEL", "0")];
+    let rows: [Row<'_>; 10] = [
+        (
+            "plain protocol, Rust SDK: port out",
+            1,
+            &rust_plugin,
+            rust("pio"),
+            &plain,
+        ),
+        (
+            "plain protocol, C (crosvm.h): port out",
+            1,
+            &c_plugin,
+            c_args.clone(),
+            &plain,
+        ),
+        (
+            "plain protocol, Rust SDK: MMIO read",
+            1,
+            &rust_plugin,
+            rust("mmio-read"),
+            &plain,
+        ),
+        (
+            "fast channel, Rust SDK: port out",
+            1,
+            &rust_plugin,
+            rust("pio"),
+            &[],
+        ),
+        (
+            "fast channel, C (crosvm.h): port out",
+            1,
+            &c_plugin,
+            c_args.clone(),
+            &[],
+        ),
+        (
+            "fast channel, Rust SDK: MMIO write",
+            1,
+            &rust_plugin,
+            rust("mmio-write"),
+            &[],
+        ),
+        (
+            "fast channel, Rust SDK: MMIO read",
+            1,
+            &rust_plugin,
+            rust("mmio-read"),
+            &[],
+        ),
+        (
+            "fast channel, Rust SDK: async-write range",
+            1,
+            &rust_plugin,
+            rust("async"),
+            &[],
+        ),
+        (
+            "Rust SDK: ioeventfd (no exit reaches the plugin)",
+            1,
+            &rust_plugin,
+            rust("ioeventfd"),
+            &[],
+        ),
+        (
+            "fast channel, Rust SDK: 2 vcpus, total",
+            2,
+            &rust_plugin,
+            rust("pio2"),
+            &[],
+        ),
+    ];
+    for (label, cpus, plugin, args, env) in &rows {
+        idle.add(label, plugin_rate(&opts, *cpus, plugin, args, env));
+    }
     idle.print("Second core idle", in_process, pipes);
 
     eprintln!("second core busy:");
@@ -254,14 +329,9 @@ fn main() {
         for f in [Floor::Futex, Floor::Spin] {
             busy.add(f.label(), floor_rate(&opts, f));
         }
-        busy.add(
-            "plugin (Rust SDK): port out",
-            plugin_rate(&opts, 1, &rust_plugin, &rust("pio")),
-        );
-        busy.add(
-            "plugin (C, crosvm.h): port out",
-            plugin_rate(&opts, 1, &c_plugin, &c_args),
-        );
+        for (label, cpus, plugin, args, env) in rows.iter().take(5) {
+            busy.add(label, plugin_rate(&opts, *cpus, plugin, args, env));
+        }
         (busy, in_process, pipes)
     };
     busy_rows.0.print(
