@@ -135,6 +135,34 @@ pub fn enter_real_mode(v: &mut VcpuGuard<'_>, ip: u16, sp: u16) -> Result<()> {
     Ok(())
 }
 
+/// The PC's standard GSI wiring: ISA IRQs 0-7 on the master PIC, 8-15 on
+/// the slave, and every one also on the IOAPIC, with the timer (IRQ 0) on
+/// IOAPIC pin 2.
+pub fn pc_irq_routes() -> Vec<crosvm_plugin::IrqRoute> {
+    use crosvm_plugin::kvm_bindings::{
+        KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    };
+    use crosvm_plugin::{IrqRoute, IrqRouteKind};
+    let route = |irq_id, irqchip, pin| IrqRoute {
+        irq_id,
+        kind: IrqRouteKind::Irqchip { irqchip, pin },
+    };
+    (0..16u32)
+        .flat_map(|irq| {
+            let pic = if irq < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            let ioapic_pin = if irq == 0 { 2 } else { irq };
+            [
+                route(irq, pic, irq & 7),
+                route(irq, KVM_IRQCHIP_IOAPIC, ioapic_pin),
+            ]
+        })
+        .collect()
+}
+
 /// Assembles 16-bit code for load address `base`.
 pub fn assemble16(
     base: u64,

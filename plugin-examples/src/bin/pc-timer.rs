@@ -6,13 +6,10 @@
 //! and IOAPIC pin 2) and puts the local APIC's LINT0 in ExtINT mode so PIC
 //! interrupts reach the vcpu.
 
-use crosvm_plugin::kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-};
-use crosvm_plugin::{AddressSpace, Connection, IrqRoute, IrqRouteKind, VcpuEvent};
+use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, pc_irq_routes, GuestRam, Result,
 };
 
 const REPORT_PORT: u64 = 0x610;
@@ -105,26 +102,7 @@ fn run(ticks: u16) -> Result<u16> {
 
     // The PC's standard wiring: ISA IRQs 0-7 on the master PIC, 8-15 on the
     // slave, all also on the IOAPIC, with the timer on IOAPIC pin 2.
-    let mut routes = Vec::new();
-    for irq in 0..16u32 {
-        let (chip, pin) = if irq < 8 {
-            (KVM_IRQCHIP_PIC_MASTER, irq)
-        } else {
-            (KVM_IRQCHIP_PIC_SLAVE, irq - 8)
-        };
-        routes.push(IrqRoute {
-            irq_id: irq,
-            kind: IrqRouteKind::Irqchip { irqchip: chip, pin },
-        });
-        let ioapic_pin = if irq == 0 { 2 } else { irq };
-        routes.push(IrqRoute {
-            irq_id: irq,
-            kind: IrqRouteKind::Irqchip {
-                irqchip: KVM_IRQCHIP_IOAPIC,
-                pin: ioapic_pin,
-            },
-        });
-    }
+    let routes = pc_irq_routes();
     conn.set_irq_routing(&routes)?;
 
     let vcpu = conn.vcpu(0)?;

@@ -8,9 +8,6 @@
 
 use std::os::fd::BorrowedFd;
 
-use crosvm_plugin::kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-};
 use crosvm_plugin::{
     AddressSpace, Connection, Datamatch, IrqRoute, IrqRouteKind, VcpuEvent, VcpuGuard,
 };
@@ -386,28 +383,7 @@ pub fn run() -> ! {
     ok!(conn.reserve_async_write_range(MMIO, ASYNC_MMIO, 8));
     ok!(conn.reserve_range(MMIO, RO_GPA, 0x1000));
 
-    let mut routes = Vec::new();
-    for irq in 0..16u32 {
-        let chip = if irq < 8 {
-            KVM_IRQCHIP_PIC_MASTER
-        } else {
-            KVM_IRQCHIP_PIC_SLAVE
-        };
-        routes.push(IrqRoute {
-            irq_id: irq,
-            kind: IrqRouteKind::Irqchip {
-                irqchip: chip,
-                pin: irq & 7,
-            },
-        });
-        routes.push(IrqRoute {
-            irq_id: irq,
-            kind: IrqRouteKind::Irqchip {
-                irqchip: KVM_IRQCHIP_IOAPIC,
-                pin: if irq == 0 { 2 } else { irq },
-            },
-        });
-    }
+    let mut routes = plugin_examples::pc_irq_routes();
     routes.push(IrqRoute {
         irq_id: MSI_GSI,
         kind: IrqRouteKind::Msi {

@@ -5,10 +5,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 
-use crosvm_plugin::kvm_bindings::{
-    kvm_clock_data, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
-};
+use crosvm_plugin::kvm_bindings::{kvm_clock_data, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use crosvm_plugin::{
     AddressSpace, CallHint, Connection, Datamatch, HintDetail, IrqRoute, IrqRouteKind,
     MAX_HINT_DETAIL_COUNT,
@@ -166,29 +163,7 @@ fn vm_state(conn: &Connection) {
 }
 
 fn pc_routes() -> Vec<IrqRoute> {
-    let mut routes = Vec::new();
-    for irq in 0..16u32 {
-        let chip = if irq < 8 {
-            KVM_IRQCHIP_PIC_MASTER
-        } else {
-            KVM_IRQCHIP_PIC_SLAVE
-        };
-        routes.push(IrqRoute {
-            irq_id: irq,
-            kind: IrqRouteKind::Irqchip {
-                irqchip: chip,
-                pin: irq & 7,
-            },
-        });
-        routes.push(IrqRoute {
-            irq_id: irq,
-            kind: IrqRouteKind::Irqchip {
-                irqchip: KVM_IRQCHIP_IOAPIC,
-                pin: if irq == 0 { 2 } else { irq },
-            },
-        });
-    }
-    routes
+    plugin_examples::pc_irq_routes()
 }
 
 fn irqs(conn: &Connection) {
