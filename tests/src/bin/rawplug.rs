@@ -1362,6 +1362,46 @@ fn hypercall() {
     println!("hypercall ok: results {results:x?}");
 }
 
+/// Starts the VM, closes every main connection, lets the guest triple-fault
+/// (a `ud2` with no IDT in protected mode: the vcpu stops, the VM shuts
+/// down), and lingers ignoring the shutdown eventfd: the host must still
+/// end it after the grace period.
+fn close_after_start() {
+    let mut c = Conn::from_env();
+    let mut vcpus = get_vcpus(&mut c);
+    let mem = memfd(0x10000);
+    nix::sys::uio::pwrite(&mem, &[0x0f, 0x0b], 0x1000).unwrap(); // ud2
+    assert_eq!(create_memory(&mut c, 1, &mem, 0, 0x10000), 0);
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    drop(c);
+    let v = &mut vcpus[0];
+    assert!(vcpu_call(v, |r| r.set_wait(Default::default()))
+        .wait()
+        .has_init());
+    let r = vcpu_call(v, |r| {
+        r.mut_get_state().set = vcpu_request::StateSet::SREGS.into()
+    });
+    let mut sregs =
+        <kvm_bindings::kvm_sregs as zerocopy::FromBytes>::read_from_bytes(&r.get_state().state)
+            .unwrap();
+    flat_protected_mode(&mut sregs);
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    let regs = kvm_bindings::kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    };
+    resume_with(v, |rs| {
+        rs.regs = regs.as_bytes().to_vec();
+        rs.sregs = sregs.as_bytes().to_vec();
+    });
+    eprintln!("rawplug: connections closed after Start, lingering");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     match scenario.as_str() {
@@ -1389,6 +1429,7 @@ fn main() {
         "never-read" => never_read(),
         "leaks" => leaks(),
         "hypercall" => hypercall(),
+        "close-after-start" => close_after_start(),
         other => {
             eprintln!("unknown scenario `{other}`");
             std::process::exit(2);
