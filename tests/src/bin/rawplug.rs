@@ -772,6 +772,25 @@ fn ranges_and_ids() {
     // After destroy the id and the range are free again.
     assert_eq!(create_memory(&mut c, 1, &mem, 0x1000, 0x1000), 0);
     assert_eq!(destroy(&mut c, 1), 0);
+    // Dirty logging: the bitmap bounds the region (6 GiB); without it a
+    // large (sparse, never touched) region is fine.
+    let big = memfd(64 << 30);
+    let mut r = memory_request(5, 0, 1 << 40, 64 << 30, false);
+    r.mut_create().mut_memory().dirty_log = true;
+    assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), E2BIG);
+    r.mut_create().mut_memory().length = 6 << 30;
+    assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), 0);
+    let mut d = MainRequest::new();
+    d.mut_dirty_log().id = 5;
+    let (resp, _) = c.call(&d, &[]);
+    assert_eq!(
+        (resp.errno, resp.dirty_log().bitmap.len()),
+        (0, 6 << 30 >> 15)
+    );
+    assert_eq!(destroy(&mut c, 5), 0);
+    let r = memory_request(5, 0, 1 << 40, 64 << 30, false);
+    assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), 0);
+    assert_eq!(destroy(&mut c, 5), 0);
     println!("ranges and ids ok");
 }
 
