@@ -183,3 +183,18 @@ fn hypercall_resume_data_of_the_wrong_length_reads_as_zero() {
         "{r:#?}"
     );
 }
+
+#[test]
+fn plugin_closing_its_connections_after_start_and_lingering_is_killed() {
+    let r = scenario("close-after-start", &["--log-level", "info"], &[]);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains("guest shut down (triple fault)"),
+        "{r:#?}"
+    );
+    assert!(
+        r.stderr
+            .contains("the plugin did not exit within 1s of the VM shutting down; it was killed"),
+        "{r:#?}"
+    );
+}

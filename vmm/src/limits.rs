@@ -23,11 +23,12 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// MSRs in one `GetMsrs` / `SetMsrs` → `E2BIG`.
 pub const MAX_MSR_ENTRIES: usize = 256;
 
-/// Bytes of one dirty bitmap (`MemoryDirtyLog`) → `E2BIG`. The bitmap is
-/// sized by the region (one bit per 4 KiB page), so without a bound a
-/// plugin-chosen region length decides the allocation; this one covers
-/// regions up to 6 GiB and keeps the reply sendable on a default socket
-/// buffer (and within the client's 256 KiB receive buffer).
+/// Bytes of one dirty bitmap → `E2BIG` (when a dirty-logged region is
+/// created, and in `MemoryDirtyLog`). The bitmap is sized by the region (one
+/// bit per 4 KiB page; KVM allocates two of them for the slot), so without
+/// a bound a plugin-chosen region length decides the allocation; this one
+/// covers dirty-logged regions up to 6 GiB and keeps the reply sendable on a
+/// default socket buffer (and within the client's 256 KiB receive buffer).
 pub const MAX_DIRTY_BITMAP: usize = 0x30000;
 
 /// CPUID entries in one `SetCpuid` → `E2BIG`.

@@ -772,6 +772,25 @@ fn ranges_and_ids() {
     // After destroy the id and the range are free again.
     assert_eq!(create_memory(&mut c, 1, &mem, 0x1000, 0x1000), 0);
     assert_eq!(destroy(&mut c, 1), 0);
+    // Dirty logging: the bitmap bounds the region (6 GiB); without it a
+    // large (sparse, never touched) region is fine.
+    let big = memfd(64 << 30);
+    let mut r = memory_request(5, 0, 1 << 40, 64 << 30, false);
+    r.mut_create().mut_memory().dirty_log = true;
+    assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), E2BIG);
+    r.mut_create().mut_memory().length = 6 << 30;
+    assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), 0);
+    let mut d = MainRequest::new();
+    d.mut_dirty_log().id = 5;
+    let (resp, _) = c.call(&d, &[]);
+    assert_eq!(
+        (resp.errno, resp.dirty_log().bitmap.len()),
+        (0, 6 << 30 >> 15)
+    );
+    assert_eq!(destroy(&mut c, 5), 0);
+    let r = memory_request(5, 0, 1 << 40, 64 << 30, false);
+    assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), 0);
+    assert_eq!(destroy(&mut c, 5), 0);
     println!("ranges and ids ok");
 }
 
@@ -1362,6 +1381,46 @@ fn hypercall() {
     println!("hypercall ok: results {results:x?}");
 }
 
+/// Starts the VM, closes every main connection, lets the guest triple-fault
+/// (a `ud2` with no IDT in protected mode: the vcpu stops, the VM shuts
+/// down), and lingers ignoring the shutdown eventfd: the host must still
+/// end it after the grace period.
+fn close_after_start() {
+    let mut c = Conn::from_env();
+    let mut vcpus = get_vcpus(&mut c);
+    let mem = memfd(0x10000);
+    nix::sys::uio::pwrite(&mem, &[0x0f, 0x0b], 0x1000).unwrap(); // ud2
+    assert_eq!(create_memory(&mut c, 1, &mem, 0, 0x10000), 0);
+    assert_eq!(simple(&mut c, |r| r.set_start(Default::default())), 0);
+    drop(c);
+    let v = &mut vcpus[0];
+    assert!(vcpu_call(v, |r| r.set_wait(Default::default()))
+        .wait()
+        .has_init());
+    let r = vcpu_call(v, |r| {
+        r.mut_get_state().set = vcpu_request::StateSet::SREGS.into()
+    });
+    let mut sregs =
+        <kvm_bindings::kvm_sregs as zerocopy::FromBytes>::read_from_bytes(&r.get_state().state)
+            .unwrap();
+    flat_protected_mode(&mut sregs);
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    let regs = kvm_bindings::kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    };
+    resume_with(v, |rs| {
+        rs.regs = regs.as_bytes().to_vec();
+        rs.sregs = sregs.as_bytes().to_vec();
+    });
+    eprintln!("rawplug: connections closed after Start, lingering");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     match scenario.as_str() {
@@ -1389,6 +1448,7 @@ fn main() {
         "never-read" => never_read(),
         "leaks" => leaks(),
         "hypercall" => hypercall(),
+        "close-after-start" => close_after_start(),
         other => {
             eprintln!("unknown scenario `{other}`");
             std::process::exit(2);

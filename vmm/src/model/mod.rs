@@ -294,6 +294,12 @@ impl Vm for ModelVm {
         {
             return Err(Errno::EINVAL);
         }
+        if dirty_log && dirty_bitmap_len(size) > limits::MAX_DIRTY_BITMAP {
+            self.violation(format!(
+                "a dirty-logged slot of {size:#x} bytes: KVM would allocate its bitmaps"
+            ));
+            return Err(Errno::E2BIG);
+        }
         if slot >= self.max_slots {
             self.violation(format!("slot {slot} is beyond the VM's {}", self.max_slots));
             return Err(Errno::EINVAL);

@@ -388,6 +388,12 @@ fn create_memory(
     if m.length == 0 {
         return Err(Errno::EINVAL);
     }
+    // KVM allocates two dirty bitmaps for a dirty-logged slot, sized by the
+    // region (256 MiB each for its largest slot), and a bitmap over the
+    // limit could never be read back (`dirty_log`): refuse it up front.
+    if m.dirty_log && dirty_bitmap_len(m.length) > limits::MAX_DIRTY_BITMAP {
+        return Err(Errno::E2BIG);
+    }
     let length = usize::try_from(m.length).map_err(|_| Errno::EINVAL)?;
     let slot = state
         .objects
