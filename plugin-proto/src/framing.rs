@@ -242,6 +242,24 @@ pub fn encode_delimited<M: Message>(msg: &M, out: &mut Vec<u8>) -> Result<()> {
         .map_err(FramingError::Encode)
 }
 
+/// Appends `v` as a protobuf varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Bytes `v` takes as a varint.
+pub fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 /// Decodes a protobuf varint at the start of `buf`: `Some((value, prefix_len))`
 /// or `None` when more bytes are needed. Over-long varints are an error.
 pub fn decode_varint(buf: &[u8]) -> Result<Option<(u64, usize)>> {

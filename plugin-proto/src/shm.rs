@@ -19,7 +19,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-use crate::framing::decode_varint;
+use crate::framing::{decode_varint, put_varint};
 
 /// "VFC1" in little endian.
 pub const MAGIC: u32 = 0x3143_4656;
@@ -369,16 +369,7 @@ impl ShmChannel {
         let (tx, _) = self.rings();
         let mut frame = std::mem::take(&mut self.tx_buf);
         frame.clear();
-        let mut len = msg.len() as u64;
-        loop {
-            let b = (len & 0x7f) as u8;
-            len >>= 7;
-            if len == 0 {
-                frame.push(b);
-                break;
-            }
-            frame.push(b | 0x80);
-        }
+        put_varint(&mut frame, msg.len() as u64);
         frame.extend_from_slice(msg);
         let result = self.send_frame(tx, &frame, abort);
         self.tx_buf = frame;

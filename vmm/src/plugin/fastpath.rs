@@ -4,23 +4,7 @@
 //! that is not the canonical shape goes through the generated code instead;
 //! the tests check both agree.
 
-/// Appends `v` as a protobuf varint.
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
-/// Bytes `v` takes as a varint.
-pub fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-}
+pub use plugin_proto::framing::{put_varint, varint_len};
 
 fn len_field_size(field_len: usize) -> usize {
     1 + varint_len(field_len as u64) + field_len
