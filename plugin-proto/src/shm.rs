@@ -86,12 +86,24 @@ pub struct SpinPolicy {
     idle_waits: u32,
 }
 
+/// CPUs this thread may run on, from `sched_getaffinity` alone: std's
+/// `available_parallelism()` also reads cgroup files (`statx`, `openat`),
+/// calls the seccomp policies of crosvm-era plugins do not allow.
+fn usable_cpus() -> usize {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&i| set.is_set(i).unwrap_or(false))
+            .count()
+            .max(1),
+        Err(_) => 1,
+    }
+}
+
 impl SpinPolicy {
     /// Spinning up to `max`; none at all on a single-CPU machine.
     pub fn new(max: Duration) -> SpinPolicy {
         static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let cpus =
-            *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let cpus = *CPUS.get_or_init(usable_cpus);
         let max = if cpus < 2 { Duration::ZERO } else { max };
         SpinPolicy {
             budget: max,
@@ -224,8 +236,12 @@ impl ShmChannel {
     /// host's memfd must be sealed against shrinking, so the mapping stays
     /// valid).
     pub fn map(fd: BorrowedFd<'_>, side: Side) -> Result<ShmChannel, ShmError> {
-        let st = nix::sys::stat::fstat(fd).map_err(ShmError::Map)?;
-        if (st.st_size as u64) < SHM_SIZE as u64 {
+        // The size from lseek, not fstat: glibc's fstat is `newfstatat`,
+        // which the policies of crosvm-era plugins do not allow. Nobody
+        // reads or writes the memfd through its offset.
+        let size = nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekEnd).map_err(ShmError::Map)?;
+        nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekSet).map_err(ShmError::Map)?;
+        if (size as u64) < SHM_SIZE as u64 {
             return Err(ShmError::BadHeader);
         }
         let seals = fcntl(fd, FcntlArg::F_GET_SEALS).map_err(ShmError::Map)?;

@@ -23,6 +23,7 @@
 
 pub mod caps;
 pub mod child;
+pub mod gate;
 pub mod libs;
 pub mod mounts;
 pub mod policy;
@@ -167,6 +168,8 @@ pub struct Jailed {
     pub plugin_pid: u32,
     log_failures: bool,
     logged: usize,
+    /// Until the plugin's first request: start-up calls are allowed.
+    startup: bool,
     _root: Option<TempRoot>,
 }
 
@@ -179,9 +182,19 @@ impl Jailed {
         self.listener.as_fd()
     }
 
-    /// Handles a readable listener. Returns the description of a system
-    /// call that must stop the plugin; with `--seccomp-log-failures` it is
-    /// logged and allowed instead.
+    /// The plugin has sent its first request: its `main` runs, so the
+    /// start-up calls allowed on top of the policy are dropped.
+    pub fn end_startup(&mut self) {
+        if self.startup {
+            debug!("seccomp: the plugin connected; start-up calls are no longer allowed");
+            self.startup = false;
+        }
+    }
+
+    /// Handles a readable listener (see `gate.rs`). Returns the description
+    /// of a system call that must stop the plugin; with
+    /// `--seccomp-log-failures` a policy violation is logged and allowed
+    /// instead (an exec never is).
     pub fn on_seccomp(&mut self) -> Option<String> {
         let n = match self.listener.recv() {
             Ok(n) => n,
@@ -191,17 +204,38 @@ impl Jailed {
                 return None;
             }
         };
-        let what = n.describe();
-        if !self.log_failures {
-            return Some(what);
-        }
-        if self.logged < MAX_LOGGED {
-            warn!("seccomp: the plugin called {what}; allowed (--seccomp-log-failures)");
-        } else if self.logged == MAX_LOGGED {
-            warn!("seccomp: further violations are not logged");
-        }
-        self.logged += 1;
-        if let Err(e) = self.listener.allow(n.id) {
+        let (verdict, why) = gate::decide(&n, self.startup, || {
+            gate::read_exec_facts(n.pid, n.args[4] as u32 as i32)
+        });
+        let answered = match verdict {
+            gate::Verdict::Allow if self.listener.id_valid(n.id) => self.listener.allow(n.id),
+            gate::Verdict::Allow => return None,
+            gate::Verdict::Fail(errno) => {
+                if self.logged < MAX_LOGGED {
+                    warn!(
+                        "seccomp: refused {} ({}): {}",
+                        why.unwrap_or("the call"),
+                        Errno::from_raw(errno),
+                        n.describe()
+                    );
+                    self.logged += 1;
+                }
+                self.listener.fail(n.id, errno)
+            }
+            gate::Verdict::Forbidden => return Some(n.describe()),
+            gate::Verdict::Violation if !self.log_failures => return Some(n.describe()),
+            gate::Verdict::Violation => {
+                let what = n.describe();
+                if self.logged < MAX_LOGGED {
+                    warn!("seccomp: the plugin called {what}; allowed (--seccomp-log-failures)");
+                } else if self.logged == MAX_LOGGED {
+                    warn!("seccomp: further violations are not logged");
+                }
+                self.logged += 1;
+                self.listener.allow(n.id)
+            }
+        };
+        if let Err(e) = answered {
             debug!("seccomp listener: {}", crate::error_chain(&e));
         }
         None
@@ -433,6 +467,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
             plugin_pid,
             log_failures: config.log_failures,
             logged: 0,
+            startup: true,
             _root: temp_root,
         },
     ))

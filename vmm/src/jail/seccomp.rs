@@ -106,11 +106,27 @@ impl PolicySource {
     }
 }
 
-const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
 const SECCOMP_DATA_NR: u32 = 0;
 const SECCOMP_DATA_ARCH: u32 = 4;
 const SECCOMP_DATA_ARG0: u32 = 16;
+/// Low 32 bits of the third argument (little endian).
+const SECCOMP_DATA_ARG2: u32 = 16 + 2 * 8;
+const JSET: u32 = libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K;
+
+/// System calls whose PROT_EXEC form vmm decides, and how.
+const EXEC_GATES: &[(i64, u32)] = &[
+    (libc::SYS_mmap, libc::SECCOMP_RET_USER_NOTIF),
+    (
+        libc::SYS_mprotect,
+        libc::SECCOMP_RET_ERRNO | libc::EACCES as u32,
+    ),
+    (
+        libc::SYS_pkey_mprotect,
+        libc::SECCOMP_RET_ERRNO | libc::EACCES as u32,
+    ),
+];
 const BPF_MAXINSNS: usize = 4096;
 
 fn stmt(code: u32, k: u32) -> sock_filter {
@@ -269,7 +285,7 @@ fn finish(
         return Err(SeccompError::TooManyErrnos(decided.len() - 2));
     }
     // Instructions after the arch check, up to the policy's own program.
-    let after_arch = 1 + 2 * decided.len() + 4;
+    let after_arch = 1 + 2 * decided.len() + 5 * EXEC_GATES.len() + 4;
     let mut out = Vec::with_capacity(program.len() + after_arch + 2);
     out.push(stmt(LD_ABS, SECCOMP_DATA_ARCH));
     // Another architecture: straight to the policy, whose own check kills.
@@ -278,6 +294,18 @@ fn finish(
     for (nr, ret) in &decided {
         out.push(jump(JEQ, *nr as u32, 0, 1));
         out.push(stmt(RET, *ret));
+    }
+    // Executable memory, before any policy can allow it: `mmap` with
+    // PROT_EXEC goes to vmm (which lets only the loader's private mappings
+    // of read-only files through, never a memfd), `mprotect` and
+    // `pkey_mprotect` with PROT_EXEC fail. Each gate: not this call → skip
+    // to the reload of the number; PROT_EXEC (low word of arg2) → return.
+    for (nr, ret) in EXEC_GATES {
+        out.push(jump(JEQ, *nr as u32, 0, 3));
+        out.push(stmt(LD_ABS, SECCOMP_DATA_ARG2));
+        out.push(jump(JSET, libc::PROT_EXEC as u32, 0, 1));
+        out.push(stmt(RET, *ret));
+        out.push(stmt(LD_ABS, SECCOMP_DATA_NR));
     }
     // sendmsg on the control socket: the listener hand-over, made after the
     // filter is installed and before the plugin runs.
@@ -394,6 +422,20 @@ impl Listener {
             arch: n.data.arch,
             args: n.data.args,
         })
+    }
+
+    /// Whether the stopped call is still waiting (its thread did not die,
+    /// so facts read about it from /proc are about the same process).
+    pub fn id_valid(&self, id: u64) -> bool {
+        let mut id = id;
+        // SAFETY: SECCOMP_IOCTL_NOTIF_ID_VALID reads one u64.
+        unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+                &mut id as *mut u64,
+            ) == 0
+        }
     }
 
     /// Lets the stopped system call run.

@@ -616,6 +616,10 @@ impl Host {
 
     /// Reads and answers one packet of connection `token`.
     fn serve(&mut self, token: u64) {
+        // The plugin's main runs: drop the jail's start-up allowances.
+        if let Some(j) = &mut self.plugin.jail {
+            j.end_startup();
+        }
         let Some(fd) = self.connections.get(&token) else {
             return;
         };
