@@ -18,10 +18,17 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub plugin: PathBuf,
 
-    /// Arguments for the plugin; everything after this option is passed on,
-    /// one argument per word (quote arguments that contain spaces).
-    #[arg(long = "plugin-args", value_name = "ARG", num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+    /// Arguments for the plugin, one per word, up to the next vmm option;
+    /// repeatable (the lists are joined). Words after `--` all go to the
+    /// plugin, even ones that look like vmm options.
+    #[arg(long = "plugin-args", value_name = "ARG", num_args = 0.., allow_hyphen_values = true, action = clap::ArgAction::Append)]
     pub plugin_args: Vec<String>,
+
+    /// Environment variable for the plugin: NAME (the host's value, if set)
+    /// or NAME=VALUE; repeatable. By default the plugin gets only
+    /// CROSVM_SOCKET (and CROSVM_FAST_CHANNEL if the host has it).
+    #[arg(long = "plugin-env", value_name = "NAME[=VALUE]", value_parser = parse_env)]
+    pub plugin_env: Vec<EnvVar>,
 
     /// One plugin argument (crosvm spelling); repeatable, kept in order and
     /// placed before --plugin-args.
@@ -135,6 +142,90 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
+}
+
+/// One `--plugin-env`: NAME alone takes the host's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+fn parse_env(s: &str) -> Result<EnvVar, String> {
+    let (name, value) = match s.split_once('=') {
+        Some((n, v)) => (n, Some(v.to_string())),
+        None => (s, None),
+    };
+    if name.is_empty() || name.contains('\0') {
+        return Err(format!("`{s}` is not NAME or NAME=VALUE"));
+    }
+    if name == "CROSVM_SOCKET" {
+        return Err("CROSVM_SOCKET is set by vmm".into());
+    }
+    Ok(EnvVar {
+        name: name.to_string(),
+        value,
+    })
+}
+
+/// Rewrites the command line for clap: crosvm's `run` sub-command word is
+/// dropped; each word after `--plugin-args` up to the next word that is a
+/// vmm option becomes one `--plugin-args=WORD` (so a vmm option typed after
+/// the plugin's arguments is honoured, never passed on silently); every word
+/// after `--` is a plugin argument.
+pub fn normalize_args<I, T>(args: I) -> Vec<std::ffi::OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    use clap::CommandFactory;
+    use std::ffi::OsString;
+    let cmd = Args::command();
+    let mut longs: Vec<String> = vec!["help".into(), "version".into()];
+    let mut shorts: Vec<char> = vec!['h', 'V'];
+    for a in cmd.get_arguments() {
+        longs.extend(a.get_long_and_visible_aliases().into_iter().flatten().map(String::from));
+        shorts.extend(a.get_short_and_visible_aliases().into_iter().flatten());
+    }
+    let is_vmm_option = |w: &OsString| {
+        let Some(w) = w.to_str() else { return false };
+        if let Some(long) = w.strip_prefix("--") {
+            let name = long.split('=').next().unwrap_or(long);
+            return longs.iter().any(|l| l == name);
+        }
+        let mut chars = w.chars();
+        chars.next() == Some('-') && chars.next().is_some_and(|c| shorts.contains(&c))
+    };
+    let as_plugin_arg = |w: OsString| {
+        let mut o = OsString::from("--plugin-args=");
+        o.push(w);
+        o
+    };
+    let mut it = args.into_iter().map(Into::into);
+    let mut out: Vec<OsString> = it.next().into_iter().collect();
+    let mut rest: Vec<OsString> = it.collect();
+    if rest.first().is_some_and(|w| w == "run") {
+        rest.remove(0);
+    }
+    let mut in_plugin_args = false;
+    let mut words = rest.into_iter();
+    while let Some(w) = words.next() {
+        if w == "--" {
+            out.extend(words.by_ref().map(as_plugin_arg));
+            break;
+        }
+        if w == "--plugin-args" {
+            in_plugin_args = true;
+            continue;
+        }
+        if in_plugin_args && !is_vmm_option(&w) {
+            out.push(as_plugin_arg(w));
+            continue;
+        }
+        in_plugin_args = false;
+        out.push(w);
+    }
+    out
 }
 
 /// One `--plugin-mount`.
@@ -363,6 +454,41 @@ pub fn read_list_file<T>(
 }
 
 impl Args {
+    /// Parses a whole command line (argv[0] first), crosvm spellings
+    /// included (see `normalize_args`).
+    pub fn from_command_line<I, T>(args: I) -> Result<Args, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        Args::try_parse_from(normalize_args(args))
+    }
+
+    /// The plugin's environment besides CROSVM_SOCKET: CROSVM_FAST_CHANNEL
+    /// if the host has it, then each `--plugin-env` (a NAME the host does
+    /// not have is left out). `host` looks a variable up.
+    pub fn plugin_environment(
+        &self,
+        host: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Vec<(String, std::ffi::OsString)> {
+        let mut env: Vec<(String, std::ffi::OsString)> = Vec::new();
+        let mut set = |name: &str, value: Option<std::ffi::OsString>| {
+            env.retain(|(n, _)| n != name);
+            if let Some(v) = value {
+                env.push((name.to_string(), v));
+            }
+        };
+        set("CROSVM_FAST_CHANNEL", host("CROSVM_FAST_CHANNEL"));
+        for e in &self.plugin_env {
+            let value = match &e.value {
+                Some(v) => Some(v.into()),
+                None => host(&e.name),
+            };
+            set(&e.name, value);
+        }
+        env
+    }
+
     /// The plugin's argv after argv[0]: `--params` then `--plugin-args`.
     pub fn plugin_argv(&self) -> Vec<String> {
         self.params
@@ -486,7 +612,7 @@ mod tests {
 
     #[test]
     fn argv_order_and_spaces() {
-        let a = Args::try_parse_from([
+        let a = Args::from_command_line([
             "vmm",
             "--plugin",
             "/bin/true",
@@ -501,6 +627,62 @@ mod tests {
         .unwrap();
         assert_eq!(a.plugin_argv(), vec!["one two", "--x", "three four"]);
         assert_eq!(a.cpus, 2);
+    }
+
+    #[test]
+    fn crosvm_run_word_repeated_plugin_args_and_double_dash() {
+        let a = Args::from_command_line([
+            "vmm", "run", "-c", "1", "--plugin", "/bin/true", "--plugin-args", "A",
+            "--plugin-args", "B", "-x", "--disable-sandbox", "--plugin-args", "--", "--cpus", "run",
+        ])
+        .unwrap();
+        assert_eq!(a.plugin_argv(), vec!["A", "B", "-x", "--cpus", "run"]);
+        assert_eq!(a.cpus, 1);
+        assert!(a.disable_sandbox);
+        // A vmm option after the plugin's arguments is honoured, in both
+        // spellings.
+        let a = Args::from_command_line([
+            "vmm", "--plugin-args", "1", "2", "--disable-sandbox", "--plugin=/bin/true",
+        ])
+        .unwrap();
+        assert!(a.disable_sandbox);
+        assert_eq!(a.plugin_argv(), vec!["1", "2"]);
+        // An empty argument survives.
+        let a = Args::from_command_line(["vmm", "--plugin", "/x", "--plugin-args", ""]).unwrap();
+        assert_eq!(a.plugin_argv(), vec![""]);
+    }
+
+    #[test]
+    fn plugin_environment_is_minimal_and_named() {
+        let host = |n: &str| match n {
+            "HOME" => Some("/root".into()),
+            "CROSVM_FAST_CHANNEL" => Some("0".into()),
+            _ => None,
+        };
+        let a = Args::from_command_line(["vmm", "--plugin", "/x"]).unwrap();
+        assert_eq!(
+            a.plugin_environment(host),
+            vec![("CROSVM_FAST_CHANNEL".to_string(), "0".into())]
+        );
+        let a = Args::from_command_line([
+            "vmm", "--plugin", "/x", "--plugin-env", "HOME", "--plugin-env", "A=b=c",
+            "--plugin-env", "NOPE", "--plugin-env", "CROSVM_FAST_CHANNEL=1",
+        ])
+        .unwrap();
+        let env = a.plugin_environment(host);
+        assert_eq!(
+            env,
+            vec![
+                ("HOME".to_string(), "/root".into()),
+                ("A".to_string(), "b=c".into()),
+                ("CROSVM_FAST_CHANNEL".to_string(), "1".into()),
+            ]
+        );
+        assert!(Args::from_command_line(["vmm", "--plugin", "/x", "--plugin-env", "=v"]).is_err());
+        assert!(
+            Args::from_command_line(["vmm", "--plugin", "/x", "--plugin-env", "CROSVM_SOCKET=3"])
+                .is_err()
+        );
     }
 
     #[test]

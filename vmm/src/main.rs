@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use vmm::cli::{Args, PARSE_ERROR_STATUS};
 use vmm::plugin::{self, RunConfig};
 
@@ -28,7 +27,7 @@ impl log::Log for StderrLogger {
 static LOGGER: StderrLogger = StderrLogger;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match Args::from_command_line(std::env::args_os()) {
         Ok(a) => a,
         Err(e) => {
             let status = if e.use_stderr() {
@@ -64,6 +63,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = RunConfig {
         plugin: args.plugin.clone(),
         args: args.plugin_argv(),
+        env: args.plugin_environment(|name| std::env::var_os(name)),
         vcpus: args.cpus,
         kvm_path: args.kvm_path(),
         vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),

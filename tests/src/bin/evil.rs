@@ -43,6 +43,19 @@ fn arg(args: &[String], i: usize, what: &str) -> String {
         .unwrap_or_else(|| panic!("missing argument: {what}"))
 }
 
+/// A memfd holding `mov eax, 42; ret` in its first page.
+fn memfd_with_code() -> i32 {
+    // SAFETY: memfd_create with a valid name; write and ftruncate on it.
+    unsafe {
+        let fd = libc::memfd_create(c"evil-code".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0, "memfd_create: {}", Errno::last());
+        let code = [0xb8u8, 42, 0, 0, 0, 0xc3];
+        assert_eq!(libc::write(fd, code.as_ptr().cast(), code.len()), 6);
+        assert_eq!(libc::ftruncate(fd, 4096), 0);
+        fd
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = arg(&args, 1, "scenario");
@@ -162,6 +175,65 @@ fn main() {
             };
             outcome("mprotect memory writable+executable", r)
         }
+        // Code written into a memfd, then mapped executable (private), run.
+        "memfd-exec" => {
+            let fd = memfd_with_code();
+            // SAFETY: a new private mapping of the memfd; called only if the
+            // kernel mapped it, and it holds `mov eax, 42; ret`.
+            let r = unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE,
+                    fd,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    Err(Errno::last())
+                } else {
+                    let f: extern "C" fn() -> i32 = std::mem::transmute(p);
+                    eprintln!("evil: memfd code returned {}", f());
+                    Ok(())
+                }
+            };
+            outcome("run code from a memfd", r)
+        }
+        // One memfd mapped writable and executable at two addresses: code
+        // rewritable live.
+        "memfd-rw-rx" => {
+            let fd = memfd_with_code();
+            // SAFETY: two new shared mappings of the memfd; nothing is run.
+            let r = unsafe {
+                let rw = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                let rx = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                if rw == libc::MAP_FAILED || rx == libc::MAP_FAILED {
+                    Err(Errno::last())
+                } else {
+                    Ok(())
+                }
+            };
+            outcome("map a memfd writable and executable", r)
+        }
+        // A Rust panic (the host must report it as one).
+        "panic" => {
+            let m = arg(&args, 2, "marker");
+            panic!("evil panics on purpose ({m})");
+        }
         "fork-bomb" => {
             // Forks until the kernel refuses; children wait forever.
             let mut forked = 0u32;
@@ -226,6 +298,11 @@ fn main() {
             outcome(&format!("i386 getpid returned {rax}"), Ok(()))
         }
         "argv" => println!("argv={}", args.join("|")),
+        "env" => {
+            for (k, v) in std::env::vars_os() {
+                println!("env: {}={}", k.to_string_lossy(), v.to_string_lossy());
+            }
+        }
         "sleep" => {
             let ms: u64 = arg(&args, 2, "milliseconds").parse().expect("ms");
             std::thread::sleep(std::time::Duration::from_millis(ms));

@@ -109,11 +109,7 @@ pub fn is_startup_call(nr: i64, args: &[u64; 6]) -> bool {
         | libc::SYS_sched_getaffinity
         | libc::SYS_futex
         | libc::SYS_gettid
-        | libc::SYS_getpid
-        | libc::SYS_getuid
-        | libc::SYS_geteuid
-        | libc::SYS_getgid
-        | libc::SYS_getegid => true,
+        | libc::SYS_getpid => true,
         _ => false,
     }
 }

@@ -332,7 +332,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     })?;
 
     // argv[0] is the plugin path as given (as in the unjailed mode); the
-    // environment is the host's plus CROSVM_SOCKET.
+    // environment is what the command line asked for plus CROSVM_SOCKET.
     let socket_fd = launch.socket.as_raw_fd();
     let exe_c = cstring(exe.as_os_str().as_bytes(), "the plugin path")?;
     let mut args = vec![cstring(
@@ -343,10 +343,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
         args.push(cstring(a.as_bytes(), "a plugin argument")?);
     }
     let mut env = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        if k == "CROSVM_SOCKET" {
-            continue;
-        }
+    for (k, v) in launch.env {
         let mut kv = k.as_bytes().to_vec();
         kv.push(b'=');
         kv.extend_from_slice(v.as_bytes());

@@ -4,6 +4,7 @@
 pub mod fastpath;
 pub mod main_handler;
 pub mod objects;
+pub mod panic;
 pub mod process;
 pub mod vcpu;
 
@@ -53,6 +54,9 @@ const FIRST_CONNECTION_TOKEN: u64 = 16;
 pub struct RunConfig {
     pub plugin: PathBuf,
     pub args: Vec<String>,
+    /// The plugin's environment besides CROSVM_SOCKET (nothing else of the
+    /// host's is passed).
+    pub env: Vec<(String, std::ffi::OsString)>,
     pub vcpus: usize,
     pub kvm_path: PathBuf,
     pub vcpu_cgroup_path: Option<PathBuf>,
@@ -97,6 +101,8 @@ pub enum RunError {
     Wait(#[source] Errno),
     #[error("the plugin exited with status {0}")]
     PluginExit(i32),
+    #[error("the plugin panicked: {message}; it {end}")]
+    PluginPanicked { message: String, end: String },
     #[error("the plugin was killed by signal {signal}{detail}")]
     PluginSignaled {
         signal: String,
@@ -224,6 +230,7 @@ struct StderrForwarder {
     fd: OwnedFd,
     carry: Vec<u8>,
     open: bool,
+    panic: panic::PanicWatch,
 }
 
 impl StderrForwarder {
@@ -247,6 +254,8 @@ impl StderrForwarder {
                 Ok(n) => {
                     self.carry.extend_from_slice(&buf[..n]);
                     while let Some(pos) = self.carry.iter().position(|&b| b == b'\n') {
+                        self.panic
+                            .line(&String::from_utf8_lossy(&self.carry[..pos]));
                         Self::emit(&self.carry[..pos]);
                         self.carry.drain(..=pos);
                     }
@@ -262,6 +271,7 @@ impl StderrForwarder {
 
     fn flush(&mut self) {
         if !self.carry.is_empty() {
+            self.panic.line(&String::from_utf8_lossy(&self.carry));
             Self::emit(&self.carry);
             self.carry.clear();
         }
@@ -352,6 +362,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let launch = Launch {
         path: &config.plugin,
         args: &config.args,
+        env: &config.env,
         socket: &plugin_sock,
         stderr: stderr_w,
     };
@@ -395,6 +406,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             fd: stderr_r,
             carry: Vec::new(),
             open: true,
+            panic: Default::default(),
         },
         plugin,
         plugin_end: None,
@@ -824,9 +836,33 @@ impl Host {
             self.stderr.flush();
         }
 
+        let panicked = self.stderr.panic.panic().map(str::to_string);
+        match (self.plugin_end.as_ref(), panicked) {
+            (_, _) if timed_out => {}
+            (Some(PluginEnd::Exited(code)), Some(message)) if *code != 0 => self.errors.insert(
+                0,
+                RunError::PluginPanicked {
+                    message,
+                    end: format!("exited with status {code}"),
+                },
+            ),
+            (Some(PluginEnd::Signaled(sig)), Some(message))
+                if !matches!(self.errors.first(), Some(RunError::Seccomp(_))) =>
+            {
+                self.errors.insert(
+                    0,
+                    RunError::PluginPanicked {
+                        message,
+                        end: format!("was killed by signal {sig}"),
+                    },
+                )
+            }
+            _ => {}
+        }
         match self.plugin_end {
             // Killed by us: the timeout is the cause.
             _ if timed_out => {}
+            _ if matches!(self.errors.first(), Some(RunError::PluginPanicked { .. })) => {}
             Some(PluginEnd::Exited(code)) if code != 0 => {
                 self.errors.insert(0, RunError::PluginExit(code))
             }

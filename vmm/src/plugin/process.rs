@@ -30,6 +30,8 @@ pub struct Launch<'a> {
     pub path: &'a Path,
     /// argv[1..]; argv[0] is the path as given, in both modes (quirk 3).
     pub args: &'a [String],
+    /// The environment besides CROSVM_SOCKET, in both modes.
+    pub env: &'a [(String, std::ffi::OsString)],
     /// The plugin end of the main socket; passed at the same number.
     pub socket: &'a OwnedFd,
     /// Write end of the host's stderr pipe.
@@ -86,6 +88,8 @@ pub fn spawn_unjailed(launch: Launch<'_>) -> Result<Plugin, ProcessError> {
     let mut cmd = Command::new(launch.path);
     cmd.arg0(launch.path)
         .args(launch.args)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .env("CROSVM_SOCKET", socket_fd.to_string())
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
