@@ -239,7 +239,8 @@ impl ShmChannel {
         // The size from lseek, not fstat: glibc's fstat is `newfstatat`,
         // which the policies of crosvm-era plugins do not allow. Nobody
         // reads or writes the memfd through its offset.
-        let size = nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekEnd).map_err(ShmError::Map)?;
+        let size =
+            nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekEnd).map_err(ShmError::Map)?;
         nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekSet).map_err(ShmError::Map)?;
         if (size as u64) < SHM_SIZE as u64 {
             return Err(ShmError::BadHeader);

@@ -598,7 +598,11 @@ fn code_from_a_memfd_never_runs() {
     )
     .unwrap();
     let p = policy.to_str().unwrap();
-    for mode in [&[][..], &["--seccomp-log-failures"][..], &["--seccomp-policy", p][..]] {
+    for mode in [
+        &[][..],
+        &["--seccomp-log-failures"][..],
+        &["--seccomp-policy", p][..],
+    ] {
         let r = evil(mode, "memfd-exec", &[]);
         assert_blocked(&r, "run code from a memfd", "EACCES");
         assert!(!r.stderr.contains("memfd code returned"), "{r:#?}");
@@ -662,12 +666,24 @@ fn the_environment_is_minimal_unless_named() {
         };
         let r = run(&[]);
         r.assert_success();
-        let vars: Vec<&str> = r.stdout.lines().filter_map(|l| l.strip_prefix("env: ")).collect();
+        let vars: Vec<&str> = r
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("env: "))
+            .collect();
         assert_eq!(vars.len(), 1, "{r:#?}");
         assert!(vars[0].starts_with("CROSVM_SOCKET="), "{r:#?}");
-        let r = run(&["--plugin-env", "VMM_TEST_NAMED", "--plugin-env", "LANG=C.UTF-8"]);
+        let r = run(&[
+            "--plugin-env",
+            "VMM_TEST_NAMED",
+            "--plugin-env",
+            "LANG=C.UTF-8",
+        ]);
         r.assert_success();
-        assert!(r.stdout.contains("env: VMM_TEST_NAMED=named-value\n"), "{r:#?}");
+        assert!(
+            r.stdout.contains("env: VMM_TEST_NAMED=named-value\n"),
+            "{r:#?}"
+        );
         assert!(r.stdout.contains("env: LANG=C.UTF-8\n"), "{r:#?}");
         assert!(!r.stdout.contains("hunter2"), "{r:#?}");
     }

@@ -184,7 +184,12 @@ where
     let mut longs: Vec<String> = vec!["help".into(), "version".into()];
     let mut shorts: Vec<char> = vec!['h', 'V'];
     for a in cmd.get_arguments() {
-        longs.extend(a.get_long_and_visible_aliases().into_iter().flatten().map(String::from));
+        longs.extend(
+            a.get_long_and_visible_aliases()
+                .into_iter()
+                .flatten()
+                .map(String::from),
+        );
         shorts.extend(a.get_short_and_visible_aliases().into_iter().flatten());
     }
     let is_vmm_option = |w: &OsString| {
@@ -632,8 +637,22 @@ mod tests {
     #[test]
     fn crosvm_run_word_repeated_plugin_args_and_double_dash() {
         let a = Args::from_command_line([
-            "vmm", "run", "-c", "1", "--plugin", "/bin/true", "--plugin-args", "A",
-            "--plugin-args", "B", "-x", "--disable-sandbox", "--plugin-args", "--", "--cpus", "run",
+            "vmm",
+            "run",
+            "-c",
+            "1",
+            "--plugin",
+            "/bin/true",
+            "--plugin-args",
+            "A",
+            "--plugin-args",
+            "B",
+            "-x",
+            "--disable-sandbox",
+            "--plugin-args",
+            "--",
+            "--cpus",
+            "run",
         ])
         .unwrap();
         assert_eq!(a.plugin_argv(), vec!["A", "B", "-x", "--cpus", "run"]);
@@ -642,7 +661,12 @@ mod tests {
         // A vmm option after the plugin's arguments is honoured, in both
         // spellings.
         let a = Args::from_command_line([
-            "vmm", "--plugin-args", "1", "2", "--disable-sandbox", "--plugin=/bin/true",
+            "vmm",
+            "--plugin-args",
+            "1",
+            "2",
+            "--disable-sandbox",
+            "--plugin=/bin/true",
         ])
         .unwrap();
         assert!(a.disable_sandbox);
@@ -665,8 +689,17 @@ mod tests {
             vec![("CROSVM_FAST_CHANNEL".to_string(), "0".into())]
         );
         let a = Args::from_command_line([
-            "vmm", "--plugin", "/x", "--plugin-env", "HOME", "--plugin-env", "A=b=c",
-            "--plugin-env", "NOPE", "--plugin-env", "CROSVM_FAST_CHANNEL=1",
+            "vmm",
+            "--plugin",
+            "/x",
+            "--plugin-env",
+            "HOME",
+            "--plugin-env",
+            "A=b=c",
+            "--plugin-env",
+            "NOPE",
+            "--plugin-env",
+            "CROSVM_FAST_CHANNEL=1",
         ])
         .unwrap();
         let env = a.plugin_environment(host);
@@ -679,10 +712,14 @@ mod tests {
             ]
         );
         assert!(Args::from_command_line(["vmm", "--plugin", "/x", "--plugin-env", "=v"]).is_err());
-        assert!(
-            Args::from_command_line(["vmm", "--plugin", "/x", "--plugin-env", "CROSVM_SOCKET=3"])
-                .is_err()
-        );
+        assert!(Args::from_command_line([
+            "vmm",
+            "--plugin",
+            "/x",
+            "--plugin-env",
+            "CROSVM_SOCKET=3"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -225,7 +225,10 @@ mod tests {
             &mmap(rx, libc::MAP_PRIVATE, 3),
             (Some(1), Some(memfd))
         ));
-        assert!(refused(&mmap(rx, libc::MAP_SHARED, 3), (Some(1), Some(LIB))));
+        assert!(refused(
+            &mmap(rx, libc::MAP_SHARED, 3),
+            (Some(1), Some(LIB))
+        ));
         assert!(refused(
             &mmap(rx | libc::PROT_WRITE, libc::MAP_PRIVATE, 3),
             (Some(1), Some(LIB))
@@ -234,7 +237,10 @@ mod tests {
             &mmap(rx, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
             (Some(1), Some(LIB))
         ));
-        assert!(refused(&mmap(rx, libc::MAP_PRIVATE, 3), (Some(2), Some(LIB))));
+        assert!(refused(
+            &mmap(rx, libc::MAP_PRIVATE, 3),
+            (Some(2), Some(LIB))
+        ));
         assert!(refused(&mmap(rx, libc::MAP_PRIVATE, 3), (Some(1), None)));
         let writable = ExecFile {
             read_only_mount: false,

@@ -185,7 +185,7 @@ fn compile_policy(
     };
     let mut rules = BTreeMap::new();
     let mut errnos = BTreeMap::new();
-    for (nr, rule) in parsed.rules {
+    for (nr, rule) in with_modern_aliases(parsed.rules) {
         if nr == libc::SYS_execve || nr == libc::SYS_execveat {
             continue; // decided by the prologue
         }
@@ -219,6 +219,31 @@ fn compile_policy(
     .map_err(backend)?;
     let program: BpfProgram = filter.try_into().map_err(backend)?;
     Ok((program, errnos))
+}
+
+/// Policies of the crosvm era name `stat`, `lstat` and `fstat`; since 2.33
+/// glibc makes all three with `newfstatat` (fstat as `newfstatat(fd, "",
+/// buf, AT_EMPTY_PATH)`). A policy that allows the old call allows its
+/// modern spelling, unless it says something about `newfstatat` itself.
+pub fn with_modern_aliases(mut rules: BTreeMap<i64, Rule>) -> BTreeMap<i64, Rule> {
+    if rules.contains_key(&libc::SYS_newfstatat) {
+        return rules;
+    }
+    let allowed = |nr: i64| matches!(rules.get(&nr), Some(Rule::Always));
+    if allowed(libc::SYS_stat) || allowed(libc::SYS_lstat) {
+        rules.insert(libc::SYS_newfstatat, Rule::Always);
+    } else if allowed(libc::SYS_fstat) {
+        let empty_path = libc::AT_EMPTY_PATH as u64;
+        rules.insert(
+            libc::SYS_newfstatat,
+            Rule::When(vec![vec![Cond {
+                arg: 3,
+                op: Op::MaskedEq(empty_path),
+                value: empty_path,
+            }]]),
+        );
+    }
+    rules
 }
 
 fn condition(c: &Cond) -> Result<SeccompCondition, seccompiler::BackendError> {

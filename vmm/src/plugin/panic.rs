@@ -69,7 +69,10 @@ mod tests {
         w.line("thread 'main' panicked at src/main.rs:3:5:");
         w.line("boom: 42");
         w.line("thread 'other' panicked at x.rs:1:1:");
-        assert_eq!(w.panic(), Some("boom: 42 (thread 'main' at src/main.rs:3:5)"));
+        assert_eq!(
+            w.panic(),
+            Some("boom: 42 (thread 'main' at src/main.rs:3:5)")
+        );
         let mut w = PanicWatch::default();
         w.line("thread 'vcpu 0' (4711) panicked at a/b.rs:10:2:");
         w.line("index out of bounds");
