@@ -90,8 +90,10 @@ pub fn in_ci() -> bool {
 ///   and the reason to `<target>/<profile>/skipped-tests.txt`, which
 ///   `scripts/test.sh` prints at the end of the run; the caller returns.
 ///
-/// ```ignore
-/// if !require(taps_available(), "tap devices (root and /dev/net/tun)") { return; }
+/// ```no_run
+/// if !e2e_tests::require(vmm::net::taps_available(), "tap devices (root and /dev/net/tun)") {
+///     return;
+/// }
 /// ```
 pub fn require(met: bool, what: &str) -> bool {
     if met {
