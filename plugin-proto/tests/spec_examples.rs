@@ -1,4 +1,4 @@
-//! Conformance: the hex examples of wire-protocol.md §10, both directions,
+//! Conformance: the hex examples of docs/wire-protocol.md §10, both directions,
 //! plus framing round trips over real sockets and pipes.
 
 use std::os::fd::AsFd;

@@ -2,7 +2,7 @@
 //!
 //! Every function converts C arguments, calls the SDK, and converts the
 //! result to `0` / `-errno` (or a descriptor). No protocol logic lives here.
-//! Handles and pointers are not validated (c-api.md §7): passing NULL or a
+//! Handles and pointers are not validated (docs/c-api.md §7): passing NULL or a
 //! stale handle is undefined behaviour, as in the reference library.
 //!
 //! Where this library deliberately differs from the reference:
@@ -83,7 +83,7 @@ pub struct crosvm_irq {
 pub struct crosvm_vcpu(VcpuSlot);
 
 // ---------------------------------------------------------------------------
-// Structures with the exact layouts of c-api.md §6.
+// Structures with the exact layouts of docs/c-api.md §6.
 
 /// `struct crosvm_net_config`.
 #[repr(C)]
@@ -533,7 +533,7 @@ pub unsafe extern "C" fn crosvm_reserve_async_write_range(
     })
 }
 
-/// Validates `hint` (c-api.md §8.4) and converts it.
+/// Validates `hint` (docs/c-api.md §8.4) and converts it.
 unsafe fn call_hint(hint: &crosvm_hint) -> Result<CallHint> {
     if hint.hint_version != 0 || hint._reserved != 0 {
         return Err(Error::InvalidArgument(
@@ -948,7 +948,7 @@ pub unsafe extern "C" fn crosvm_vcpu_wait(
     event: *mut crosvm_vcpu_event,
 ) -> c_int {
     // SAFETY: vcpu handle and event out-pointer valid per the C API
-    // contract. Only the members listed in c-api.md §9.4 are written.
+    // contract. Only the members listed in docs/c-api.md §9.4 are written.
     ffi(|| unsafe {
         let mut guard = vcpu(vcpu_);
         let filled = match guard.wait() {

@@ -40,7 +40,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Takes the next object id (c-api.md §9.2).
+    /// Takes the next object id (docs/c-api.md §9.2).
     pub(crate) fn alloc_id(&self) -> Result<u32> {
         let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
         let id = *next;

@@ -65,7 +65,7 @@ impl VcpuEvent<'_> {
     }
 }
 
-/// Cache of one deferred-settable register image (c-api.md §9.3).
+/// Cache of one deferred-settable register image (docs/c-api.md §9.3).
 #[derive(Default)]
 struct RegCache {
     image: Vec<u8>,

@@ -79,12 +79,6 @@ fn last(log: &Arc<Mutex<Vec<MainRequest>>>) -> main_request::Message {
         .expect("a request")
 }
 
-fn wait_reply(exit: wait::Exit) -> Reply {
-    let mut r = VcpuResponse::new();
-    r.mut_wait().exit = Some(exit);
-    Reply::Msg(r)
-}
-
 #[test]
 fn c_api_against_fake_host() {
     let fail_destroy = Arc::new(Mutex::new(false));
@@ -94,63 +88,65 @@ fn c_api_against_fake_host() {
 
     // Vcpu 0 answers: Wait → io read; Resume → hcall; Resume → pause;
     // Resume → synic; Resume → init; GetMsrs → too many / fewer values.
-    let mut step = 0;
-    let vcpu_host = serve_vcpu(host.vcpus.remove(0), move |req| {
-        use vcpu_request::Message as Rq;
-        match &req.message {
-            Some(Rq::Wait(_)) | Some(Rq::Resume(_)) => {
-                step += 1;
-                match step {
-                    1 => vec![wait_reply(wait::Exit::Io(wait::Io {
-                        space: plugin_proto::AddressSpace::MMIO.into(),
-                        address: 0xfee0_0030,
-                        data: vec![0; 4],
-                        ..Default::default()
-                    }))],
-                    2 => vec![wait_reply(wait::Exit::HypervCall(wait::HypervCall {
-                        input: 0x5,
-                        params0: 6,
-                        params1: 7,
-                        ..Default::default()
-                    }))],
-                    3 => vec![wait_reply(wait::Exit::User(wait::User {
-                        user: 0x1234_5678,
-                        ..Default::default()
-                    }))],
-                    4 => vec![wait_reply(wait::Exit::HypervSynic(wait::HypervSynic {
-                        msr: 0x4000_0080,
-                        control: 1,
-                        evt_page: 2,
-                        msg_page: 3,
-                        ..Default::default()
-                    }))],
-                    5 => vec![wait_reply(wait::Exit::Init(Default::default()))],
+    let vcpu_host = serve_vcpu(
+        host.vcpus.remove(0),
+        scripted_exits(
+            vec![
+                wait::Exit::Io(wait::Io {
+                    space: plugin_proto::AddressSpace::MMIO.into(),
+                    address: 0xfee0_0030,
+                    data: vec![0; 4],
+                    ..Default::default()
+                }),
+                wait::Exit::HypervCall(wait::HypervCall {
+                    input: 0x5,
+                    params0: 6,
+                    params1: 7,
+                    ..Default::default()
+                }),
+                wait::Exit::User(wait::User {
+                    user: 0x1234_5678,
+                    ..Default::default()
+                }),
+                wait::Exit::HypervSynic(wait::HypervSynic {
+                    msr: 0x4000_0080,
+                    control: 1,
+                    evt_page: 2,
+                    msg_page: 3,
+                    ..Default::default()
+                }),
+                wait::Exit::Init(Default::default()),
+            ],
+            |req| {
+                use vcpu_request::Message as Rq;
+                match &req.message {
+                    Some(Rq::GetMsrs(g)) => {
+                        let n = if g.entry_indices.len() == 1 { 2 } else { 1 };
+                        vec![Reply::Msg(VcpuResponse {
+                            message: Some(vcpu_response::Message::GetMsrs(
+                                vcpu_response::GetMsrs {
+                                    entry_data: (0..n).map(|i| 0x100 + i).collect(),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        })]
+                    }
+                    Some(Rq::GetState(_)) => {
+                        let mut r = VcpuResponse::new();
+                        r.mut_get_state().state = kvm_regs {
+                            rip: 0xfff0,
+                            ..Default::default()
+                        }
+                        .as_image()
+                        .to_vec();
+                        vec![Reply::Msg(r)]
+                    }
                     _ => vec![],
                 }
-            }
-            Some(Rq::GetMsrs(g)) => {
-                let n = if g.entry_indices.len() == 1 { 2 } else { 1 };
-                vec![Reply::Msg(VcpuResponse {
-                    message: Some(vcpu_response::Message::GetMsrs(vcpu_response::GetMsrs {
-                        entry_data: (0..n).map(|i| 0x100 + i).collect(),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                })]
-            }
-            Some(Rq::GetState(_)) => {
-                let mut r = VcpuResponse::new();
-                r.mut_get_state().state = kvm_regs {
-                    rip: 0xfff0,
-                    ..Default::default()
-                }
-                .as_image()
-                .to_vec();
-                vec![Reply::Msg(r)]
-            }
-            _ => vec![],
-        }
-    });
+            },
+        ),
+    );
 
     // SAFETY: every call below passes valid pointers as the C API requires.
     unsafe {

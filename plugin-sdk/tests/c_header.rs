@@ -2,42 +2,20 @@
 //! with the exact layouts, a C program links against the shared library,
 //! and the library exports exactly the 60 API functions.
 
-use std::path::{Path, PathBuf};
+#[path = "common/cc.rs"]
+mod cc;
+
+use std::path::PathBuf;
 use std::process::Command;
+
+use cc::{library_dir, out_dir, CBuild};
 
 fn sdk_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `<target>/<profile>`: the test binary lives in its `deps/` directory.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile directory")
-        .to_path_buf()
-}
-
-/// The package's cdylib. Cargo writes it to `deps/` (next to this test
-/// binary) when building tests, and copies it to the profile directory
-/// only for `cargo build`; prefer the former, which is always current.
 fn library() -> PathBuf {
-    let profile = profile_dir();
-    let candidates = [
-        profile.join("deps/libcrosvm_plugin.so"),
-        profile.join("libcrosvm_plugin.so"),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("libcrosvm_plugin.so not found in {candidates:?}"))
-        .clone()
-}
-
-fn out_dir() -> PathBuf {
-    let dir = profile_dir().join("c-api-tests");
-    std::fs::create_dir_all(&dir).expect("create output directory");
-    dir
+    library_dir().join("libcrosvm_plugin.so")
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -55,74 +33,53 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn header_layouts_compile_as_c11() {
-    let sdk = sdk_dir();
-    run(Command::new("cc")
-        .args([
-            "-std=c11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-            "-c",
-            "-I",
-        ])
-        .arg(sdk.join("include"))
-        .arg(sdk.join("tests/c/layout.c"))
-        .arg("-o")
-        .arg(out_dir().join("layout_c.o")));
+    CBuild::c()
+        .flags(["-std=c11", "-Wextra", "-pedantic", "-c"])
+        .source(&sdk_dir().join("tests/c/layout.c"))
+        .output(&out_dir().join("layout_c.o"))
+        .run();
 }
 
 #[test]
 fn header_layouts_compile_as_cxx() {
-    let sdk = sdk_dir();
-    run(Command::new("c++")
-        .args(["-std=c++11", "-Wall", "-Werror", "-x", "c++", "-c", "-I"])
-        .arg(sdk.join("include"))
-        .arg(sdk.join("tests/c/layout.c"))
-        .arg("-o")
-        .arg(out_dir().join("layout_cxx.o")));
+    CBuild::cxx()
+        .flags(["-std=c++11", "-x", "c++", "-c"])
+        .source(&sdk_dir().join("tests/c/layout.c"))
+        .output(&out_dir().join("layout_cxx.o"))
+        .run();
 }
 
 #[test]
 fn header_size_asserts_are_guarded() {
     // Sanity check of the guard: with static_assert available the header's
     // own size assertions are compiled (a C11 build defines it).
-    let sdk = sdk_dir();
     let src = out_dir().join("guard.c");
     std::fs::write(
         &src,
         "#include \"crosvm.h\"\n#ifndef static_assert\n#error no static_assert\n#endif\n",
     )
     .unwrap();
-    run(Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Werror", "-fsyntax-only", "-I"])
-        .arg(sdk.join("include"))
-        .arg(&src));
+    CBuild::c()
+        .flags(["-std=c11", "-fsyntax-only"])
+        .source(&src)
+        .run();
     // Older standards skip the assertions but still accept the header
     // (anonymous unions are a GNU extension there).
-    run(Command::new("cc")
-        .args(["-std=gnu99", "-Wall", "-Werror", "-fsyntax-only", "-I"])
-        .arg(sdk.join("include"))
-        .arg(sdk.join("tests/c/layout.c")));
+    CBuild::c()
+        .flags(["-std=gnu99", "-fsyntax-only"])
+        .source(&sdk_dir().join("tests/c/layout.c"))
+        .run();
 }
 
 #[test]
 fn c_program_links_and_connect_fails_without_socket() {
-    let lib = library();
-    let lib_dir = lib.parent().unwrap();
-    let sdk = sdk_dir();
     let exe = out_dir().join("connect");
-    run(Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Werror", "-pthread", "-I"])
-        .arg(sdk.join("include"))
-        .arg(sdk.join("tests/c/connect.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(lib_dir)
-        .arg("-Wl,-rpath")
-        .arg(lib_dir)
-        .arg("-lcrosvm_plugin"));
+    CBuild::c()
+        .flags(["-std=c11"])
+        .source(&sdk_dir().join("tests/c/connect.c"))
+        .output(&exe)
+        .link_sdk()
+        .run();
     let stdout = run(Command::new(&exe).env_remove("CROSVM_SOCKET"));
     assert!(stdout.contains("ok"), "{stdout}");
 }
@@ -220,4 +177,29 @@ fn header_declares_every_api_function() {
     }
     let declared = header.matches("\nint crosvm_").count();
     assert_eq!(declared, 60);
+}
+
+/// The shipped library is of a normal size: the release profile carries no
+/// debug info (Cargo.toml). Other profiles (debug, `profiling`) keep it.
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "the size bound applies to the release profile"
+)]
+fn release_library_is_under_5_mib() {
+    let profile = cc::profile_dir();
+    if profile.file_name().is_some_and(|n| n != "release") {
+        eprintln!(
+            "not the release profile ({}): no size bound",
+            profile.display()
+        );
+        return;
+    }
+    let size = std::fs::metadata(library())
+        .expect("stat libcrosvm_plugin.so")
+        .len();
+    assert!(
+        size < 5 << 20,
+        "libcrosvm_plugin.so is {size} bytes, over 5 MiB"
+    );
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
@@ -15,91 +15,54 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use plugin_proto::main_request;
 use plugin_proto::vcpu_request;
 use plugin_proto::vcpu_response::wait;
-use plugin_proto::VcpuResponse;
-
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile directory")
-        .to_path_buf()
-}
-
-/// Directory of the package's cdylib (see tests/c_header.rs).
-fn library_dir() -> PathBuf {
-    let profile = profile_dir();
-    [profile.join("deps"), profile.clone()]
-        .into_iter()
-        .find(|d| d.join("libcrosvm_plugin.so").exists())
-        .expect("libcrosvm_plugin.so not built")
-}
 
 fn build_flow() -> PathBuf {
-    let dir = library_dir();
-    let out = profile_dir().join("c-api-tests");
-    std::fs::create_dir_all(&out).unwrap();
-    let exe = out.join("flow");
+    let exe = cc::out_dir().join("flow");
     let sdk = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Werror", "-pthread", "-I"])
-        .arg(sdk.join("include"))
-        .arg(sdk.join("tests/c/flow.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(&dir)
-        .arg("-Wl,-rpath")
-        .arg(&dir)
-        .arg("-lcrosvm_plugin")
-        .status()
-        .expect("cc");
-    assert!(status.success());
+    cc::CBuild::c()
+        .flags(["-std=c11"])
+        .source(&sdk.join("tests/c/flow.c"))
+        .output(&exe)
+        .link_sdk()
+        .run();
     exe
-}
-
-fn wait_reply(exit: wait::Exit) -> Reply {
-    let mut r = VcpuResponse::new();
-    r.mut_wait().exit = Some(exit);
-    Reply::Msg(r)
 }
 
 #[test]
 fn c_plugin_runs_against_fake_host() {
     let exe = build_flow();
     let (plugin, mut host) = start_host(1, Delivery::Single, default_handler());
-    let mut step = 0;
-    let vcpu_host = serve_vcpu(host.vcpus.remove(0), move |req| match &req.message {
-        Some(vcpu_request::Message::Wait(_)) | Some(vcpu_request::Message::Resume(_)) => {
-            step += 1;
-            match step {
-                1 => vec![wait_reply(wait::Exit::Init(Default::default()))],
-                2 => vec![wait_reply(wait::Exit::Io(wait::Io {
+    let vcpu_host = serve_vcpu(
+        host.vcpus.remove(0),
+        scripted_exits(
+            vec![
+                wait::Exit::Init(Default::default()),
+                wait::Exit::Io(wait::Io {
                     address: 0x3f9,
                     data: vec![0; 2],
                     ..Default::default()
-                }))],
-                3 => vec![wait_reply(wait::Exit::HypervCall(wait::HypervCall {
+                }),
+                wait::Exit::HypervCall(wait::HypervCall {
                     input: 9,
                     params0: 40,
                     params1: 2,
                     ..Default::default()
-                }))],
-                4 => vec![wait_reply(wait::Exit::User(wait::User {
+                }),
+                wait::Exit::User(wait::User {
                     user: 0x77,
                     ..Default::default()
-                }))],
-                5 => vec![wait_reply(wait::Exit::HypervSynic(wait::HypervSynic {
+                }),
+                wait::Exit::HypervSynic(wait::HypervSynic {
                     msr: 0x4000_0083,
                     control: 1,
                     evt_page: 2,
                     msg_page: 3,
                     ..Default::default()
-                }))],
-                _ => vec![],
-            }
-        }
-        _ => vec![],
-    });
+                }),
+            ],
+            |_| vec![],
+        ),
+    );
 
     // The child inherits the plugin end (not close-on-exec) under its number.
     fcntl(&plugin, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();

@@ -11,7 +11,7 @@
  *   rdtscp and rdmsr (set_msrs), CPUID leaf 0x80000002 (set_cpuid), the
  *   LAPIC TPR through MMIO (set_lapic_state; ES base from set_sregs), and
  *   whether the NMI injected with set_vcpu_events ran its handler.
- * Then the call hint and the register cache (c-api.md §9.3): writes to the
+ * Then the call hint and the register cache (docs/c-api.md §9.3): writes to the
  * hinted port carry registers as the hint's details say, and getters for
  * images that came with the event send nothing to the VMM. Requests are
  * counted as write system calls of the vcpu thread.

@@ -59,33 +59,93 @@ impl Drop for TempDir {
     }
 }
 
+/// The shared C-compile helper (one file, also used by the SDK's tests).
+#[path = "../../plugin-sdk/tests/common/cc.rs"]
+pub mod cc;
+
 /// Compiles a C plugin with `cc` against `plugin-sdk/include/crosvm.h` and
 /// `libcrosvm_plugin.so`, exactly as a user would.
 pub fn compile_c(source: &Path, out: &Path) -> PathBuf {
-    let include = repo_root().join("plugin-sdk/include");
-    let lib = target_dir();
-    assert!(
-        lib.join("libcrosvm_plugin.so").exists(),
-        "libcrosvm_plugin.so is not built in {}",
-        lib.display()
-    );
-    let output = Command::new("cc")
-        .arg(format!("-I{}", include.display()))
-        .args(["-std=gnu11", "-Wall", "-Werror", "-pthread", "-o"])
-        .arg(out)
-        .arg(source)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lcrosvm_plugin")
-        .output()
-        .expect("run cc");
-    assert!(
-        output.status.success(),
-        "cc failed for {}:\n{}",
-        source.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    cc::CBuild::c()
+        .flags(["-std=gnu11"])
+        .source(source)
+        .output(out)
+        .link_sdk()
+        .run();
     out.to_path_buf()
+}
+
+/// True when the suite runs in CI (`VMM_CI=1`, set by `.ci/run`).
+pub fn in_ci() -> bool {
+    std::env::var_os("VMM_CI").is_some_and(|v| v == "1")
+}
+
+/// Checks a requirement of a test that some machines lack. Returns `true`
+/// when it is met. When it is not:
+///
+/// * in CI (`VMM_CI=1`), where root, `/dev/net/tun`, a static libc and a
+///   recent kernel are provided, it panics: the test fails instead of
+///   passing without running;
+/// * elsewhere it prints a `SKIPPED` banner to stderr and appends the test
+///   and the reason to `<target>/<profile>/skipped-tests.txt`, which
+///   `scripts/test.sh` prints at the end of the run; the caller returns.
+///
+/// ```no_run
+/// if !e2e_tests::require(vmm::net::taps_available(), "tap devices (root and /dev/net/tun)") {
+///     return;
+/// }
+/// ```
+pub fn require(met: bool, what: &str) -> bool {
+    if met {
+        return true;
+    }
+    let test = current_test();
+    if in_ci() {
+        panic!("{test}: this machine lacks {what}, which CI (VMM_CI=1) provides");
+    }
+    skip(&format!("this machine lacks {what}"));
+    false
+}
+
+/// The running test's name (libtest names the thread after it; nextest
+/// runs one test per process and passes its name as an argument).
+fn current_test() -> String {
+    match std::thread::current().name() {
+        Some(n) if n != "main" => n.to_string(),
+        _ => std::env::args()
+            .skip(1)
+            .find(|a| !a.starts_with('-'))
+            .unwrap_or_else(|| "<unknown test>".to_string()),
+    }
+}
+
+/// Reports loudly that the running test did not run, and why: a banner on
+/// stderr and a line in `<target>/<profile>/skipped-tests.txt` (or the file
+/// named by `VMM_SKIP_LOG`), which
+/// `scripts/test.sh` prints at the end. The caller returns afterwards.
+/// Prefer [`require`], which fails instead in CI.
+pub fn skip(reason: &str) {
+    let line = format!("SKIPPED {}: {reason}", current_test());
+    eprintln!("\n{0}\n{line}\n{0}\n", "*".repeat(line.len().min(100)));
+    use std::io::Write;
+    let log = std::env::var_os("VMM_SKIP_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("skipped-tests.txt"));
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// [`require`] for the tests that need a real tap device.
+pub fn require_taps() -> bool {
+    require(
+        vmm::net::taps_available(),
+        "tap devices (needs root and /dev/net/tun)",
+    )
 }
 
 /// The result of one `vmm` run.
@@ -191,4 +251,34 @@ pub fn processes_matching(needle: &str) -> Vec<i32> {
         }
     }
     pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_requirement_is_reported_and_fails_in_ci() {
+        let tmp = TempDir::new("require");
+        let log = tmp.0.join("skipped.txt");
+        std::env::set_var("VMM_SKIP_LOG", &log);
+        std::env::remove_var("VMM_CI");
+        assert!(require(true, "nothing"));
+        assert!(!log.exists(), "a met requirement is not reported");
+        assert!(!require(false, "a thing this test pretends to need"));
+        let text = std::fs::read_to_string(&log).expect("the skip is recorded");
+        assert_eq!(
+            text,
+            "SKIPPED tests::a_missing_requirement_is_reported_and_fails_in_ci: \
+             this machine lacks a thing this test pretends to need\n"
+        );
+        std::env::set_var("VMM_CI", "1");
+        let failed = std::panic::catch_unwind(|| require(false, "a thing CI has"));
+        assert!(
+            failed.is_err(),
+            "in CI a missing requirement fails the test"
+        );
+        std::env::set_var("VMM_CI", "0");
+        assert!(!require(false, "a thing CI has"));
+    }
 }

@@ -3,7 +3,7 @@
 //! under `vmm --disable-sandbox`. Each plugin checks every result itself and
 //! exits non-zero with a message on stderr on any failure.
 //!
-//! Function groups (c-api.md §11) per plugin:
+//! Function groups (docs/c-api.md §11) per plugin:
 //! * `capi_vm`: connections, capability/CPU queries, network, VM state,
 //!   identity map, interrupts (routing, set_irq), argument checks of
 //!   reservations, hints and objects, start, the shutdown eventfd.
@@ -46,10 +46,7 @@ fn c_vm_level_functions() {
 
 #[test]
 fn c_net_config_with_a_real_tap() {
-    if !vmm::net::taps_available() {
-        eprintln!(
-            "SKIPPED (loudly): this machine cannot create tap devices (needs root and /dev/net/tun)"
-        );
+    if !e2e_tests::require_taps() {
         return;
     }
     let r = run_c(

@@ -49,7 +49,7 @@ fn plugin_exit_status_is_reflected() {
 
 #[test]
 fn plugin_exiting_before_first_wait_does_not_hang_the_host() {
-    // The reference host hung forever here (spec quirk 14).
+    // The reference host hung forever here (docs/differences-from-crosvm.md, quirk 14).
     let r = run_vmm(
         &["--disable-sandbox"],
         &bin("rawplug"),

@@ -118,17 +118,15 @@ fn c_plugin_linked_against_the_shared_library_runs_jailed() {
 fn statically_linked_plugins_are_jailed_too() {
     let tmp = TempDir::new("static");
     let exe = tmp.0.join("static_probe");
-    let out = std::process::Command::new("cc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&exe)
-        .arg(repo_root().join("tests/c/static_probe.c"))
-        .output()
-        .expect("run cc");
-    if !out.status.success() {
-        eprintln!(
-            "skipped: no static libc to link with:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let built = e2e_tests::cc::CBuild::c()
+        .flags(["-static", "-O1"])
+        .source(&repo_root().join("tests/c/static_probe.c"))
+        .output(&exe)
+        .try_run();
+    if let Err(e) = &built {
+        eprintln!("{e}");
+    }
+    if !e2e_tests::require(built.is_ok(), "a static libc (libc.a, from libc6-dev)") {
         return;
     }
     let r = run_vmm(&[], &exe, &[]);
@@ -272,8 +270,10 @@ fn task_limit_enforced() -> bool {
 
 #[test]
 fn fork_bomb_is_contained_even_when_seccomp_only_logs() {
-    if !task_limit_enforced() {
-        eprintln!("skipped: this kernel has no per-namespace pid_max and vmm runs as root");
+    if !e2e_tests::require(
+        task_limit_enforced(),
+        "a kernel with a per-namespace pid_max (6.14 or later) for a root host",
+    ) {
         return;
     }
     let r = evil(&["--seccomp-log-failures"], "fork-bomb", &[]);

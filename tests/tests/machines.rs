@@ -81,8 +81,7 @@ fn net_config_without_tap_is_enodata() {
 
 #[test]
 fn net_config_describes_a_real_tap() {
-    if !vmm::net::taps_available() {
-        eprintln!("SKIPPED (loudly): this machine cannot create tap devices (needs root and /dev/net/tun)");
+    if !e2e_tests::require_taps() {
         return;
     }
     let r = run_vmm(

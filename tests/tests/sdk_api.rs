@@ -29,10 +29,7 @@ fn sdk_vm_level_functions() {
 
 #[test]
 fn sdk_net_config_with_a_real_tap() {
-    if !vmm::net::taps_available() {
-        eprintln!(
-            "SKIPPED (loudly): this machine cannot create tap devices (needs root and /dev/net/tun)"
-        );
+    if !e2e_tests::require_taps() {
         return;
     }
     run_mode(

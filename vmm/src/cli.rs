@@ -1,5 +1,5 @@
 //! Command line: clap definitions (with crosvm's option spellings), value
-//! parsers that follow host-behaviour.md §2, and list files.
+//! parsers that follow docs/host-behaviour.md §2, and list files.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -315,7 +315,7 @@ fn parse_hypervisor(s: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("`{s}` is not kvm or kvm[device=PATH]"))
 }
 
-/// `SRC[:[DST][:WRITABLE]]` (host-behaviour.md §2.1).
+/// `SRC[:[DST][:WRITABLE]]` (docs/host-behaviour.md §2.1).
 pub fn parse_mount(s: &str) -> Result<BindMount, String> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() > 3 || parts[0].is_empty() {
@@ -350,7 +350,7 @@ pub fn parse_mount(s: &str) -> Result<BindMount, String> {
     Ok(BindMount { src, dst, writable })
 }
 
-/// `INNER[:[OUTER][:COUNT]]` (host-behaviour.md §2.2).
+/// `INNER[:[OUTER][:COUNT]]` (docs/host-behaviour.md §2.2).
 pub fn parse_gid_map(s: &str) -> Result<GidMap, String> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() > 3 || parts[0].is_empty() {

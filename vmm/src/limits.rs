@@ -2,7 +2,7 @@
 //! limit is answered with an errno when exceeded; README.md lists them.
 
 /// Largest main request packet accepted (bytes). The reference host took only
-/// 4096 (quirk 5); large `SetIrqRouting` tables need more.
+/// 4096 (quirk 5 of docs/differences-from-crosvm.md); large `SetIrqRouting` tables need more.
 pub const MAX_MAIN_REQUEST: usize = plugin_proto::framing::MAX_MESSAGE_SIZE;
 
 /// Live objects (memory, io events, irq events) at once → `ENOSPC`.

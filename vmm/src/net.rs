@@ -1,4 +1,4 @@
-//! Tap devices for the plugin (host-behaviour.md §4.2): created by name or
+//! Tap devices for the plugin (docs/host-behaviour.md §4.2): created by name or
 //! from an address triple, or adopted from an open descriptor. The first one is
 //! what `GetNetConfig` describes and hands to the plugin.
 

@@ -178,7 +178,7 @@ impl Cpuid {
         }
     }
 
-    /// Host rule of wire-protocol.md §4.2: the index (and the flag) only when
+    /// Host rule of docs/wire-protocol.md §4.2: the index (and the flag) only when
     /// it is significant.
     pub fn to_kvm(&self) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
@@ -274,7 +274,7 @@ pub struct KvmVm {
 
 impl KvmVm {
     /// Opens the KVM device and creates a VM with the in-kernel irqchip and PIT
-    /// (host-behaviour.md §4.1). No memory, no vcpus yet.
+    /// (docs/host-behaviour.md §4.1). No memory, no vcpus yet.
     pub fn new(kvm_path: &str) -> std::result::Result<KvmVm, VmError> {
         let path = std::ffi::CString::new(kvm_path).map_err(|_| VmError::OpenKvm {
             path: kvm_path.to_string(),

@@ -1,4 +1,4 @@
-/* Compile-time checks of the crosvm.h layouts (c-api.md section 6).
+/* Compile-time checks of the crosvm.h layouts (docs/c-api.md §6).
  * Compiled (-c) as C11 and as C++ by tests/c_header.rs. */
 #include <stddef.h>
 
@@ -106,7 +106,7 @@ OFF(crosvm_vcpu_event, hyperv_synic.evt_page, 24);
 OFF(crosvm_vcpu_event, hyperv_synic.msg_page, 32);
 OFF(crosvm_vcpu_event, _reserved, 8);
 
-/* The kernel structs whose raw bytes cross the wire (c-api.md section 10). */
+/* The kernel structs whose raw bytes cross the wire (docs/c-api.md §10). */
 CHECK(sizeof(struct kvm_cpuid_entry2) == 40);
 CHECK(sizeof(struct kvm_msr_entry) == 16);
 CHECK(sizeof(struct kvm_pic_state) == 16);

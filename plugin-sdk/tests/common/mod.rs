@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod cc;
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -14,8 +16,9 @@ use plugin_proto::framing::{
     MAX_MESSAGE_SIZE,
 };
 use plugin_proto::protobuf::Message;
+use plugin_proto::vcpu_response::wait;
 use plugin_proto::{
-    main_request, main_response, MainRequest, MainResponse, VcpuRequest, VcpuResponse,
+    main_request, main_response, vcpu_request, MainRequest, MainResponse, VcpuRequest, VcpuResponse,
 };
 
 /// Answers one main request: the response and descriptors to attach.
@@ -275,4 +278,27 @@ pub fn serve_vcpu(
         }
         log
     })
+}
+
+/// An unsolicited `Wait` response carrying `exit`.
+pub fn wait_reply(exit: wait::Exit) -> Reply {
+    let mut r = VcpuResponse::new();
+    r.mut_wait().exit = Some(exit);
+    Reply::Msg(r)
+}
+
+/// A vcpu script: the n-th `Wait` or `Resume` the plugin sends is answered
+/// with the n-th of `exits` (nothing once they run out); any other request
+/// goes to `other`.
+pub fn scripted_exits(
+    exits: Vec<wait::Exit>,
+    mut other: impl FnMut(&VcpuRequest) -> Vec<Reply> + Send + 'static,
+) -> impl FnMut(&VcpuRequest) -> Vec<Reply> + Send + 'static {
+    let mut exits = exits.into_iter();
+    move |req| match &req.message {
+        Some(vcpu_request::Message::Wait(_)) | Some(vcpu_request::Message::Resume(_)) => {
+            exits.next().map(wait_reply).into_iter().collect()
+        }
+        _ => other(req),
+    }
 }

@@ -26,7 +26,7 @@ use crate::cli::BindMount;
 /// Size of the jail's root tmpfs.
 pub const ROOT_TMPFS_SIZE: u64 = 64 << 20;
 
-/// Device nodes every plugin gets (writable, as the spec says).
+/// Device nodes every plugin gets (writable: docs/host-behaviour.md §5.2).
 pub const DEVICES: &[&str] = &["/dev/full", "/dev/null", "/dev/urandom", "/dev/zero"];
 
 /// Errors planning the mounts (host side).

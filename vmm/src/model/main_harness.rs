@@ -136,7 +136,7 @@ impl MainStats {
 }
 
 /// A naive reference implementation of the reservation rules
-/// (host-behaviour.md §9, every overlap refused), compared with the host's.
+/// (docs/host-behaviour.md §9, every overlap refused), compared with the host's.
 #[derive(Default)]
 struct ShadowRanges {
     ranges: Vec<(Space, u64, u64, bool)>,

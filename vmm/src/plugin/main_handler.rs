@@ -438,7 +438,8 @@ fn create_memory(
 }
 
 /// Unregisters and forgets an object. The object is gone from the table even
-/// when the teardown fails (reference behaviour, quirk 10).
+/// when the teardown fails (reference behaviour kept, quirk 10 of
+/// docs/differences-from-crosvm.md).
 pub fn destroy(state: &mut MainState, vm: &impl Vm, id: u32) -> Result<(), Errno> {
     let obj = state.objects.remove(id).ok_or(Errno::ENOENT)?;
     teardown(vm, obj)

@@ -140,7 +140,8 @@ impl Reservations {
     }
 
     /// Reserves `[start, start + length)`; every overlap with an existing
-    /// range is refused with `EPERM` (host-behaviour.md §9, quirk 2 fixed).
+    /// range is refused with `EPERM` (docs/host-behaviour.md §9;
+    /// quirk 2 of docs/differences-from-crosvm.md fixed).
     pub fn reserve(
         &mut self,
         space: Space,
@@ -296,7 +297,7 @@ mod tests {
 
     #[test]
     fn reference_reserve_sequence() {
-        // host-behaviour.md §9 sequence (length 0 is an error at this level).
+        // docs/host-behaviour.md §9 sequence (length 0 is an error at this level).
         let mut r = Reservations::default();
         let s = Space::Ioport;
         assert!(r.reserve(s, 0x10, 0, false).is_err());
@@ -314,7 +315,7 @@ mod tests {
 
     #[test]
     fn overlap_on_last_address_is_refused() {
-        // Quirk 2: the reference accepted a range whose last address is an
+        // Quirk 2 (docs/differences-from-crosvm.md): the reference accepted a range whose last address is an
         // existing range's first address.
         let mut r = Reservations::default();
         r.reserve(Space::Mmio, 0x1000, 0x10, false).unwrap();

@@ -28,7 +28,8 @@ pub enum ProcessError {
 /// What the plugin is started with.
 pub struct Launch<'a> {
     pub path: &'a Path,
-    /// argv[1..]; argv[0] is the path as given, in both modes (quirk 3).
+    /// argv[1..]; argv[0] is the path as given, in both modes (quirk 3 of
+    /// docs/differences-from-crosvm.md).
     pub args: &'a [String],
     /// The environment besides CROSVM_SOCKET, in both modes.
     pub env: &'a [(String, std::ffi::OsString)],

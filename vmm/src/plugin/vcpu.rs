@@ -1,7 +1,7 @@
 //! Vcpu threads: the `KVM_RUN` loop, exit routing, and servicing the plugin
 //! on the vcpu channel.
 //!
-//! The servicing state machine (wire-protocol.md §8.2) is the plain function
+//! The servicing state machine (docs/wire-protocol.md §8.2) is the plain function
 //! [`handle_request`] over a [`Vcpu`], so it can be unit-tested and fuzzed; the
 //! thread around it only does I/O.
 //!
@@ -9,7 +9,7 @@
 //! kick signal. The handler sets `immediate_exit` in the thread's `kvm_run`
 //! (so a `KVM_RUN` about to start returns at once) and, being installed
 //! without `SA_RESTART`, interrupts a blocking pipe read or write. This works in
-//! every phase, Init included (host-behaviour.md quirk 14).
+//! every phase, Init included (quirk 14 of docs/differences-from-crosvm.md).
 
 use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
@@ -334,7 +334,7 @@ pub trait VcpuIo {
     fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError>;
 }
 
-/// Services the plugin until `Resume` (wire-protocol.md §8.2). With `init`,
+/// Services the plugin until `Resume` (docs/wire-protocol.md §8.2). With `init`,
 /// the Init reason is pending and must be asked for with `Wait` first. The
 /// deferred registers of the `Resume` are applied and its data is left in
 /// `resume_data`.
@@ -420,7 +420,8 @@ pub fn deliver_io(
 
 /// Completes a guest read from the plugin's resume data: the first bytes
 /// come from `reply`, everything it does not cover reads as zero (a short
-/// reply crashed the reference host; spec quirk 6).
+/// reply crashed the reference host; quirk 6 of
+/// docs/differences-from-crosvm.md).
 pub fn complete_read(data: &mut [u8], reply: Option<&[u8]>) {
     data.fill(0);
     if let Some(reply) = reply {
@@ -430,7 +431,7 @@ pub fn complete_read(data: &mut [u8], reply: Option<&[u8]>) {
 }
 
 /// The hypercall result carried by resume data: exactly 8 little-endian
-/// bytes, anything else reads as 0 (wire-protocol.md §8.6).
+/// bytes, anything else reads as 0 (docs/wire-protocol.md §8.6).
 pub fn hcall_result(reply: Option<&[u8]>) -> u64 {
     reply
         .and_then(|d| <[u8; 8]>::try_from(d).ok())
@@ -438,7 +439,7 @@ pub fn hcall_result(reply: Option<&[u8]>) -> u64 {
 }
 
 /// The `Io` wait reason for a guest access (without eager registers). Write
-/// data is cut to 8 bytes, read buffers to 256 (host-behaviour.md §11.3).
+/// data is cut to 8 bytes, read buffers to 256 (docs/host-behaviour.md §11.3).
 pub fn io_wait(
     space: Space,
     address: u64,
@@ -663,7 +664,7 @@ impl Servicer {
         )
     }
 
-    /// Eager register images per the call hint (wire-protocol.md §8.8):
+    /// Eager register images per the call hint (docs/wire-protocol.md §8.8):
     /// (regs, sregs, debugregs), empty when not sent.
     fn hinted_registers(
         &mut self,
