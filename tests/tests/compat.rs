@@ -57,12 +57,7 @@ fn crosvm_plugin_msr_cpuid_state_round_trips_and_eventfd_pause_jailed() {
 
 #[test]
 fn crosvm_plugin_tap_net_config_jailed() {
-    if !vmm::net::taps_available() {
-        assert!(
-            std::env::var_os("VMM_CI").is_none(),
-            "VMM_CI is set but this machine cannot create tap devices (needs root and /dev/net/tun)"
-        );
-        eprintln!("SKIPPED (loudly): cannot create tap devices here (needs root and /dev/net/tun)");
+    if !e2e_tests::require_taps() {
         return;
     }
     run_both(

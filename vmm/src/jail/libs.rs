@@ -123,8 +123,14 @@ pub fn parse_list(output: &str, path: &Path) -> Result<Vec<PathBuf>, LibsError> 
 /// place: the loader (as `PT_INTERP` names it), the libraries, and
 /// `/etc/ld.so.cache` if the plugin is dynamically linked. `path` must be
 /// the canonical path of the plugin (the one it is started by); it is not
-/// included.
-pub fn needed_files(path: &Path) -> Result<Vec<PathBuf>, LibsError> {
+/// included. `env` is the environment the plugin will get: the loader
+/// resolves with exactly it (`LD_LIBRARY_PATH` of vmm's own environment must
+/// not decide which copy of a library is bound when the plugin, started with
+/// a minimal environment, would load another).
+pub fn needed_files(
+    path: &Path,
+    env: &[(String, std::ffi::OsString)],
+) -> Result<Vec<PathBuf>, LibsError> {
     let Some(loader) = interpreter(path)? else {
         return Ok(Vec::new());
     };
@@ -134,6 +140,8 @@ pub fn needed_files(path: &Path) -> Result<Vec<PathBuf>, LibsError> {
         source,
     };
     let out = Command::new(&loader)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--list")
         .arg(path)
         .stdin(Stdio::null())
@@ -186,7 +194,7 @@ mod tests {
     #[test]
     fn finds_this_test_binary_loader_and_libc() {
         let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
-        let files = needed_files(&exe).unwrap();
+        let files = needed_files(&exe, &[]).unwrap();
         let loader = interpreter(&exe).unwrap().unwrap();
         assert_eq!(files[0], loader);
         assert!(

@@ -288,7 +288,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
             path: launch.path.to_path_buf(),
             source,
         })?;
-    let needed = libs::needed_files(&exe).map_err(|source| JailError::Libs {
+    let needed = libs::needed_files(&exe, launch.env).map_err(|source| JailError::Libs {
         path: exe.clone(),
         source,
     })?;
