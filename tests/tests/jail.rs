@@ -425,6 +425,11 @@ fn json_policy_replaces_the_builtin_filter() {
     r.assert_success();
     let r = evil(&["--seccomp-policy", p], "wx", &[]);
     assert_blocked(&r, "mmap writable+executable memory", "EACCES");
+    // A process sharing the descriptor table (not a thread) is refused
+    // whatever the policy says: it could swap a descriptor while vmm checks
+    // an executable mmap.
+    let r = evil(&["--seccomp-policy", p], "clone-files", &[]);
+    assert_blocked(&r, "clone sharing the descriptor table", "EPERM");
     // ...and its kill is reported like the built-in filter's.
     let r = evil(&["--seccomp-policy", p], "net", &[]);
     assert_stopped_by_seccomp(&r, "socket");

@@ -155,6 +155,33 @@ fn main() {
                 },
             )
         }
+        "clone-files" => {
+            // A child sharing the descriptor table without being a thread
+            // (it could swap a descriptor while vmm inspects an executable
+            // mmap). The raw system call: the child, if one were made,
+            // exits at once.
+            // SAFETY: clone without CLONE_VM and a null stack gives the
+            // child its own copy of this address space (like fork); it
+            // only calls _exit.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
+            };
+            if r == 0 {
+                // SAFETY: the child leaves at once.
+                unsafe { libc::_exit(0) };
+            }
+            outcome(
+                "clone sharing the descriptor table",
+                if r < 0 { Err(Errno::last()) } else { Ok(()) },
+            )
+        }
         "wx-mprotect" => {
             // SAFETY: an anonymous mapping, then a protection change on it.
             let r = unsafe {

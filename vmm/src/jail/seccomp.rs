@@ -127,6 +127,8 @@ const EXEC_GATES: &[(i64, u32)] = &[
         libc::SECCOMP_RET_ERRNO | libc::EACCES as u32,
     ),
 ];
+/// Instructions of the clone gate in [`finish`].
+const CLONE_GATE_LEN: usize = 6;
 const BPF_MAXINSNS: usize = 4096;
 
 fn stmt(code: u32, k: u32) -> sock_filter {
@@ -300,6 +302,12 @@ fn finish(
     let mut decided: Vec<(i64, u32)> = vec![
         (libc::SYS_execve, libc::SECCOMP_RET_USER_NOTIF),
         (libc::SYS_execveat, libc::SECCOMP_RET_USER_NOTIF),
+        // clone3's flags are in memory, out of the filter's reach, so it can
+        // never be allowed (glibc falls back to clone): see the clone gate.
+        (
+            libc::SYS_clone3,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
     ];
     decided.extend(
         errnos
@@ -307,10 +315,10 @@ fn finish(
             .map(|(&nr, &e)| (nr, libc::SECCOMP_RET_ERRNO | (e & libc::SECCOMP_RET_DATA))),
     );
     if decided.len() > 100 {
-        return Err(SeccompError::TooManyErrnos(decided.len() - 2));
+        return Err(SeccompError::TooManyErrnos(decided.len() - 3));
     }
     // Instructions after the arch check, up to the policy's own program.
-    let after_arch = 1 + 2 * decided.len() + 5 * EXEC_GATES.len() + 4;
+    let after_arch = 1 + 2 * decided.len() + 5 * EXEC_GATES.len() + CLONE_GATE_LEN + 4;
     let mut out = Vec::with_capacity(program.len() + after_arch + 2);
     out.push(stmt(LD_ABS, SECCOMP_DATA_ARCH));
     // Another architecture: straight to the policy, whose own check kills.
@@ -332,6 +340,16 @@ fn finish(
         out.push(stmt(RET, *ret));
         out.push(stmt(LD_ABS, SECCOMP_DATA_NR));
     }
+    // A process that shares the descriptor table without being a thread
+    // (clone with CLONE_FILES but not CLONE_THREAD) could swap a descriptor
+    // while vmm inspects an executable mmap, which it checks only while the
+    // caller has one thread: refused whatever the policy says.
+    out.push(jump(JEQ, libc::SYS_clone as u32, 0, 4));
+    out.push(stmt(LD_ABS, SECCOMP_DATA_ARG0));
+    out.push(jump(JSET, libc::CLONE_THREAD as u32, 2, 0));
+    out.push(jump(JSET, libc::CLONE_FILES as u32, 0, 1));
+    out.push(stmt(RET, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+    out.push(stmt(LD_ABS, SECCOMP_DATA_NR));
     // sendmsg on the control socket: the listener hand-over, made after the
     // filter is installed and before the plugin runs.
     out.push(jump(JEQ, libc::SYS_sendmsg as u32, 0, 3));
