@@ -32,6 +32,8 @@ pub struct Launch<'a> {
     pub args: &'a [String],
     /// The plugin end of the main socket; passed at the same number.
     pub socket: &'a OwnedFd,
+    /// Write end of the host's stdout pipe (the plugin's fd 1).
+    pub stdout: OwnedFd,
     /// Write end of the host's stderr pipe.
     pub stderr: OwnedFd,
 }
@@ -88,7 +90,7 @@ pub fn spawn_unjailed(launch: Launch<'_>) -> Result<Plugin, ProcessError> {
         .args(launch.args)
         .env("CROSVM_SOCKET", socket_fd.to_string())
         .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::from(launch.stdout))
         .stderr(Stdio::from(launch.stderr))
         .process_group(0);
     // SAFETY: the closure runs in the forked child before exec and only makes
