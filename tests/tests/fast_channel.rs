@@ -96,6 +96,19 @@ fn corrupted_ring_index_stops_the_vm_cleanly() {
         r.stderr.contains("the peer corrupted the shared ring"),
         "{r:#?}"
     );
+    // Once, as the run's error, and the run fails (issue 9, finding 7).
+    assert_eq!(
+        r.stderr
+            .matches("the peer corrupted the shared ring")
+            .count(),
+        1,
+        "{r:#?}"
+    );
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains("vmm: error: vcpu 0 stopped the VM"),
+        "{r:#?}"
+    );
     assert!(r.stdout.contains("host shut down the VM"), "{r:#?}");
     assert!(!r.stderr.contains("panicked"), "{r:#?}");
 }

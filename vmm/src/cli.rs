@@ -535,7 +535,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("unknown size suffix `{c}` in `{s}` (use K, M, G or T)")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix `{c}` in `{s}` (use K, M, G or T)"
+                    ))
+                }
             };
             (&t[..i], shift)
         }

@@ -435,18 +435,18 @@ fn create_memory(
     if m.length == 0 {
         return Err(Errno::EINVAL);
     }
+    // KVM allocates two dirty bitmaps for a dirty-logged slot, sized by the
+    // region (256 MiB each for its largest slot), and a bitmap over the
+    // limit could never be read back (`dirty_log`): refuse it up front.
+    if m.dirty_log && dirty_bitmap_len(m.length) > limits::MAX_DIRTY_BITMAP {
+        return Err(Errno::E2BIG);
+    }
     // Bounded before anything is mapped: KVM allocates per-page metadata
     // for a slot (charged to vmm, not to the plugin whose sparse memfd
     // costs nothing) and walks it on registration, so an unbounded region
     // costs host memory and stalls the main loop.
     if !state.memory_limits.allows(state.guest_memory, m.length) {
         return Err(Errno::ENOMEM);
-    }
-    // KVM allocates two dirty bitmaps for a dirty-logged slot, sized by the
-    // region (256 MiB each for its largest slot), and a bitmap over the
-    // limit could never be read back (`dirty_log`): refuse it up front.
-    if m.dirty_log && dirty_bitmap_len(m.length) > limits::MAX_DIRTY_BITMAP {
-        return Err(Errno::E2BIG);
     }
     let length = usize::try_from(m.length).map_err(|_| Errno::EINVAL)?;
     let slot = state

@@ -129,7 +129,10 @@ mod tests {
     #[test]
     fn control_characters_are_escaped_visibly() {
         assert_eq!(escape(b"plain text\tok\n"), "plain text\tok\n");
-        assert_eq!(escape(b"\r\x1b[2K\x07\x7f\0"), "\\x0d\\x1b[2K\\x07\\x7f\\x00");
+        assert_eq!(
+            escape(b"\r\x1b[2K\x07\x7f\0"),
+            "\\x0d\\x1b[2K\\x07\\x7f\\x00"
+        );
         assert_eq!(escape("é ü \u{9b}31m".as_bytes()), "é ü \\u{9b}31m");
         assert_eq!(escape(b"\xff\xfe"), "\\xff\\xfe");
         assert_eq!(escape(b"\xe2\x82"), "\\xe2\\x82");
