@@ -789,7 +789,9 @@ fn ranges_and_ids() {
         (0, 6 << 30 >> 15)
     );
     assert_eq!(destroy(&mut c, 5), 0);
-    let r = memory_request(5, 0, 1 << 40, 64 << 30, false);
+    // Without dirty logging a large region is fine within the guest
+    // memory bound (default: the host's RAM; tested in hostile.rs).
+    let r = memory_request(5, 0, 1 << 40, 4 << 30, false);
     assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), 0);
     assert_eq!(destroy(&mut c, 5), 0);
     println!("ranges and ids ok");
