@@ -469,6 +469,23 @@ impl ShmChannel {
         self.word(ctl + if head { HEAD } else { TAIL })
             .store(value, Ordering::SeqCst);
     }
+
+    /// Test hook: reads a control word (the counterpart of
+    /// [`ShmChannel::poke_control`]).
+    #[doc(hidden)]
+    pub fn peek_control(&self, ring_to_host: bool, head: bool) -> u32 {
+        let ctl = ring_ctl(if ring_to_host { TO_HOST } else { TO_PLUGIN });
+        self.word(ctl + if head { HEAD } else { TAIL })
+            .load(Ordering::SeqCst)
+    }
+
+    /// Test hook: publishes `frame` as it is, without a length prefix of
+    /// its own, so a hostile peer can send a prefix that lies.
+    #[doc(hidden)]
+    pub fn send_unframed(&mut self, frame: &[u8], abort: AbortCheck<'_>) -> Result<(), ShmError> {
+        let (tx, _) = self.rings();
+        self.send_frame(tx, frame, abort)
+    }
 }
 
 #[cfg(test)]
