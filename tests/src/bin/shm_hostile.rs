@@ -180,7 +180,8 @@ fn run_and_corrupt(attack: &str) {
     let mut scratch = Vec::new();
     let mut call = |req: &MainRequest, fds: &[std::os::fd::BorrowedFd<'_>]| {
         framing::send_message(sock.as_fd(), req, fds, &mut scratch).expect("send");
-        let mut p = framing::recv_packet(sock.as_fd(), &mut buf, framing::SCM_MAX_FD).expect("recv");
+        let mut p =
+            framing::recv_packet(sock.as_fd(), &mut buf, framing::SCM_MAX_FD).expect("recv");
         let resp = MainResponse::parse_from_bytes(&buf[..p.len]).expect("decode");
         // GetVcpus may send its descriptors in chunks after the reply.
         if resp.has_get_vcpus() && resp.get_vcpus().fast_channel {
