@@ -20,6 +20,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::framing::{decode_varint, put_varint};
+use vm_memory::VolatileSlice;
 
 /// "VFC1" in little endian.
 pub const MAGIC: u32 = 0x3143_4656;
@@ -312,31 +313,46 @@ impl ShmChannel {
         }
     }
 
-    /// Copies `out.len()` bytes of ring `ring` starting at index `pos`.
+    /// The data area of ring `ring` as a volatile slice: the peer writes
+    /// it concurrently, so it is only ever read and written with volatile
+    /// accesses (vm-memory's `VolatileSlice`), never through references or
+    /// plain copies.
+    fn ring_slice(&self, ring: usize) -> VolatileSlice<'_> {
+        // SAFETY: the ring's RING_SIZE bytes lie inside the SHM_SIZE mapping,
+        // which lives as long as `self` (the slice borrows `self`); the slice
+        // is only accessed with volatile operations.
+        unsafe { VolatileSlice::new(self.ring_data(ring), RING_SIZE as usize) }
+    }
+
+    /// Copies `out.len()` bytes of ring `ring` starting at index `pos`. The
+    /// bytes are a snapshot of memory the peer may write concurrently, which
+    /// is why callers only trust them after validation.
     fn copy_out(&self, ring: usize, pos: u32, out: &mut [u8]) {
-        let data = self.ring_data(ring);
+        let data = self.ring_slice(ring);
         let start = (pos % RING_SIZE) as usize;
         let first = out.len().min(RING_SIZE as usize - start);
-        // SAFETY: both source ranges lie inside the ring (start + first <=
-        // RING_SIZE, and the wrapped part is shorter than the ring); the
-        // bytes are a snapshot of memory the peer may write concurrently,
-        // which is why callers only trust them after validation; no
-        // reference into the shared memory is created.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.add(start), out.as_mut_ptr(), first);
-            std::ptr::copy_nonoverlapping(data, out.as_mut_ptr().add(first), out.len() - first);
+        let (a, b) = out.split_at_mut(first);
+        // Both ranges lie inside the ring (start + first <= RING_SIZE, and
+        // the wrapped part is shorter than the ring), so the subslices exist.
+        if let Ok(s) = data.subslice(start, a.len()) {
+            s.copy_to(a);
+        }
+        if let Ok(s) = data.subslice(0, b.len()) {
+            s.copy_to(b);
         }
     }
 
     /// Copies `bytes` into ring `ring` at index `pos`.
     fn copy_in(&self, ring: usize, pos: u32, bytes: &[u8]) {
-        let data = self.ring_data(ring);
+        let data = self.ring_slice(ring);
         let start = (pos % RING_SIZE) as usize;
         let first = bytes.len().min(RING_SIZE as usize - start);
-        // SAFETY: as in copy_out, both destination ranges lie inside the ring.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.add(start), first);
-            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), data, bytes.len() - first);
+        let (a, b) = bytes.split_at(first);
+        if let Ok(s) = data.subslice(start, a.len()) {
+            s.copy_from(a);
+        }
+        if let Ok(s) = data.subslice(0, b.len()) {
+            s.copy_from(b);
         }
     }
 
@@ -469,6 +485,23 @@ impl ShmChannel {
         let ctl = ring_ctl(if ring_to_host { TO_HOST } else { TO_PLUGIN });
         self.word(ctl + if head { HEAD } else { TAIL })
             .store(value, Ordering::SeqCst);
+    }
+
+    /// Test hook: reads a control word (the counterpart of
+    /// [`ShmChannel::poke_control`]).
+    #[doc(hidden)]
+    pub fn peek_control(&self, ring_to_host: bool, head: bool) -> u32 {
+        let ctl = ring_ctl(if ring_to_host { TO_HOST } else { TO_PLUGIN });
+        self.word(ctl + if head { HEAD } else { TAIL })
+            .load(Ordering::SeqCst)
+    }
+
+    /// Test hook: publishes `frame` as it is, without a length prefix of
+    /// its own, so a hostile peer can send a prefix that lies.
+    #[doc(hidden)]
+    pub fn send_unframed(&mut self, frame: &[u8], abort: AbortCheck<'_>) -> Result<(), ShmError> {
+        let (tx, _) = self.rings();
+        self.send_frame(tx, frame, abort)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The shared-memory vcpu channel (a compatible protocol extension): used by
 //! default by the SDK and the C library, falls back to the crosvm pipes when
-//! either side does not take part, and survives a hostile plugin.
+//! either side does not take part, and survives a hostile plugin (the
+//! `shm_hostile` tests run jailed, the default).
 
 use std::process::Command;
 
@@ -85,8 +86,69 @@ fn many_vcpus_and_pauses_over_the_fast_channel() {
     );
 }
 
+/// `shm_hostile` runs jailed, as plugins do by default.
 fn hostile(mode: &str) -> e2e_tests::VmmRun {
-    vmm(&["--disable-sandbox"], "shm_hostile", &[mode], &[])
+    vmm(&[], "shm_hostile", &[mode], &[])
+}
+
+/// Issue 9, finding 7, the attack as it was found: two vcpus run a guest
+/// that takes port-IO exits in a loop over the fast channel, and after
+/// 2000 exits the plugin corrupts vcpu 1's ring while the host services
+/// it. The VM stops once with one message naming vcpu 1 and the
+/// corruption, vmm exits 1, nothing of the plugin remains, and nothing
+/// is logged over and over (the old host logged ~150,000 warnings in 3 s
+/// and kept running).
+fn corrupted_mid_run(attack: &str) {
+    let marker = format!("shm-mid-run-{attack}-{}", std::process::id());
+    let mode = format!("run-{attack}");
+    let r = vmm(&["--cpus", "2"], "shm_hostile", &[&mode, &marker], &[]);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    let corrupt = "the peer corrupted the shared ring";
+    assert_eq!(r.stderr.matches(corrupt).count(), 1, "{r:#?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "vmm: error: vcpu 1 stopped the VM: the fast vcpu channel failed: {corrupt}"
+        )),
+        "{r:#?}"
+    );
+    // Info level: a handful of lines, no warning or error besides the one.
+    assert!(r.stderr.lines().count() < 10, "{r:#?}");
+    assert!(!r.stderr.contains("WARN"), "{r:#?}");
+    assert_eq!(r.stderr.matches("ERROR").count(), 0, "{r:#?}");
+    assert!(!r.stderr.contains("panicked"), "{r:#?}");
+    assert!(
+        r.stdout.contains("vcpu 1: ring corrupted after 2000 exits"),
+        "{r:#?}"
+    );
+    // The other vcpu was running and taking exits too, until the VM stopped.
+    let served: u32 = r
+        .stdout
+        .split("vcpu 0: served ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("vcpu 0 did not report: {r:#?}"));
+    assert!(served > 0, "{r:#?}");
+    assert!(r.stdout.contains("host shut down the VM"), "{r:#?}");
+    assert!(
+        e2e_tests::processes_matching(&marker).is_empty(),
+        "a plugin process outlived vmm"
+    );
+}
+
+#[test]
+fn ring_head_corrupted_mid_run_stops_the_vm_once() {
+    corrupted_mid_run("head");
+}
+
+#[test]
+fn ring_tail_corrupted_mid_run_stops_the_vm_once() {
+    corrupted_mid_run("tail");
+}
+
+#[test]
+fn lying_length_prefix_mid_run_stops_the_vm_once() {
+    corrupted_mid_run("length");
 }
 
 #[test]
@@ -94,6 +156,19 @@ fn corrupted_ring_index_stops_the_vm_cleanly() {
     let r = hostile("head");
     assert!(
         r.stderr.contains("the peer corrupted the shared ring"),
+        "{r:#?}"
+    );
+    // Once, as the run's error, and the run fails (issue 9, finding 7).
+    assert_eq!(
+        r.stderr
+            .matches("the peer corrupted the shared ring")
+            .count(),
+        1,
+        "{r:#?}"
+    );
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains("vmm: error: vcpu 0 stopped the VM"),
         "{r:#?}"
     );
     assert!(r.stdout.contains("host shut down the VM"), "{r:#?}");

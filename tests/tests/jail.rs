@@ -649,6 +649,17 @@ fn a_rust_panic_is_reported_as_a_panic() {
             "{mode:?}: {r:#?}"
         );
         assert!(!r.stderr.contains("seccomp filter"), "{r:#?}");
+        // The panic message reaches vmm's error line escaped.
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("vmm: error: the plugin panicked: "))
+            .unwrap();
+        assert!(line.contains(r"\x1b[2K\x0dforged"), "{line:?}");
+        assert!(
+            !r.stderr.contains('\x1b') && !r.stderr.contains('\r'),
+            "{r:#?}"
+        );
     }
 }
 

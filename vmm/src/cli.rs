@@ -139,6 +139,13 @@ pub struct Args {
     #[arg(long)]
     pub no_fast_channel: bool,
 
+    /// Most guest memory the plugin may register, in total and in any one
+    /// region: bytes, or with a K, M, G or T suffix (powers of 1024).
+    /// Default: the host's physical RAM. Beyond it, `CreateMemory` fails
+    /// with ENOMEM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_guest_memory: Option<u64>,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
@@ -734,5 +741,46 @@ mod tests {
         let e = read_list_file(&f, parse_gid_map).unwrap_err();
         assert!(e.to_string().contains(":2:"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// `--max-guest-memory`: a byte count with an optional K/M/G/T suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix `{c}` in `{s}` (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|e| format!("`{s}` is not a size: {e}"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("size `{s}` is zero or too large"))
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert_eq!(super::parse_size("64M"), Ok(64 << 20));
+        assert_eq!(super::parse_size("2g"), Ok(2 << 30));
+        assert!(super::parse_size("0").is_err());
+        assert!(super::parse_size("1X").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
     }
 }

@@ -39,3 +39,86 @@ pub const MAX_CONSECUTIVE_UNKNOWN_EXITS: u32 = 10_000;
 
 /// Longest line of plugin stderr kept before it is logged anyway (bytes).
 pub const MAX_STDERR_LINE: usize = 4096;
+
+/// Bounds on guest memory (`CreateMemory` beyond them → `ENOMEM`): the
+/// total of all registered regions, and the length of one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestMemoryLimits {
+    pub total: u64,
+    pub per_slot: u64,
+}
+
+impl GuestMemoryLimits {
+    /// The default: the host's physical RAM, for the total and for one
+    /// region (a guest larger than the host is never legitimate, and KVM's
+    /// per-page metadata for it is charged to vmm). Falls back to
+    /// [`FALLBACK_GUEST_MEMORY`] when the host cannot be asked.
+    pub fn from_host() -> Self {
+        let total = host_physical_memory().unwrap_or(FALLBACK_GUEST_MEMORY);
+        GuestMemoryLimits {
+            total,
+            per_slot: total,
+        }
+    }
+
+    /// Both bounds at `bytes` (`--max-guest-memory`).
+    pub fn at_most(bytes: u64) -> Self {
+        GuestMemoryLimits {
+            total: bytes,
+            per_slot: bytes,
+        }
+    }
+
+    /// Whether a region of `length` bytes may be added to `registered`.
+    pub fn allows(&self, registered: u64, length: u64) -> bool {
+        length <= self.per_slot
+            && registered
+                .checked_add(length)
+                .is_some_and(|t| t <= self.total)
+    }
+}
+
+/// Guest memory bound when the host's RAM size is unknown: 16 GiB.
+pub const FALLBACK_GUEST_MEMORY: u64 = 16 << 30;
+
+/// Physical RAM of the host in bytes (`_SC_PHYS_PAGES` × page size).
+pub fn host_physical_memory() -> Option<u64> {
+    let pages = nix::unistd::sysconf(nix::unistd::SysconfVar::_PHYS_PAGES).ok()??;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    u64::try_from(pages)
+        .ok()?
+        .checked_mul(u64::try_from(page).ok()?)
+}
+
+/// Descriptors the host may have in flight to the plugin (sent in replies
+/// the plugin has not received yet) beyond one `GetVcpus` reply: the kernel
+/// counts them against a per-uid limit shared by every process of the uid
+/// (`ETOOMANYREFS` for all of them once it is reached), so a plugin that
+/// never reads its replies must not hold more than this.
+pub const FDS_IN_FLIGHT_BASE: usize = 32;
+
+/// Budget of descriptors in flight for a VM of `vcpus` vcpus: room for one
+/// `GetVcpus` reply (3 per vcpu) plus [`FDS_IN_FLIGHT_BASE`].
+pub fn fds_in_flight_budget(vcpus: usize) -> usize {
+    FDS_IN_FLIGHT_BASE + 3 * vcpus
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_memory_bounds_total_and_per_slot() {
+        let l = GuestMemoryLimits {
+            total: 100,
+            per_slot: 60,
+        };
+        assert!(l.allows(0, 60));
+        assert!(!l.allows(0, 61));
+        assert!(l.allows(40, 60));
+        assert!(!l.allows(41, 60));
+        assert!(!l.allows(u64::MAX, 1));
+        let host = GuestMemoryLimits::from_host();
+        assert!(host.total >= 64 << 20 && host.per_slot == host.total);
+    }
+}

@@ -69,6 +69,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
         nets: args.all_nets()?,
         fast_channel: !args.no_fast_channel,
+        memory_limits: args.max_guest_memory.map_or_else(
+            vmm::limits::GuestMemoryLimits::from_host,
+            vmm::limits::GuestMemoryLimits::at_most,
+        ),
         jail,
     };
     plugin::run(config)?;

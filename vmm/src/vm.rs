@@ -310,7 +310,7 @@ impl KvmVm {
             id,
             source: kvm_ioctls::Error::new(e as i32),
         };
-        let dup = nix::unistd::dup(borrow_raw(&run)).map_err(fail)?;
+        let dup = nix::unistd::dup(borrow_fd(&run)).map_err(fail)?;
         // SAFETY: `dup` is a fresh descriptor for the vcpu just created;
         // ownership passes to the new VcpuFd.
         let control = unsafe {
@@ -736,8 +736,27 @@ vmm_sys_util::ioctl_iowr_nr!(
     kvm_bindings::kvm_cpuid2
 );
 
-/// Borrows a descriptor owned elsewhere for the duration of a call.
-pub fn borrow_raw(fd: &impl AsRawFd) -> BorrowedFd<'_> {
-    // SAFETY: `fd` outlives the returned borrow, which is tied to it.
-    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+mod sealed {
+    /// Only the types listed below may be borrowed with [`super::borrow_fd`].
+    pub trait Sealed {}
+    impl Sealed for vmm_sys_util::eventfd::EventFd {}
+    impl Sealed for kvm_ioctls::VcpuFd {}
+}
+
+/// A type that owns one open descriptor for as long as it lives and offers
+/// no way to close it or swap it through a shared reference (so its
+/// `as_raw_fd` is a valid descriptor for the whole borrow). Sealed: only
+/// `EventFd` and `VcpuFd`, which predate `AsFd`, implement it.
+pub trait OwnsFd: AsRawFd + sealed::Sealed {}
+impl OwnsFd for vmm_sys_util::eventfd::EventFd {}
+impl OwnsFd for kvm_ioctls::VcpuFd {}
+
+/// Borrows the descriptor of an [`OwnsFd`] value for as long as the value
+/// is borrowed.
+pub fn borrow_fd<T: OwnsFd>(owner: &T) -> BorrowedFd<'_> {
+    // SAFETY: `OwnsFd` is only implemented for types that own an open
+    // descriptor until they are dropped and cannot close it through `&self`;
+    // the returned borrow is tied to `owner`, so the descriptor stays open
+    // (and is never -1) for its whole life.
+    unsafe { BorrowedFd::borrow_raw(owner.as_raw_fd()) }
 }

@@ -259,7 +259,9 @@ fn main() {
         // A Rust panic (the host must report it as one).
         "panic" => {
             let m = arg(&args, 2, "marker");
-            panic!("evil panics on purpose ({m})");
+            // The message carries terminal controls: vmm's own error line
+            // must show them escaped.
+            panic!("evil panics on purpose ({m})\x1b[2K\rforged");
         }
         "fork-bomb" => {
             // Forks until the kernel refuses; children wait forever.

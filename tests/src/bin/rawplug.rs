@@ -365,6 +365,7 @@ const EINVAL: i32 = 22;
 const ENOTTY: i32 = 25;
 const ESPIPE: i32 = 29;
 const EPROTO: i32 = 71;
+const ENOMEM: i32 = 12;
 const EOVERFLOW: i32 = 75;
 
 /// The host process (our parent: the plugin is started unjailed).
@@ -788,7 +789,9 @@ fn ranges_and_ids() {
         (0, 6 << 30 >> 15)
     );
     assert_eq!(destroy(&mut c, 5), 0);
-    let r = memory_request(5, 0, 1 << 40, 64 << 30, false);
+    // Without dirty logging a large region is fine within the guest
+    // memory bound (default: the host's RAM; tested in hostile.rs).
+    let r = memory_request(5, 0, 1 << 40, 4 << 30, false);
     assert_eq!(errno_of(&mut c, &r, &[big.as_fd()]), 0);
     assert_eq!(destroy(&mut c, 5), 0);
     println!("ranges and ids ok");
@@ -1421,6 +1424,203 @@ fn close_after_start() {
     }
 }
 
+/// Prints a line on stdout and flushes it (the test reads it while we run).
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn linger() -> ! {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// Sets the shared shutdown eventfd to its maximum, so that the host's own
+/// `write(1)` to it would block forever; then `close` closes the last
+/// connection before Start, `start` starts the VM and lingers (the test
+/// stops vmm with SIGTERM).
+fn shutdown_max(then: &str) {
+    let mut c = Conn::from_env();
+    let mut r = MainRequest::new();
+    r.mut_get_shutdown_eventfd();
+    let (resp, fds) = c.call(&r, &[]);
+    assert_eq!(resp.errno, 0);
+    let v: u64 = 0xffff_ffff_ffff_fffe;
+    nix::unistd::write(&fds[0], &v.to_ne_bytes()).expect("write the shutdown eventfd");
+    match then {
+        "close" => {
+            drop(c);
+            say("rawplug: shutdown eventfd at its maximum, connection closed");
+        }
+        _ => {
+            let _vcpus = get_vcpus(&mut c);
+            let mut r = MainRequest::new();
+            r.mut_start();
+            assert_eq!(c.call(&r, &[]).0.errno, 0);
+            say("rawplug: shutdown eventfd at its maximum, started");
+        }
+    }
+    linger()
+}
+
+/// Probes fd 1: it must be a pipe, reopening it through /proc must reach
+/// only that pipe, and changing its flags must not touch vmm's stdout.
+/// Then prints control characters that the host must escape.
+fn stdout_probe() {
+    use nix::sys::stat::{fstat, SFlag};
+    let st = fstat(std::io::stdout()).expect("fstat fd 1");
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    say(&format!(
+        "rawplug: fd 1 is a pipe: {}",
+        kind == SFlag::S_IFIFO
+    ));
+    // Try to reach the file behind vmm's stdout: truncate and overwrite.
+    match nix::fcntl::open(
+        "/proc/self/fd/1",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_TRUNC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        Ok(fd) => {
+            let _ = nix::unistd::write(&fd, b"OVERWRITTEN\n");
+        }
+        Err(e) => say(&format!("rawplug: reopen of fd 1 failed: {e}")),
+    }
+    let _ = nix::fcntl::fcntl(
+        std::io::stdout(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    say("rawplug: red\r\x1b[31mALERT\x1b[0m\x07 done");
+    eprintln!("rawplug: err\r\x1b[2Kfake prefix\x7f");
+    let mut c = Conn::from_env();
+    let mut r = MainRequest::new();
+    r.mut_start();
+    assert_eq!(c.call(&r, &[]).0.errno, 0);
+    std::process::exit(0);
+}
+
+fn set_irq(c: &mut Conn, irq: u32) -> i32 {
+    let mut r = MainRequest::new();
+    r.mut_set_irq().irq_id = irq;
+    r.mut_set_irq().active = true;
+    c.call(&r, &[]).0.errno
+}
+
+/// `SetIrq` beyond the routing table is EINVAL; within it, accepted.
+fn irq_range() {
+    let mut c = Conn::from_env();
+    assert_eq!(set_irq(&mut c, 100_000), EINVAL, "line 100000");
+    assert_eq!(set_irq(&mut c, 24), EINVAL, "line 24 (default table)");
+    assert_eq!(set_irq(&mut c, 4), 0, "line 4 (default table)");
+    // A table routing only GSI 40 (to IOAPIC pin 5).
+    let mut r = MainRequest::new();
+    let mut route = main_request::set_irq_routing::Route::new();
+    route.irq_id = 40;
+    route.mut_irqchip().irqchip = 2;
+    route.mut_irqchip().pin = 5;
+    r.mut_set_irq_routing().routes.push(route);
+    assert_eq!(c.call(&r, &[]).0.errno, 0);
+    assert_eq!(set_irq(&mut c, 40), 0, "line 40 (routed)");
+    assert_eq!(set_irq(&mut c, 4), EINVAL, "line 4 (no longer routed)");
+    say("rawplug: irq range ok");
+    std::process::exit(0);
+}
+
+/// Guest memory beyond the bounds is ENOMEM. `limit` is the
+/// `--max-guest-memory` the test gave vmm ("default": the host's RAM).
+fn memory_bounds(limit: &str) {
+    let mut c = Conn::from_env();
+    if limit == "default" {
+        // One 256 GiB sparse region: free for the plugin, costly for KVM.
+        let fd = memfd(256 << 30);
+        let t = std::time::Instant::now();
+        assert_eq!(create_memory(&mut c, 1, &fd, 0, 256 << 30), ENOMEM);
+        say(&format!(
+            "rawplug: 256 GiB refused in {} us",
+            t.elapsed().as_micros()
+        ));
+        // Four 128 GiB regions: each refused.
+        for i in 0..4 {
+            let fd = memfd(128 << 30);
+            assert_eq!(
+                create_memory(&mut c, 10 + i, &fd, (i as u64) << 40, 128 << 30),
+                ENOMEM
+            );
+        }
+    } else {
+        // --max-guest-memory 64M.
+        let mib = 1u64 << 20;
+        let fd = memfd(128 * mib);
+        assert_eq!(
+            create_memory(&mut c, 1, &fd, 0, 65 * mib),
+            ENOMEM,
+            "per slot"
+        );
+        assert_eq!(create_memory(&mut c, 1, &fd, 0, 32 * mib), 0);
+        assert_eq!(create_memory(&mut c, 2, &fd, 1 << 30, 32 * mib), 0);
+        assert_eq!(
+            create_memory(&mut c, 3, &fd, 2 << 30, 4096),
+            ENOMEM,
+            "total"
+        );
+        let mut r = MainRequest::new();
+        r.mut_destroy().id = 2;
+        assert_eq!(c.call(&r, &[]).0.errno, 0);
+        assert_eq!(create_memory(&mut c, 3, &fd, 2 << 30, 32 * mib), 0, "freed");
+    }
+    say("rawplug: memory bounds ok");
+    std::process::exit(0);
+}
+
+/// Floods `GetVcpus` on many connections and never reads the replies,
+/// which would leave their descriptors in flight; then checks that the
+/// host refuses descriptor-carrying replies (ETOOMANYREFS) and lingers,
+/// holding what it got, for the test to start a second VM.
+fn fd_flood(connections: usize, per_connection: usize) {
+    let mut c = Conn::from_env();
+    let mut conns: Vec<Conn> = (0..connections).map(|_| c.new_connection()).collect();
+    let mut r = MainRequest::new();
+    r.mut_get_vcpus().request_fast_channel = true;
+    let bytes = r.write_to_bytes().unwrap();
+    for conn in &mut conns {
+        for _ in 0..per_connection {
+            if framing::send_packet(conn.sock.as_fd(), &bytes, &[]).is_err() {
+                break;
+            }
+        }
+    }
+    // Give the host time to answer (or refuse) all of it.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    // Count what the host answered on every other connection (the rest
+    // stays unread, its descriptors in flight).
+    let (mut granted, mut refused, mut fds_got) = (0, 0, 0);
+    for conn in conns.iter_mut().step_by(2) {
+        nix::fcntl::fcntl(
+            &conn.sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        while let Ok(p) =
+            framing::recv_packet(conn.sock.as_fd(), &mut conn.buf, framing::SCM_MAX_FD)
+        {
+            let resp = MainResponse::parse_from_bytes(&conn.buf[..p.len]).expect("decode");
+            fds_got += p.fds.len();
+            match resp.errno {
+                0 => granted += 1,
+                109 => refused += 1,
+                e => panic!("unexpected errno {e}"),
+            }
+        }
+    }
+    let _ = &mut c;
+    say(&format!(
+        "rawplug: flooded; read half: granted {granted} refused {refused} fds {fds_got}"
+    ));
+    linger()
+}
+
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     match scenario.as_str() {
@@ -1449,6 +1649,19 @@ fn main() {
         "leaks" => leaks(),
         "hypercall" => hypercall(),
         "close-after-start" => close_after_start(),
+        "shutdown-max" => shutdown_max(&std::env::args().nth(2).unwrap_or_default()),
+        "stdout-probe" => stdout_probe(),
+        "irq-range" => irq_range(),
+        "memory-bounds" => memory_bounds(&std::env::args().nth(2).unwrap_or_default()),
+        "fd-flood" => {
+            let n = |i: usize, d: usize| {
+                std::env::args()
+                    .nth(i)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(d)
+            };
+            fd_flood(n(2, 64), n(3, 400))
+        }
         other => {
             eprintln!("unknown scenario `{other}`");
             std::process::exit(2);

@@ -73,6 +73,8 @@ pub struct Context<'a> {
     pub host_ctl: RawFd,
     /// The plugin's end of the main socket; keeps its number.
     pub socket: RawFd,
+    /// Write end of the host's stdout pipe → fd 1.
+    pub stdout: RawFd,
     /// Write end of the host's stderr pipe → fd 2.
     pub stderr: RawFd,
     /// `/dev/null` opened read-only → fd 0.
@@ -210,14 +212,17 @@ pub fn init_main(ctx: &Context<'_>) -> isize {
     }
 }
 
-/// fd 0 = /dev/null, fd 1 = the host's stdout (kept), fd 2 = the stderr
+/// fd 0 = /dev/null, fd 1 = the stdout pipe, fd 2 = the stderr
 /// pipe, the plugin socket at its number (inheritable), the control socket
 /// (close-on-exec); everything else closed.
 fn arrange_fds(ctx: &Context<'_>) -> Result<(), Errno> {
     // SAFETY: dup2/fcntl/close_range on descriptor numbers; the host made
-    // sure `null`, `stderr`, `socket` and `ctl` are open and above 2.
+    // sure `null`, `stdout`, `stderr`, `socket` and `ctl` are open and above 2.
     unsafe {
-        if libc::dup2(ctx.null, 0) < 0 || libc::dup2(ctx.stderr, 2) < 0 {
+        if libc::dup2(ctx.null, 0) < 0
+            || libc::dup2(ctx.stdout, 1) < 0
+            || libc::dup2(ctx.stderr, 2) < 0
+        {
             return Err(Errno::last());
         }
         if libc::fcntl(ctx.socket, libc::F_SETFD, 0) < 0 {

@@ -372,6 +372,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
         ctl: jail_ctl.as_raw_fd(),
         host_ctl: host_ctl.as_raw_fd(),
         socket: socket_fd,
+        stdout: launch.stdout.as_raw_fd(),
         stderr: launch.stderr.as_raw_fd(),
         null: null.as_raw_fd(),
         nofile: NOFILE_LIMIT.min(hard_nofile),
@@ -406,6 +407,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     let mut guard = InitGuard(Some(init));
     drop(jail_ctl);
     drop(null);
+    drop(launch.stdout);
     drop(launch.stderr);
 
     write_id_maps(init, &config.gid_maps)?;

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::objects::{CallHint, ExitConfig, Object, ObjectTable, RegHint, SharedExitConfig};
 use crate::limits;
-use crate::vm::{borrow_raw, Cpuid, IrqRoute, Space, Vm, VmState};
+use crate::vm::{borrow_fd, Cpuid, IrqRoute, Space, Vm, VmState};
 
 /// The first tap's description for `GetNetConfig`.
 pub struct NetConfig<'a> {
@@ -44,6 +44,14 @@ pub trait HostServices {
     fn pause_vcpus(&self, mask: u64, user: u64);
     /// Number of main connections currently served.
     fn connection_count(&self) -> usize;
+    /// Whether a reply may carry `n` more descriptors: the host bounds the
+    /// descriptors it has sent that the plugin has not received yet, since
+    /// the kernel counts them against a limit shared by every process of
+    /// the host's uid. `false` → the request fails with `ETOOMANYREFS`.
+    fn may_send_fds(&self, n: usize) -> bool {
+        let _ = n;
+        true
+    }
 }
 
 /// State owned by the main loop and changed only by main requests.
@@ -55,7 +63,20 @@ pub struct MainState {
     /// The vcpu channels use shared memory (granted by `GetVcpus` before
     /// `Start`).
     pub fast_channel: bool,
+    /// The GSIs the VM's interrupt routing table covers: KVM's default
+    /// table (the in-kernel irqchip's 24 IOAPIC pins, which include the
+    /// PIC's 16) until the plugin installs its own with `SetIrqRouting`,
+    /// then exactly the GSIs that table routes. `SetIrq` on any other line
+    /// is `EINVAL` (`KVM_IRQ_LINE` itself returns 0 for them and does
+    /// nothing).
+    pub routed_gsis: std::collections::BTreeSet<u32>,
+    /// Bytes of guest memory registered, and the bounds on them.
+    pub guest_memory: u64,
+    pub memory_limits: limits::GuestMemoryLimits,
 }
+
+/// GSIs of KVM's default routing table with the in-kernel irqchip.
+pub const DEFAULT_GSIS: u32 = 24;
 
 impl MainState {
     pub fn new(shared_exit: Arc<SharedExitConfig>) -> Self {
@@ -65,6 +86,9 @@ impl MainState {
             shared_exit,
             started: false,
             fast_channel: false,
+            routed_gsis: (0..DEFAULT_GSIS).collect(),
+            guest_memory: 0,
+            memory_limits: limits::GuestMemoryLimits::from_host(),
         }
     }
 
@@ -201,6 +225,19 @@ pub fn handle_request(
     };
     let base = response_for(&msg);
     use main_request::Message as Q;
+    // Descriptors this request's reply may carry, checked against the
+    // budget of descriptors in flight before anything is created.
+    let fd_cost = match &msg {
+        Q::GetVcpus(_) => 3 * services.vcpu_count(),
+        Q::Create(_) => 2,
+        Q::NewConnection(_) | Q::GetShutdownEventfd(_) | Q::GetNetConfig(_) => 1,
+        _ => 0,
+    };
+    if fd_cost > 0 && !services.may_send_fds(fd_cost) {
+        let mut r = base;
+        r.errno = Errno::ETOOMANYREFS as i32;
+        return Reply::with(r);
+    }
     let outcome = match msg {
         Q::Create(c) => create(state, vm, c, fd, base.clone()),
         Q::Destroy(d) => destroy(state, vm, d.id).map(|()| Reply::with(base.clone())),
@@ -231,10 +268,14 @@ pub fn handle_request(
         }),
         Q::GetNetConfig(_) => net_config(services),
         Q::ReserveRange(rr) => reserve_range(state, rr).map(|()| Reply::with(base.clone())),
+        Q::SetIrq(s) if !state.routed_gsis.contains(&s.irq_id) => Err(Errno::EINVAL),
         Q::SetIrq(s) => vm
             .set_irq_line(s.irq_id, s.active)
             .map(|()| Reply::with(base.clone())),
-        Q::SetIrqRouting(s) => set_irq_routing(vm, s).map(|()| Reply::with(base.clone())),
+        Q::SetIrqRouting(s) => set_irq_routing(vm, s).map(|gsis| {
+            state.routed_gsis = gsis;
+            Reply::with(base.clone())
+        }),
         Q::GetState(g) => VmState::from_wire(g.set.value())
             .ok_or(Errno::EINVAL)
             .and_then(|set| vm.get_state(set))
@@ -324,7 +365,7 @@ fn create(
             };
             let evt = new_eventfd()?;
             vm.register_ioevent(&evt, space, io.address, io.length, datamatch)?;
-            match dup(borrow_raw(&evt)) {
+            match dup(borrow_fd(&evt)) {
                 Ok(fd) => reply.fds.push(fd),
                 Err(e) => {
                     let _ = vm.unregister_ioevent(&evt, space, io.address, io.length, datamatch);
@@ -339,12 +380,18 @@ fn create(
                 datamatch,
             }
         }
-        Constructor::Memory(m) => create_memory(state, vm, m, fd.ok_or(Errno::EBADF)?)?,
+        Constructor::Memory(m) => {
+            let obj = create_memory(state, vm, m, fd.ok_or(Errno::EBADF)?)?;
+            if let Object::Memory { length, .. } = &obj {
+                state.guest_memory += *length;
+            }
+            obj
+        }
         Constructor::IrqEvent(irq) => {
             let trigger = new_eventfd()?;
             let resample = new_eventfd()?;
             vm.register_irqfd(&trigger, &resample, irq.irq_id)?;
-            match dup(borrow_raw(&trigger)) {
+            match dup(borrow_fd(&trigger)) {
                 Ok(fd) => reply.fds.push(fd),
                 Err(e) => {
                     let _ = vm.unregister_irqfd(&trigger, irq.irq_id);
@@ -394,6 +441,13 @@ fn create_memory(
     if m.dirty_log && dirty_bitmap_len(m.length) > limits::MAX_DIRTY_BITMAP {
         return Err(Errno::E2BIG);
     }
+    // Bounded before anything is mapped: KVM allocates per-page metadata
+    // for a slot (charged to vmm, not to the plugin whose sparse memfd
+    // costs nothing) and walks it on registration, so an unbounded region
+    // costs host memory and stalls the main loop.
+    if !state.memory_limits.allows(state.guest_memory, m.length) {
+        return Err(Errno::ENOMEM);
+    }
     let length = usize::try_from(m.length).map_err(|_| Errno::EINVAL)?;
     let slot = state
         .objects
@@ -442,7 +496,16 @@ fn create_memory(
 /// docs/differences-from-crosvm.md).
 pub fn destroy(state: &mut MainState, vm: &impl Vm, id: u32) -> Result<(), Errno> {
     let obj = state.objects.remove(id).ok_or(Errno::ENOENT)?;
-    teardown(vm, obj)
+    let length = match &obj {
+        Object::Memory { length, .. } => *length,
+        _ => 0,
+    };
+    let r = teardown(vm, obj);
+    // A slot KVM failed to remove keeps its mapping (leaked) and its charge.
+    if r.is_ok() {
+        state.guest_memory = state.guest_memory.saturating_sub(length);
+    }
+    r
 }
 
 /// Undoes what `create` registered with the VM.
@@ -520,7 +583,11 @@ fn reserve_range(state: &mut MainState, rr: main_request::ReserveRange) -> Resul
     Ok(())
 }
 
-fn set_irq_routing(vm: &impl Vm, s: main_request::SetIrqRouting) -> Result<(), Errno> {
+/// Installs the routing table; returns the GSIs it routes.
+fn set_irq_routing(
+    vm: &impl Vm,
+    s: main_request::SetIrqRouting,
+) -> Result<std::collections::BTreeSet<u32>, Errno> {
     use main_request::set_irq_routing::route::Route as R;
     if s.routes.len() > limits::MAX_IRQ_ROUTES {
         return Err(Errno::E2BIG);
@@ -542,7 +609,8 @@ fn set_irq_routing(vm: &impl Vm, s: main_request::SetIrqRouting) -> Result<(), E
             _ => Err(Errno::EINVAL),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    vm.set_gsi_routing(&routes)
+    vm.set_gsi_routing(&routes)?;
+    Ok(s.routes.iter().map(|r| r.irq_id).collect())
 }
 
 fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Errno> {
@@ -675,7 +743,7 @@ mod tests {
             None
         }
         fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
-            borrow_raw(&self.shutdown)
+            borrow_fd(&self.shutdown)
         }
         fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno> {
             Ok(None)

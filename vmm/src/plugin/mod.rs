@@ -2,8 +2,10 @@
 //! stderr, main connections, vcpu thread exits), and teardown.
 
 pub mod fastpath;
+pub mod inflight;
 pub mod main_handler;
 pub mod objects;
+pub mod output;
 pub mod panic;
 pub mod process;
 pub mod vcpu;
@@ -29,6 +31,7 @@ use plugin_proto::framing::{self, FramingError};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use self::inflight::InFlight;
 use self::main_handler::{HostServices, MainState, NetConfig};
 use self::objects::SharedExitConfig;
 use self::process::{Launch, Plugin};
@@ -36,7 +39,7 @@ use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
 use crate::jail::{self, JailConfig};
 use crate::limits;
 use crate::net::Tap;
-use crate::vm::{borrow_raw, KvmVm, VmError};
+use crate::vm::{borrow_fd, KvmVm, VmError};
 
 /// How long the plugin may take to exit once the VM is shutting down.
 pub const DYING_GRACE: Duration = Duration::from_millis(1000);
@@ -64,6 +67,8 @@ pub struct RunConfig {
     pub nets: Vec<crate::cli::NetSpec>,
     /// Offer the shared-memory vcpu channel to plugins that ask for it.
     pub fast_channel: bool,
+    /// Bounds on the guest memory the plugin registers.
+    pub memory_limits: limits::GuestMemoryLimits,
     /// `None`: `--disable-sandbox`.
     pub jail: Option<JailConfig>,
 }
@@ -118,6 +123,8 @@ pub enum RunError {
     OtherChild { pid: i32, status: String },
     #[error("vmm was asked to stop by signal {0}")]
     Interrupted(String),
+    #[error("vcpu {id} stopped the VM: {message}")]
+    VcpuFailed { id: u32, message: String },
 }
 
 fn resource(what: &'static str) -> impl FnOnce(Errno) -> RunError {
@@ -173,6 +180,7 @@ struct Services<'a> {
     threads: &'a [JoinHandle<()>],
     shutdown: &'a EventFd,
     connections: usize,
+    in_flight: &'a InFlight,
 }
 
 impl HostServices for Services<'_> {
@@ -190,7 +198,7 @@ impl HostServices for Services<'_> {
     }
 
     fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
-        borrow_raw(self.shutdown)
+        borrow_fd(self.shutdown)
     }
 
     fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno> {
@@ -223,6 +231,10 @@ impl HostServices for Services<'_> {
     fn connection_count(&self) -> usize {
         self.connections
     }
+
+    fn may_send_fds(&self, n: usize) -> bool {
+        self.in_flight.fits(n)
+    }
 }
 
 /// Forwards the plugin's stderr into the log, line by line.
@@ -235,10 +247,9 @@ struct StderrForwarder {
 
 impl StderrForwarder {
     fn emit(line: &[u8]) {
-        error!(
-            "plugin: {}",
-            String::from_utf8_lossy(line).trim_end_matches('\r')
-        );
+        // Control characters (a `\r` that would rewrite the prefix, escape
+        // sequences) are shown escaped, never sent to the terminal.
+        error!("plugin: {}", output::escape(line));
     }
 
     /// Reads what is available; returns false once the pipe hung up.
@@ -254,8 +265,7 @@ impl StderrForwarder {
                 Ok(n) => {
                     self.carry.extend_from_slice(&buf[..n]);
                     while let Some(pos) = self.carry.iter().position(|&b| b == b'\n') {
-                        self.panic
-                            .line(&String::from_utf8_lossy(&self.carry[..pos]));
+                        self.panic.line(&output::escape(&self.carry[..pos]));
                         Self::emit(&self.carry[..pos]);
                         self.carry.drain(..=pos);
                     }
@@ -271,7 +281,7 @@ impl StderrForwarder {
 
     fn flush(&mut self) {
         if !self.carry.is_empty() {
-            self.panic.line(&String::from_utf8_lossy(&self.carry));
+            self.panic.line(&output::escape(&self.carry));
             Self::emit(&self.carry);
             self.carry.clear();
         }
@@ -301,6 +311,8 @@ struct Host {
     vcpus_failed: bool,
     shutdown: EventFd,
     connections: HashMap<u64, OwnedFd>,
+    in_flight: InFlight,
+    stdout_thread: Option<JoinHandle<()>>,
     next_token: u64,
     abandoned: bool,
     dying_since: Option<Instant>,
@@ -328,6 +340,10 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     // 2. The plugin's stderr.
     let (stderr_r, stderr_w) = pipe2(OFlag::O_CLOEXEC).map_err(resource("the stderr pipe"))?;
     fcntl(&stderr_r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(resource("the stderr pipe"))?;
+    // The plugin's stdout: a pipe the host copies to its own stdout, so the
+    // plugin never holds vmm's stdout (a terminal it could read, a file it
+    // could reopen and truncate, flags shared with the shell).
+    let (stdout_r, stdout_w) = pipe2(OFlag::O_CLOEXEC).map_err(resource("the stdout pipe"))?;
 
     // 3. Taps, then the VM: irqchip and PIT, no memory, no vcpus yet.
     let taps = crate::net::open_taps(&config.nets).map_err(RunError::Net)?;
@@ -364,6 +380,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         args: &config.args,
         env: &config.env,
         socket: &plugin_sock,
+        stdout: stdout_w,
         stderr: stderr_w,
     };
     let plugin = match &config.jail {
@@ -378,6 +395,10 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         plugin.pid
     );
     let shutdown = main_handler::new_eventfd().map_err(resource("the shutdown eventfd"))?;
+    let stdout_thread = output::forward_stdout(stdout_r).map_err(|e| RunError::Resource {
+        what: "the stdout forwarding thread",
+        source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+    })?;
     // 6. The jail is built: the host needs no capabilities any more.
     jail::caps::drop_host_capabilities().map_err(RunError::Caps)?;
 
@@ -392,14 +413,18 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
             }
         })?,
+        failure: Default::default(),
     });
 
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(resource("the epoll set"))?;
+    let mut state = MainState::new(exit_config);
+    state.memory_limits = config.memory_limits;
+    let in_flight = InFlight::new(limits::fds_in_flight_budget(config.vcpus));
     let mut host = Host {
         controls: (0..config.vcpus).map(|_| Arc::default()).collect(),
         config,
         vm,
-        state: MainState::new(exit_config),
+        state,
         epoll,
         signals,
         stderr: StderrForwarder {
@@ -417,6 +442,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         vcpus_failed: false,
         shutdown,
         connections: HashMap::new(),
+        in_flight,
+        stdout_thread: Some(stdout_thread),
         next_token: FIRST_CONNECTION_TOKEN,
         abandoned: false,
         dying_since: None,
@@ -427,7 +454,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     };
     host.watch(host.signals.as_fd(), TOKEN_SIGNAL)?;
     host.watch(host.stderr.fd.as_fd(), TOKEN_STDERR)?;
-    host.watch(borrow_raw(&host.shared.exited), TOKEN_VCPU_EXIT)?;
+    host.watch(borrow_fd(&host.shared.exited), TOKEN_VCPU_EXIT)?;
     if let Some(j) = &host.plugin.jail {
         host.watch(j.seccomp_fd(), TOKEN_SECCOMP)?;
     }
@@ -455,6 +482,7 @@ impl Host {
     fn drop_connection(&mut self, token: u64) {
         if let Some(fd) = self.connections.remove(&token) {
             let _ = self.epoll.delete(&fd);
+            self.in_flight.dropped(token, fd);
         }
         if self.connections.is_empty() && !self.state.started && self.dying_since.is_none() {
             // Nothing can start the VM any more. If the plugin exits now, its
@@ -473,10 +501,36 @@ impl Host {
         }
         info!("shutting down: {why}");
         self.dying_since = Some(Instant::now());
-        if let Err(e) = self.shutdown.write(1) {
+        self.signal_shutdown_eventfd();
+        self.stop_vcpus();
+    }
+
+    /// Adds 1 to the shutdown eventfd without ever blocking the main loop.
+    /// The plugin shares the eventfd's open file description (it received
+    /// it by `SCM_RIGHTS`): it can set the counter to its maximum, so that
+    /// a write blocks until someone reads, and it can clear `O_NONBLOCK` on
+    /// the description at any time. So the write is made on a thread of its
+    /// own: if it blocks, only that thread waits (until the plugin reads or
+    /// vmm exits), and the main loop goes on handling signals and the
+    /// shutdown.
+    fn signal_shutdown_eventfd(&self) {
+        let evt = match self.shutdown.try_clone() {
+            Ok(e) => e,
+            Err(e) => {
+                error!("cannot signal the shutdown eventfd: {e}");
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vmm_shutdown".into())
+            .spawn(move || {
+                if let Err(e) = evt.write(1) {
+                    error!("cannot signal the shutdown eventfd: {e}");
+                }
+            });
+        if let Err(e) = spawned {
             error!("cannot signal the shutdown eventfd: {e}");
         }
-        self.stop_vcpus();
     }
 
     fn stop_vcpus(&self) {
@@ -521,6 +575,7 @@ impl Host {
                     }
                     TOKEN_VCPU_EXIT => {
                         let _ = self.shared.exited.read();
+                        self.take_vcpu_failure();
                         self.enter_dying("a vcpu stopped");
                     }
                     TOKEN_SECCOMP => self.on_seccomp(ev.events()),
@@ -541,6 +596,27 @@ impl Host {
                     self.errors.push(e);
                     self.enter_dying("the vcpus could not be started");
                 }
+            }
+        }
+    }
+
+    /// A vcpu that stopped the VM for a reason that makes the run fail
+    /// (e.g. a corrupted fast channel) left it in the shared state; it
+    /// becomes the run's error, reported once.
+    fn take_vcpu_failure(&mut self) {
+        let failure = self
+            .shared
+            .failure
+            .lock()
+            .map(|mut f| f.take())
+            .unwrap_or(None);
+        if let Some((id, message)) = failure {
+            if !self
+                .errors
+                .iter()
+                .any(|e| matches!(e, RunError::VcpuFailed { .. }))
+            {
+                self.errors.push(RunError::VcpuFailed { id, message });
             }
         }
     }
@@ -635,6 +711,7 @@ impl Host {
         let Some(fd) = self.connections.get(&token) else {
             return;
         };
+        self.in_flight.refresh(&self.connections);
         let packet = match framing::recv_packet_with(
             fd.as_fd(),
             &mut self.recv_buf,
@@ -671,6 +748,7 @@ impl Host {
             threads: &self.threads,
             shutdown: &self.shutdown,
             connections: self.connections.len(),
+            in_flight: &self.in_flight,
         };
         let reply = match main_handler::handle(
             &mut self.state,
@@ -696,6 +774,8 @@ impl Host {
         let Some(fd) = self.connections.get(&token) else {
             return;
         };
+        let n_fds = reply.fds.len() + reply.follow_ups.iter().map(|(_, f)| f.len()).sum::<usize>();
+        self.in_flight.sent(token, n_fds);
         let mut sent = send(fd.as_fd(), &reply.response, &reply.fds, &mut self.send_buf);
         for (msg, fds) in &reply.follow_ups {
             if sent.is_ok() {
@@ -835,6 +915,19 @@ impl Host {
             self.stderr.drain();
             self.stderr.flush();
         }
+        // Everything that could write the plugin's stdout is gone: the
+        // forwarder sees EOF and ends. A stdout that does not drain (a
+        // full pipe nobody reads) must not hold up the exit.
+        if let Some(t) = self.stdout_thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        self.take_vcpu_failure();
 
         let panicked = self.stderr.panic.panic().map(str::to_string);
         match (self.plugin_end.as_ref(), panicked) {

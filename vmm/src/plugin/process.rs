@@ -35,6 +35,8 @@ pub struct Launch<'a> {
     pub env: &'a [(String, std::ffi::OsString)],
     /// The plugin end of the main socket; passed at the same number.
     pub socket: &'a OwnedFd,
+    /// Write end of the host's stdout pipe (the plugin's fd 1).
+    pub stdout: OwnedFd,
     /// Write end of the host's stderr pipe.
     pub stderr: OwnedFd,
 }
@@ -93,7 +95,7 @@ pub fn spawn_unjailed(launch: Launch<'_>) -> Result<Plugin, ProcessError> {
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .env("CROSVM_SOCKET", socket_fd.to_string())
         .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::from(launch.stdout))
         .stderr(Stdio::from(launch.stderr))
         .process_group(0);
     // SAFETY: the closure runs in the forked child before exec and only makes

@@ -21,6 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use plugin_proto::protobuf::Message;
+use plugin_proto::shm::ShmError;
 use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -129,6 +130,9 @@ pub struct VcpuShared {
     pub exit_config: Arc<SharedExitConfig>,
     /// Signalled whenever a vcpu thread ends.
     pub exited: EventFd,
+    /// The first vcpu failure that stops the VM and fails the run (vcpu id,
+    /// cause), reported once by the main loop.
+    pub failure: std::sync::Mutex<Option<(u32, String)>>,
 }
 
 /// The host's ends of one vcpu channel (the plugin's ends are kept by the
@@ -555,6 +559,9 @@ pub struct Servicer {
     scratch: Vec<u8>,
     /// The data of the last `Resume`.
     resume_data: Vec<u8>,
+    /// Servicing failed for good (a corrupted fast channel): the vcpu
+    /// stops.
+    failed: bool,
 }
 
 impl Servicer {
@@ -585,6 +592,7 @@ impl Servicer {
             config,
             scratch: Vec::with_capacity(512),
             resume_data: Vec::with_capacity(MAX_IO_READ),
+            failed: false,
         }
     }
 
@@ -604,7 +612,25 @@ impl Servicer {
         deliver(&self.vcpu, &mut self.io, wait, true, &mut self.resume_data).map(drop)
     }
 
-    fn log_service_error(&self, what: &str, e: &ServiceError) {
+    fn log_service_error(&mut self, what: &str, e: &ServiceError) {
+        if let ServiceError::FastChannel(
+            ShmError::Corrupt | ShmError::TooLarge(_) | ShmError::BadHeader,
+        ) = e
+        {
+            // The shared ring is broken for good: every later exit would
+            // fail the same way. Stop this vcpu (and so the VM) once, and
+            // let the main loop report it as the run's error.
+            if !self.failed {
+                self.failed = true;
+                debug!("vcpu {}: {what} servicing failed: {e}", self.id);
+                if let Ok(mut f) = self.shared.failure.lock() {
+                    if f.is_none() {
+                        *f = Some((self.id, crate::error_chain(e)));
+                    }
+                }
+            }
+            return;
+        }
         match e {
             ServiceError::Killed | ServiceError::Shutdown => {
                 debug!("vcpu {}: {what} servicing ended: {e}", self.id)
@@ -767,7 +793,7 @@ fn run_loop(run: &mut VcpuFd, sv: &mut Servicer) {
     let id = sv.id;
     let mut unknown_exits = 0u32;
     loop {
-        if sv.killed() {
+        if sv.killed() || sv.failed {
             return;
         }
         if sv.control.has_pending() {
