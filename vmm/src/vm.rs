@@ -262,6 +262,70 @@ pub trait Vcpu {
     fn enable_capability(&self, cap: u32) -> Result<()>;
 }
 
+/// Why `KVM_RUN` returned, with the exit's data.
+///
+/// Slices borrow the vcpu's run area: a guest read is completed by filling
+/// `data` before the next [`VcpuRun::run`], a hypercall by writing `result`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmExit<'a> {
+    /// `OUT` to `port`.
+    IoOut { port: u16, data: &'a [u8] },
+    /// `IN` from `port`: the value the guest reads goes into `data`.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// A write to unmapped guest-physical memory.
+    MmioWrite { address: u64, data: &'a [u8] },
+    /// A read of unmapped guest-physical memory: the value goes into `data`.
+    MmioRead { address: u64, data: &'a mut [u8] },
+    /// A Hyper-V hypercall (`KVM_EXIT_HYPERV_HCALL`); `result` is what the
+    /// guest gets in RAX.
+    HypervHcall {
+        input: u64,
+        params: [u64; 2],
+        result: &'a mut u64,
+    },
+    /// A guest write to a SynIC MSR (`KVM_EXIT_HYPERV_SYNIC`).
+    HypervSynic {
+        msr: u32,
+        control: u64,
+        evt_page: u64,
+        msg_page: u64,
+    },
+    /// A Hyper-V exit of a type this host does not know.
+    HypervUnknown(u32),
+    /// The guest executed `HLT` with no in-kernel LAPIC to wait in.
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// `KVM_EXIT_INTERNAL_ERROR`: the suberror and the first `ndata` words
+    /// KVM reports.
+    InternalError {
+        suberror: u32,
+        ndata: u32,
+        data: [u64; 16],
+    },
+    /// VM entry failed.
+    FailEntry { hardware_reason: u64, cpu: u32 },
+    /// `KVM_RUN` was interrupted by a signal or by `immediate_exit` (EINTR):
+    /// the vcpu's owner has something to do (stop, pause).
+    Interrupted,
+    /// Exits that need nothing (`KVM_EXIT_INTR`, `KVM_EXIT_IRQ_WINDOW_OPEN`).
+    Spurious,
+    /// Any other exit reason.
+    Unknown(u32),
+}
+
+/// The `KVM_RUN` handle of a vcpu. It is separate from [`Vcpu`] because an
+/// exit borrows the run area while the plugin is serviced through a second
+/// handle on the same vcpu.
+pub trait VcpuRun {
+    /// Enters the guest until the next exit. `EAGAIN` and other errors of the
+    /// call itself are returned as errnos; EINTR is [`VmExit::Interrupted`].
+    fn run(&mut self) -> Result<VmExit<'_>>;
+    /// Sets or clears `immediate_exit`: while set, `run` returns
+    /// [`VmExit::Interrupted`] without entering the guest.
+    fn set_immediate_exit(&mut self, on: bool);
+}
+
 fn errno(e: kvm_ioctls::Error) -> Errno {
     Errno::from_raw(e.errno())
 }
@@ -726,6 +790,82 @@ impl Vcpu for VcpuFd {
             ..Default::default()
         };
         self.enable_cap(&cap).map_err(errno)
+    }
+}
+
+impl VcpuRun for VcpuFd {
+    fn run(&mut self) -> Result<VmExit<'_>> {
+        use kvm_bindings::{KVM_EXIT_HYPERV_HCALL, KVM_EXIT_HYPERV_SYNIC};
+        use kvm_ioctls::VcpuExit;
+        // kvm-ioctls reports some exits without their data; those are read
+        // from the run area after the exit is decoded. The borrow checker
+        // cannot see that such an exit no longer borrows the handle (an
+        // exit that does is returned at once), hence the reborrow through a
+        // raw pointer.
+        let this: *mut VcpuFd = self;
+        // SAFETY: `this` comes from `&mut self` and is used only here. The
+        // exit it yields is either converted and returned (its borrow then
+        // lasts as long as the `&mut self` of the return type), or it is not
+        // used any more, and only then is `self` used again below.
+        let exit = match unsafe { &mut *this }.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR => return Ok(VmExit::Interrupted),
+            Err(e) => return Err(errno(e)),
+        };
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+            VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
+            VcpuExit::MmioWrite(address, data) => VmExit::MmioWrite { address, data },
+            VcpuExit::MmioRead(address, data) => VmExit::MmioRead { address, data },
+            VcpuExit::Hlt => VmExit::Hlt,
+            VcpuExit::Shutdown => VmExit::Shutdown,
+            VcpuExit::FailEntry(hardware_reason, cpu) => VmExit::FailEntry {
+                hardware_reason,
+                cpu,
+            },
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => VmExit::Spurious,
+            VcpuExit::InternalError => {
+                // SAFETY: reason KVM_EXIT_INTERNAL_ERROR selects the
+                // `internal` member of the exit union.
+                let internal = unsafe { self.get_kvm_run().__bindgen_anon_1.internal };
+                VmExit::InternalError {
+                    suberror: internal.suberror,
+                    ndata: internal.ndata,
+                    data: internal.data,
+                }
+            }
+            VcpuExit::Hyperv => {
+                // SAFETY: reason KVM_EXIT_HYPERV selects `hyperv`.
+                let hv = unsafe { &mut self.get_kvm_run().__bindgen_anon_1.hyperv };
+                match hv.type_ {
+                    KVM_EXIT_HYPERV_HCALL => {
+                        // SAFETY: type HCALL selects the `hcall` member.
+                        let hcall = unsafe { &mut hv.u.hcall };
+                        VmExit::HypervHcall {
+                            input: hcall.input,
+                            params: hcall.params,
+                            result: &mut hcall.result,
+                        }
+                    }
+                    KVM_EXIT_HYPERV_SYNIC => {
+                        // SAFETY: type SYNIC selects the `synic` member.
+                        let synic = unsafe { hv.u.synic };
+                        VmExit::HypervSynic {
+                            msr: synic.msr,
+                            control: synic.control,
+                            evt_page: synic.evt_page,
+                            msg_page: synic.msg_page,
+                        }
+                    }
+                    other => VmExit::HypervUnknown(other),
+                }
+            }
+            _ => VmExit::Unknown(self.get_kvm_run().exit_reason),
+        })
+    }
+
+    fn set_immediate_exit(&mut self, on: bool) {
+        self.set_kvm_immediate_exit(u8::from(on));
     }
 }
 

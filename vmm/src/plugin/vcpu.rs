@@ -16,17 +16,17 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use kvm_bindings::{KVM_EXIT_HYPERV_HCALL, KVM_EXIT_HYPERV_SYNIC};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use plugin_proto::protobuf::Message;
 use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
+use zerocopy::FromBytes;
 
 use super::fastpath;
 use super::objects::{ExitConfigReader, SharedExitConfig};
-use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
+use crate::vm::{Cpuid, Space, Vcpu, VcpuRun, VcpuState, VmExit};
 use crate::{limits, record};
 
 /// Most bytes of a port read forwarded to the plugin (string `IN`).
@@ -472,7 +472,7 @@ fn shm_error(e: plugin_proto::shm::ShmError) -> ServiceError {
 }
 
 /// One vcpu channel of a real host, either transport.
-struct ChannelIo {
+pub struct ChannelIo {
     id: u32,
     transport: Transport,
     shared: Arc<VcpuShared>,
@@ -540,15 +540,17 @@ impl VcpuIo for ChannelIo {
     }
 }
 
-/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
-pub struct Servicer {
+/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing, and
+/// the routing of exits to the plugin. Plain code over [`Vcpu`] and
+/// [`VcpuIo`]: on a real host `V` is a second `VcpuFd` on the same vcpu (for
+/// state requests while the run handle is borrowed by an exit) and `I` the
+/// vcpu channel; in tests both are models.
+pub struct Servicer<V: Vcpu, I: VcpuIo = ChannelIo> {
     pub id: u32,
-    /// A second handle on the same KVM vcpu, for state requests while the
-    /// run handle is borrowed by an exit.
-    pub vcpu: VcpuFd,
+    pub vcpu: V,
     pub control: Arc<VcpuControl>,
     pub shared: Arc<VcpuShared>,
-    io: ChannelIo,
+    io: I,
     config: ExitConfigReader,
     /// Encoding buffer of the exit path.
     scratch: Vec<u8>,
@@ -556,35 +558,55 @@ pub struct Servicer {
     resume_data: Vec<u8>,
 }
 
-impl Servicer {
+impl<V: Vcpu> Servicer<V, ChannelIo> {
+    /// A servicer on a real vcpu channel.
     pub fn new(
         id: u32,
-        vcpu: VcpuFd,
+        vcpu: V,
         transport: Transport,
         control: Arc<VcpuControl>,
         shared: Arc<VcpuShared>,
     ) -> Self {
-        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
         let read_buf = match transport {
             Transport::Pipe(_) => vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
             Transport::Shm(_) => Vec::new(),
         };
+        let io = ChannelIo {
+            id,
+            transport,
+            shared: Arc::clone(&shared),
+            read_buf,
+            write_buf: Vec::with_capacity(512),
+        };
+        Servicer::with_io(id, vcpu, io, control, shared)
+    }
+}
+
+impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
+    /// A servicer on any transport.
+    pub fn with_io(
+        id: u32,
+        vcpu: V,
+        io: I,
+        control: Arc<VcpuControl>,
+        shared: Arc<VcpuShared>,
+    ) -> Self {
+        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
         Servicer {
             id,
             vcpu,
             control,
-            io: ChannelIo {
-                id,
-                transport,
-                shared: Arc::clone(&shared),
-                read_buf,
-                write_buf: Vec::with_capacity(512),
-            },
+            io,
             shared,
             config,
             scratch: Vec::with_capacity(512),
             resume_data: Vec::with_capacity(MAX_IO_READ),
         }
+    }
+
+    /// The transport (tests inspect what was sent).
+    pub fn io(&mut self) -> &mut I {
+        &mut self.io
     }
 
     fn killed(&self) -> bool {
@@ -675,15 +697,16 @@ impl Servicer {
         if !hint.applies(space, address, is_write) {
             return None;
         }
-        let regs = self.vcpu.get_regs().ok()?;
+        let image = self.vcpu.get_state(VcpuState::Regs).ok()?;
+        let regs = kvm_bindings::kvm_regs::read_from_bytes(&image).ok()?;
         let (send_sregs, send_debugregs) = hint
             .hints
             .iter()
             .find(|h| h.matches(regs.rax, regs.rbx, regs.rcx, regs.rdx))
             .map_or((false, false), |h| (h.send_sregs, h.send_debugregs));
-        let get = |set| Vcpu::get_state(&self.vcpu, set).unwrap_or_default();
+        let get = |set| self.vcpu.get_state(set).unwrap_or_default();
         Some((
-            zerocopy::IntoBytes::as_bytes(&regs).to_vec(),
+            image,
             if send_sregs {
                 get(VcpuState::Sregs)
             } else {
@@ -741,150 +764,197 @@ impl Servicer {
     }
 }
 
-/// Runs vcpu `id` to completion on the current thread.
-pub fn run_vcpu(mut run: VcpuFd, mut sv: Servicer) {
+/// Runs vcpu `id` to completion on the current thread (the KVM glue: the
+/// kick handler's view of `immediate_exit`, then [`run_thread`]).
+pub fn run_vcpu(mut run: VcpuFd, mut sv: Servicer<VcpuFd>) {
     let ptr: *mut u8 = &mut run.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(ptr));
-    let id = sv.id;
+    run_thread(&mut run, &mut sv);
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    signal_exited(&sv);
+}
 
+fn signal_exited<V: Vcpu, I: VcpuIo>(sv: &Servicer<V, I>) {
+    if let Err(e) = sv.shared.exited.write(1) {
+        error!("vcpu {}: cannot signal its exit: {e}", sv.id);
+    }
+}
+
+/// The life of a vcpu thread: Init servicing, the start barrier, then the
+/// run loop until the vcpu stops (`None`: it never ran, because Init
+/// servicing failed or the start was cancelled).
+pub fn run_thread<R: VcpuRun, V: Vcpu, I: VcpuIo>(
+    run: &mut R,
+    sv: &mut Servicer<V, I>,
+) -> Option<Stop> {
     let init = sv.service(true);
     if let Err(e) = &init {
         sv.log_service_error("init", e);
     }
     let go = sv.shared.barrier.wait();
-    if init.is_ok() && go {
-        run_loop(&mut run, &mut sv);
-    }
-
-    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
-    if let Err(e) = sv.shared.exited.write(1) {
-        error!("vcpu {id}: cannot signal its exit: {e}");
-    }
+    (init.is_ok() && go).then(|| run_loop(run, sv))
 }
 
-fn run_loop(run: &mut VcpuFd, sv: &mut Servicer) {
+/// Why the run loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The main thread asked the vcpu to stop.
+    Killed,
+    Halted,
+    /// Triple fault.
+    GuestShutdown,
+    InternalError,
+    FailEntry,
+    /// Servicing a pause failed (the plugin is gone or misbehaved).
+    PauseFailed,
+    UnknownHypervExit,
+    TooManyUnknownExits,
+    RunFailed(Errno),
+}
+
+/// What to do after one exit.
+enum Next {
+    Continue { known: bool },
+    Stop(Stop),
+}
+
+/// Enters the guest until the vcpu stops; routes every exit.
+pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V, I>) -> Stop {
     let id = sv.id;
     let mut unknown_exits = 0u32;
     loop {
         if sv.killed() {
-            return;
+            return Stop::Killed;
         }
         if sv.control.has_pending() {
-            run.set_kvm_immediate_exit(1);
+            run.set_immediate_exit(true);
         }
-        match run.run() {
-            Ok(exit) => {
-                let mut known = true;
-                match exit {
-                    VcpuExit::IoOut(port, data) => {
-                        sv.on_write(Space::Ioport, u64::from(port), data)
-                    }
-                    VcpuExit::IoIn(port, data) => sv.on_read(Space::Ioport, u64::from(port), data),
-                    VcpuExit::MmioWrite(addr, data) => sv.on_write(Space::Mmio, addr, data),
-                    VcpuExit::MmioRead(addr, data) => sv.on_read(Space::Mmio, addr, data),
-                    VcpuExit::Hyperv => {
-                        if !hyperv_exit(run, sv) {
-                            return;
-                        }
-                    }
-                    VcpuExit::Hlt => {
-                        info!("vcpu {id}: guest halted");
-                        return;
-                    }
-                    VcpuExit::Shutdown => {
-                        info!("vcpu {id}: guest shut down (triple fault)");
-                        return;
-                    }
-                    VcpuExit::InternalError => {
-                        error!("vcpu {id}: KVM internal error");
-                        return;
-                    }
-                    VcpuExit::FailEntry(reason, cpu) => {
-                        error!(
-                            "vcpu {id}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-                        );
-                        return;
-                    }
-                    VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
-                    other => {
-                        known = false;
-                        warn!("vcpu {id}: unhandled exit {other:?}");
-                    }
-                }
-                // An unknown exit that repeats without end would spin: give up.
-                unknown_exits = if known { 0 } else { unknown_exits + 1 };
-                if unknown_exits > limits::MAX_CONSECUTIVE_UNKNOWN_EXITS {
-                    error!("vcpu {id}: too many consecutive unhandled exits");
-                    return;
-                }
-            }
-            Err(e) if e.errno() == libc::EINTR => {
-                run.set_kvm_immediate_exit(0);
+        let exit = match run.run() {
+            Ok(VmExit::Interrupted) => {
+                run.set_immediate_exit(false);
                 if sv.killed() {
-                    return;
+                    return Stop::Killed;
                 }
                 if let Some(user) = sv.control.take_pause() {
                     if let Err(e) = sv.on_pause(user) {
                         sv.log_service_error("pause", &e);
-                        return;
+                        return Stop::PauseFailed;
                     }
                 }
+                continue;
             }
-            Err(e) if e.errno() == libc::EAGAIN => {}
+            Ok(exit) => exit,
+            Err(Errno::EAGAIN) => continue,
             Err(e) => {
                 error!("vcpu {id}: KVM_RUN failed: {e}");
-                return;
+                return Stop::RunFailed(e);
             }
+        };
+        match sv.on_exit(exit) {
+            Next::Continue { known } => {
+                // An unknown exit that repeats without end would spin: give up.
+                unknown_exits = if known { 0 } else { unknown_exits + 1 };
+                if unknown_exits > limits::MAX_CONSECUTIVE_UNKNOWN_EXITS {
+                    error!("vcpu {id}: too many consecutive unhandled exits");
+                    return Stop::TooManyUnknownExits;
+                }
+            }
+            Next::Stop(stop) => return stop,
         }
     }
 }
 
-/// Handles `KVM_EXIT_HYPERV`; false ends the thread.
-fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
-    let kvm_run = run.get_kvm_run();
-    // SAFETY: the exit reason is KVM_EXIT_HYPERV, so the kernel filled the
-    // `hyperv` member of the exit union.
-    let hv = unsafe { kvm_run.__bindgen_anon_1.hyperv };
-    match hv.type_ {
-        KVM_EXIT_HYPERV_HCALL => {
-            // SAFETY: type HCALL selects the `hcall` member.
-            let hcall = unsafe { hv.u.hcall };
-            let mut c = vcpu_response::wait::HypervCall::new();
-            c.input = hcall.input;
-            c.params0 = hcall.params[0];
-            c.params1 = hcall.params[1];
-            let mut w = vcpu_response::Wait::new();
-            w.set_hyperv_call(c);
-            let result = match sv.deliver(w) {
-                Ok(()) => hcall_result(Some(&sv.resume_data)),
-                Err(e) => {
-                    sv.log_service_error("hypercall", &e);
-                    0
-                }
-            };
-            // Still the same HCALL exit: writing the result member is how
-            // userspace completes it.
-            run.get_kvm_run().__bindgen_anon_1.hyperv.u.hcall.result = result;
-            true
-        }
-        KVM_EXIT_HYPERV_SYNIC => {
-            // SAFETY: type SYNIC selects the `synic` member.
-            let synic = unsafe { hv.u.synic };
-            let mut s = vcpu_response::wait::HypervSynic::new();
-            s.msr = synic.msr;
-            s.control = synic.control;
-            s.evt_page = synic.evt_page;
-            s.msg_page = synic.msg_page;
-            let mut w = vcpu_response::Wait::new();
-            w.set_hyperv_synic(s);
-            if let Err(e) = sv.deliver(w) {
-                sv.log_service_error("synic", &e);
+impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
+    /// Routes one exit (anything but [`VmExit::Interrupted`]).
+    fn on_exit(&mut self, exit: VmExit<'_>) -> Next {
+        let id = self.id;
+        match exit {
+            VmExit::IoOut { port, data } => self.on_write(Space::Ioport, u64::from(port), data),
+            VmExit::IoIn { port, data } => self.on_read(Space::Ioport, u64::from(port), data),
+            VmExit::MmioWrite { address, data } => self.on_write(Space::Mmio, address, data),
+            VmExit::MmioRead { address, data } => self.on_read(Space::Mmio, address, data),
+            VmExit::HypervHcall {
+                input,
+                params,
+                result,
+            } => *result = self.on_hypercall(input, params),
+            VmExit::HypervSynic {
+                msr,
+                control,
+                evt_page,
+                msg_page,
+            } => self.on_synic(msr, control, evt_page, msg_page),
+            VmExit::HypervUnknown(other) => {
+                error!("vcpu {id}: unknown Hyper-V exit type {other}");
+                return Next::Stop(Stop::UnknownHypervExit);
             }
-            true
+            VmExit::Hlt => {
+                info!("vcpu {id}: guest halted");
+                return Next::Stop(Stop::Halted);
+            }
+            VmExit::Shutdown => {
+                info!("vcpu {id}: guest shut down (triple fault)");
+                return Next::Stop(Stop::GuestShutdown);
+            }
+            VmExit::InternalError {
+                suberror,
+                ndata,
+                data,
+            } => {
+                let n = (ndata as usize).min(data.len());
+                error!(
+                    "vcpu {id}: KVM internal error (suberror {suberror}, data {:x?})",
+                    &data[..n]
+                );
+                return Next::Stop(Stop::InternalError);
+            }
+            VmExit::FailEntry {
+                hardware_reason,
+                cpu,
+            } => {
+                error!(
+                    "vcpu {id}: VM entry failed (hardware reason {hardware_reason:#x}, cpu {cpu})"
+                );
+                return Next::Stop(Stop::FailEntry);
+            }
+            VmExit::Spurious | VmExit::Interrupted => {}
+            VmExit::Unknown(reason) => {
+                warn!("vcpu {id}: unhandled exit (reason {reason})");
+                return Next::Continue { known: false };
+            }
         }
-        other => {
-            error!("vcpu {}: unknown Hyper-V exit type {other}", sv.id);
-            false
+        Next::Continue { known: true }
+    }
+
+    /// A Hyper-V hypercall: delivered to the plugin; returns the result the
+    /// guest gets (0 when servicing failed or the reply is malformed).
+    fn on_hypercall(&mut self, input: u64, params: [u64; 2]) -> u64 {
+        let mut c = vcpu_response::wait::HypervCall::new();
+        c.input = input;
+        c.params0 = params[0];
+        c.params1 = params[1];
+        let mut w = vcpu_response::Wait::new();
+        w.set_hyperv_call(c);
+        match self.deliver(w) {
+            Ok(()) => hcall_result(Some(&self.resume_data)),
+            Err(e) => {
+                self.log_service_error("hypercall", &e);
+                0
+            }
+        }
+    }
+
+    /// A SynIC MSR write: delivered to the plugin.
+    fn on_synic(&mut self, msr: u32, control: u64, evt_page: u64, msg_page: u64) {
+        let mut s = vcpu_response::wait::HypervSynic::new();
+        s.msr = msr;
+        s.control = control;
+        s.evt_page = evt_page;
+        s.msg_page = msg_page;
+        let mut w = vcpu_response::Wait::new();
+        w.set_hyperv_synic(s);
+        if let Err(e) = self.deliver(w) {
+            self.log_service_error("synic", &e);
         }
     }
 }

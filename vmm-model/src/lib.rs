@@ -17,6 +17,7 @@ pub mod framing_harness;
 pub mod gen;
 pub mod main_harness;
 pub mod rng;
+pub mod run;
 pub mod vcpu_harness;
 
 use std::cell::RefCell;
@@ -29,10 +30,10 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::limits;
-use crate::plugin::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
-use crate::record::FdKind;
-use crate::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuState, Vm, VmState};
+use vmm::limits;
+use vmm::plugin::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
+use vmm::record::FdKind;
+use vmm::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuState, Vm, VmState};
 
 pub use framing_harness::{check_seqpacket, check_stream};
 pub use main_harness::MainHarness;
@@ -780,7 +781,7 @@ impl HostServices for FakeServices {
     }
 
     fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
-        crate::vm::borrow_raw(&self.shutdown)
+        vmm::vm::borrow_raw(&self.shutdown)
     }
 
     fn net_config(&self) -> std::result::Result<Option<NetConfig<'_>>, Errno> {
