@@ -6,6 +6,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/generated/mod.rs"));
 }
 
+pub mod cpuid;
 pub mod framing;
 pub mod shm;
 

@@ -253,7 +253,12 @@ impl Vm for ModelVm {
         Ok((0..8)
             .map(|f| Cpuid {
                 function: f,
-                index: (f % 2 == 0).then_some(f),
+                index: if f % 2 == 0 { f } else { 0 },
+                flags: if f % 2 == 0 {
+                    kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
                 eax: f * 3,
                 ..Default::default()
             })

@@ -11,9 +11,8 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_enable_cap, kvm_fpu,
     kvm_irq_routing_entry, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_config,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
-    CpuId, KvmIrqRouting, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    CpuId, KvmIrqRouting, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use nix::errno::Errno;
@@ -155,48 +154,9 @@ pub enum IrqRoute {
     Msi { gsi: u32, address: u64, data: u32 },
 }
 
-/// A CPUID entry as the protocol carries it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Cpuid {
-    pub function: u32,
-    pub index: Option<u32>,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
-
-impl Cpuid {
-    pub fn from_kvm(e: &kvm_cpuid_entry2) -> Cpuid {
-        Cpuid {
-            function: e.function,
-            index: (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0).then_some(e.index),
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        }
-    }
-
-    /// Host rule of wire-protocol.md §4.2: the index (and the flag) only when
-    /// it is significant.
-    pub fn to_kvm(&self) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function: self.function,
-            index: self.index.unwrap_or(0),
-            flags: if self.index.is_some() {
-                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-            } else {
-                0
-            },
-            eax: self.eax,
-            ebx: self.ebx,
-            ecx: self.ecx,
-            edx: self.edx,
-            ..Default::default()
-        }
-    }
-}
+/// A CPUID entry (KVM's own struct; the wire conversion is
+/// [`plugin_proto::cpuid`]).
+pub type Cpuid = kvm_cpuid_entry2;
 
 /// The VM-level operations the main request handler needs.
 pub trait Vm {
@@ -411,11 +371,7 @@ impl KvmVm {
 }
 
 fn cpuid_list(r: std::result::Result<CpuId, kvm_ioctls::Error>) -> Result<Vec<Cpuid>> {
-    Ok(r.map_err(errno)?
-        .as_slice()
-        .iter()
-        .map(Cpuid::from_kvm)
-        .collect())
+    Ok(r.map_err(errno)?.as_slice().to_vec())
 }
 
 fn io_address(space: Space, addr: u64) -> IoEventAddress {
@@ -757,8 +713,7 @@ impl Vcpu for VcpuFd {
     }
 
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()> {
-        let entries: Vec<kvm_cpuid_entry2> = entries.iter().map(Cpuid::to_kvm).collect();
-        let cpuid = CpuId::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        let cpuid = CpuId::from_entries(entries).map_err(|_| Errno::E2BIG)?;
         self.set_cpuid2(&cpuid).map_err(errno)
     }
 
@@ -776,7 +731,7 @@ impl Vcpu for VcpuFd {
         if ret < 0 {
             return Err(Errno::last());
         }
-        Ok(cpuid.as_slice().iter().map(Cpuid::from_kvm).collect())
+        Ok(cpuid.as_slice().to_vec())
     }
 
     fn enable_capability(&self, cap: u32) -> Result<()> {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use kvm_ioctls::VcpuFd;
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
+use plugin_proto::cpuid;
 use plugin_proto::protobuf::Message;
 use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
@@ -155,17 +156,6 @@ fn errno_reply(e: Errno) -> VcpuResponse {
     r
 }
 
-fn cpuid_from_proto(e: &plugin_proto::CpuidEntry) -> Cpuid {
-    Cpuid {
-        function: e.function,
-        index: e.has_index.then_some(e.index),
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-    }
-}
-
 /// The vcpu servicing state machine for one request. `init_pending` is true
 /// while the Init wait reason has not been delivered.
 pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuRequest) -> Action {
@@ -229,7 +219,11 @@ pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuReques
             if s.entries.len() > limits::MAX_CPUID_ENTRIES {
                 Err(Errno::E2BIG)
             } else {
-                let entries: Vec<Cpuid> = s.entries.iter().map(cpuid_from_proto).collect();
+                let entries: Vec<Cpuid> = s
+                    .entries
+                    .iter()
+                    .map(|e| cpuid::from_wire(e, cpuid::Side::Host))
+                    .collect();
                 vcpu.set_cpuid(&entries)
             }
         }
@@ -238,16 +232,7 @@ pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuReques
             vcpu.get_hyperv_cpuid().map(|entries| {
                 r.mut_get_hyperv_cpuid().entries = entries
                     .iter()
-                    .map(|c| plugin_proto::CpuidEntry {
-                        function: c.function,
-                        has_index: c.index.is_some(),
-                        index: c.index.unwrap_or(0),
-                        eax: c.eax,
-                        ebx: c.ebx,
-                        ecx: c.ecx,
-                        edx: c.edx,
-                        ..Default::default()
-                    })
+                    .map(|c| cpuid::to_wire(c, cpuid::Side::Host))
                     .collect()
             })
         }
