@@ -8,6 +8,7 @@ mod generated {
 
 pub mod cpuid;
 pub mod framing;
+pub mod image;
 pub mod shm;
 
 pub use generated::plugin::*;

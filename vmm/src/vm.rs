@@ -588,38 +588,6 @@ impl AsRawFd for KvmVm {
     }
 }
 
-/// `kvm_fpu` is the one state struct kvm-bindings does not derive zerocopy
-/// traits for; it is plain data with no padding (416 bytes of integer fields).
-fn fpu_to_bytes(fpu: &kvm_fpu) -> Vec<u8> {
-    const _: () = assert!(std::mem::size_of::<kvm_fpu>() == 416);
-    // SAFETY: kvm_fpu is a repr(C) struct of integer arrays and integers with
-    // no padding bytes (size asserted above), so every byte is initialized.
-    unsafe {
-        std::slice::from_raw_parts(
-            (fpu as *const kvm_fpu).cast::<u8>(),
-            std::mem::size_of::<kvm_fpu>(),
-        )
-    }
-    .to_vec()
-}
-
-fn fpu_from_bytes(image: &[u8]) -> Result<kvm_fpu> {
-    if image.len() != std::mem::size_of::<kvm_fpu>() {
-        return Err(Errno::EINVAL);
-    }
-    let mut fpu = kvm_fpu::default();
-    // SAFETY: the lengths match (checked above), kvm_fpu accepts any bit
-    // pattern (integers only), and the two regions cannot overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            image.as_ptr(),
-            (&mut fpu as *mut kvm_fpu).cast::<u8>(),
-            image.len(),
-        );
-    }
-    Ok(fpu)
-}
-
 /// Byte offset of `xstate_bv` (the XSAVE header) in `kvm_xsave.region`, and
 /// its x87 and SSE component bits.
 const XSTATE_BV_WORD: usize = 512 / 4;
@@ -656,7 +624,9 @@ impl Vcpu for VcpuFd {
         Ok(match set {
             VcpuState::Regs => self.get_regs().map_err(errno)?.as_bytes().to_vec(),
             VcpuState::Sregs => self.get_sregs().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Fpu => fpu_to_bytes(&self.get_fpu().map_err(errno)?),
+            VcpuState::Fpu => {
+                plugin_proto::image::fpu_to_image(&self.get_fpu().map_err(errno)?).to_vec()
+            }
             VcpuState::Debugregs => self.get_debug_regs().map_err(errno)?.as_bytes().to_vec(),
             VcpuState::Lapic => self.get_lapic().map_err(errno)?.as_bytes().to_vec(),
             VcpuState::Mp => self.get_mp_state().map_err(errno)?.as_bytes().to_vec(),
@@ -670,7 +640,7 @@ impl Vcpu for VcpuFd {
             VcpuState::Regs => self.set_regs(&parse(image)?),
             VcpuState::Sregs => self.set_sregs(&parse(image)?),
             VcpuState::Fpu => {
-                let fpu = fpu_from_bytes(image)?;
+                let fpu = plugin_proto::image::fpu_from_image(image).ok_or(Errno::EINVAL)?;
                 mark_fpu_in_use(self)?;
                 self.set_fpu(&fpu)
             }
