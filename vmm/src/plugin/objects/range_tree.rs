@@ -220,7 +220,7 @@ mod tests {
         Range {
             start,
             length: 1 + start % 7,
-            async_write: start % 3 == 0,
+            async_write: start.is_multiple_of(3),
         }
     }
 
@@ -261,7 +261,7 @@ mod tests {
         for step in 0..20_000 {
             let key = rng.next() % 4000;
             // Inserts win two to one until the middle, then removes do.
-            let insert = (rng.next() % 3 != 0) == (step < 10_000);
+            let insert = rng.next().is_multiple_of(3) != (step < 10_000);
             if insert {
                 let fresh = !reference.contains_key(&key);
                 assert_eq!(tree.insert(range(key)), fresh);
