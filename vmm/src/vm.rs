@@ -2,8 +2,11 @@
 //!
 //! [`Vm`] and [`Vcpu`] are what the main and vcpu request handlers call; the
 //! real implementations sit on `kvm-ioctls` ([`KvmVm`], `kvm_ioctls::VcpuFd`),
-//! and an in-memory model implements the same traits for unit tests and fuzzing.
+//! and an in-memory model (the `vmm-model` crate) implements the same traits
+//! for unit tests and fuzzing.
 //! State images cross these traits as raw bytes, exactly as they cross the wire.
+//! [`VcpuRun`] is the run handle of a vcpu: `run()` returns a [`VmExit`], which
+//! the exit routing (`plugin::vcpu::exits`) turns into wait reasons.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
