@@ -15,6 +15,8 @@ struct Options {
     iterations: u32,
     runs: usize,
     env: Vec<(String, String)>,
+    /// Only the reservation-cost table (`--only reserve`).
+    reserve_only: bool,
 }
 
 /// One plugin run's report.
@@ -199,6 +201,7 @@ fn main() {
         iterations: 50_000,
         runs: 3,
         env: Vec::new(),
+        reserve_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -215,12 +218,21 @@ fn main() {
                 let (k, v) = kv.split_once('=').expect("--env K=V");
                 opts.env.push((k.to_string(), v.to_string()));
             }
+            "--only" => {
+                let what = args.next().expect("--only reserve");
+                assert_eq!(what, "reserve", "--only takes `reserve`");
+                opts.reserve_only = true;
+            }
             other => panic!("unknown argument {other}"),
         }
     }
     let tmp = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("temp dir");
     let rust_plugin = target_dir().join("bench-plugin");
+    if opts.reserve_only {
+        reserve_table(&opts, &rust_plugin);
+        return;
+    }
     let c_plugin = compile_c_plugin(&tmp);
     let code_file = tmp.join("pio.bin");
     std::fs::write(&code_file, loop_code(Access::PortOut, opts.iterations))
@@ -369,5 +381,85 @@ fn main() {
         opts.iterations,
         (big.rss_anon_kb + big.rss_file_kb) as f64 / 1024.0
     );
+    reserve_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The cost of reserving many ranges, one `ReserveRange` request each (the
+/// exit configuration every vcpu reads is updated after each one).
+fn reserve_table(opts: &Options, plugin: &Path) {
+    let counts = [1024u32, 4096, 16384];
+    let secs: Vec<f64> = counts
+        .iter()
+        .map(|&n| {
+            let args = vec!["reserve".to_string(), n.to_string()];
+            let t = median(
+                (0..opts.runs)
+                    .map(|_| {
+                        let r = run_plugin(opts, 1, plugin, &args).0;
+                        f64::from(n) / r.rate
+                    })
+                    .collect(),
+            );
+            eprintln!("  reserve {n} ranges: {:.1} ms", t * 1e3);
+            t
+        })
+        .collect();
+    let host: Vec<f64> = counts
+        .iter()
+        .map(|&n| {
+            median(
+                (0..opts.runs.max(5))
+                    .map(|_| host_reserve_secs(n))
+                    .collect(),
+            )
+        })
+        .collect();
+    println!(
+        "\nReserving ranges (one request each, median of {} runs; host side: the host's own work for the same requests, in process)\n",
+        opts.runs
+    );
+    println!("| ranges | end to end | µs per range | vs 1024 | host side | µs per range | vs 1024 | n log n vs 1024 |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let nlogn = |n: u32| f64::from(n) * f64::from(n).log2();
+    for ((&n, &t), &h) in counts.iter().zip(&secs).zip(&host) {
+        println!(
+            "| {n} | {:.1} ms | {:.2} | {:.1}x | {:.2} ms | {:.3} | {:.1}x | {:.1}x |",
+            t * 1e3,
+            t * 1e6 / f64::from(n),
+            t / secs[0],
+            h * 1e3,
+            h * 1e6 / f64::from(n),
+            h / host[0],
+            nlogn(n) / nlogn(counts[0])
+        );
+    }
+}
+
+/// What the host does for each `ReserveRange` (main_handler's
+/// `reserve_range`: reserve in the main thread's exit configuration, then
+/// publish a snapshot for the vcpus), `n` times, in the same scattered order
+/// as the plugin; returns the seconds.
+fn host_reserve_secs(n: u32) -> f64 {
+    use vmm::plugin::objects::{ExitConfig, SharedExitConfig};
+    use vmm::vm::Space;
+    let shared = SharedExitConfig::default();
+    let mut config = ExitConfig::default();
+    let slots = u64::from(n.next_power_of_two());
+    let start = Instant::now();
+    let (mut done, mut i) = (0, 0u64);
+    while done < n {
+        let slot = (i * 7919) % slots;
+        i += 1;
+        if slot >= u64::from(n) {
+            continue;
+        }
+        config
+            .reservations
+            .reserve(Space::Mmio, 0x1_0000_0000 + slot * 16, 1, false)
+            .expect("reserve");
+        shared.publish(config.clone());
+        done += 1;
+    }
+    start.elapsed().as_secs_f64()
 }

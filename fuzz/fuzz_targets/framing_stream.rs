@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = vmm::model::check_stream(data) {
+    if let Err(e) = vmm_model::check_stream(data) {
         panic!("{e}");
     }
 });

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // Few memory slots, so slot exhaustion is reachable.
-    if let Err(e) = vmm::model::main_harness::run_model_session(data, 2, 8) {
+    if let Err(e) = vmm_model::main_harness::run_model_session(data, 2, 8) {
         panic!("{e}");
     }
 });

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::model::main_harness::MainHarness;
-use vmm::model::open_fd_count;
+use vmm_model::main_harness::MainHarness;
+use vmm_model::open_fd_count;
 use vmm::vm::KvmVm;
 
 fuzz_target!(|data: &[u8]| {

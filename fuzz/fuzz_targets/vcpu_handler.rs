@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = vmm::model::vcpu_harness::run_vcpu_session(data) {
+    if let Err(e) = vmm_model::vcpu_harness::run_vcpu_session(data) {
         panic!("{e}");
     }
 });

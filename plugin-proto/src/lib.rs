@@ -6,7 +6,9 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/generated/mod.rs"));
 }
 
+pub mod cpuid;
 pub mod framing;
+pub mod image;
 pub mod shm;
 
 pub use generated::plugin::*;

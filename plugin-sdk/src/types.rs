@@ -3,11 +3,13 @@
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 
-use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_bindings::kvm_cpuid_entry2;
+#[cfg(test)]
+use kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
 use plugin_proto::main_request::set_call_hint::RegHint;
 use plugin_proto::main_request::set_irq_routing::{route, Route};
 use plugin_proto::protobuf::EnumOrUnknown;
-use plugin_proto::CpuidEntry;
+use plugin_proto::{cpuid, CpuidEntry};
 
 use crate::error::{Error, Result};
 
@@ -206,37 +208,14 @@ pub fn ipv4_to_wire(addr: Ipv4Addr) -> u32 {
     u32::from_le_bytes(addr.octets())
 }
 
-/// Wire entry → `kvm_cpuid_entry2` (client rule: index always copied, flags
-/// only carry the significant-index bit, padding zeroed).
+/// Wire entry → `kvm_cpuid_entry2` (client rule: index always copied).
 pub(crate) fn cpuid_from_proto(e: &CpuidEntry) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 {
-        function: e.function,
-        index: e.index,
-        flags: if e.has_index {
-            KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-        } else {
-            0
-        },
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-        ..Default::default()
-    }
+    cpuid::from_wire(e, cpuid::Side::Plugin)
 }
 
 /// `kvm_cpuid_entry2` → wire entry (other flag bits are dropped).
 pub(crate) fn cpuid_to_proto(e: &kvm_cpuid_entry2) -> CpuidEntry {
-    CpuidEntry {
-        function: e.function,
-        has_index: e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
-        index: e.index,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-        ..Default::default()
-    }
+    cpuid::to_wire(e, cpuid::Side::Plugin)
 }
 
 #[cfg(test)]

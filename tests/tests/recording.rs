@@ -2,9 +2,9 @@
 //! the fuzzers' input format, and they replay through the model harnesses.
 
 use e2e_tests::{bin, run_command, TempDir};
-use vmm::model::main_harness::run_model_session;
-use vmm::model::vcpu_harness::run_vcpu_session;
 use vmm::record::{records, RecordKind};
+use vmm_model::main_harness::run_model_session;
+use vmm_model::vcpu_harness::run_vcpu_session;
 
 #[test]
 fn recorded_sessions_replay_through_the_harnesses() {

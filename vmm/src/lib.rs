@@ -9,7 +9,6 @@
 pub mod cli;
 pub mod jail;
 pub mod limits;
-pub mod model;
 pub mod net;
 pub mod plugin;
 pub mod record;

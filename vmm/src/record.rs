@@ -7,7 +7,7 @@
 //! the request paths is one atomic load ([`recorder`]).
 //!
 //! A session file is a sequence of records, the input format of the fuzz
-//! targets and of [`crate::model`]'s harnesses:
+//! targets and of the `vmm-model` crate's harnesses:
 //!
 //! ```text
 //! kind: u8 | fd_kind: u8 | fd_arg: u16 LE | len: u16 LE | payload[len]

@@ -2,8 +2,11 @@
 //!
 //! [`Vm`] and [`Vcpu`] are what the main and vcpu request handlers call; the
 //! real implementations sit on `kvm-ioctls` ([`KvmVm`], `kvm_ioctls::VcpuFd`),
-//! and an in-memory model implements the same traits for unit tests and fuzzing.
+//! and an in-memory model (the `vmm-model` crate) implements the same traits
+//! for unit tests and fuzzing.
 //! State images cross these traits as raw bytes, exactly as they cross the wire.
+//! [`VcpuRun`] is the run handle of a vcpu: `run()` returns a [`VmExit`], which
+//! the exit routing (`plugin::vcpu::exits`) turns into wait reasons.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -11,9 +14,8 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_enable_cap, kvm_fpu,
     kvm_irq_routing_entry, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_config,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
-    CpuId, KvmIrqRouting, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    CpuId, KvmIrqRouting, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use nix::errno::Errno;
@@ -155,48 +157,9 @@ pub enum IrqRoute {
     Msi { gsi: u32, address: u64, data: u32 },
 }
 
-/// A CPUID entry as the protocol carries it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Cpuid {
-    pub function: u32,
-    pub index: Option<u32>,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
-
-impl Cpuid {
-    pub fn from_kvm(e: &kvm_cpuid_entry2) -> Cpuid {
-        Cpuid {
-            function: e.function,
-            index: (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0).then_some(e.index),
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        }
-    }
-
-    /// Host rule of docs/wire-protocol.md §4.2: the index (and the flag) only when
-    /// it is significant.
-    pub fn to_kvm(&self) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function: self.function,
-            index: self.index.unwrap_or(0),
-            flags: if self.index.is_some() {
-                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-            } else {
-                0
-            },
-            eax: self.eax,
-            ebx: self.ebx,
-            ecx: self.ecx,
-            edx: self.edx,
-            ..Default::default()
-        }
-    }
-}
+/// A CPUID entry (KVM's own struct; the wire conversion is
+/// [`plugin_proto::cpuid`]).
+pub type Cpuid = kvm_cpuid_entry2;
 
 /// The VM-level operations the main request handler needs.
 pub trait Vm {
@@ -260,6 +223,70 @@ pub trait Vcpu {
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()>;
     fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>>;
     fn enable_capability(&self, cap: u32) -> Result<()>;
+}
+
+/// Why `KVM_RUN` returned, with the exit's data.
+///
+/// Slices borrow the vcpu's run area: a guest read is completed by filling
+/// `data` before the next [`VcpuRun::run`], a hypercall by writing `result`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmExit<'a> {
+    /// `OUT` to `port`.
+    IoOut { port: u16, data: &'a [u8] },
+    /// `IN` from `port`: the value the guest reads goes into `data`.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// A write to unmapped guest-physical memory.
+    MmioWrite { address: u64, data: &'a [u8] },
+    /// A read of unmapped guest-physical memory: the value goes into `data`.
+    MmioRead { address: u64, data: &'a mut [u8] },
+    /// A Hyper-V hypercall (`KVM_EXIT_HYPERV_HCALL`); `result` is what the
+    /// guest gets in RAX.
+    HypervHcall {
+        input: u64,
+        params: [u64; 2],
+        result: &'a mut u64,
+    },
+    /// A guest write to a SynIC MSR (`KVM_EXIT_HYPERV_SYNIC`).
+    HypervSynic {
+        msr: u32,
+        control: u64,
+        evt_page: u64,
+        msg_page: u64,
+    },
+    /// A Hyper-V exit of a type this host does not know.
+    HypervUnknown(u32),
+    /// The guest executed `HLT` with no in-kernel LAPIC to wait in.
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// `KVM_EXIT_INTERNAL_ERROR`: the suberror and the first `ndata` words
+    /// KVM reports.
+    InternalError {
+        suberror: u32,
+        ndata: u32,
+        data: [u64; 16],
+    },
+    /// VM entry failed.
+    FailEntry { hardware_reason: u64, cpu: u32 },
+    /// `KVM_RUN` was interrupted by a signal or by `immediate_exit` (EINTR):
+    /// the vcpu's owner has something to do (stop, pause).
+    Interrupted,
+    /// Exits that need nothing (`KVM_EXIT_INTR`, `KVM_EXIT_IRQ_WINDOW_OPEN`).
+    Spurious,
+    /// Any other exit reason.
+    Unknown(u32),
+}
+
+/// The `KVM_RUN` handle of a vcpu. It is separate from [`Vcpu`] because an
+/// exit borrows the run area while the plugin is serviced through a second
+/// handle on the same vcpu.
+pub trait VcpuRun {
+    /// Enters the guest until the next exit. `EAGAIN` and other errors of the
+    /// call itself are returned as errnos; EINTR is [`VmExit::Interrupted`].
+    fn run(&mut self) -> Result<VmExit<'_>>;
+    /// Sets or clears `immediate_exit`: while set, `run` returns
+    /// [`VmExit::Interrupted`] without entering the guest.
+    fn set_immediate_exit(&mut self, on: bool);
 }
 
 fn errno(e: kvm_ioctls::Error) -> Errno {
@@ -347,11 +374,7 @@ impl KvmVm {
 }
 
 fn cpuid_list(r: std::result::Result<CpuId, kvm_ioctls::Error>) -> Result<Vec<Cpuid>> {
-    Ok(r.map_err(errno)?
-        .as_slice()
-        .iter()
-        .map(Cpuid::from_kvm)
-        .collect())
+    Ok(r.map_err(errno)?.as_slice().to_vec())
 }
 
 fn io_address(space: Space, addr: u64) -> IoEventAddress {
@@ -568,38 +591,6 @@ impl AsRawFd for KvmVm {
     }
 }
 
-/// `kvm_fpu` is the one state struct kvm-bindings does not derive zerocopy
-/// traits for; it is plain data with no padding (416 bytes of integer fields).
-fn fpu_to_bytes(fpu: &kvm_fpu) -> Vec<u8> {
-    const _: () = assert!(std::mem::size_of::<kvm_fpu>() == 416);
-    // SAFETY: kvm_fpu is a repr(C) struct of integer arrays and integers with
-    // no padding bytes (size asserted above), so every byte is initialized.
-    unsafe {
-        std::slice::from_raw_parts(
-            (fpu as *const kvm_fpu).cast::<u8>(),
-            std::mem::size_of::<kvm_fpu>(),
-        )
-    }
-    .to_vec()
-}
-
-fn fpu_from_bytes(image: &[u8]) -> Result<kvm_fpu> {
-    if image.len() != std::mem::size_of::<kvm_fpu>() {
-        return Err(Errno::EINVAL);
-    }
-    let mut fpu = kvm_fpu::default();
-    // SAFETY: the lengths match (checked above), kvm_fpu accepts any bit
-    // pattern (integers only), and the two regions cannot overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            image.as_ptr(),
-            (&mut fpu as *mut kvm_fpu).cast::<u8>(),
-            image.len(),
-        );
-    }
-    Ok(fpu)
-}
-
 /// Byte offset of `xstate_bv` (the XSAVE header) in `kvm_xsave.region`, and
 /// its x87 and SSE component bits.
 const XSTATE_BV_WORD: usize = 512 / 4;
@@ -636,7 +627,9 @@ impl Vcpu for VcpuFd {
         Ok(match set {
             VcpuState::Regs => self.get_regs().map_err(errno)?.as_bytes().to_vec(),
             VcpuState::Sregs => self.get_sregs().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Fpu => fpu_to_bytes(&self.get_fpu().map_err(errno)?),
+            VcpuState::Fpu => {
+                plugin_proto::image::fpu_to_image(&self.get_fpu().map_err(errno)?).to_vec()
+            }
             VcpuState::Debugregs => self.get_debug_regs().map_err(errno)?.as_bytes().to_vec(),
             VcpuState::Lapic => self.get_lapic().map_err(errno)?.as_bytes().to_vec(),
             VcpuState::Mp => self.get_mp_state().map_err(errno)?.as_bytes().to_vec(),
@@ -650,7 +643,7 @@ impl Vcpu for VcpuFd {
             VcpuState::Regs => self.set_regs(&parse(image)?),
             VcpuState::Sregs => self.set_sregs(&parse(image)?),
             VcpuState::Fpu => {
-                let fpu = fpu_from_bytes(image)?;
+                let fpu = plugin_proto::image::fpu_from_image(image).ok_or(Errno::EINVAL)?;
                 mark_fpu_in_use(self)?;
                 self.set_fpu(&fpu)
             }
@@ -693,8 +686,7 @@ impl Vcpu for VcpuFd {
     }
 
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()> {
-        let entries: Vec<kvm_cpuid_entry2> = entries.iter().map(Cpuid::to_kvm).collect();
-        let cpuid = CpuId::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        let cpuid = CpuId::from_entries(entries).map_err(|_| Errno::E2BIG)?;
         self.set_cpuid2(&cpuid).map_err(errno)
     }
 
@@ -712,7 +704,7 @@ impl Vcpu for VcpuFd {
         if ret < 0 {
             return Err(Errno::last());
         }
-        Ok(cpuid.as_slice().iter().map(Cpuid::from_kvm).collect())
+        Ok(cpuid.as_slice().to_vec())
     }
 
     fn enable_capability(&self, cap: u32) -> Result<()> {
@@ -726,6 +718,82 @@ impl Vcpu for VcpuFd {
             ..Default::default()
         };
         self.enable_cap(&cap).map_err(errno)
+    }
+}
+
+impl VcpuRun for VcpuFd {
+    fn run(&mut self) -> Result<VmExit<'_>> {
+        use kvm_bindings::{KVM_EXIT_HYPERV_HCALL, KVM_EXIT_HYPERV_SYNIC};
+        use kvm_ioctls::VcpuExit;
+        // kvm-ioctls reports some exits without their data; those are read
+        // from the run area after the exit is decoded. The borrow checker
+        // cannot see that such an exit no longer borrows the handle (an
+        // exit that does is returned at once), hence the reborrow through a
+        // raw pointer.
+        let this: *mut VcpuFd = self;
+        // SAFETY: `this` comes from `&mut self` and is used only here. The
+        // exit it yields is either converted and returned (its borrow then
+        // lasts as long as the `&mut self` of the return type), or it is not
+        // used any more, and only then is `self` used again below.
+        let exit = match unsafe { &mut *this }.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR => return Ok(VmExit::Interrupted),
+            Err(e) => return Err(errno(e)),
+        };
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+            VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
+            VcpuExit::MmioWrite(address, data) => VmExit::MmioWrite { address, data },
+            VcpuExit::MmioRead(address, data) => VmExit::MmioRead { address, data },
+            VcpuExit::Hlt => VmExit::Hlt,
+            VcpuExit::Shutdown => VmExit::Shutdown,
+            VcpuExit::FailEntry(hardware_reason, cpu) => VmExit::FailEntry {
+                hardware_reason,
+                cpu,
+            },
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => VmExit::Spurious,
+            VcpuExit::InternalError => {
+                // SAFETY: reason KVM_EXIT_INTERNAL_ERROR selects the
+                // `internal` member of the exit union.
+                let internal = unsafe { self.get_kvm_run().__bindgen_anon_1.internal };
+                VmExit::InternalError {
+                    suberror: internal.suberror,
+                    ndata: internal.ndata,
+                    data: internal.data,
+                }
+            }
+            VcpuExit::Hyperv => {
+                // SAFETY: reason KVM_EXIT_HYPERV selects `hyperv`.
+                let hv = unsafe { &mut self.get_kvm_run().__bindgen_anon_1.hyperv };
+                match hv.type_ {
+                    KVM_EXIT_HYPERV_HCALL => {
+                        // SAFETY: type HCALL selects the `hcall` member.
+                        let hcall = unsafe { &mut hv.u.hcall };
+                        VmExit::HypervHcall {
+                            input: hcall.input,
+                            params: hcall.params,
+                            result: &mut hcall.result,
+                        }
+                    }
+                    KVM_EXIT_HYPERV_SYNIC => {
+                        // SAFETY: type SYNIC selects the `synic` member.
+                        let synic = unsafe { hv.u.synic };
+                        VmExit::HypervSynic {
+                            msr: synic.msr,
+                            control: synic.control,
+                            evt_page: synic.evt_page,
+                            msg_page: synic.msg_page,
+                        }
+                    }
+                    other => VmExit::HypervUnknown(other),
+                }
+            }
+            _ => VmExit::Unknown(self.get_kvm_run().exit_reason),
+        })
+    }
+
+    fn set_immediate_exit(&mut self, on: bool) {
+        self.set_kvm_immediate_exit(u8::from(on));
     }
 }
 

@@ -10,6 +10,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::{lseek, Whence};
+use plugin_proto::cpuid::{self, Side};
 use plugin_proto::protobuf::Message;
 use plugin_proto::{main_request, CpuidEntry, MainRequest, MainResponse};
 use vm_memory::mmap::MmapRegion;
@@ -253,12 +254,12 @@ pub fn handle_request(
         }
         Q::GetSupportedCpuid(_) => vm.supported_cpuid().map(|entries| {
             let mut r = base.clone();
-            r.mut_get_supported_cpuid().entries = entries.iter().map(cpuid_to_proto).collect();
+            r.mut_get_supported_cpuid().entries = host_cpuid(&entries);
             Reply::with(r)
         }),
         Q::GetEmulatedCpuid(_) => vm.emulated_cpuid().map(|entries| {
             let mut r = base.clone();
-            r.mut_get_emulated_cpuid().entries = entries.iter().map(cpuid_to_proto).collect();
+            r.mut_get_emulated_cpuid().entries = host_cpuid(&entries);
             Reply::with(r)
         }),
         Q::GetMsrIndexList(_) => vm.msr_index_list().map(|indices| {
@@ -321,17 +322,11 @@ pub fn handle_request(
     })
 }
 
-fn cpuid_to_proto(c: &Cpuid) -> CpuidEntry {
-    CpuidEntry {
-        function: c.function,
-        has_index: c.index.is_some(),
-        index: c.index.unwrap_or(0),
-        eax: c.eax,
-        ebx: c.ebx,
-        ecx: c.ecx,
-        edx: c.edx,
-        ..Default::default()
-    }
+fn host_cpuid(entries: &[Cpuid]) -> Vec<CpuidEntry> {
+    entries
+        .iter()
+        .map(|c| cpuid::to_wire(c, Side::Host))
+        .collect()
 }
 
 fn create(

@@ -1,5 +1,6 @@
-//! Vcpu threads: the `KVM_RUN` loop, exit routing, and servicing the plugin
-//! on the vcpu channel.
+//! Vcpu threads: servicing the plugin on the vcpu channel and the channel's
+//! two transports (this file), exit routing and the run loop (`exits`), the
+//! kick signal (`kick`) and the start barrier (`barrier`).
 //!
 //! The servicing state machine (docs/wire-protocol.md §8.2) is the plain function
 //! [`handle_request`] over a [`Vcpu`], so it can be unit-tested and fuzzed; the
@@ -11,22 +12,26 @@
 //! without `SA_RESTART`, interrupts a blocking pipe read or write. This works in
 //! every phase, Init included (quirk 14 of docs/differences-from-crosvm.md).
 
-use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{KVM_EXIT_HYPERV_HCALL, KVM_EXIT_HYPERV_SYNIC};
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use log::{debug, error, info, warn};
 use nix::errno::Errno;
+use plugin_proto::cpuid;
 use plugin_proto::protobuf::Message;
-use plugin_proto::shm::ShmError;
 use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
 
+mod barrier;
+mod exits;
+mod kick;
+
+pub use barrier::StartBarrier;
+pub use exits::{run_loop, run_thread, run_vcpu, Servicer, Stop};
+pub use kick::{install_kick_handler, kick_signal};
+
 use super::fastpath;
-use super::objects::{ExitConfigReader, SharedExitConfig};
+use super::objects::SharedExitConfig;
 use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
 use crate::{limits, record};
 
@@ -34,67 +39,6 @@ use crate::{limits, record};
 const MAX_IO_READ: usize = 256;
 /// Most bytes of a write forwarded to the plugin.
 const MAX_IO_WRITE: usize = 8;
-
-thread_local! {
-    /// This thread's `kvm_run.immediate_exit`, for the kick handler.
-    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let p = IMMEDIATE_EXIT.with(|c| c.get());
-    if !p.is_null() {
-        // SAFETY: the pointer is set by this thread to its own kvm_run mapping
-        // and cleared before that mapping is dropped; a volatile byte store is
-        // async-signal-safe.
-        unsafe { p.write_volatile(1) };
-    }
-}
-
-/// The signal used to kick vcpu threads.
-pub fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-/// Installs the kick handler (once per process).
-pub fn install_kick_handler() -> Result<(), Errno> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-        .map_err(|e| Errno::from_raw(e.errno()))
-}
-
-/// A start barrier that can be cancelled, so a failed start never leaves
-/// threads waiting forever.
-pub struct StartBarrier {
-    state: Mutex<(usize, bool)>,
-    cv: Condvar,
-}
-
-impl StartBarrier {
-    pub fn new(n: usize) -> Self {
-        StartBarrier {
-            state: Mutex::new((n, false)),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// Waits until all parties arrived (true) or the barrier was cancelled.
-    pub fn wait(&self) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 = st.0.saturating_sub(1);
-        if st.0 == 0 {
-            self.cv.notify_all();
-        }
-        while st.0 > 0 && !st.1 {
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        !st.1
-    }
-
-    pub fn cancel(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.1 = true;
-        self.cv.notify_all();
-    }
-}
 
 /// Per-vcpu state the main thread acts on. Exists from startup, so a pause
 /// requested before the vcpu threads exist is kept, not dropped.
@@ -157,17 +101,6 @@ fn errno_reply(e: Errno) -> VcpuResponse {
     let mut r = VcpuResponse::new();
     r.errno = e as i32;
     r
-}
-
-fn cpuid_from_proto(e: &plugin_proto::CpuidEntry) -> Cpuid {
-    Cpuid {
-        function: e.function,
-        index: e.has_index.then_some(e.index),
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-    }
 }
 
 /// The vcpu servicing state machine for one request. `init_pending` is true
@@ -233,7 +166,11 @@ pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuReques
             if s.entries.len() > limits::MAX_CPUID_ENTRIES {
                 Err(Errno::E2BIG)
             } else {
-                let entries: Vec<Cpuid> = s.entries.iter().map(cpuid_from_proto).collect();
+                let entries: Vec<Cpuid> = s
+                    .entries
+                    .iter()
+                    .map(|e| cpuid::from_wire(e, cpuid::Side::Host))
+                    .collect();
                 vcpu.set_cpuid(&entries)
             }
         }
@@ -242,16 +179,7 @@ pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuReques
             vcpu.get_hyperv_cpuid().map(|entries| {
                 r.mut_get_hyperv_cpuid().entries = entries
                     .iter()
-                    .map(|c| plugin_proto::CpuidEntry {
-                        function: c.function,
-                        has_index: c.index.is_some(),
-                        index: c.index.unwrap_or(0),
-                        eax: c.eax,
-                        ebx: c.ebx,
-                        ecx: c.ecx,
-                        edx: c.edx,
-                        ..Default::default()
-                    })
+                    .map(|c| cpuid::to_wire(c, cpuid::Side::Host))
                     .collect()
             })
         }
@@ -477,7 +405,7 @@ fn shm_error(e: plugin_proto::shm::ShmError) -> ServiceError {
 }
 
 /// One vcpu channel of a real host, either transport.
-struct ChannelIo {
+pub struct ChannelIo {
     id: u32,
     transport: Transport,
     shared: Arc<VcpuShared>,
@@ -541,377 +469,6 @@ impl VcpuIo for ChannelIo {
                 let mut killed = || kill.load(Ordering::Acquire);
                 channel.send(body, &mut killed).map_err(shm_error)
             }
-        }
-    }
-}
-
-/// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing.
-pub struct Servicer {
-    pub id: u32,
-    /// A second handle on the same KVM vcpu, for state requests while the
-    /// run handle is borrowed by an exit.
-    pub vcpu: VcpuFd,
-    pub control: Arc<VcpuControl>,
-    pub shared: Arc<VcpuShared>,
-    io: ChannelIo,
-    config: ExitConfigReader,
-    /// Encoding buffer of the exit path.
-    scratch: Vec<u8>,
-    /// The data of the last `Resume`.
-    resume_data: Vec<u8>,
-    /// Servicing failed for good (a corrupted fast channel): the vcpu
-    /// stops.
-    failed: bool,
-}
-
-impl Servicer {
-    pub fn new(
-        id: u32,
-        vcpu: VcpuFd,
-        transport: Transport,
-        control: Arc<VcpuControl>,
-        shared: Arc<VcpuShared>,
-    ) -> Self {
-        let config = ExitConfigReader::new(Arc::clone(&shared.exit_config));
-        let read_buf = match transport {
-            Transport::Pipe(_) => vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
-            Transport::Shm(_) => Vec::new(),
-        };
-        Servicer {
-            id,
-            vcpu,
-            control,
-            io: ChannelIo {
-                id,
-                transport,
-                shared: Arc::clone(&shared),
-                read_buf,
-                write_buf: Vec::with_capacity(512),
-            },
-            shared,
-            config,
-            scratch: Vec::with_capacity(512),
-            resume_data: Vec::with_capacity(MAX_IO_READ),
-            failed: false,
-        }
-    }
-
-    fn killed(&self) -> bool {
-        self.shared.kill.load(Ordering::Acquire)
-    }
-
-    fn service(&mut self, init: bool) -> Result<(), ServiceError> {
-        service(&self.vcpu, &mut self.io, init, &mut self.resume_data)
-    }
-
-    /// Delivers a stopping wait reason and services it until `Resume`.
-    fn deliver(&mut self, wait: vcpu_response::Wait) -> Result<(), ServiceError> {
-        if let Some(r) = record::recorder() {
-            r.vcpu_exit(self.id, &wait);
-        }
-        deliver(&self.vcpu, &mut self.io, wait, true, &mut self.resume_data).map(drop)
-    }
-
-    fn log_service_error(&mut self, what: &str, e: &ServiceError) {
-        if let ServiceError::FastChannel(
-            ShmError::Corrupt | ShmError::TooLarge(_) | ShmError::BadHeader,
-        ) = e
-        {
-            // The shared ring is broken for good: every later exit would
-            // fail the same way. Stop this vcpu (and so the VM) once, and
-            // let the main loop report it as the run's error.
-            if !self.failed {
-                self.failed = true;
-                debug!("vcpu {}: {what} servicing failed: {e}", self.id);
-                if let Ok(mut f) = self.shared.failure.lock() {
-                    if f.is_none() {
-                        *f = Some((self.id, crate::error_chain(e)));
-                    }
-                }
-            }
-            return;
-        }
-        match e {
-            ServiceError::Killed | ServiceError::Shutdown => {
-                debug!("vcpu {}: {what} servicing ended: {e}", self.id)
-            }
-            _ => warn!(
-                "vcpu {}: {what} servicing failed: {}",
-                self.id,
-                crate::error_chain(e)
-            ),
-        }
-    }
-
-    /// Sends an `Io` event (write data cut to 8 bytes, read buffers to 256)
-    /// and, unless it is a posted write, services it; returns whether the
-    /// plugin resumed it.
-    fn io_event(
-        &mut self,
-        space: Space,
-        address: u64,
-        is_write: bool,
-        data: &[u8],
-        no_resume: bool,
-    ) -> Result<bool, ServiceError> {
-        let max = if is_write { MAX_IO_WRITE } else { MAX_IO_READ };
-        let data = &data[..data.len().min(max)];
-        if let Some(r) = record::recorder() {
-            let mut w = vcpu_response::Wait::new();
-            w.set_io(io_wait(space, address, is_write, data, no_resume));
-            r.vcpu_exit(self.id, &w);
-        }
-        let hinted = if no_resume {
-            None
-        } else {
-            self.hinted_registers(space, address, is_write)
-        };
-        let (regs, sregs, debugregs) = hinted
-            .as_ref()
-            .map_or((&[][..], &[][..], &[][..]), |(r, s, d)| {
-                (&r[..], &s[..], &d[..])
-            });
-        let event = fastpath::IoEvent {
-            space: space.to_wire(),
-            address,
-            is_write,
-            no_resume,
-            data,
-            regs,
-            sregs,
-            debugregs,
-        };
-        deliver_io(
-            &self.vcpu,
-            &mut self.io,
-            &event,
-            &mut self.scratch,
-            &mut self.resume_data,
-        )
-    }
-
-    /// Eager register images per the call hint (docs/wire-protocol.md §8.8):
-    /// (regs, sregs, debugregs), empty when not sent.
-    fn hinted_registers(
-        &mut self,
-        space: Space,
-        address: u64,
-        is_write: bool,
-    ) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
-        let hint = &self.config.get().hint;
-        if !hint.applies(space, address, is_write) {
-            return None;
-        }
-        let regs = self.vcpu.get_regs().ok()?;
-        let (send_sregs, send_debugregs) = hint
-            .hints
-            .iter()
-            .find(|h| h.matches(regs.rax, regs.rbx, regs.rcx, regs.rdx))
-            .map_or((false, false), |h| (h.send_sregs, h.send_debugregs));
-        let get = |set| Vcpu::get_state(&self.vcpu, set).unwrap_or_default();
-        Some((
-            zerocopy::IntoBytes::as_bytes(&regs).to_vec(),
-            if send_sregs {
-                get(VcpuState::Sregs)
-            } else {
-                Vec::new()
-            },
-            if send_debugregs {
-                get(VcpuState::Debugregs)
-            } else {
-                Vec::new()
-            },
-        ))
-    }
-
-    /// A guest write at `address`.
-    fn on_write(&mut self, space: Space, address: u64, data: &[u8]) {
-        let Some(range) = self.config.get().reservations.lookup(space, address) else {
-            return;
-        };
-        if let Err(e) = self.io_event(space, address, true, data, range.async_write) {
-            self.log_service_error("io write", &e);
-        }
-    }
-
-    /// A guest read at `address`; fills `data` (zeros when unreserved or when
-    /// servicing fails, missing bytes of a short reply read as zero).
-    fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
-        let sync = self
-            .config
-            .get()
-            .reservations
-            .lookup(space, address)
-            .is_some_and(|r| !r.async_write);
-        if !sync {
-            complete_read(data, None);
-            return;
-        }
-        let zeros = [0u8; MAX_IO_READ];
-        let len = data.len().min(MAX_IO_READ);
-        match self.io_event(space, address, false, &zeros[..len], false) {
-            Ok(true) => complete_read(data, Some(&self.resume_data)),
-            Ok(false) => complete_read(data, None),
-            Err(e) => {
-                self.log_service_error("io read", &e);
-                complete_read(data, None);
-            }
-        }
-    }
-
-    fn on_pause(&mut self, user: u64) -> Result<(), ServiceError> {
-        let mut u = vcpu_response::wait::User::new();
-        u.user = user;
-        let mut w = vcpu_response::Wait::new();
-        w.set_user(u);
-        self.deliver(w)
-    }
-}
-
-/// Runs vcpu `id` to completion on the current thread.
-pub fn run_vcpu(mut run: VcpuFd, mut sv: Servicer) {
-    let ptr: *mut u8 = &mut run.get_kvm_run().immediate_exit;
-    IMMEDIATE_EXIT.with(|c| c.set(ptr));
-    let id = sv.id;
-
-    let init = sv.service(true);
-    if let Err(e) = &init {
-        sv.log_service_error("init", e);
-    }
-    let go = sv.shared.barrier.wait();
-    if init.is_ok() && go {
-        run_loop(&mut run, &mut sv);
-    }
-
-    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
-    if let Err(e) = sv.shared.exited.write(1) {
-        error!("vcpu {id}: cannot signal its exit: {e}");
-    }
-}
-
-fn run_loop(run: &mut VcpuFd, sv: &mut Servicer) {
-    let id = sv.id;
-    let mut unknown_exits = 0u32;
-    loop {
-        if sv.killed() || sv.failed {
-            return;
-        }
-        if sv.control.has_pending() {
-            run.set_kvm_immediate_exit(1);
-        }
-        match run.run() {
-            Ok(exit) => {
-                let mut known = true;
-                match exit {
-                    VcpuExit::IoOut(port, data) => {
-                        sv.on_write(Space::Ioport, u64::from(port), data)
-                    }
-                    VcpuExit::IoIn(port, data) => sv.on_read(Space::Ioport, u64::from(port), data),
-                    VcpuExit::MmioWrite(addr, data) => sv.on_write(Space::Mmio, addr, data),
-                    VcpuExit::MmioRead(addr, data) => sv.on_read(Space::Mmio, addr, data),
-                    VcpuExit::Hyperv => {
-                        if !hyperv_exit(run, sv) {
-                            return;
-                        }
-                    }
-                    VcpuExit::Hlt => {
-                        info!("vcpu {id}: guest halted");
-                        return;
-                    }
-                    VcpuExit::Shutdown => {
-                        info!("vcpu {id}: guest shut down (triple fault)");
-                        return;
-                    }
-                    VcpuExit::InternalError => {
-                        error!("vcpu {id}: KVM internal error");
-                        return;
-                    }
-                    VcpuExit::FailEntry(reason, cpu) => {
-                        error!(
-                            "vcpu {id}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-                        );
-                        return;
-                    }
-                    VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
-                    other => {
-                        known = false;
-                        warn!("vcpu {id}: unhandled exit {other:?}");
-                    }
-                }
-                // An unknown exit that repeats without end would spin: give up.
-                unknown_exits = if known { 0 } else { unknown_exits + 1 };
-                if unknown_exits > limits::MAX_CONSECUTIVE_UNKNOWN_EXITS {
-                    error!("vcpu {id}: too many consecutive unhandled exits");
-                    return;
-                }
-            }
-            Err(e) if e.errno() == libc::EINTR => {
-                run.set_kvm_immediate_exit(0);
-                if sv.killed() {
-                    return;
-                }
-                if let Some(user) = sv.control.take_pause() {
-                    if let Err(e) = sv.on_pause(user) {
-                        sv.log_service_error("pause", &e);
-                        return;
-                    }
-                }
-            }
-            Err(e) if e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                error!("vcpu {id}: KVM_RUN failed: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// Handles `KVM_EXIT_HYPERV`; false ends the thread.
-fn hyperv_exit(run: &mut VcpuFd, sv: &mut Servicer) -> bool {
-    let kvm_run = run.get_kvm_run();
-    // SAFETY: the exit reason is KVM_EXIT_HYPERV, so the kernel filled the
-    // `hyperv` member of the exit union.
-    let hv = unsafe { kvm_run.__bindgen_anon_1.hyperv };
-    match hv.type_ {
-        KVM_EXIT_HYPERV_HCALL => {
-            // SAFETY: type HCALL selects the `hcall` member.
-            let hcall = unsafe { hv.u.hcall };
-            let mut c = vcpu_response::wait::HypervCall::new();
-            c.input = hcall.input;
-            c.params0 = hcall.params[0];
-            c.params1 = hcall.params[1];
-            let mut w = vcpu_response::Wait::new();
-            w.set_hyperv_call(c);
-            let result = match sv.deliver(w) {
-                Ok(()) => hcall_result(Some(&sv.resume_data)),
-                Err(e) => {
-                    sv.log_service_error("hypercall", &e);
-                    0
-                }
-            };
-            // Still the same HCALL exit: writing the result member is how
-            // userspace completes it.
-            run.get_kvm_run().__bindgen_anon_1.hyperv.u.hcall.result = result;
-            true
-        }
-        KVM_EXIT_HYPERV_SYNIC => {
-            // SAFETY: type SYNIC selects the `synic` member.
-            let synic = unsafe { hv.u.synic };
-            let mut s = vcpu_response::wait::HypervSynic::new();
-            s.msr = synic.msr;
-            s.control = synic.control;
-            s.evt_page = synic.evt_page;
-            s.msg_page = synic.msg_page;
-            let mut w = vcpu_response::Wait::new();
-            w.set_hyperv_synic(s);
-            if let Err(e) = sv.deliver(w) {
-                sv.log_service_error("synic", &e);
-            }
-            true
-        }
-        other => {
-            error!("vcpu {}: unknown Hyper-V exit type {other}", sv.id);
-            false
         }
     }
 }

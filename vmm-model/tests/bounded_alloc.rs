@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use plugin_proto::protobuf::Message;
-use vmm::model::main_harness::MainHarness;
 use vmm::record::FdKind;
+use vmm_model::main_harness::MainHarness;
 
 struct Counting;
 
@@ -85,7 +85,7 @@ fn sealed_memfd(size: u64) -> std::os::fd::OwnedFd {
     fd
 }
 
-fn create_memory(h: &mut MainHarness<vmm::model::ModelVm>, id: u32, start: u64, len: u64) -> i32 {
+fn create_memory(h: &mut MainHarness<vmm_model::ModelVm>, id: u32, start: u64, len: u64) -> i32 {
     let mut create = plugin_proto::MainRequest::new();
     let c = create.mut_create();
     c.id = id;
@@ -101,7 +101,7 @@ fn create_memory(h: &mut MainHarness<vmm::model::ModelVm>, id: u32, start: u64, 
         .errno
 }
 
-fn dirty_log(h: &mut MainHarness<vmm::model::ModelVm>, id: u32) -> (i32, usize, usize) {
+fn dirty_log(h: &mut MainHarness<vmm_model::ModelVm>, id: u32) -> (i32, usize, usize) {
     let mut dl = plugin_proto::MainRequest::new();
     dl.mut_dirty_log().id = id;
     let bytes = dl.write_to_bytes().unwrap();

@@ -6,7 +6,7 @@
 use super::main_harness::{run_model_session, MainStats};
 use super::vcpu_harness::{run_vcpu_session, VcpuStats};
 use super::{check_seqpacket, check_stream, ModelError};
-use crate::record::{encode_record, FdKind, RecordKind};
+use vmm::record::{encode_record, FdKind, RecordKind};
 
 /// SplitMix64: tiny, fast, and good enough to drive a fuzzer.
 #[derive(Debug, Clone)]

@@ -8,9 +8,9 @@ use arbitrary::{Arbitrary, Unstructured};
 use plugin_proto::protobuf::{EnumOrUnknown, Message};
 use plugin_proto::{main_request, vcpu_request, vcpu_response, MainRequest, VcpuRequest};
 
-use crate::limits;
-use crate::record::FdKind;
-use crate::vm::{VcpuState, VmState};
+use vmm::limits;
+use vmm::record::FdKind;
+use vmm::vm::{VcpuState, VmState};
 
 /// An object id: mostly from a small set, so creations and destroys collide.
 #[derive(Debug, Clone, Copy)]
@@ -740,8 +740,8 @@ pub enum ExitShape {
 impl ExitShape {
     /// The wait reason as the host builds it.
     pub fn to_wait(self) -> vcpu_response::Wait {
-        use crate::plugin::vcpu::io_wait;
-        use crate::vm::Space;
+        use vmm::plugin::vcpu::io_wait;
+        use vmm::vm::Space;
         let sp = |mmio: bool| if mmio { Space::Mmio } else { Space::Ioport };
         let mut w = vcpu_response::Wait::new();
         match self {

@@ -11,11 +11,11 @@ use plugin_proto::{main_request, MainRequest, MainResponse};
 
 use super::gen::MainInput;
 use super::{invariant, make_fds, open_fd_count, FakeServices, ModelError, ModelVm};
-use crate::limits;
-use crate::plugin::main_handler::{self, HandlerError, MainState, Reply};
-use crate::plugin::objects::{ExitConfigReader, Object, SharedExitConfig};
-use crate::record::{records, FdKind, RecordKind};
-use crate::vm::{KvmVm, Space, Vm};
+use vmm::limits;
+use vmm::plugin::main_handler::{self, HandlerError, MainState, Reply};
+use vmm::plugin::objects::{ExitConfigReader, Object, SharedExitConfig};
+use vmm::record::{records, FdKind, RecordKind};
+use vmm::vm::{KvmVm, Space, Vm};
 
 /// What the harness needs from a VM beyond [`Vm`].
 pub trait Inspect: Vm {
@@ -406,7 +406,7 @@ impl<V: Inspect> MainHarness<V> {
             }
             Q::GetNetConfig(_) => expect_fds(1)?,
             Q::GetVcpus(g) => {
-                use crate::plugin::main_handler::HostServices;
+                use vmm::plugin::main_handler::HostServices;
                 let all = 2 * self.services.vcpu_count();
                 let per_packet = (plugin_proto::framing::SCM_MAX_FD / 2) * 2;
                 expect_fds(if g.accept_chunked_fds {

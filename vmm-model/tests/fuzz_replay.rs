@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use vmm::model::main_harness::{run_model_session, MainHarness};
-use vmm::model::vcpu_harness::run_vcpu_session;
-use vmm::model::{check_seqpacket, check_stream, open_fd_count};
+use vmm_model::main_harness::{run_model_session, MainHarness};
+use vmm_model::vcpu_harness::run_vcpu_session;
+use vmm_model::{check_seqpacket, check_stream, open_fd_count};
 
 /// The leak checks count this process's descriptors: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

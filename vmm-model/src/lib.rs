@@ -17,6 +17,7 @@ pub mod framing_harness;
 pub mod gen;
 pub mod main_harness;
 pub mod rng;
+pub mod run;
 pub mod vcpu_harness;
 
 use std::cell::RefCell;
@@ -29,10 +30,10 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::limits;
-use crate::plugin::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
-use crate::record::FdKind;
-use crate::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuState, Vm, VmState};
+use vmm::limits;
+use vmm::plugin::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
+use vmm::record::FdKind;
+use vmm::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuState, Vm, VmState};
 
 pub use framing_harness::{check_seqpacket, check_stream};
 pub use main_harness::MainHarness;
@@ -251,7 +252,12 @@ impl Vm for ModelVm {
         Ok((0..8)
             .map(|f| Cpuid {
                 function: f,
-                index: (f % 2 == 0).then_some(f),
+                index: if f % 2 == 0 { f } else { 0 },
+                flags: if f % 2 == 0 {
+                    kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
                 eax: f * 3,
                 ..Default::default()
             })
@@ -779,7 +785,7 @@ impl HostServices for FakeServices {
     }
 
     fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
-        crate::vm::borrow_fd(&self.shutdown)
+        vmm::vm::borrow_fd(&self.shutdown)
     }
 
     fn net_config(&self) -> std::result::Result<Option<NetConfig<'_>>, Errno> {

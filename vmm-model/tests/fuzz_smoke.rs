@@ -1,13 +1,13 @@
 //! Deterministic fuzzing in the normal test suite: fixed seeds, at least
 //! 100,000 requests through each request handler and the framing decoders,
-//! every one checked against the model's invariants (vmm::model).
+//! every one checked against the model's invariants (vmm_model).
 //!
 //! The tests share the process's descriptor table (the leak checks count
 //! it), so they run one at a time.
 
 use std::sync::Mutex;
 
-use vmm::model::rng::{smoke_framing, smoke_main, smoke_vcpu};
+use vmm_model::rng::{smoke_framing, smoke_main, smoke_vcpu};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

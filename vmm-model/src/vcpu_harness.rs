@@ -12,12 +12,12 @@ use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 
 use super::gen::{ExitShape, VcpuInput};
 use super::{invariant, ModelError, ModelVcpu};
-use crate::limits;
-use crate::plugin::vcpu::{
+use vmm::limits;
+use vmm::plugin::vcpu::{
     complete_read, decode_request, deliver, hcall_result, service, ServiceError, VcpuIo,
 };
-use crate::record::{records, RecordKind};
-use crate::vm::{Vcpu, VcpuState};
+use vmm::record::{records, RecordKind};
+use vmm::vm::{Vcpu, VcpuState};
 
 /// One step of a vcpu session.
 #[derive(Debug, Clone)]

@@ -16,8 +16,8 @@ use plugin_proto::VcpuResponse;
 
 use super::gen::ExitShape;
 use super::{invariant, make_fds, open_fd_count, ModelError};
-use crate::limits;
-use crate::record::FdKind;
+use vmm::limits;
+use vmm::record::FdKind;
 
 /// The obvious varint decoder: `Err` for more than 10 bytes or a value over
 /// 64 bits, `Ok(None)` when incomplete.
