@@ -441,7 +441,7 @@ fn reserve_table(opts: &Options, plugin: &Path) {
 /// publish a snapshot for the vcpus), `n` times, in the same scattered order
 /// as the plugin; returns the seconds.
 fn host_reserve_secs(n: u32) -> f64 {
-    use vmm::plugin::objects::{ExitConfig, SharedExitConfig};
+    use vmm::runtime::objects::{ExitConfig, SharedExitConfig};
     use vmm::vm::Space;
     let shared = SharedExitConfig::default();
     let mut config = ExitConfig::default();

@@ -10,7 +10,7 @@ use plugin_proto::{main_request, vcpu_request, vcpu_response, MainRequest, VcpuR
 
 use vmm::limits;
 use vmm::record::FdKind;
-use vmm::vm::{VcpuState, VmState};
+use vmm::vm::{VcpuStateKind, VmStateKind};
 
 /// An object id: mostly from a small set, so creations and destroys collide.
 #[derive(Debug, Clone, Copy)]
@@ -469,7 +469,7 @@ impl MainShape {
             }
             S::GetState { set } => r.mut_get_state().set = EnumOrUnknown::from_i32(*set),
             S::SetState { set, image } => {
-                let size = VmState::from_wire(*set).map_or(16, VmState::size);
+                let size = VmStateKind::from_wire(*set).map_or(16, VmStateKind::size);
                 let s = r.mut_set_state();
                 s.set = EnumOrUnknown::from_i32(*set);
                 s.state = image.bytes(size);
@@ -647,13 +647,13 @@ impl VcpuShape {
                 if let Some(n) = data {
                     res.data = (0..*n).map(|i| i as u8 ^ 0xa5).collect();
                 }
-                res.regs = regs.bytes(VcpuState::Regs.size());
-                res.sregs = sregs.bytes(VcpuState::Sregs.size());
-                res.debugregs = debugregs.bytes(VcpuState::Debugregs.size());
+                res.regs = regs.bytes(VcpuStateKind::Regs.size());
+                res.sregs = sregs.bytes(VcpuStateKind::Sregs.size());
+                res.debugregs = debugregs.bytes(VcpuStateKind::Debugregs.size());
             }
             S::GetState { set } => r.mut_get_state().set = EnumOrUnknown::from_i32(*set),
             S::SetState { set, image } => {
-                let size = VcpuState::from_wire(*set).map_or(64, VcpuState::size);
+                let size = VcpuStateKind::from_wire(*set).map_or(64, VcpuStateKind::size);
                 let s = r.mut_set_state();
                 s.set = EnumOrUnknown::from_i32(*set);
                 s.state = image.bytes(size);
@@ -740,7 +740,7 @@ pub enum ExitShape {
 impl ExitShape {
     /// The wait reason as the host builds it.
     pub fn to_wait(self) -> vcpu_response::Wait {
-        use vmm::plugin::vcpu::io_wait;
+        use vmm::runtime::vcpu::io_wait;
         use vmm::vm::Space;
         let sp = |mmio: bool| if mmio { Space::Mmio } else { Space::Ioport };
         let mut w = vcpu_response::Wait::new();

@@ -31,9 +31,9 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use vmm_sys_util::eventfd::EventFd;
 
 use vmm::limits;
-use vmm::plugin::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
 use vmm::record::FdKind;
-use vmm::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuState, Vm, VmState};
+use vmm::runtime::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
+use vmm::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuStateKind, Vm, VmStateKind};
 
 pub use framing_harness::{check_seqpacket, check_stream};
 pub use main_harness::MainHarness;
@@ -116,13 +116,13 @@ pub struct ModelVm {
     inner: RefCell<VmModel>,
 }
 
-fn vm_state_index(set: VmState) -> usize {
+fn vm_state_index(set: VmStateKind) -> usize {
     match set {
-        VmState::Pic0 => 0,
-        VmState::Pic1 => 1,
-        VmState::Ioapic => 2,
-        VmState::Pit => 3,
-        VmState::Clock => 4,
+        VmStateKind::Pic0 => 0,
+        VmStateKind::Pic1 => 1,
+        VmStateKind::Ioapic => 2,
+        VmStateKind::Pit => 3,
+        VmStateKind::Clock => 4,
     }
 }
 
@@ -506,13 +506,13 @@ impl Vm for ModelVm {
         Ok(())
     }
 
-    fn get_state(&self, set: VmState) -> Result<Vec<u8>> {
+    fn get_state(&self, set: VmStateKind) -> Result<Vec<u8>> {
         Ok(self.inner.borrow().state[vm_state_index(set)]
             .clone()
             .unwrap_or_else(|| vec![0; set.size()]))
     }
 
-    fn set_state(&self, set: VmState, image: &[u8]) -> Result<()> {
+    fn set_state(&self, set: VmStateKind, image: &[u8]) -> Result<()> {
         if image.len() != set.size() {
             self.violation(format!(
                 "{set:?} image of {} bytes reached the VM",
@@ -522,7 +522,7 @@ impl Vm for ModelVm {
         }
         // KVM rejects clock flags it does not know (the first u32 after the
         // 64-bit clock value).
-        if set == VmState::Clock && image[8..12] != [0; 4] {
+        if set == VmStateKind::Clock && image[8..12] != [0; 4] {
             return Err(Errno::EINVAL);
         }
         self.inner.borrow_mut().state[vm_state_index(set)] = Some(image.to_vec());
@@ -579,7 +579,7 @@ struct VcpuModel {
     cpuid: Vec<Cpuid>,
     caps: Vec<u32>,
     /// Every `set_state`, in order (the deferred-register order is checked).
-    set_log: Vec<VcpuState>,
+    set_log: Vec<VcpuStateKind>,
     violations: Vec<String>,
 }
 
@@ -589,16 +589,16 @@ pub struct ModelVcpu {
     inner: RefCell<VcpuModel>,
 }
 
-fn vcpu_state_index(set: VcpuState) -> usize {
+fn vcpu_state_index(set: VcpuStateKind) -> usize {
     match set {
-        VcpuState::Regs => 0,
-        VcpuState::Sregs => 1,
-        VcpuState::Fpu => 2,
-        VcpuState::Debugregs => 3,
-        VcpuState::Lapic => 4,
-        VcpuState::Mp => 5,
-        VcpuState::Xcregs => 6,
-        VcpuState::Events => 7,
+        VcpuStateKind::Regs => 0,
+        VcpuStateKind::Sregs => 1,
+        VcpuStateKind::Fpu => 2,
+        VcpuStateKind::Debugregs => 3,
+        VcpuStateKind::Lapic => 4,
+        VcpuStateKind::Mp => 5,
+        VcpuStateKind::Xcregs => 6,
+        VcpuStateKind::Events => 7,
     }
 }
 
@@ -613,14 +613,14 @@ impl ModelVcpu {
     }
 
     /// The stored image of `set` (zeros if never set).
-    pub fn image(&self, set: VcpuState) -> Vec<u8> {
+    pub fn image(&self, set: VcpuStateKind) -> Vec<u8> {
         self.inner.borrow().state[vcpu_state_index(set)]
             .clone()
             .unwrap_or_else(|| vec![0; set.size()])
     }
 
     /// Takes the log of `set_state` calls.
-    pub fn take_set_log(&self) -> Vec<VcpuState> {
+    pub fn take_set_log(&self) -> Vec<VcpuStateKind> {
         std::mem::take(&mut self.inner.borrow_mut().set_log)
     }
 
@@ -631,7 +631,7 @@ impl ModelVcpu {
         }
         for (i, img) in m.state.iter().enumerate() {
             if let Some(img) = img {
-                let set = VcpuState::from_wire(i as i32).expect("8 sets");
+                let set = VcpuStateKind::from_wire(i as i32).expect("8 sets");
                 if img.len() != set.size() {
                     return Err(invariant(format!("{set:?} stored with a wrong size")));
                 }
@@ -645,11 +645,11 @@ impl ModelVcpu {
 }
 
 impl Vcpu for ModelVcpu {
-    fn get_state(&self, set: VcpuState) -> Result<Vec<u8>> {
+    fn get_state(&self, set: VcpuStateKind) -> Result<Vec<u8>> {
         Ok(self.image(set))
     }
 
-    fn set_state(&self, set: VcpuState, image: &[u8]) -> Result<()> {
+    fn set_state(&self, set: VcpuStateKind, image: &[u8]) -> Result<()> {
         if image.len() != set.size() {
             self.violation(format!(
                 "{set:?} image of {} bytes reached the vcpu",
@@ -658,7 +658,8 @@ impl Vcpu for ModelVcpu {
             return Err(Errno::EINVAL);
         }
         // KVM_SET_MP_STATE rejects unknown states.
-        if set == VcpuState::Mp && u32::from_le_bytes([image[0], image[1], image[2], image[3]]) > 8
+        if set == VcpuStateKind::Mp
+            && u32::from_le_bytes([image[0], image[1], image[2], image[3]]) > 8
         {
             return Err(Errno::EINVAL);
         }

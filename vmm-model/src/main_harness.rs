@@ -12,9 +12,9 @@ use plugin_proto::{main_request, MainRequest, MainResponse};
 use super::gen::MainInput;
 use super::{invariant, make_fds, open_fd_count, FakeServices, ModelError, ModelVm};
 use vmm::limits;
-use vmm::plugin::main_handler::{self, HandlerError, MainState, Reply};
-use vmm::plugin::objects::{ExitConfigReader, Object, SharedExitConfig};
 use vmm::record::{records, FdKind, RecordKind};
+use vmm::runtime::main_handler::{self, HandlerError, MainState, Reply};
+use vmm::runtime::objects::{ExitConfigReader, Object, SharedExitConfig};
 use vmm::vm::{KvmVm, Space, Vm};
 
 /// What the harness needs from a VM beyond [`Vm`].
@@ -406,7 +406,7 @@ impl<V: Inspect> MainHarness<V> {
             }
             Q::GetNetConfig(_) => expect_fds(1)?,
             Q::GetVcpus(g) => {
-                use vmm::plugin::main_handler::HostServices;
+                use vmm::runtime::main_handler::HostServices;
                 let all = 2 * self.services.vcpu_count();
                 let per_packet = (plugin_proto::framing::SCM_MAX_FD / 2) * 2;
                 expect_fds(if g.accept_chunked_fds {

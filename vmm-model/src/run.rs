@@ -1,6 +1,6 @@
 //! A scripted vcpu run handle ([`ScriptedRun`], implementing
 //! [`vmm::vm::VcpuRun`]) and a scripted plugin end of a vcpu channel
-//! ([`ScriptedIo`], implementing [`vmm::plugin::vcpu::VcpuIo`]), so the real
+//! ([`ScriptedIo`], implementing [`vmm::runtime::vcpu::VcpuIo`]), so the real
 //! exit routing and run loop run without KVM.
 //!
 //! The run handle behaves as KVM does where the loop depends on it: while
@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use nix::errno::Errno;
 use plugin_proto::protobuf::Message;
 use plugin_proto::{vcpu_request, VcpuRequest, VcpuResponse};
-use vmm::plugin::vcpu::{ServiceError, VcpuIo};
+use vmm::runtime::vcpu::{ServiceError, VcpuIo};
 use vmm::vm::{VcpuRun, VmExit};
 
 /// One exit of the script, with owned data.

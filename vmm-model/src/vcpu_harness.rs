@@ -13,11 +13,11 @@ use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use super::gen::{ExitShape, VcpuInput};
 use super::{invariant, ModelError, ModelVcpu};
 use vmm::limits;
-use vmm::plugin::vcpu::{
+use vmm::record::{records, RecordKind};
+use vmm::runtime::vcpu::{
     complete_read, decode_request, deliver, hcall_result, service, ServiceError, VcpuIo,
 };
-use vmm::record::{records, RecordKind};
-use vmm::vm::{Vcpu, VcpuState};
+use vmm::vm::{Vcpu, VcpuStateKind};
 
 /// One step of a vcpu session.
 #[derive(Debug, Clone)]
@@ -106,14 +106,14 @@ impl QueueIo<'_> {
             Some(Q::Resume(_)) | Some(Q::Shutdown(_)) => {
                 Err(invariant("Resume or Shutdown was answered"))
             }
-            Some(Q::GetState(g)) => match VcpuState::from_wire(g.set.value()) {
+            Some(Q::GetState(g)) => match VcpuStateKind::from_wire(g.set.value()) {
                 None => want(Errno::EINVAL),
                 Some(set) if errno == 0 && r.get_state().state.len() != set.size() => {
                     Err(invariant(format!("{set:?} image of the wrong size")))
                 }
                 Some(_) => Ok(()),
             },
-            Some(Q::SetState(s)) => match VcpuState::from_wire(s.set.value()) {
+            Some(Q::SetState(s)) => match VcpuStateKind::from_wire(s.set.value()) {
                 Some(set) if s.state.len() == set.size() => Ok(()),
                 _ => want(Errno::EINVAL),
             },
@@ -317,9 +317,9 @@ impl VcpuHarness {
                 let log = self.vcpu.take_set_log();
                 let mut want = Vec::new();
                 for (set, img) in [
-                    (VcpuState::Regs, &resume.regs),
-                    (VcpuState::Sregs, &resume.sregs),
-                    (VcpuState::Debugregs, &resume.debugregs),
+                    (VcpuStateKind::Regs, &resume.regs),
+                    (VcpuStateKind::Sregs, &resume.sregs),
+                    (VcpuStateKind::Debugregs, &resume.debugregs),
                 ] {
                     if !img.is_empty() {
                         want.push(set);
@@ -342,9 +342,9 @@ impl VcpuHarness {
                         let bad = last.as_ref().is_some_and(|r| {
                             let res = r.resume();
                             [
-                                (VcpuState::Regs, &res.regs),
-                                (VcpuState::Sregs, &res.sregs),
-                                (VcpuState::Debugregs, &res.debugregs),
+                                (VcpuStateKind::Regs, &res.regs),
+                                (VcpuStateKind::Sregs, &res.sregs),
+                                (VcpuStateKind::Debugregs, &res.debugregs),
                             ]
                             .iter()
                             .any(|(s, i)| !i.is_empty() && i.len() != s.size())
@@ -444,7 +444,7 @@ pub fn run_vcpu_session(data: &[u8]) -> Result<VcpuStats, ModelError> {
     h.run()?;
     // A last sanity check that the model vcpu still answers.
     h.vcpu
-        .get_state(VcpuState::Regs)
+        .get_state(VcpuStateKind::Regs)
         .map_err(|e| ModelError::Sys {
             what: "reading regs",
             source: e,

@@ -59,7 +59,7 @@ fn a_packed_length_claim_does_not_allocate() {
     });
     eprintln!("protobuf alone: largest allocation {raw} bytes");
     let guarded = largest_during(|| {
-        assert!(vmm::plugin::vcpu::decode_request(PACKED_CLAIM).is_err());
+        assert!(vmm::runtime::vcpu::decode_request(PACKED_CLAIM).is_err());
     });
     assert!(
         guarded < 64 * 1024,
@@ -69,7 +69,7 @@ fn a_packed_length_claim_does_not_allocate() {
     let mut r = plugin_proto::VcpuRequest::new();
     r.mut_get_msrs().entry_indices = vec![0x10, 0xc000_0080];
     let bytes = r.write_to_bytes().unwrap();
-    let back = vmm::plugin::vcpu::decode_request(&bytes).unwrap();
+    let back = vmm::runtime::vcpu::decode_request(&bytes).unwrap();
     assert_eq!(back.get_msrs().entry_indices, vec![0x10, 0xc000_0080]);
 }
 

@@ -1,4 +1,4 @@
-//! Exit routing and the vcpu run loop (`vmm::plugin::vcpu::run_thread`,
+//! Exit routing and the vcpu run loop (`vmm::runtime::vcpu::run_thread`,
 //! `run_loop`) without KVM: the real code over the model vcpu, a scripted
 //! run handle and a scripted plugin. The same code runs on KVM in the
 //! end-to-end tests (tests/tests/*.rs).
@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
-use vmm::plugin::objects::{ExitConfig, SharedExitConfig};
-use vmm::plugin::vcpu::{
+use vmm::runtime::objects::{ExitConfig, SharedExitConfig};
+use vmm::runtime::vcpu::{
     run_loop, run_thread, Servicer, StartBarrier, Stop, VcpuControl, VcpuShared,
 };
-use vmm::vm::{Space, Vcpu, VcpuState};
+use vmm::vm::{Space, Vcpu, VcpuStateKind};
 use vmm_model::run::{resume, resume_with_regs, wait, Completed, Exit, ScriptedIo, ScriptedRun};
 use vmm_model::ModelVcpu;
 
@@ -207,13 +207,13 @@ fn mmio_write_and_read() {
 
 #[test]
 fn resume_applies_deferred_registers_before_reentry() {
-    let regs = vec![0x11u8; VcpuState::Regs.size()];
+    let regs = vec![0x11u8; VcpuStateKind::Regs.size()];
     let r = run(
         vec![Exit::IoOut(PORT, vec![0]), Exit::Hlt],
         vec![resume_with_regs(&regs)],
     );
     assert_eq!(r.stop, Some(Stop::Halted));
-    assert_eq!(r.sv.vcpu.get_state(VcpuState::Regs).unwrap(), regs);
+    assert_eq!(r.sv.vcpu.get_state(VcpuStateKind::Regs).unwrap(), regs);
 }
 
 #[test]

@@ -10,8 +10,8 @@ pub mod cli;
 pub mod jail;
 pub mod limits;
 pub mod net;
-pub mod plugin;
 pub mod record;
+pub mod runtime;
 pub mod vm;
 
 /// Formats an error with its whole `source()` chain: `a: b: c`.

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use vmm::cli::{Args, PARSE_ERROR_STATUS};
-use vmm::plugin::{self, RunConfig};
+use vmm::runtime::{self, RunConfig};
 
 /// Writes log records to stderr as `[vmm LEVEL] message`.
 struct StderrLogger;
@@ -75,6 +75,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ),
         jail,
     };
-    plugin::run(config)?;
+    runtime::run(config)?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! for unit tests and fuzzing.
 //! State images cross these traits as raw bytes, exactly as they cross the wire.
 //! [`VcpuRun`] is the run handle of a vcpu: `run()` returns a [`VmExit`], which
-//! the exit routing (`plugin::vcpu::exits`) turns into wait reasons.
+//! the exit routing (`runtime::vcpu::exits`) turns into wait reasons.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -75,9 +75,9 @@ impl Space {
     }
 }
 
-/// VM-wide state images (`MainRequest.StateSet`).
+/// Which VM-wide state image (`MainRequest.StateSet`): a kind, not the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmState {
+pub enum VmStateKind {
     Pic0,
     Pic1,
     Ioapic,
@@ -85,14 +85,14 @@ pub enum VmState {
     Clock,
 }
 
-impl VmState {
-    pub fn from_wire(v: i32) -> Option<VmState> {
+impl VmStateKind {
+    pub fn from_wire(v: i32) -> Option<VmStateKind> {
         Some(match v {
-            0 => VmState::Pic0,
-            1 => VmState::Pic1,
-            2 => VmState::Ioapic,
-            3 => VmState::Pit,
-            4 => VmState::Clock,
+            0 => VmStateKind::Pic0,
+            1 => VmStateKind::Pic1,
+            2 => VmStateKind::Ioapic,
+            3 => VmStateKind::Pit,
+            4 => VmStateKind::Clock,
             _ => return None,
         })
     }
@@ -100,17 +100,18 @@ impl VmState {
     /// Size in bytes of the image.
     pub fn size(self) -> usize {
         match self {
-            VmState::Pic0 | VmState::Pic1 => 16,
-            VmState::Ioapic => 216,
-            VmState::Pit => std::mem::size_of::<kvm_pit_state2>(),
-            VmState::Clock => std::mem::size_of::<kvm_clock_data>(),
+            VmStateKind::Pic0 | VmStateKind::Pic1 => 16,
+            VmStateKind::Ioapic => 216,
+            VmStateKind::Pit => std::mem::size_of::<kvm_pit_state2>(),
+            VmStateKind::Clock => std::mem::size_of::<kvm_clock_data>(),
         }
     }
 }
 
-/// Per-vcpu state images (`VcpuRequest.StateSet`).
+/// Which per-vcpu state image (`VcpuRequest.StateSet`): a kind, not the
+/// image (the SDK's `VcpuState` struct is an image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum VcpuStateKind {
     Regs,
     Sregs,
     Fpu,
@@ -121,31 +122,31 @@ pub enum VcpuState {
     Events,
 }
 
-impl VcpuState {
-    pub fn from_wire(v: i32) -> Option<VcpuState> {
+impl VcpuStateKind {
+    pub fn from_wire(v: i32) -> Option<VcpuStateKind> {
         Some(match v {
-            0 => VcpuState::Regs,
-            1 => VcpuState::Sregs,
-            2 => VcpuState::Fpu,
-            3 => VcpuState::Debugregs,
-            4 => VcpuState::Lapic,
-            5 => VcpuState::Mp,
-            6 => VcpuState::Xcregs,
-            7 => VcpuState::Events,
+            0 => VcpuStateKind::Regs,
+            1 => VcpuStateKind::Sregs,
+            2 => VcpuStateKind::Fpu,
+            3 => VcpuStateKind::Debugregs,
+            4 => VcpuStateKind::Lapic,
+            5 => VcpuStateKind::Mp,
+            6 => VcpuStateKind::Xcregs,
+            7 => VcpuStateKind::Events,
             _ => return None,
         })
     }
 
     pub fn size(self) -> usize {
         match self {
-            VcpuState::Regs => std::mem::size_of::<kvm_regs>(),
-            VcpuState::Sregs => std::mem::size_of::<kvm_sregs>(),
-            VcpuState::Fpu => std::mem::size_of::<kvm_fpu>(),
-            VcpuState::Debugregs => std::mem::size_of::<kvm_debugregs>(),
-            VcpuState::Lapic => std::mem::size_of::<kvm_lapic_state>(),
-            VcpuState::Mp => std::mem::size_of::<kvm_mp_state>(),
-            VcpuState::Xcregs => std::mem::size_of::<kvm_xcrs>(),
-            VcpuState::Events => std::mem::size_of::<kvm_vcpu_events>(),
+            VcpuStateKind::Regs => std::mem::size_of::<kvm_regs>(),
+            VcpuStateKind::Sregs => std::mem::size_of::<kvm_sregs>(),
+            VcpuStateKind::Fpu => std::mem::size_of::<kvm_fpu>(),
+            VcpuStateKind::Debugregs => std::mem::size_of::<kvm_debugregs>(),
+            VcpuStateKind::Lapic => std::mem::size_of::<kvm_lapic_state>(),
+            VcpuStateKind::Mp => std::mem::size_of::<kvm_mp_state>(),
+            VcpuStateKind::Xcregs => std::mem::size_of::<kvm_xcrs>(),
+            VcpuStateKind::Events => std::mem::size_of::<kvm_vcpu_events>(),
         }
     }
 }
@@ -202,9 +203,9 @@ pub trait Vm {
     fn unregister_irqfd(&self, trigger: &EventFd, gsi: u32) -> Result<()>;
     fn set_irq_line(&self, irq: u32, active: bool) -> Result<()>;
     fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
-    fn get_state(&self, set: VmState) -> Result<Vec<u8>>;
+    fn get_state(&self, set: VmStateKind) -> Result<Vec<u8>>;
     /// `image` has already been checked to be `set.size()` bytes.
-    fn set_state(&self, set: VmState, image: &[u8]) -> Result<()>;
+    fn set_state(&self, set: VmStateKind, image: &[u8]) -> Result<()>;
     fn set_identity_map_addr(&self, addr: u64) -> Result<()>;
     /// Fetches (and resets) the dirty bitmap of `slot`, `bitmap_len` bytes.
     fn get_dirty_log(&self, slot: u32, size: u64, bitmap_len: usize) -> Result<Vec<u8>>;
@@ -214,9 +215,9 @@ pub trait Vm {
 
 /// The per-vcpu operations the vcpu request handler needs.
 pub trait Vcpu {
-    fn get_state(&self, set: VcpuState) -> Result<Vec<u8>>;
+    fn get_state(&self, set: VcpuStateKind) -> Result<Vec<u8>>;
     /// `image` has already been checked to be `set.size()` bytes.
-    fn set_state(&self, set: VcpuState, image: &[u8]) -> Result<()>;
+    fn set_state(&self, set: VcpuStateKind, image: &[u8]) -> Result<()>;
     /// Returns the values of the first MSRs the kernel could read.
     fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>>;
     fn set_msrs(&self, entries: &[(u32, u64)]) -> Result<()>;
@@ -542,26 +543,32 @@ impl Vm for KvmVm {
         self.vm.set_gsi_routing(&table).map_err(errno)
     }
 
-    fn get_state(&self, set: VmState) -> Result<Vec<u8>> {
+    fn get_state(&self, set: VmStateKind) -> Result<Vec<u8>> {
         Ok(match set {
-            VmState::Pic0 => self.irqchip(KVM_IRQCHIP_PIC_MASTER)?.chip.as_bytes()[..16].to_vec(),
-            VmState::Pic1 => self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?.chip.as_bytes()[..16].to_vec(),
-            VmState::Ioapic => self.irqchip(KVM_IRQCHIP_IOAPIC)?.chip.as_bytes()[..216].to_vec(),
-            VmState::Pit => self.vm.get_pit2().map_err(errno)?.as_bytes().to_vec(),
-            VmState::Clock => self.vm.get_clock().map_err(errno)?.as_bytes().to_vec(),
+            VmStateKind::Pic0 => {
+                self.irqchip(KVM_IRQCHIP_PIC_MASTER)?.chip.as_bytes()[..16].to_vec()
+            }
+            VmStateKind::Pic1 => {
+                self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?.chip.as_bytes()[..16].to_vec()
+            }
+            VmStateKind::Ioapic => {
+                self.irqchip(KVM_IRQCHIP_IOAPIC)?.chip.as_bytes()[..216].to_vec()
+            }
+            VmStateKind::Pit => self.vm.get_pit2().map_err(errno)?.as_bytes().to_vec(),
+            VmStateKind::Clock => self.vm.get_clock().map_err(errno)?.as_bytes().to_vec(),
         })
     }
 
-    fn set_state(&self, set: VmState, image: &[u8]) -> Result<()> {
+    fn set_state(&self, set: VmStateKind, image: &[u8]) -> Result<()> {
         match set {
-            VmState::Pic0 => self.set_irqchip(KVM_IRQCHIP_PIC_MASTER, image),
-            VmState::Pic1 => self.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, image),
-            VmState::Ioapic => self.set_irqchip(KVM_IRQCHIP_IOAPIC, image),
-            VmState::Pit => {
+            VmStateKind::Pic0 => self.set_irqchip(KVM_IRQCHIP_PIC_MASTER, image),
+            VmStateKind::Pic1 => self.set_irqchip(KVM_IRQCHIP_PIC_SLAVE, image),
+            VmStateKind::Ioapic => self.set_irqchip(KVM_IRQCHIP_IOAPIC, image),
+            VmStateKind::Pit => {
                 let pit = kvm_pit_state2::read_from_bytes(image).map_err(|_| Errno::EINVAL)?;
                 self.vm.set_pit2(&pit).map_err(errno)
             }
-            VmState::Clock => {
+            VmStateKind::Clock => {
                 let clock = kvm_clock_data::read_from_bytes(image).map_err(|_| Errno::EINVAL)?;
                 self.vm.set_clock(&clock).map_err(errno)
             }
@@ -623,35 +630,35 @@ fn parse<T: FromBytes>(image: &[u8]) -> Result<T> {
 }
 
 impl Vcpu for VcpuFd {
-    fn get_state(&self, set: VcpuState) -> Result<Vec<u8>> {
+    fn get_state(&self, set: VcpuStateKind) -> Result<Vec<u8>> {
         Ok(match set {
-            VcpuState::Regs => self.get_regs().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Sregs => self.get_sregs().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Fpu => {
+            VcpuStateKind::Regs => self.get_regs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Sregs => self.get_sregs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Fpu => {
                 plugin_proto::image::fpu_to_image(&self.get_fpu().map_err(errno)?).to_vec()
             }
-            VcpuState::Debugregs => self.get_debug_regs().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Lapic => self.get_lapic().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Mp => self.get_mp_state().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Xcregs => self.get_xcrs().map_err(errno)?.as_bytes().to_vec(),
-            VcpuState::Events => self.get_vcpu_events().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Debugregs => self.get_debug_regs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Lapic => self.get_lapic().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Mp => self.get_mp_state().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Xcregs => self.get_xcrs().map_err(errno)?.as_bytes().to_vec(),
+            VcpuStateKind::Events => self.get_vcpu_events().map_err(errno)?.as_bytes().to_vec(),
         })
     }
 
-    fn set_state(&self, set: VcpuState, image: &[u8]) -> Result<()> {
+    fn set_state(&self, set: VcpuStateKind, image: &[u8]) -> Result<()> {
         match set {
-            VcpuState::Regs => self.set_regs(&parse(image)?),
-            VcpuState::Sregs => self.set_sregs(&parse(image)?),
-            VcpuState::Fpu => {
+            VcpuStateKind::Regs => self.set_regs(&parse(image)?),
+            VcpuStateKind::Sregs => self.set_sregs(&parse(image)?),
+            VcpuStateKind::Fpu => {
                 let fpu = plugin_proto::image::fpu_from_image(image).ok_or(Errno::EINVAL)?;
                 mark_fpu_in_use(self)?;
                 self.set_fpu(&fpu)
             }
-            VcpuState::Debugregs => self.set_debug_regs(&parse(image)?),
-            VcpuState::Lapic => self.set_lapic(&parse(image)?),
-            VcpuState::Mp => self.set_mp_state(parse(image)?),
-            VcpuState::Xcregs => self.set_xcrs(&parse(image)?),
-            VcpuState::Events => self.set_vcpu_events(&parse(image)?),
+            VcpuStateKind::Debugregs => self.set_debug_regs(&parse(image)?),
+            VcpuStateKind::Lapic => self.set_lapic(&parse(image)?),
+            VcpuStateKind::Mp => self.set_mp_state(parse(image)?),
+            VcpuStateKind::Xcregs => self.set_xcrs(&parse(image)?),
+            VcpuStateKind::Events => self.set_vcpu_events(&parse(image)?),
         }
         .map_err(errno)
     }

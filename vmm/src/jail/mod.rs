@@ -50,7 +50,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use crate::cli::{BindMount, GidMap};
-use crate::plugin::process::Launch;
+use crate::runtime::process::Launch;
 
 pub use seccomp::PolicySource;
 

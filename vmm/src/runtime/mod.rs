@@ -1,7 +1,7 @@
 //! Running a VM driven by a plugin: startup, the main loop (plugin exit,
 //! stderr, main connections, vcpu thread exits), and teardown.
 
-pub mod fastpath;
+pub mod exit_codec;
 pub mod inflight;
 pub mod main_handler;
 pub mod objects;

@@ -15,11 +15,11 @@ use zerocopy::FromBytes;
 
 use super::kick::IMMEDIATE_EXIT;
 use super::{
-    complete_read, deliver, deliver_io, fastpath, hcall_result, io_wait, service, ChannelIo,
+    complete_read, deliver, deliver_io, exit_codec, hcall_result, io_wait, service, ChannelIo,
     ServiceError, Transport, VcpuControl, VcpuIo, VcpuShared, MAX_IO_READ, MAX_IO_WRITE,
 };
-use crate::plugin::objects::ExitConfigReader;
-use crate::vm::{Space, Vcpu, VcpuRun, VcpuState, VmExit};
+use crate::runtime::objects::ExitConfigReader;
+use crate::vm::{Space, Vcpu, VcpuRun, VcpuStateKind, VmExit};
 use crate::{limits, record};
 
 /// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing, and
@@ -170,7 +170,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
             .map_or((&[][..], &[][..], &[][..]), |(r, s, d)| {
                 (&r[..], &s[..], &d[..])
             });
-        let event = fastpath::IoEvent {
+        let event = exit_codec::IoEvent {
             space: space.to_wire(),
             address,
             is_write,
@@ -201,7 +201,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         if !hint.applies(space, address, is_write) {
             return None;
         }
-        let image = self.vcpu.get_state(VcpuState::Regs).ok()?;
+        let image = self.vcpu.get_state(VcpuStateKind::Regs).ok()?;
         let regs = kvm_bindings::kvm_regs::read_from_bytes(&image).ok()?;
         let (send_sregs, send_debugregs) = hint
             .hints
@@ -212,12 +212,12 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         Some((
             image,
             if send_sregs {
-                get(VcpuState::Sregs)
+                get(VcpuStateKind::Sregs)
             } else {
                 Vec::new()
             },
             if send_debugregs {
-                get(VcpuState::Debugregs)
+                get(VcpuStateKind::Debugregs)
             } else {
                 Vec::new()
             },

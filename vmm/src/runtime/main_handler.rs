@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::objects::{CallHint, ExitConfig, Object, ObjectTable, RegHint, SharedExitConfig};
 use crate::limits;
-use crate::vm::{borrow_fd, Cpuid, IrqRoute, Space, Vm, VmState};
+use crate::vm::{borrow_fd, Cpuid, IrqRoute, Space, Vm, VmStateKind};
 
 /// The first tap's description for `GetNetConfig`.
 pub struct NetConfig<'a> {
@@ -277,7 +277,7 @@ pub fn handle_request(
             state.routed_gsis = gsis;
             Reply::with(base.clone())
         }),
-        Q::GetState(g) => VmState::from_wire(g.set.value())
+        Q::GetState(g) => VmStateKind::from_wire(g.set.value())
             .ok_or(Errno::EINVAL)
             .and_then(|set| vm.get_state(set))
             .map(|image| {
@@ -609,7 +609,7 @@ fn set_irq_routing(
 }
 
 fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Errno> {
-    let set = VmState::from_wire(s.set.value()).ok_or(Errno::EINVAL)?;
+    let set = VmStateKind::from_wire(s.set.value()).ok_or(Errno::EINVAL)?;
     if s.state.len() != set.size() {
         return Err(Errno::EINVAL);
     }

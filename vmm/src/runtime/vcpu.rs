@@ -30,9 +30,9 @@ pub use barrier::StartBarrier;
 pub use exits::{run_loop, run_thread, run_vcpu, Servicer, Stop};
 pub use kick::{install_kick_handler, kick_signal};
 
-use super::fastpath;
+use super::exit_codec;
 use super::objects::SharedExitConfig;
-use crate::vm::{Cpuid, Space, Vcpu, VcpuState};
+use crate::vm::{Cpuid, Space, Vcpu, VcpuStateKind};
 use crate::{limits, record};
 
 /// Most bytes of a port read forwarded to the plugin (string `IN`).
@@ -130,14 +130,14 @@ pub fn handle_request(vcpu: &impl Vcpu, init_pending: &mut bool, req: VcpuReques
         Q::Shutdown(_) => return Action::Shutdown,
         Q::GetState(g) => {
             r.set_get_state(Default::default());
-            VcpuState::from_wire(g.set.value())
+            VcpuStateKind::from_wire(g.set.value())
                 .ok_or(Errno::EINVAL)
                 .and_then(|set| vcpu.get_state(set))
                 .map(|image| r.mut_get_state().state = image)
         }
         Q::SetState(s) => {
             r.set_set_state(Default::default());
-            match VcpuState::from_wire(s.set.value()) {
+            match VcpuStateKind::from_wire(s.set.value()) {
                 Some(set) if s.state.len() == set.size() => vcpu.set_state(set, &s.state),
                 _ => Err(Errno::EINVAL),
             }
@@ -204,9 +204,9 @@ pub fn apply_deferred_registers(
     debugregs: &[u8],
 ) -> Result<(), Errno> {
     for (set, image) in [
-        (VcpuState::Regs, regs),
-        (VcpuState::Sregs, sregs),
-        (VcpuState::Debugregs, debugregs),
+        (VcpuStateKind::Regs, regs),
+        (VcpuStateKind::Sregs, sregs),
+        (VcpuStateKind::Debugregs, debugregs),
     ] {
         if image.is_empty() {
             continue;
@@ -282,7 +282,7 @@ pub fn service(
         // The common case, decoded without allocating; it means exactly what
         // `handle_request` would make of it.
         if !init_pending {
-            if let Some(resume) = fastpath::parse_resume(bytes) {
+            if let Some(resume) = exit_codec::parse_resume(bytes) {
                 apply_deferred_registers(vcpu, resume.regs, resume.sregs, resume.debugregs)
                     .map_err(ServiceError::DeferredRegisters)?;
                 resume_data.clear();
@@ -337,12 +337,12 @@ pub fn deliver(
 pub fn deliver_io(
     vcpu: &impl Vcpu,
     io: &mut impl VcpuIo,
-    event: &fastpath::IoEvent<'_>,
+    event: &exit_codec::IoEvent<'_>,
     scratch: &mut Vec<u8>,
     resume_data: &mut Vec<u8>,
 ) -> Result<bool, ServiceError> {
     scratch.clear();
-    fastpath::encode_io_event(scratch, event);
+    exit_codec::encode_io_event(scratch, event);
     io.write_response(scratch)?;
     if event.no_resume {
         return Ok(false);
@@ -449,7 +449,7 @@ impl VcpuIo for ChannelIo {
                 // Prefix and message in one write(), so the reader never sees
                 // half a frame.
                 self.write_buf.clear();
-                fastpath::put_varint(&mut self.write_buf, body.len() as u64);
+                exit_codec::put_varint(&mut self.write_buf, body.len() as u64);
                 self.write_buf.extend_from_slice(body);
                 let mut off = 0;
                 while off < self.write_buf.len() {
