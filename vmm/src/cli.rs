@@ -1,10 +1,15 @@
 //! Command line: clap definitions (with crosvm's option spellings), value
-//! parsers that follow docs/host-behaviour.md §2, and list files.
+//! parsers that follow docs/host-behaviour.md §2, list files, and the
+//! conversion of the parsed arguments into the `config` layer
+//! ([`Args::vm_config`]). Only `main.rs` uses this module.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+
+use crate::config::{BindMount, GidMap, JailConfig, NetSpec, PolicySource, VmConfig};
+use crate::limits::GuestMemoryLimits;
 
 /// Exit status for errors caught while parsing arguments (as crosvm).
 pub const PARSE_ERROR_STATUS: i32 = 35;
@@ -238,40 +243,6 @@ where
         out.push(w);
     }
     out
-}
-
-/// One `--plugin-mount`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BindMount {
-    pub src: PathBuf,
-    pub dst: PathBuf,
-    pub writable: bool,
-}
-
-/// One `--plugin-gid-map`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GidMap {
-    pub inner: u32,
-    pub outer: u32,
-    pub count: u32,
-}
-
-/// One `--net` (or deprecated equivalent).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetSpec {
-    TapName {
-        name: String,
-        mac: Option<[u8; 6]>,
-    },
-    TapFd {
-        fd: i32,
-        mac: Option<[u8; 6]>,
-    },
-    HostIp {
-        ip: Ipv4Addr,
-        netmask: Ipv4Addr,
-        mac: [u8; 6],
-    },
 }
 
 /// Errors resolving the parsed arguments into a configuration.
@@ -557,6 +528,47 @@ impl Args {
             .clone()
             .or_else(|| self.kvm_device.clone())
             .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+    }
+
+    /// The jail options (`None` with `--disable-sandbox`); reads the list
+    /// files.
+    pub fn jail_config(&self) -> Result<Option<JailConfig>, ConfigError> {
+        if self.disable_sandbox {
+            return Ok(None);
+        }
+        Ok(Some(JailConfig {
+            root: self.plugin_root.clone().or_else(|| self.pivot_root.clone()),
+            mounts: self.all_mounts()?,
+            gid_maps: self.all_gid_maps()?,
+            policy: PolicySource::from_options(
+                self.seccomp_policy.as_deref(),
+                self.seccomp_policy_dir.as_deref(),
+            ),
+            log_failures: self.seccomp_log_failures,
+        }))
+    }
+
+    /// The whole configuration of the run. `host` looks up the host's
+    /// environment variables (for `--plugin-env NAME`).
+    pub fn vm_config(
+        &self,
+        host: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<VmConfig, ConfigError> {
+        let jail = self.jail_config()?;
+        Ok(VmConfig {
+            plugin: self.plugin.clone(),
+            args: self.plugin_argv(),
+            env: self.plugin_environment(host),
+            vcpus: self.cpus,
+            kvm_path: self.kvm_path(),
+            vcpu_cgroup_path: self.vcpu_cgroup_path.clone(),
+            nets: self.all_nets()?,
+            fast_channel: !self.no_fast_channel,
+            memory_limits: self
+                .max_guest_memory
+                .map_or_else(GuestMemoryLimits::from_host, GuestMemoryLimits::at_most),
+            jail,
+        })
     }
 }
 

@@ -7,7 +7,9 @@
 //! `plugin_proto`.
 
 pub mod cli;
+pub mod config;
 pub mod jail;
+pub mod launch;
 pub mod limits;
 pub mod net;
 pub mod record;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use vmm::cli::{Args, PARSE_ERROR_STATUS};
-use vmm::runtime::{self, RunConfig};
+use vmm::runtime;
 
 /// Writes log records to stderr as `[vmm LEVEL] message`.
 struct StderrLogger;
@@ -55,26 +55,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.mem.is_some() {
         log::info!("--mem is ignored: guest memory comes from the plugin");
     }
-    let jail = if args.disable_sandbox {
-        None
-    } else {
-        Some(vmm::jail::config_from_args(&args)?)
-    };
-    let config = RunConfig {
-        plugin: args.plugin.clone(),
-        args: args.plugin_argv(),
-        env: args.plugin_environment(|name| std::env::var_os(name)),
-        vcpus: args.cpus,
-        kvm_path: args.kvm_path(),
-        vcpu_cgroup_path: args.vcpu_cgroup_path.clone(),
-        nets: args.all_nets()?,
-        fast_channel: !args.no_fast_channel,
-        memory_limits: args.max_guest_memory.map_or_else(
-            vmm::limits::GuestMemoryLimits::from_host,
-            vmm::limits::GuestMemoryLimits::at_most,
-        ),
-        jail,
-    };
+    let config = args.vm_config(|name| std::env::var_os(name))?;
     runtime::run(config)?;
     Ok(())
 }

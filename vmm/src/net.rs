@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
-use crate::cli::NetSpec;
+use crate::config::NetSpec;
 
 /// Errors creating or querying a tap device.
 #[derive(Debug, thiserror::Error)]

@@ -49,10 +49,8 @@ use nix::sys::socket::{
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
-use crate::cli::{BindMount, GidMap};
-use crate::runtime::process::Launch;
-
-pub use seccomp::PolicySource;
+use crate::config::{GidMap, JailConfig};
+use crate::launch::Launch;
 
 /// `RLIMIT_NOFILE` in the jail (as crosvm), capped by the host's hard limit.
 pub const NOFILE_LIMIT: u64 = 32768;
@@ -63,18 +61,6 @@ pub const TASK_LIMIT: u64 = 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stack of the init process (a clone of the host running `child.rs`).
 const INIT_STACK: usize = 256 << 10;
-
-/// How to jail the plugin.
-#[derive(Debug, Clone)]
-pub struct JailConfig {
-    /// `--plugin-root` or `--pivot-root`; `None`: an empty directory vmm
-    /// creates (and removes).
-    pub root: Option<PathBuf>,
-    pub mounts: Vec<BindMount>,
-    pub gid_maps: Vec<GidMap>,
-    pub policy: PolicySource,
-    pub log_failures: bool,
-}
 
 /// Errors building the jail or starting the plugin in it.
 #[derive(Debug, thiserror::Error)]
@@ -607,20 +593,6 @@ fn describe_stage(stage: u32, plan: &mounts::MountPlan) -> String {
             .cloned()
             .unwrap_or_else(|| format!("mount (step {stage})"))
     }
-}
-
-/// The jail options of the command line, for `RunConfig`.
-pub fn config_from_args(args: &crate::cli::Args) -> Result<JailConfig, crate::cli::ConfigError> {
-    Ok(JailConfig {
-        root: args.plugin_root.clone().or_else(|| args.pivot_root.clone()),
-        mounts: args.all_mounts()?,
-        gid_maps: args.all_gid_maps()?,
-        policy: PolicySource::from_options(
-            args.seccomp_policy.as_deref(),
-            args.seccomp_policy_dir.as_deref(),
-        ),
-        log_failures: args.seccomp_log_failures,
-    })
 }
 
 #[cfg(test)]

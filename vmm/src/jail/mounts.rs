@@ -21,7 +21,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use nix::sys::statvfs::{statvfs, FsFlags};
 
-use crate::cli::BindMount;
+use crate::config::BindMount;
 
 /// Size of the jail's root tmpfs.
 pub const ROOT_TMPFS_SIZE: u64 = 64 << 20;

@@ -23,6 +23,7 @@ use seccompiler::{
 
 use super::policy::{self, Cond, Op, Policy, Rule};
 use super::syscalls;
+use crate::config::PolicySource;
 
 /// The built-in policy (minijail syntax).
 pub const BUILTIN_POLICY: &str = include_str!("plugin.policy");
@@ -69,41 +70,6 @@ pub enum SeccompError {
         #[source]
         source: Errno,
     },
-}
-
-/// Where the plugin's policy comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PolicySource {
-    /// `vmm/src/jail/plugin.policy`, compiled into vmm.
-    BuiltIn,
-    /// A minijail-syntax file (`--seccomp-policy-dir DIR` → `DIR/plugin.policy`).
-    Minijail(PathBuf),
-    /// A seccompiler JSON file (`--seccomp-policy FILE`).
-    Json(PathBuf),
-}
-
-impl PolicySource {
-    /// From the command line: `--seccomp-policy` wins, then
-    /// `--seccomp-policy-dir` if it holds `plugin.policy`, else built-in.
-    pub fn from_options(policy: Option<&Path>, dir: Option<&Path>) -> PolicySource {
-        if let Some(p) = policy {
-            return PolicySource::Json(p.to_path_buf());
-        }
-        if let Some(d) = dir {
-            let p = d.join("plugin.policy");
-            if p.exists() {
-                return PolicySource::Minijail(p);
-            }
-        }
-        PolicySource::BuiltIn
-    }
-
-    fn display(&self) -> PathBuf {
-        match self {
-            PolicySource::BuiltIn => PathBuf::from("(built-in)"),
-            PolicySource::Minijail(p) | PolicySource::Json(p) => p.clone(),
-        }
-    }
 }
 
 pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;

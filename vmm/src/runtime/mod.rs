@@ -34,9 +34,11 @@ use vmm_sys_util::signal::Killable;
 use self::inflight::InFlight;
 use self::main_handler::{HostServices, MainState, NetConfig};
 use self::objects::SharedExitConfig;
-use self::process::{Launch, Plugin};
+use self::process::Plugin;
 use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
-use crate::jail::{self, JailConfig};
+use crate::config::VmConfig;
+use crate::jail;
+use crate::launch::Launch;
 use crate::limits;
 use crate::net::Tap;
 use crate::vm::{borrow_fd, KvmVm, VmError};
@@ -52,26 +54,6 @@ const TOKEN_STDERR: u64 = 1;
 const TOKEN_VCPU_EXIT: u64 = 2;
 const TOKEN_SECCOMP: u64 = 3;
 const FIRST_CONNECTION_TOKEN: u64 = 16;
-
-/// What `run` needs to know.
-pub struct RunConfig {
-    pub plugin: PathBuf,
-    pub args: Vec<String>,
-    /// The plugin's environment besides CROSVM_SOCKET (nothing else of the
-    /// host's is passed).
-    pub env: Vec<(String, std::ffi::OsString)>,
-    pub vcpus: usize,
-    pub kvm_path: PathBuf,
-    pub vcpu_cgroup_path: Option<PathBuf>,
-    /// Tap devices, in creation order; the first is the plugin's.
-    pub nets: Vec<crate::cli::NetSpec>,
-    /// Offer the shared-memory vcpu channel to plugins that ask for it.
-    pub fast_channel: bool,
-    /// Bounds on the guest memory the plugin registers.
-    pub memory_limits: limits::GuestMemoryLimits,
-    /// `None`: `--disable-sandbox`.
-    pub jail: Option<JailConfig>,
-}
 
 /// Why a run failed. `Display` of each names the cause for the user.
 #[derive(Debug, thiserror::Error)]
@@ -295,7 +277,7 @@ enum PluginEnd {
 }
 
 struct Host {
-    config: RunConfig,
+    config: VmConfig,
     vm: KvmVm,
     state: MainState,
     epoll: Epoll,
@@ -324,7 +306,7 @@ struct Host {
 
 /// Runs the VM until the plugin exits; `Ok` only for a clean run with plugin
 /// exit status 0.
-pub fn run(config: RunConfig) -> Result<(), RunError> {
+pub fn run(config: VmConfig) -> Result<(), RunError> {
     crate::record::init_from_env();
     // 1. Signals: SIGCHLD (plugin exit) and SIGINT/SIGTERM (user stop) are
     // read from a signalfd; blocking them here also keeps them off the vcpu

@@ -1,8 +1,7 @@
 //! Starting the plugin process and ending it.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use nix::errno::Errno;
@@ -10,7 +9,9 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::jail::{self, JailConfig, JailError, Jailed};
+use crate::config::JailConfig;
+use crate::jail::{self, JailError, Jailed};
+use crate::launch::Launch;
 
 /// Errors starting the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -23,22 +24,6 @@ pub enum ProcessError {
     },
     #[error(transparent)]
     Jail(JailError),
-}
-
-/// What the plugin is started with.
-pub struct Launch<'a> {
-    pub path: &'a Path,
-    /// argv[1..]; argv[0] is the path as given, in both modes (quirk 3 of
-    /// docs/differences-from-crosvm.md).
-    pub args: &'a [String],
-    /// The environment besides CROSVM_SOCKET, in both modes.
-    pub env: &'a [(String, std::ffi::OsString)],
-    /// The plugin end of the main socket; passed at the same number.
-    pub socket: &'a OwnedFd,
-    /// Write end of the host's stdout pipe (the plugin's fd 1).
-    pub stdout: OwnedFd,
-    /// Write end of the host's stderr pipe.
-    pub stderr: OwnedFd,
 }
 
 /// A running plugin: the host's child. Unjailed, that is the plugin, which
