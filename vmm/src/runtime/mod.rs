@@ -1,5 +1,8 @@
-//! Running a VM driven by a plugin: startup, the main loop (plugin exit,
-//! stderr, main connections, vcpu thread exits), and teardown.
+//! Running a VM driven by a plugin: startup, the `Host` and its main loop
+//! (plugin exit, stderr, main connections, vcpu thread exits). The shutdown
+//! sequence and teardown are in `teardown.rs`, the services the main
+//! handler sees in `services.rs`, the forwarding of the plugin's output in
+//! `output.rs`.
 
 pub mod exit_codec;
 pub mod inflight;
@@ -8,12 +11,13 @@ pub mod objects;
 pub mod output;
 pub mod panic;
 pub mod process;
+mod services;
+mod teardown;
 pub mod vcpu;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,12 +33,13 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{pipe2, Pid};
 use plugin_proto::framing::{self, FramingError};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
 use self::inflight::InFlight;
-use self::main_handler::{HostServices, MainState, NetConfig};
+use self::main_handler::MainState;
 use self::objects::SharedExitConfig;
+use self::output::StderrForwarder;
 use self::process::Plugin;
+use self::services::Services;
 use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
 use crate::config::VmConfig;
 use crate::jail;
@@ -152,122 +157,6 @@ fn new_channel(fast: bool) -> Result<Channel, RunError> {
         plugin: [req_w, resp_r],
         fast,
     })
-}
-
-/// The host resources the main request handler sees.
-struct Services<'a> {
-    channels: &'a [Channel],
-    taps: &'a [Tap],
-    controls: &'a [Arc<VcpuControl>],
-    threads: &'a [JoinHandle<()>],
-    shutdown: &'a EventFd,
-    connections: usize,
-    in_flight: &'a InFlight,
-}
-
-impl HostServices for Services<'_> {
-    fn vcpu_count(&self) -> usize {
-        self.channels.len()
-    }
-
-    fn vcpu_fds(&self, i: usize) -> [BorrowedFd<'_>; 2] {
-        let [a, b] = &self.channels[i].plugin;
-        [a.as_fd(), b.as_fd()]
-    }
-
-    fn fast_channel_fd(&self, i: usize) -> Option<BorrowedFd<'_>> {
-        self.channels[i].fast.as_ref().map(|f| f.as_fd())
-    }
-
-    fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
-        borrow_fd(self.shutdown)
-    }
-
-    fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno> {
-        let Some(tap) = self.taps.first() else {
-            return Ok(None);
-        };
-        let a = tap.addresses()?;
-        Ok(Some(NetConfig {
-            mac: a.mac,
-            ip: a.ip,
-            netmask: a.netmask,
-            fd: tap.fd(),
-        }))
-    }
-
-    fn pause_vcpus(&self, mask: u64, user: u64) {
-        for (i, control) in self.controls.iter().enumerate().take(64) {
-            if mask & (1u64 << i) == 0 {
-                continue;
-            }
-            control.request_pause(user);
-            if let Some(t) = self.threads.get(i) {
-                if let Err(e) = t.kill(vcpu::kick_signal()) {
-                    warn!("cannot kick vcpu {i}: {e}");
-                }
-            }
-        }
-    }
-
-    fn connection_count(&self) -> usize {
-        self.connections
-    }
-
-    fn may_send_fds(&self, n: usize) -> bool {
-        self.in_flight.fits(n)
-    }
-}
-
-/// Forwards the plugin's stderr into the log, line by line.
-struct StderrForwarder {
-    fd: OwnedFd,
-    carry: Vec<u8>,
-    open: bool,
-    panic: panic::PanicWatch,
-}
-
-impl StderrForwarder {
-    fn emit(line: &[u8]) {
-        // Control characters (a `\r` that would rewrite the prefix, escape
-        // sequences) are shown escaped, never sent to the terminal.
-        error!("plugin: {}", output::escape(line));
-    }
-
-    /// Reads what is available; returns false once the pipe hung up.
-    fn drain(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        loop {
-            match nix::unistd::read(self.fd.as_fd(), &mut buf) {
-                Ok(0) => {
-                    self.flush();
-                    self.open = false;
-                    return false;
-                }
-                Ok(n) => {
-                    self.carry.extend_from_slice(&buf[..n]);
-                    while let Some(pos) = self.carry.iter().position(|&b| b == b'\n') {
-                        self.panic.line(&output::escape(&self.carry[..pos]));
-                        Self::emit(&self.carry[..pos]);
-                        self.carry.drain(..=pos);
-                    }
-                    if self.carry.len() >= limits::MAX_STDERR_LINE {
-                        self.flush();
-                    }
-                }
-                Err(Errno::EINTR) => continue,
-                Err(_) => return true,
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        if !self.carry.is_empty() {
-            self.panic.line(&output::escape(&self.carry));
-            Self::emit(&self.carry);
-            self.carry.clear();
-        }
-    }
 }
 
 /// How the plugin process ended.
@@ -472,56 +361,6 @@ impl Host {
             // it gets killed.
             self.abandoned = true;
             self.enter_dying("the plugin closed its last connection before starting the VM");
-        }
-    }
-
-    /// Starts the shutdown: tells the plugin through the shutdown eventfd,
-    /// stops the vcpus, and gives the plugin `DYING_GRACE` to exit.
-    fn enter_dying(&mut self, why: &str) {
-        if self.dying_since.is_some() {
-            return;
-        }
-        info!("shutting down: {why}");
-        self.dying_since = Some(Instant::now());
-        self.signal_shutdown_eventfd();
-        self.stop_vcpus();
-    }
-
-    /// Adds 1 to the shutdown eventfd without ever blocking the main loop.
-    /// The plugin shares the eventfd's open file description (it received
-    /// it by `SCM_RIGHTS`): it can set the counter to its maximum, so that
-    /// a write blocks until someone reads, and it can clear `O_NONBLOCK` on
-    /// the description at any time. So the write is made on a thread of its
-    /// own: if it blocks, only that thread waits (until the plugin reads or
-    /// vmm exits), and the main loop goes on handling signals and the
-    /// shutdown.
-    fn signal_shutdown_eventfd(&self) {
-        let evt = match self.shutdown.try_clone() {
-            Ok(e) => e,
-            Err(e) => {
-                error!("cannot signal the shutdown eventfd: {e}");
-                return;
-            }
-        };
-        let spawned = std::thread::Builder::new()
-            .name("vmm_shutdown".into())
-            .spawn(move || {
-                if let Err(e) = evt.write(1) {
-                    error!("cannot signal the shutdown eventfd: {e}");
-                }
-            });
-        if let Err(e) = spawned {
-            error!("cannot signal the shutdown eventfd: {e}");
-        }
-    }
-
-    fn stop_vcpus(&self) {
-        self.shared.kill.store(true, Ordering::Release);
-        self.shared.barrier.cancel();
-        for t in &self.threads {
-            if !t.is_finished() {
-                let _ = t.kill(vcpu::kick_signal());
-            }
         }
     }
 
@@ -851,125 +690,6 @@ impl Host {
             }
         );
         Ok(())
-    }
-
-    /// Stops everything and turns what happened into the result.
-    fn teardown(mut self) -> Result<(), RunError> {
-        self.stop_vcpus();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        // Kicked threads leave within microseconds; a kick that raced with a
-        // thread entering a blocking call is repeated.
-        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            self.stop_vcpus();
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        for t in std::mem::take(&mut self.threads) {
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                error!("a vcpu thread did not stop; leaving it behind");
-            }
-        }
-
-        let timed_out = self.plugin_end.is_none();
-        if timed_out {
-            // Grace period over (or the loop failed): the plugin must go.
-            if let Err(e) = self.plugin.kill() {
-                error!("cannot kill the plugin: {e}");
-            }
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.plugin_end.is_none() && Instant::now() < deadline {
-                self.reap();
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if self.plugin_end.is_none() {
-                error!("the plugin (pid {}) could not be reaped", self.plugin.pid);
-            }
-            if self.abandoned {
-                self.errors.insert(0, RunError::PluginAbandoned);
-            } else if !self.errors.iter().any(|e| matches!(e, RunError::Wait(_))) {
-                self.errors.insert(0, RunError::PluginTimeout(DYING_GRACE));
-            }
-        }
-        // Anything the plugin forked dies with it.
-        let _ = self.plugin.kill();
-        if self.stderr.open {
-            self.stderr.drain();
-            self.stderr.flush();
-        }
-        // Everything that could write the plugin's stdout is gone: the
-        // forwarder sees EOF and ends. A stdout that does not drain (a
-        // full pipe nobody reads) must not hold up the exit.
-        if let Some(t) = self.stdout_thread.take() {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while !t.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            }
-        }
-        self.take_vcpu_failure();
-
-        let panicked = self.stderr.panic.panic().map(str::to_string);
-        match (self.plugin_end.as_ref(), panicked) {
-            (_, _) if timed_out => {}
-            (Some(PluginEnd::Exited(code)), Some(message)) if *code != 0 => self.errors.insert(
-                0,
-                RunError::PluginPanicked {
-                    message,
-                    end: format!("exited with status {code}"),
-                },
-            ),
-            (Some(PluginEnd::Signaled(sig)), Some(message))
-                if !matches!(self.errors.first(), Some(RunError::Seccomp(_))) =>
-            {
-                self.errors.insert(
-                    0,
-                    RunError::PluginPanicked {
-                        message,
-                        end: format!("was killed by signal {sig}"),
-                    },
-                )
-            }
-            _ => {}
-        }
-        match self.plugin_end {
-            // Killed by us: the timeout is the cause.
-            _ if timed_out => {}
-            _ if matches!(self.errors.first(), Some(RunError::PluginPanicked { .. })) => {}
-            Some(PluginEnd::Exited(code)) if code != 0 => {
-                self.errors.insert(0, RunError::PluginExit(code))
-            }
-            // Killed by us after a seccomp violation: that is the cause.
-            Some(PluginEnd::Signaled(_))
-                if matches!(self.errors.first(), Some(RunError::Seccomp(_))) => {}
-            Some(PluginEnd::Signaled(sig)) => self.errors.insert(
-                0,
-                RunError::PluginSignaled {
-                    signal: sig.to_string(),
-                    detail: signal_detail(sig),
-                },
-            ),
-            _ => {}
-        }
-        match self.errors.into_iter().next() {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
-    }
-}
-
-fn signal_detail(sig: Signal) -> &'static str {
-    match sig {
-        Signal::SIGSEGV => " (segmentation fault)",
-        Signal::SIGBUS => " (bus error)",
-        Signal::SIGABRT => " (aborted)",
-        Signal::SIGILL => " (illegal instruction)",
-        Signal::SIGFPE => " (arithmetic exception)",
-        Signal::SIGKILL => " (killed)",
-        Signal::SIGSYS => " (bad system call: stopped by the seccomp filter)",
-        _ => "",
     }
 }
 

@@ -9,8 +9,10 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::thread::JoinHandle;
 
-use log::warn;
+use log::{error, warn};
 use nix::errno::Errno;
+
+use crate::limits;
 
 /// Appends `input` to `out` with every control character escaped: C0
 /// controls other than `\t` and `\n`, DEL (`\x7f`) and bytes that are not
@@ -120,6 +122,57 @@ pub fn forward_stdout(pipe: OwnedFd) -> std::io::Result<JoinHandle<()>> {
                 }
             }
         })
+}
+
+/// Forwards the plugin's stderr into the log, line by line.
+pub(super) struct StderrForwarder {
+    pub(super) fd: OwnedFd,
+    pub(super) carry: Vec<u8>,
+    pub(super) open: bool,
+    pub(super) panic: super::panic::PanicWatch,
+}
+
+impl StderrForwarder {
+    fn emit(line: &[u8]) {
+        // Control characters (a `\r` that would rewrite the prefix, escape
+        // sequences) are shown escaped, never sent to the terminal.
+        error!("plugin: {}", escape(line));
+    }
+
+    /// Reads what is available; returns false once the pipe hung up.
+    pub(super) fn drain(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match nix::unistd::read(self.fd.as_fd(), &mut buf) {
+                Ok(0) => {
+                    self.flush();
+                    self.open = false;
+                    return false;
+                }
+                Ok(n) => {
+                    self.carry.extend_from_slice(&buf[..n]);
+                    while let Some(pos) = self.carry.iter().position(|&b| b == b'\n') {
+                        self.panic.line(&escape(&self.carry[..pos]));
+                        Self::emit(&self.carry[..pos]);
+                        self.carry.drain(..=pos);
+                    }
+                    if self.carry.len() >= limits::MAX_STDERR_LINE {
+                        self.flush();
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    pub(super) fn flush(&mut self) {
+        if !self.carry.is_empty() {
+            self.panic.line(&escape(&self.carry));
+            Self::emit(&self.carry);
+            self.carry.clear();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,84 @@
+//! `HostServices` for the main request handler: the host's vcpu channels,
+//! taps, vcpu controls and threads, shutdown eventfd, connection count and
+//! descriptor budget, as `main_handler` sees them.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::warn;
+use nix::errno::Errno;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use super::inflight::InFlight;
+use super::main_handler::{HostServices, NetConfig};
+use super::vcpu::{self, VcpuControl};
+use super::Channel;
+use crate::net::Tap;
+use crate::vm::borrow_fd;
+
+/// The host resources the main request handler sees.
+pub(super) struct Services<'a> {
+    pub(super) channels: &'a [Channel],
+    pub(super) taps: &'a [Tap],
+    pub(super) controls: &'a [Arc<VcpuControl>],
+    pub(super) threads: &'a [JoinHandle<()>],
+    pub(super) shutdown: &'a EventFd,
+    pub(super) connections: usize,
+    pub(super) in_flight: &'a InFlight,
+}
+
+impl HostServices for Services<'_> {
+    fn vcpu_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    fn vcpu_fds(&self, i: usize) -> [BorrowedFd<'_>; 2] {
+        let [a, b] = &self.channels[i].plugin;
+        [a.as_fd(), b.as_fd()]
+    }
+
+    fn fast_channel_fd(&self, i: usize) -> Option<BorrowedFd<'_>> {
+        self.channels[i].fast.as_ref().map(|f| f.as_fd())
+    }
+
+    fn shutdown_eventfd(&self) -> BorrowedFd<'_> {
+        borrow_fd(self.shutdown)
+    }
+
+    fn net_config(&self) -> Result<Option<NetConfig<'_>>, Errno> {
+        let Some(tap) = self.taps.first() else {
+            return Ok(None);
+        };
+        let a = tap.addresses()?;
+        Ok(Some(NetConfig {
+            mac: a.mac,
+            ip: a.ip,
+            netmask: a.netmask,
+            fd: tap.fd(),
+        }))
+    }
+
+    fn pause_vcpus(&self, mask: u64, user: u64) {
+        for (i, control) in self.controls.iter().enumerate().take(64) {
+            if mask & (1u64 << i) == 0 {
+                continue;
+            }
+            control.request_pause(user);
+            if let Some(t) = self.threads.get(i) {
+                if let Err(e) = t.kill(vcpu::kick_signal()) {
+                    warn!("cannot kick vcpu {i}: {e}");
+                }
+            }
+        }
+    }
+
+    fn connection_count(&self) -> usize {
+        self.connections
+    }
+
+    fn may_send_fds(&self, n: usize) -> bool {
+        self.in_flight.fits(n)
+    }
+}
