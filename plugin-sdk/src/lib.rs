@@ -47,6 +47,7 @@
 
 mod connection;
 mod decode;
+mod describe;
 mod error;
 mod image;
 mod objects;
