@@ -50,6 +50,7 @@ mod decode;
 mod describe;
 mod error;
 mod image;
+pub mod machine;
 mod objects;
 mod transport;
 mod types;
@@ -60,6 +61,7 @@ pub mod c_api;
 pub use connection::{Connection, SOCKET_ENV};
 pub use error::{Error, Result};
 pub use image::StateImage;
+pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, Datamatch, HintDetail, IrqRoute, IrqRouteKind, NetConfig,

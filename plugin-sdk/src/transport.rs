@@ -64,13 +64,20 @@ fn wait_readable(response: BorrowedFd<'_>, shutdown: Option<BorrowedFd<'_>>) -> 
                 })
             }
         }
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+        let response = fds[0].revents().unwrap_or(PollFlags::empty());
+        // Data first; then the shutdown (the host's vcpu thread may have
+        // closed its pipe end as it stopped: that hang-up is the shutdown,
+        // not a lost host); a bare hang-up or error is read as EOF below.
+        if response.contains(PollFlags::POLLIN) {
             return Ok(());
         }
         if fds[1].revents().is_some_and(|r| !r.is_empty()) {
             return Err(Error::Shutdown {
                 op: "reading a vcpu response",
             });
+        }
+        if !response.is_empty() {
+            return Ok(());
         }
     }
 }
@@ -181,10 +188,10 @@ fn abort_check<'a>(
     why: &'a Cell<Gone>,
 ) -> impl FnMut() -> bool + 'a {
     move || {
-        if host_gone(liveness) {
-            why.set(Gone::HostExited);
-        } else if shutdown.as_deref().is_some_and(|fd| signalled(fd.as_fd())) {
+        if shutdown.as_deref().is_some_and(|fd| signalled(fd.as_fd())) {
             why.set(Gone::Shutdown);
+        } else if host_gone(liveness) {
+            why.set(Gone::HostExited);
         }
         why.get() != Gone::No
     }

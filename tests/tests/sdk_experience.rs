@@ -1,0 +1,180 @@
+//! The plugin author's experience (issue 14), on real guests under a jailed
+//! `vmm`: shutdown reaching a vcpu blocked in `wait()` (Rust and C, both
+//! vcpu transports), the pending-resume error, host errors that name the
+//! request.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e_tests::{bin, compile_c, repo_root, run_vmm, TempDir, VmmRun};
+
+/// Runs `vmm [args] --plugin PLUGIN --plugin-args MODE`, waits until the
+/// plugin prints a line ending in `running` (its vcpu thread is then about
+/// to block in wait), stops `vmm` with SIGTERM, and returns the whole run.
+fn run_until_running_then_sigterm(args: &[&str], plugin: &Path, mode: &str) -> VmmRun {
+    let mut child = Command::new(bin("vmm"))
+        .args(args)
+        .arg("--plugin")
+        .arg(plugin)
+        .arg("--plugin-args")
+        .arg(mode)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut err = child.stderr.take().expect("stderr");
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().expect("stdout");
+    let t_out = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.ends_with("running") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let running = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    if running {
+        // Give the vcpu thread time to enter its wait (a signal sent
+        // earlier is as valid: the wait then sees the shutdown at once).
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Our own child, by pid.
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let r = VmmRun {
+        code: status.code(),
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    };
+    assert!(running, "the plugin never reported running: {r:#?}");
+    r
+}
+
+fn assert_plugin_exited_by_itself(r: &VmmRun) {
+    // vmm reports the interruption, but the plugin was not killed: it left
+    // on its own after its wait returned the shutdown.
+    assert!(
+        r.stderr.contains("asked to stop by signal SIGTERM"),
+        "{r:#?}"
+    );
+    assert!(!r.stderr.contains("killed"), "{r:#?}");
+    assert!(!r.stderr.contains("FAILED"), "{r:#?}");
+}
+
+#[test]
+fn shutdown_reaches_a_rust_vcpu_blocked_in_wait_fast_channel() {
+    let r = run_until_running_then_sigterm(&[], &bin("sdk_wait"), "shutdown");
+    assert!(
+        r.stdout.contains("sdk_wait: shutdown event reached vcpu 0"),
+        "{r:#?}"
+    );
+    assert_plugin_exited_by_itself(&r);
+}
+
+#[test]
+fn shutdown_reaches_a_rust_vcpu_blocked_in_wait_pipes() {
+    let r = run_until_running_then_sigterm(&["--no-fast-channel"], &bin("sdk_wait"), "shutdown");
+    assert!(
+        r.stdout.contains("sdk_wait: shutdown event reached vcpu 0"),
+        "{r:#?}"
+    );
+    assert_plugin_exited_by_itself(&r);
+}
+
+fn c_sdk_wait(tmp: &TempDir) -> std::path::PathBuf {
+    compile_c(
+        &repo_root().join("tests/c/sdk_wait.c"),
+        &tmp.0.join("sdk_wait_c"),
+    )
+}
+
+#[test]
+fn shutdown_reaches_a_c_vcpu_blocked_in_wait_as_eshutdown() {
+    let tmp = TempDir::new("sdk-wait-c");
+    let plugin = c_sdk_wait(&tmp);
+    for args in [&[][..], &["--no-fast-channel"][..]] {
+        let r = run_until_running_then_sigterm(args, &plugin, "shutdown");
+        assert!(
+            r.stdout
+                .contains("sdk_wait_c: wait with a resume owed: -EBUSY"),
+            "{r:#?}"
+        );
+        assert!(
+            r.stdout
+                .contains("sdk_wait_c: shutdown reached vcpu 0: -ESHUTDOWN"),
+            "{args:?}: {r:#?}"
+        );
+        assert_plugin_exited_by_itself(&r);
+    }
+}
+
+#[test]
+fn wait_with_a_resume_owed_names_the_pending_event() {
+    let r = run_vmm(&[], &bin("sdk_wait"), &["owed"]);
+    r.assert_success();
+    assert!(
+        r.stdout.contains(
+            "sdk_wait: wait() on vcpu 0 while a resume is still owed for its Init event"
+        ),
+        "{r:#?}"
+    );
+    assert!(
+        r.stdout.contains("sdk_wait: guest reached the done port"),
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn host_refusals_name_the_request_and_its_arguments() {
+    let r = run_vmm(&[], &bin("sdk_wait"), &["owed"]);
+    r.assert_success();
+    assert!(
+        r.stdout.contains(
+            "sdk_wait: overlap refused: reserve_range(IoPort, 0x500, 4): EPERM: Operation not permitted"
+        ),
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn c_api_prints_error_text_at_debug_level() {
+    let tmp = TempDir::new("sdk-wait-c-log");
+    let plugin = c_sdk_wait(&tmp);
+    let r = run_until_running_then_sigterm(
+        &["--plugin-env", "CROSVM_PLUGIN_LOG=debug"],
+        &plugin,
+        "shutdown",
+    );
+    assert!(
+        r.stderr.contains(
+            "crosvm_plugin: debug: wait() on vcpu 0 while a resume is still owed for its Init event"
+        ),
+        "{r:#?}"
+    );
+    assert!(r.stderr.contains("(returning -16)"), "{r:#?}");
+}
