@@ -178,3 +178,140 @@ fn c_api_prints_error_text_at_debug_level() {
     );
     assert!(r.stderr.contains("(returning -16)"), "{r:#?}");
 }
+
+#[test]
+fn tutorial_plugins_run() {
+    for name in ["tutorial", "tutorial_c"] {
+        let r = run_vmm(&[], &bin(name), &[]);
+        r.assert_success();
+        assert_eq!(
+            r.stdout,
+            "guest counted 1\nguest counted 2\nguest counted 3\nguest is done\n",
+            "{name}: {r:#?}"
+        );
+        // One vcpu only, and it says so instead of hanging.
+        let r = run_vmm(&["--cpus", "2"], &bin(name), &[]);
+        assert_eq!(r.code, Some(1), "{name}: {r:#?}");
+        assert!(r.stderr.contains("run vmm without --cpus"), "{r:#?}");
+    }
+}
+
+fn pkg_config(prefix: &Path, args: &[&str]) -> Vec<String> {
+    let out = Command::new("pkg-config")
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .args(args)
+        .arg("crosvm_plugin")
+        .output()
+        .expect("pkg-config is required by this test (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "pkg-config {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn cc(args: &[String]) {
+    let out = Command::new("cc").args(args).output().expect("run cc");
+    assert!(
+        out.status.success(),
+        "cc {args:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn install_then_build_a_c_plugin_with_pkg_config_dynamic_and_static() {
+    let tmp = TempDir::new("install");
+    let prefix = tmp.0.join("prefix");
+    // The suite built everything already; install.sh only copies.
+    let out = Command::new(repo_root().join("scripts/install.sh"))
+        .arg("--prefix")
+        .arg(&prefix)
+        .arg("--no-build")
+        .env("CARGO_TARGET_DIR", e2e_tests::target_dir().parent().unwrap())
+        .output()
+        .expect("run install.sh");
+    assert!(
+        out.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "include/crosvm.h",
+        "lib/libcrosvm_plugin.so",
+        "lib/libcrosvm_plugin.a",
+        "lib/pkgconfig/crosvm_plugin.pc",
+        "bin/vmm",
+    ] {
+        assert!(prefix.join(f).is_file(), "{f} is not installed");
+    }
+    // The shared library carries its soname.
+    let dynamic = Command::new("readelf")
+        .arg("-d")
+        .arg(prefix.join("lib/libcrosvm_plugin.so"))
+        .output()
+        .expect("readelf");
+    assert!(
+        String::from_utf8_lossy(&dynamic.stdout).contains("Library soname: [libcrosvm_plugin.so]"),
+        "{}",
+        String::from_utf8_lossy(&dynamic.stdout)
+    );
+
+    let source = repo_root()
+        .join("plugin-examples/c/tutorial.c")
+        .display()
+        .to_string();
+    let vmm = prefix.join("bin/vmm");
+    let expected = "guest counted 1\nguest counted 2\nguest counted 3\nguest is done\n";
+
+    // Dynamic: cc $(pkg-config --cflags --libs crosvm_plugin).
+    let dyn_exe = tmp.0.join("tutorial_dyn").display().to_string();
+    let mut args = vec!["-o".to_owned(), dyn_exe.clone(), source.clone()];
+    args.extend(pkg_config(&prefix, &["--cflags", "--libs"]));
+    cc(&args);
+    // Static: cc -static $(pkg-config --static --cflags --libs crosvm_plugin).
+    let static_exe = tmp.0.join("tutorial_static").display().to_string();
+    let mut args = vec![
+        "-static".to_owned(),
+        "-o".to_owned(),
+        static_exe.clone(),
+        source.clone(),
+    ];
+    args.extend(pkg_config(&prefix, &["--static", "--cflags", "--libs"]));
+    cc(&args);
+    // And the plain static line of the README.
+    let plain_exe = tmp.0.join("tutorial_plain").display().to_string();
+    cc(&[
+        "-static".to_owned(),
+        "-pthread".to_owned(),
+        format!("-I{}", prefix.join("include").display()),
+        "-o".to_owned(),
+        plain_exe.clone(),
+        source,
+        prefix.join("lib/libcrosvm_plugin.a").display().to_string(),
+    ]);
+
+    for exe in [&dyn_exe, &static_exe, &plain_exe] {
+        let mut cmd = Command::new(&vmm);
+        // As a user's shell would run it. (The test runner's
+        // LD_LIBRARY_PATH points at target/: the jail lists the plugin's
+        // libraries with vmm's environment, so it would bind the build
+        // tree's copy while the jailed plugin, without that variable,
+        // looks in its RUNPATH: a jail finding reported to the lead.)
+        cmd.env_remove("LD_LIBRARY_PATH");
+        cmd.arg("--plugin").arg(exe);
+        let r = e2e_tests::run_command(cmd);
+        r.assert_success();
+        assert_eq!(r.stdout, expected, "{exe}: {r:#?}");
+    }
+    let file = Command::new("file").arg(&static_exe).output();
+    if let Ok(f) = file {
+        let text = String::from_utf8_lossy(&f.stdout);
+        assert!(text.contains("statically linked"), "{text}");
+    }
+}
