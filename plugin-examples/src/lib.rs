@@ -1,5 +1,6 @@
 //! Shared pieces of the example machines: guest RAM from a sealed memfd,
-//! real-mode vcpu setup, a runtime x86 assembler, and the shutdown watcher.
+//! real-mode vcpu setup, a runtime x86 assembler, argument and vcpu-count
+//! checks, and (for test plugins) a shutdown watcher.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -14,6 +15,9 @@ pub enum ExampleError {
     Sys(nix::errno::Errno),
     Plugin(crosvm_plugin::Error),
     Asm(iced_x86::IcedError),
+    /// The host stopped the VM (`VcpuEvent::Shutdown`) before the guest
+    /// finished.
+    Stopped,
 }
 
 impl std::fmt::Display for ExampleError {
@@ -22,6 +26,7 @@ impl std::fmt::Display for ExampleError {
             ExampleError::Sys(e) => write!(f, "system call failed: {e}"),
             ExampleError::Plugin(e) => write!(f, "plugin API call failed: {e}"),
             ExampleError::Asm(e) => write!(f, "assembling guest code failed: {e}"),
+            ExampleError::Stopped => f.write_str("the host stopped the VM before the guest finished"),
         }
     }
 }
@@ -32,6 +37,7 @@ impl std::error::Error for ExampleError {
             ExampleError::Sys(e) => Some(e),
             ExampleError::Plugin(e) => Some(e),
             ExampleError::Asm(e) => Some(e),
+            ExampleError::Stopped => None,
         }
     }
 }
@@ -171,6 +177,52 @@ pub fn assemble16(
     let mut a = CodeAssembler::new(16)?;
     build(&mut a)?;
     Ok(a.assemble(base)?)
+}
+
+/// Prints `NAME: PROBLEM` and the usage line, and exits with status 2.
+pub fn usage_error(name: &str, usage: &str, problem: &str) -> ! {
+    eprintln!("{name}: {problem}\nusage: vmm --plugin {name} {usage}");
+    std::process::exit(2);
+}
+
+/// The plugin's arguments parsed as `T`: none (the defaults are used), or
+/// exactly `count`; anything else prints the usage and exits.
+pub fn parse_args<T: std::str::FromStr>(name: &str, usage: &str, count: usize) -> Option<Vec<T>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        usage_error(name, usage, "help requested");
+    }
+    if args.is_empty() {
+        return None;
+    }
+    if args.len() != count {
+        usage_error(
+            name,
+            usage,
+            &format!("expected {count} argument(s), got {}", args.len()),
+        );
+    }
+    Some(
+        args.iter()
+            .map(|a| {
+                a.parse()
+                    .unwrap_or_else(|_| usage_error(name, usage, &format!("bad argument {a:?}")))
+            })
+            .collect(),
+    )
+}
+
+/// Refuses (status 2, with a message) to run on more vcpus than the machine
+/// drives: a vcpu nobody waits on would hold every other vcpu at the start
+/// barrier forever.
+pub fn require_vcpus(conn: &Connection, name: &str, max: usize) {
+    let n = conn.vcpu_count();
+    if n > max {
+        eprintln!(
+            "{name}: this machine drives {max} vcpu(s) but the VM has {n}; run vmm with --cpus {max} (or without --cpus)"
+        );
+        std::process::exit(2);
+    }
 }
 
 /// Exits the process with status 1 when the host signals shutdown (for

@@ -471,6 +471,11 @@ impl VcpuGuard<'_> {
     /// pending (dirty) register image. There is no reply.
     pub fn resume(&mut self) -> Result<()> {
         let st = &mut *self.state;
+        if st.shut_down {
+            // Nothing is stopped any more; a loop that resumes every event
+            // must end here rather than wait again forever.
+            return Err(Error::Shutdown { op: "resume" });
+        }
         // Even if sending fails the event is settled: the channel is broken.
         st.owed = None;
         let mut resume = vcpu_request::Resume::new();

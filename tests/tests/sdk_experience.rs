@@ -315,3 +315,34 @@ fn install_then_build_a_c_plugin_with_pkg_config_dynamic_and_static() {
         assert!(text.contains("statically linked"), "{text}");
     }
 }
+
+#[test]
+fn examples_validate_their_arguments_and_vcpu_count() {
+    // (example, plugin arguments, vmm options, expected stderr)
+    let cases: &[(&str, &[&str], &[&str], &str)] = &[
+        ("adder", &["abc"], &[], "usage: vmm --plugin adder"),
+        ("adder", &["1", "x"], &[], "bad argument \"x\""),
+        ("adder_c", &["abc"], &[], "usage: vmm --plugin adder_c"),
+        ("adder_c", &["1", "-2"], &[], "must be two u32 numbers"),
+        ("hello", &["x"], &[], "usage: vmm --plugin hello"),
+        ("pc-timer", &["0"], &[], "TICKS must be at least 1"),
+        ("multi-vcpu", &["z"], &[], "usage: vmm --plugin multi-vcpu"),
+        ("hello", &[], &["--cpus", "2"], "run vmm with --cpus 1"),
+        ("adder", &[], &["--cpus", "2"], "run vmm with --cpus 1"),
+        ("adder_c", &[], &["--cpus", "2"], "run vmm without --cpus"),
+        ("pc-timer", &[], &["--cpus", "2"], "run vmm with --cpus 1"),
+    ];
+    for (name, args, opts, expected) in cases {
+        let r = run_vmm(opts, &bin(name), args);
+        assert_eq!(r.code, Some(1), "{name} {args:?} {opts:?}: {r:#?}");
+        assert!(r.stdout.is_empty(), "{name} computed something: {r:#?}");
+        assert!(r.stderr.contains(expected), "{name} {args:?}: {r:#?}");
+    }
+    // The multi-vcpu example is the one that runs on several vcpus.
+    let r = run_vmm(&["--cpus", "2"], &bin("multi-vcpu"), &["2"]);
+    r.assert_success();
+    assert!(
+        r.stdout.contains("round 2: all 2 vcpus paused and resumed"),
+        "{r:#?}"
+    );
+}
