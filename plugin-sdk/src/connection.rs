@@ -190,6 +190,16 @@ struct ConnectionInner {
 
 /// A main connection to the VMM.
 ///
+/// ```no_run
+/// use crosvm_plugin::{AddressSpace, Connection};
+/// let conn = Connection::from_env()?; // needs a running vmm
+/// if let Err(e) = conn.reserve_range(AddressSpace::IoPort, 0x3f8, 8) {
+///     // e.g. "reserve_range(IoPort, 0x3f8, 8): EPERM: Operation not permitted"
+///     eprintln!("{e}");
+/// }
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
+///
 /// Cloning is cheap and shares the same socket (requests are serialized by
 /// an internal lock); use [`Connection::new_connection`] for an independent
 /// socket that can be used in parallel. All methods take `&self`.
@@ -564,6 +574,44 @@ impl Connection {
     }
 
     /// Ends setup: the VMM creates the vcpus, which then report `Init`.
+    ///
+    /// **Start barrier:** every vcpu reports [`VcpuEvent::Init`] first, and
+    /// no vcpu runs guest code until *every* vcpu of the VM has been resumed
+    /// from its `Init`. A plugin must therefore wait on and resume all
+    /// [`vcpu_count`](Self::vcpu_count) vcpus (one thread each, or one after
+    /// the other), or refuse to run with more vcpus than it drives: a vcpu
+    /// nobody waits on holds the whole VM forever.
+    ///
+    /// **Initial state:** at `Init` each vcpu is in x86 reset state (real
+    /// mode, `CS.base = 0xffff0000`, `RIP = 0xfff0`; vcpus other than 0 wait
+    /// for a startup IPI); see [`crate::machine`] for the details and the
+    /// helpers that set real, protected or long mode.
+    ///
+    /// ```no_run
+    /// # use crosvm_plugin::{machine, Connection, VcpuEvent};
+    /// let conn = Connection::from_env()?;
+    /// let threads: Vec<_> = (0..conn.vcpu_count() as u32)
+    ///     .map(|id| {
+    ///         let vcpu = conn.vcpu(id).unwrap();
+    ///         std::thread::spawn(move || -> crosvm_plugin::Result<()> {
+    ///             let mut v = vcpu.lock();
+    ///             loop {
+    ///                 match v.wait()? {
+    ///                     VcpuEvent::Init => machine::enter_real_mode(&mut v, 0x1000, 0x8000)?,
+    ///                     VcpuEvent::Shutdown => return Ok(()),
+    ///                     _ => {}
+    ///                 }
+    ///                 v.resume()?;
+    ///             }
+    ///         })
+    ///     })
+    ///     .collect();
+    /// conn.start()?; // vcpus may be waited on before or after start
+    /// # drop(threads);
+    /// # Ok::<(), crosvm_plugin::Error>(())
+    /// ```
+    ///
+    /// [`VcpuEvent::Init`]: crate::VcpuEvent::Init
     pub fn start(&self) -> Result<()> {
         let mut req = MainRequest::new();
         req.set_start(main_request::Start::new());

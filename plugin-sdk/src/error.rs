@@ -6,6 +6,15 @@ use plugin_proto::framing::FramingError;
 /// Everything that can go wrong when talking to the VMM.
 ///
 /// [`Error::errno`] gives the positive errno value the C API negates.
+///
+/// ```
+/// use crosvm_plugin::Error;
+///
+/// let e = Error::Host { op: "reserve_range(IoPort, 0x3f8, 8)".into(), errno: libc::EPERM };
+/// assert_eq!(e.to_string(), "reserve_range(IoPort, 0x3f8, 8): EPERM: Operation not permitted");
+/// assert_eq!(e.errno(), libc::EPERM);
+/// assert!(e.is_host_errno(libc::EPERM));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `CROSVM_SOCKET` is not set in the environment.

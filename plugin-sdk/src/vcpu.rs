@@ -23,9 +23,30 @@ use crate::types::{cpuid_from_proto, cpuid_to_proto, AddressSpace};
 const EVENT_DATA_CAPACITY: usize = 256;
 
 /// One event reported by a vcpu (see [`VcpuGuard::wait`]).
+///
+/// ```
+/// use crosvm_plugin::{AddressSpace, VcpuEvent};
+///
+/// let write = VcpuEvent::Io {
+///     space: AddressSpace::IoPort,
+///     address: 0x3f8,
+///     is_write: true,
+///     no_resume: false,
+///     data: b"A",
+/// };
+/// assert!(write.needs_resume());
+/// assert!(!VcpuEvent::Shutdown.needs_resume());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuEvent<'a> {
     /// First event of every vcpu after `start`; the vcpu has not run yet.
+    ///
+    /// The vcpu is in x86 reset state: real mode with `CS.base =
+    /// 0xffff0000` and `RIP = 0xfff0`, so setting only `rip` runs code at
+    /// `0xffff0000 + rip`; vcpus other than 0 wait for a startup IPI. Use
+    /// [`crate::machine`]'s `enter_*_mode` helpers. No vcpu runs until every
+    /// vcpu has been resumed from its `Init` (the start barrier, see
+    /// [`Connection::start`](crate::Connection::start)).
     Init,
     /// A guest access to a reserved address.
     Io {
@@ -279,6 +300,15 @@ impl VcpuSlot {
 
 /// A shareable handle to one vcpu of the table built at connect time.
 ///
+/// ```no_run
+/// # use crosvm_plugin::Connection;
+/// let conn = Connection::from_env()?;
+/// let vcpu = conn.vcpu(0)?;
+/// let worker = std::thread::spawn(move || vcpu.lock().wait().map(|e| e.needs_resume()));
+/// # drop(worker);
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
+///
 /// Cheap to clone and `Send + Sync`; every operation goes through
 /// [`Vcpu::lock`], which gives exclusive use of the vcpu channel. Different
 /// vcpus can be driven concurrently from different threads.
@@ -337,6 +367,13 @@ impl VcpuGuard<'_> {
     }
 
     /// Blocks until the vcpu reports its next event.
+    ///
+    /// Returns [`VcpuEvent::Shutdown`] once the host stops the VM (its
+    /// shutdown eventfd is signalled; checked while waiting on either vcpu
+    /// transport, no watcher thread needed), and [`Error::ResumeOwed`]
+    /// (`EBUSY`), naming the event, when the previous event still needs a
+    /// [`resume`](Self::resume): the vcpu is stopped and would never report
+    /// anything.
     ///
     /// The first call on a vcpu sends the `Wait` request; every call reads
     /// the next response. The io data of the event stays available through
