@@ -26,7 +26,9 @@ impl std::fmt::Display for ExampleError {
             ExampleError::Sys(e) => write!(f, "system call failed: {e}"),
             ExampleError::Plugin(e) => write!(f, "plugin API call failed: {e}"),
             ExampleError::Asm(e) => write!(f, "assembling guest code failed: {e}"),
-            ExampleError::Stopped => f.write_str("the host stopped the VM before the guest finished"),
+            ExampleError::Stopped => {
+                f.write_str("the host stopped the VM before the guest finished")
+            }
         }
     }
 }

@@ -268,9 +268,7 @@ pub const LOG_ENV: &str = "CROSVM_PLUGIN_LOG";
 
 fn debug_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        std::env::var_os(LOG_ENV).is_some_and(|v| v == "debug" || v == "trace")
-    })
+    *ENABLED.get_or_init(|| std::env::var_os(LOG_ENV).is_some_and(|v| v == "debug" || v == "trace"))
 }
 
 /// The C API's error exit: `-errno`, and at debug level the whole error
@@ -1009,7 +1007,11 @@ pub unsafe extern "C" fn crosvm_vcpu_wait(
                 msg_page,
             }),
             // No event to fill: the caller sees -ESHUTDOWN and stops.
-            Ok(VcpuEvent::Shutdown) => return fail(&crate::Error::Shutdown { op: "crosvm_vcpu_wait" }),
+            Ok(VcpuEvent::Shutdown) => {
+                return fail(&crate::Error::Shutdown {
+                    op: "crosvm_vcpu_wait",
+                })
+            }
             Err(e) => return fail(&e),
         };
         let data = guard.event_data_ptr();

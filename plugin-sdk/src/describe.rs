@@ -64,12 +64,7 @@ pub(crate) fn main_request(request: &MainRequest) -> String {
             if r.length == 0 {
                 format!("{what}({}, {:#x})", space(&r.space), r.start)
             } else {
-                format!(
-                    "{what}({}, {:#x}, {})",
-                    space(&r.space),
-                    r.start,
-                    r.length
-                )
+                format!("{what}({}, {:#x}, {})", space(&r.space), r.start, r.length)
             }
         }
         Some(M::SetIrq(s)) => format!("set_irq({}, {})", s.irq_id, s.active),
@@ -96,13 +91,13 @@ pub(crate) fn main_request(request: &MainRequest) -> String {
             )
         }
         Some(M::GetState(g)) => format!("get_state({})", state_set(&g.set)),
-        Some(M::SetState(s)) => format!(
-            "set_state({}, {} bytes)",
-            state_set(&s.set),
-            s.state.len()
-        ),
+        Some(M::SetState(s)) => {
+            format!("set_state({}, {} bytes)", state_set(&s.set), s.state.len())
+        }
         Some(M::SetIdentityMapAddr(a)) => format!("set_identity_map_addr({:#x})", a.address),
-        Some(M::PauseVcpus(p)) => format!("pause_vcpus(mask {:#x}, user {:#x})", p.cpu_mask, p.user),
+        Some(M::PauseVcpus(p)) => {
+            format!("pause_vcpus(mask {:#x}, user {:#x})", p.cpu_mask, p.user)
+        }
         Some(M::SetCallHint(h)) => format!(
             "set_call_hint({}, {:#x}, {} hints)",
             space(&h.space),

@@ -88,7 +88,7 @@ impl GuestRam {
     /// Creates `size` bytes (a non-zero multiple of [`PAGE_SIZE`]) of
     /// zeroed RAM.
     pub fn new(size: u64) -> Result<GuestRam> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || size & (PAGE_SIZE - 1) != 0 {
             return Err(Error::InvalidArgument(
                 "guest RAM size must be a non-zero multiple of 4096",
             ));
@@ -313,7 +313,10 @@ fn load_flat_segments(
 }
 
 fn check_tables(ram: &GuestRam, tables: u64) -> Result<()> {
-    if tables % PAGE_SIZE != 0 || tables + SYSTEM_TABLES_SIZE > ram.size() {
+    let fits = tables
+        .checked_add(SYSTEM_TABLES_SIZE)
+        .is_some_and(|end| end <= ram.size());
+    if tables & (PAGE_SIZE - 1) != 0 || !fits {
         return Err(Error::InvalidArgument(
             "system tables need SYSTEM_TABLES_SIZE page-aligned bytes inside guest RAM",
         ));

@@ -1529,9 +1529,16 @@ fn wait_while_a_resume_is_owed_names_the_pending_event() {
     assert_eq!(v.wait().unwrap(), VcpuEvent::Init);
     let err = v.wait().unwrap_err();
     assert_eq!(err.errno(), libc::EBUSY);
-    assert!(err.to_string().contains("resume is still owed for its Init event"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("resume is still owed for its Init event"),
+        "{err}"
+    );
     v.resume().unwrap();
-    assert!(matches!(v.wait().unwrap(), VcpuEvent::Io { address: 0x3f8, .. }));
+    assert!(matches!(
+        v.wait().unwrap(),
+        VcpuEvent::Io { address: 0x3f8, .. }
+    ));
     let err = v.wait().unwrap_err();
     assert!(
         err.to_string()

@@ -138,9 +138,8 @@ fn wait_with_a_resume_owed_names_the_pending_event() {
     let r = run_vmm(&[], &bin("sdk_wait"), &["owed"]);
     r.assert_success();
     assert!(
-        r.stdout.contains(
-            "sdk_wait: wait() on vcpu 0 while a resume is still owed for its Init event"
-        ),
+        r.stdout
+            .contains("sdk_wait: wait() on vcpu 0 while a resume is still owed for its Init event"),
         "{r:#?}"
     );
     assert!(
@@ -185,8 +184,7 @@ fn tutorial_plugins_run() {
         let r = run_vmm(&[], &bin(name), &[]);
         r.assert_success();
         assert_eq!(
-            r.stdout,
-            "guest counted 1\nguest counted 2\nguest counted 3\nguest is done\n",
+            r.stdout, "guest counted 1\nguest counted 2\nguest counted 3\nguest is done\n",
             "{name}: {r:#?}"
         );
         // One vcpu only, and it says so instead of hanging.
@@ -233,7 +231,10 @@ fn install_then_build_a_c_plugin_with_pkg_config_dynamic_and_static() {
         .arg("--prefix")
         .arg(&prefix)
         .arg("--no-build")
-        .env("CARGO_TARGET_DIR", e2e_tests::target_dir().parent().unwrap())
+        .env(
+            "CARGO_TARGET_DIR",
+            e2e_tests::target_dir().parent().unwrap(),
+        )
         .output()
         .expect("run install.sh");
     assert!(
@@ -345,4 +346,17 @@ fn examples_validate_their_arguments_and_vcpu_count() {
         r.stdout.contains("round 2: all 2 vcpus paused and resumed"),
         "{r:#?}"
     );
+}
+
+#[test]
+fn mode_helpers_run_protected_and_long_mode_guests() {
+    for (mode, value) in [("protected", "0x12345678"), ("long", "0x1")] {
+        let r = run_vmm(&[], &bin("sdk_wait"), &[mode]);
+        r.assert_success();
+        assert!(
+            r.stdout
+                .contains(&format!("sdk_wait: {mode} mode guest wrote {value}")),
+            "{r:#?}"
+        );
+    }
 }

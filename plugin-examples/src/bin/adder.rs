@@ -4,8 +4,8 @@
 use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    require_vcpus, parse_args, ExampleError,
-    assemble16, enter_real_mode, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, require_vcpus, ExampleError, GuestRam,
+    Result,
 };
 
 const PORT_A: u64 = 0x600;
@@ -75,8 +75,12 @@ fn run(x: u32, y: u32) -> Result<Option<u32>> {
 }
 
 fn main() {
-    let (x, y) = parse_args::<u32>("adder", "[--plugin-args A B]   (two u32 numbers; default 40 2)", 2)
-        .map_or((40, 2), |a| (a[0], a[1]));
+    let (x, y) = parse_args::<u32>(
+        "adder",
+        "[--plugin-args A B]   (two u32 numbers; default 40 2)",
+        2,
+    )
+    .map_or((40, 2), |a| (a[0], a[1]));
     match run(x, y) {
         Ok(Some(sum)) if sum == x.wrapping_add(y) => {
             println!("{x} + {y} = {sum} (computed by the guest)")

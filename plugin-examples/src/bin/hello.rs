@@ -8,8 +8,8 @@ use std::io::Write;
 use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    require_vcpus, parse_args, ExampleError,
-    assemble16, enter_real_mode, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, require_vcpus, ExampleError, GuestRam,
+    Result,
 };
 
 const UART_BASE: u64 = 0x3f8;

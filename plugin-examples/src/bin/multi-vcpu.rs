@@ -10,8 +10,7 @@ use std::time::Duration;
 use crosvm_plugin::{Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    parse_args, ExampleError,
-    assemble16, enter_real_mode, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, ExampleError, GuestRam, Result,
 };
 
 const CODE: u64 = 0x1000;
@@ -38,7 +37,9 @@ fn run(rounds: u64) -> Result<std::convert::Infallible> {
 
     let n = conn.vcpu_count() as u32;
     if n > 64 {
-        eprintln!("multi-vcpu: only the first 64 vcpus can be paused; run vmm with --cpus 64 or fewer");
+        eprintln!(
+            "multi-vcpu: only the first 64 vcpus can be paused; run vmm with --cpus 64 or fewer"
+        );
         std::process::exit(2);
     }
     let (tx, rx) = mpsc::channel::<Report>();
@@ -117,8 +118,8 @@ fn run(rounds: u64) -> Result<std::convert::Infallible> {
 }
 
 fn main() {
-    let rounds = parse_args::<u64>("multi-vcpu", "[--cpus N] [--plugin-args ROUNDS]", 1)
-        .map_or(5, |a| a[0]);
+    let rounds =
+        parse_args::<u64>("multi-vcpu", "[--cpus N] [--plugin-args ROUNDS]", 1).map_or(5, |a| a[0]);
     let Err(e) = run(rounds);
     exit_with(&e);
 }

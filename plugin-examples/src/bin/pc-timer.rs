@@ -9,8 +9,8 @@
 use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    require_vcpus, parse_args, ExampleError,
-    assemble16, enter_real_mode, exit_with, pc_irq_routes, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, pc_irq_routes, require_vcpus, ExampleError,
+    GuestRam, Result,
 };
 
 const REPORT_PORT: u64 = 0x610;

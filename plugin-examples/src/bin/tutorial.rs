@@ -63,8 +63,7 @@ fn run() -> crosvm_plugin::Result<()> {
                 ..
             } => println!("guest counted {}", data[0]),
             VcpuEvent::Io {
-                address: DONE_PORT,
-                ..
+                address: DONE_PORT, ..
             } => {
                 println!("guest is done");
                 return Ok(()); // the VM stops when the plugin exits

@@ -7,6 +7,10 @@
 //! * `owed`: a second `wait()` at `Init` must fail naming the pending
 //!   event, and an overlapping reservation must name the request.
 //!
+//! * `protected` / `long`: the SDK's mode helpers put the vcpu into 32-bit
+//!   protected or 64-bit long mode; the guest computes a value only that
+//!   mode gives and writes it to the done port.
+//!
 //! Prints `sdk_wait: ...` lines the tests check; exits 1 on any surprise.
 
 use crosvm_plugin::{machine, AddressSpace, Connection, Error, GuestRam, VcpuEvent};
@@ -41,7 +45,31 @@ fn main() {
             a.out(dx, al)?;
             a.hlt()
         }),
-        _ => fail(format!("usage: sdk_wait shutdown|owed (got {mode:?})")),
+        "protected" | "long" => {
+            let bits = if mode == "long" { 64 } else { 32 };
+            (|| {
+                let mut a = CodeAssembler::new(bits)?;
+                if bits == 64 {
+                    // 0x1_0000_0002 >> 32 == 1: needs 64-bit registers.
+                    a.mov(rax, 0x1_0000_0002u64)?;
+                    a.shr(rax, 32)?;
+                    // A store and load through the identity-mapped pages.
+                    a.mov(rbx, 0x3000u64)?;
+                    a.mov(qword_ptr(rbx), rax)?;
+                    a.mov(rax, qword_ptr(rbx))?;
+                } else {
+                    a.mov(eax, 0x1234_5678u32)?;
+                }
+                a.mov(dx, u32::from(DONE_PORT))?;
+                a.out(dx, eax)?;
+                a.hlt()?;
+                a.assemble(CODE)
+            })()
+            .map_err(plugin_examples::ExampleError::from)
+        }
+        _ => fail(format!(
+            "usage: sdk_wait shutdown|owed|protected|long (got {mode:?})"
+        )),
     }
     .unwrap_or_else(|e| fail(format!("assembling: {e}")));
 
@@ -72,10 +100,12 @@ fn main() {
             other => fail(format!("second wait gave {other:?}")),
         }
     }
-    ok(
-        "real mode",
-        machine::enter_real_mode(&mut v, CODE as u16, 0x8000),
-    );
+    let setup = match mode.as_str() {
+        "protected" => machine::enter_protected_mode(&mut v, &ram, 0, 0x8000, CODE as u32, 0x7000),
+        "long" => machine::enter_long_mode(&mut v, &ram, 0, 0x8000, CODE, 0x7000),
+        _ => machine::enter_real_mode(&mut v, CODE as u16, 0x8000),
+    };
+    ok("mode set-up", setup);
     ok("resume", v.resume());
     if mode == "shutdown" {
         use std::io::Write;
@@ -92,6 +122,26 @@ fn main() {
         }
         VcpuEvent::Io { address, .. } if mode == "owed" && address == u64::from(DONE_PORT) => {
             println!("sdk_wait: guest reached the done port");
+        }
+        VcpuEvent::Io { address, data, .. } if address == u64::from(DONE_PORT) => {
+            let value = u32::from_le_bytes(data.try_into().unwrap_or([0; 4]));
+            let expected = if mode == "long" { 1 } else { 0x1234_5678 };
+            if value != expected {
+                fail(format!(
+                    "{mode} mode guest wrote {value:#x}, expected {expected:#x}"
+                ));
+            }
+            let sregs = ok("get_sregs", v.get_sregs());
+            let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l == 1;
+            let protected = sregs.cr0 & 1 == 1 && sregs.cs.db == 1;
+            if (mode == "long" && !long) || (mode == "protected" && (!protected || long)) {
+                fail(format!(
+                    "{mode}: cr0 {:#x} efer {:#x} cs.l {} cs.db {}",
+                    sregs.cr0, sregs.efer, sregs.cs.l, sregs.cs.db
+                ));
+            }
+            println!("sdk_wait: {mode} mode guest wrote {value:#x}");
+            ok("resume", v.resume());
         }
         other => fail(format!("unexpected event {other:?}")),
     }
