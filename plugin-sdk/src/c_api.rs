@@ -14,7 +14,15 @@
 //!   `-EBUSY` instead of giving the inherited socket a second owner;
 //! * more than 16 vcpus are supported (chunked `GetVcpus` extension);
 //! * if a create reply lacks its descriptors, the object is destroyed again
-//!   before `-EPROTO` is returned (the reference left it on the VMM).
+//!   before `-EPROTO` is returned (the reference left it on the VMM);
+//! * `crosvm_vcpu_wait` returns `-ESHUTDOWN` (event not written) once the
+//!   host stops the VM, instead of blocking until the plugin is killed, and
+//!   `-EBUSY` when the previous event was not resumed, instead of blocking
+//!   forever; `crosvm_vcpu_resume` after the shutdown returns `-ESHUTDOWN`;
+//! * `crosvm_connect` also fetches a shutdown eventfd for the library's own
+//!   use (one extra `GetShutdownEventfd` request);
+//! * with `CROSVM_PLUGIN_LOG=debug` every failure's text (request,
+//!   arguments, errno name) is printed to stderr.
 
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
