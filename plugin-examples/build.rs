@@ -2,12 +2,13 @@
 //! `main` is renamed so a thin Rust binary (`src/bin/<name>.rs`) can call it;
 //! the C code itself is unchanged crosvm API 0.22 code.
 
-/// The C example machines, each `c/<name>.c` with a `src/bin/<name>.rs`.
-const C_EXAMPLES: &[&str] = &["adder_c"];
+/// The C example machines: `(binary, source)`, each `c/<source>.c` with a
+/// `src/bin/<binary>.rs`.
+const C_EXAMPLES: &[(&str, &str)] = &[("adder_c", "adder_c"), ("tutorial_c", "tutorial")];
 
 fn main() {
-    for name in C_EXAMPLES {
-        let src = format!("c/{name}.c");
+    for (name, source) in C_EXAMPLES {
+        let src = format!("c/{source}.c");
         println!("cargo:rerun-if-changed={src}");
         cc::Build::new()
             .file(&src)

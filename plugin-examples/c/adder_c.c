@@ -42,13 +42,38 @@ static int fail(const char *what, int ret) {
     return 1;
 }
 
+static int usage(const char *problem) {
+    fprintf(stderr, "adder_c: %s\nusage: vmm --plugin adder_c [--plugin-args A B]"
+                    "   (two u32 numbers; default 40 2; one vcpu)\n", problem);
+    return 2;
+}
+
+/* A whole decimal (or 0x hex) number that fits in 32 bits. */
+static int parse_u32(const char *text, uint32_t *out) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 0);
+    if (errno || end == text || *end || text[0] == '-' || v > UINT32_MAX)
+        return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    uint32_t a = argc > 1 ? (uint32_t)strtoul(argv[1], NULL, 0) : 40;
-    uint32_t b = argc > 2 ? (uint32_t)strtoul(argv[2], NULL, 0) : 2;
+    uint32_t a = 40, b = 2;
+    if (argc != 1 && argc != 3)
+        return usage("expected no arguments or two");
+    if (argc == 3 && (parse_u32(argv[1], &a) || parse_u32(argv[2], &b)))
+        return usage("the arguments must be two u32 numbers");
     struct crosvm *crosvm;
     int ret = crosvm_connect(&crosvm);
     if (ret)
         return fail("crosvm_connect", ret);
+    struct crosvm_vcpu *extra;
+    if (crosvm_get_vcpu(crosvm, 1, &extra) == 0) {
+        fprintf(stderr, "adder_c: this machine drives 1 vcpu; run vmm without --cpus\n");
+        return 2;
+    }
 
     int mem_fd = memfd_create("guest_mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (mem_fd < 0 || ftruncate(mem_fd, MEM_SIZE) ||

@@ -1,12 +1,11 @@
 //! Shared pieces of the example machines: guest RAM from a sealed memfd,
-//! real-mode vcpu setup, a runtime x86 assembler, and the shutdown watcher.
+//! real-mode vcpu setup, a runtime x86 assembler, argument and vcpu-count
+//! checks, and (for test plugins) a shutdown watcher.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 
 use crosvm_plugin::{Connection, VcpuGuard};
 use iced_x86::code_asm::CodeAssembler;
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-use nix::sys::memfd::{memfd_create, MFdFlags};
 
 /// Errors of the example helpers.
 #[derive(Debug)]
@@ -14,6 +13,9 @@ pub enum ExampleError {
     Sys(nix::errno::Errno),
     Plugin(crosvm_plugin::Error),
     Asm(iced_x86::IcedError),
+    /// The host stopped the VM (`VcpuEvent::Shutdown`) before the guest
+    /// finished.
+    Stopped,
 }
 
 impl std::fmt::Display for ExampleError {
@@ -22,6 +24,9 @@ impl std::fmt::Display for ExampleError {
             ExampleError::Sys(e) => write!(f, "system call failed: {e}"),
             ExampleError::Plugin(e) => write!(f, "plugin API call failed: {e}"),
             ExampleError::Asm(e) => write!(f, "assembling guest code failed: {e}"),
+            ExampleError::Stopped => {
+                f.write_str("the host stopped the VM before the guest finished")
+            }
         }
     }
 }
@@ -32,6 +37,7 @@ impl std::error::Error for ExampleError {
             ExampleError::Sys(e) => Some(e),
             ExampleError::Plugin(e) => Some(e),
             ExampleError::Asm(e) => Some(e),
+            ExampleError::Stopped => None,
         }
     }
 }
@@ -56,83 +62,44 @@ impl From<iced_x86::IcedError> for ExampleError {
 
 pub type Result<T> = std::result::Result<T, ExampleError>;
 
-/// Guest RAM backed by a memfd sealed against shrinking, as the host
-/// requires.
-pub struct GuestRam {
-    fd: OwnedFd,
-    size: u64,
-}
+/// Guest RAM for the examples: the SDK's [`crosvm_plugin::GuestRam`]
+/// (a sealed memfd, mapped here) with the examples' error type.
+pub struct GuestRam(crosvm_plugin::GuestRam);
 
 impl GuestRam {
     pub fn new(size: u64) -> Result<GuestRam> {
-        let fd = memfd_create(
-            c"guest-ram",
-            MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC,
-        )?;
-        nix::unistd::ftruncate(&fd, i64::try_from(size).unwrap_or(i64::MAX))?;
-        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))?;
-        Ok(GuestRam { fd, size })
+        Ok(GuestRam(crosvm_plugin::GuestRam::new(size)?))
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.0.fd()
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.0.size()
     }
 
     /// Copies `bytes` to guest-physical `gpa` (RAM starts at guest address 0).
     pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
-        let off = i64::try_from(gpa).unwrap_or(i64::MAX);
-        let n = nix::sys::uio::pwrite(&self.fd, bytes, off)?;
-        if n != bytes.len() {
-            return Err(ExampleError::Sys(nix::errno::Errno::EIO));
-        }
-        Ok(())
+        Ok(self.0.write(gpa, bytes)?)
     }
 
     /// Reads `len` bytes at guest-physical `gpa`.
     pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0; len];
-        let off = i64::try_from(gpa).unwrap_or(i64::MAX);
-        let n = nix::sys::uio::pread(&self.fd, &mut buf, off)?;
-        buf.truncate(n);
-        Ok(buf)
+        Ok(self.0.read(gpa, len)?)
     }
 
     /// Maps the whole RAM at guest address 0 through `conn`.
     pub fn map(&self, conn: &Connection) -> Result<crosvm_plugin::Memory> {
-        Ok(conn.create_memory(self.fd(), 0, self.size, 0, false, false)?)
+        Ok(self.0.register(conn, 0)?)
     }
 }
 
 /// Puts a vcpu (in its Init event) into 16-bit real mode at `0:ip`, with the
-/// stack at `0:sp`, and makes it runnable (application processors start out
-/// waiting for a startup IPI).
+/// stack at `0:sp`, and makes it runnable (the SDK's
+/// [`crosvm_plugin::machine::enter_real_mode`]).
 pub fn enter_real_mode(v: &mut VcpuGuard<'_>, ip: u16, sp: u16) -> Result<()> {
-    v.set_mp_state(&crosvm_plugin::kvm_bindings::kvm_mp_state {
-        mp_state: crosvm_plugin::kvm_bindings::KVM_MP_STATE_RUNNABLE,
-    })?;
-    let mut sregs = v.get_sregs()?;
-    for seg in [
-        &mut sregs.cs,
-        &mut sregs.ds,
-        &mut sregs.es,
-        &mut sregs.ss,
-        &mut sregs.fs,
-        &mut sregs.gs,
-    ] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    v.set_sregs(&sregs);
-    let mut regs = v.get_regs()?;
-    regs.rip = u64::from(ip);
-    regs.rsp = u64::from(sp);
-    regs.rflags = 2;
-    v.set_regs(&regs);
-    Ok(())
+    Ok(crosvm_plugin::machine::enter_real_mode(v, ip, sp)?)
 }
 
 /// The PC's standard GSI wiring: ISA IRQs 0-7 on the master PIC, 8-15 on
@@ -171,6 +138,52 @@ pub fn assemble16(
     let mut a = CodeAssembler::new(16)?;
     build(&mut a)?;
     Ok(a.assemble(base)?)
+}
+
+/// Prints `NAME: PROBLEM` and the usage line, and exits with status 2.
+pub fn usage_error(name: &str, usage: &str, problem: &str) -> ! {
+    eprintln!("{name}: {problem}\nusage: vmm --plugin {name} {usage}");
+    std::process::exit(2);
+}
+
+/// The plugin's arguments parsed as `T`: none (the defaults are used), or
+/// exactly `count`; anything else prints the usage and exits.
+pub fn parse_args<T: std::str::FromStr>(name: &str, usage: &str, count: usize) -> Option<Vec<T>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        usage_error(name, usage, "help requested");
+    }
+    if args.is_empty() {
+        return None;
+    }
+    if args.len() != count {
+        usage_error(
+            name,
+            usage,
+            &format!("expected {count} argument(s), got {}", args.len()),
+        );
+    }
+    Some(
+        args.iter()
+            .map(|a| {
+                a.parse()
+                    .unwrap_or_else(|_| usage_error(name, usage, &format!("bad argument {a:?}")))
+            })
+            .collect(),
+    )
+}
+
+/// Refuses (status 2, with a message) to run on more vcpus than the machine
+/// drives: a vcpu nobody waits on would hold every other vcpu at the start
+/// barrier forever.
+pub fn require_vcpus(conn: &Connection, name: &str, max: usize) {
+    let n = conn.vcpu_count();
+    if n > max {
+        eprintln!(
+            "{name}: this machine drives {max} vcpu(s) but the VM has {n}; run vmm with --cpus {max} (or without --cpus)"
+        );
+        std::process::exit(2);
+    }
 }
 
 /// Exits the process with status 1 when the host signals shutdown (for

@@ -2,7 +2,7 @@
 //! `kvm_cpuid_entry2`, used by the host and the SDK.
 //!
 //! The two sides treat the index of an entry whose index is not significant
-//! differently (wire-protocol.md §4.2): the host sends and installs it as 0,
+//! differently (docs/wire-protocol.md §4.2): the host sends and installs it as 0,
 //! the client library copies it as it is. The significant-index flag is the
 //! only flag that crosses the wire; padding is zeroed.
 

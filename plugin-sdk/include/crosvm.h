@@ -215,7 +215,9 @@ int crosvm_new_connection(struct crosvm *, struct crosvm **);
 /* Closes the connection; always returns 0 and sets *self to NULL. */
 int crosvm_destroy_connection(struct crosvm **);
 
-/* Returns a new descriptor (caller-owned) for the VM's shutdown eventfd. */
+/* Returns a new descriptor (caller-owned) for the VM's shutdown eventfd.
+ * Write 1 to it to stop the VM; poll rather than read it to watch for the
+ * end (crosvm_vcpu_wait already returns -ESHUTDOWN then). */
 int crosvm_get_shutdown_eventfd(struct crosvm *);
 
 /* ---- Capability and CPU queries -------------------------------------- */
@@ -316,10 +318,31 @@ int crosvm_irq_event_get_resample_fd(const struct crosvm_irq *);
 /* Library-owned handle for vcpu __cpu_id (-ENOENT past the last vcpu). */
 int crosvm_get_vcpu(struct crosvm *, uint32_t __cpu_id, struct crosvm_vcpu **);
 
-/* Blocks until the next event of the vcpu. */
+/* Blocks until the next event of the vcpu.
+ *
+ * The first event of every vcpu is INIT, once all vcpus exist (after
+ * crosvm_start). No vcpu runs guest code until every vcpu has been resumed
+ * from its INIT (the start barrier): a plugin must wait on, and resume,
+ * every vcpu of the VM. At INIT the vcpu is in x86 reset state (real mode,
+ * CS base 0xffff0000, RIP 0xfff0; vcpus other than 0 are waiting for a
+ * startup IPI): set the segments as well as RIP.
+ *
+ * Extensions of this library (vmm), source-compatible with crosvm 0.22:
+ *  -ESHUTDOWN  the host is stopping the VM (its shutdown eventfd was
+ *              signalled) and this vcpu has nothing more to report; *event
+ *              is not written; the vcpu needs no resume, later waits (and
+ *              resumes) return -ESHUTDOWN again. The plugin should clean up
+ *              and exit: no watcher thread on the shutdown eventfd is
+ *              needed (and reading that eventfd resets it for everyone).
+ *  -EBUSY      the previous event still needs crosvm_vcpu_resume; nothing
+ *              was read (the old library blocked forever here).
+ * With CROSVM_PLUGIN_LOG=debug in the plugin's environment
+ * (vmm --plugin-env CROSVM_PLUGIN_LOG=debug), every failing call prints
+ * its cause to stderr, e.g. "reserve_range(IoPort, 0x3f8, 8): EPERM: ...". */
 int crosvm_vcpu_wait(struct crosvm_vcpu *, struct crosvm_vcpu_event *);
 
-/* Lets the vcpu continue (not after a no_resume event). */
+/* Lets the vcpu continue (not after a no_resume event; -ESHUTDOWN once
+ * crosvm_vcpu_wait has reported the shutdown). */
 int crosvm_vcpu_resume(struct crosvm_vcpu *);
 
 /* The state calls below are valid only while the vcpu is stopped in an

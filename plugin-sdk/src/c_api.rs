@@ -14,7 +14,15 @@
 //!   `-EBUSY` instead of giving the inherited socket a second owner;
 //! * more than 16 vcpus are supported (chunked `GetVcpus` extension);
 //! * if a create reply lacks its descriptors, the object is destroyed again
-//!   before `-EPROTO` is returned (the reference left it on the VMM).
+//!   before `-EPROTO` is returned (the reference left it on the VMM);
+//! * `crosvm_vcpu_wait` returns `-ESHUTDOWN` (event not written) once the
+//!   host stops the VM, instead of blocking until the plugin is killed, and
+//!   `-EBUSY` when the previous event was not resumed, instead of blocking
+//!   forever; `crosvm_vcpu_resume` after the shutdown returns `-ESHUTDOWN`;
+//! * `crosvm_connect` also fetches a shutdown eventfd for the library's own
+//!   use (one extra `GetShutdownEventfd` request);
+//! * with `CROSVM_PLUGIN_LOG=debug` every failure's text (request,
+//!   arguments, errno name) is printed to stderr.
 
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
@@ -262,10 +270,36 @@ fn ffi(f: impl FnOnce() -> c_int) -> c_int {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(-libc::EIO)
 }
 
+/// Environment variable that makes the C API print each error's text to
+/// stderr (`CROSVM_PLUGIN_LOG=debug`) before returning its `-errno`.
+pub const LOG_ENV: &str = "CROSVM_PLUGIN_LOG";
+
+fn debug_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os(LOG_ENV).is_some_and(|v| v == "debug" || v == "trace"))
+}
+
+/// The C API's error exit: `-errno`, and at debug level the whole error
+/// text (operation, arguments, cause) on stderr in one write.
+fn fail(e: &crate::Error) -> c_int {
+    if debug_enabled() {
+        let mut line = format!("crosvm_plugin: debug: {e}");
+        let mut cur = std::error::Error::source(e);
+        while let Some(s) = cur {
+            line.push_str(": ");
+            line.push_str(&s.to_string());
+            cur = s.source();
+        }
+        line.push_str(&format!(" (returning -{})\n", e.errno()));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }
+    -e.errno()
+}
+
 fn status(result: Result<()>) -> c_int {
     match result {
         Ok(()) => 0,
-        Err(e) => -e.errno(),
+        Err(e) => fail(&e),
     }
 }
 
@@ -278,7 +312,7 @@ unsafe fn output<T>(result: Result<T>, out: *mut T) -> c_int {
             unsafe { out.write(v) };
             0
         }
-        Err(e) => -e.errno(),
+        Err(e) => fail(&e),
     }
 }
 
@@ -309,7 +343,7 @@ unsafe fn fill_list<T: Copy>(
         Err(e) => {
             // SAFETY: valid out-pointer per the C API contract.
             unsafe { out_count.write(0) };
-            -e.errno()
+            fail(&e)
         }
         Ok(list) => {
             // SAFETY: valid out-pointer per the C API contract.
@@ -354,7 +388,7 @@ pub unsafe extern "C" fn crosvm_connect(out: *mut *mut crosvm) -> c_int {
             unsafe { out.write(Box::into_raw(Box::new(crosvm { conn }))) };
             0
         }
-        Err(e) => -e.errno(),
+        Err(e) => fail(&e),
     })
 }
 
@@ -387,7 +421,7 @@ pub unsafe extern "C" fn crosvm_get_shutdown_eventfd(self_: *mut crosvm) -> c_in
     // SAFETY: live handle per the C API contract.
     ffi(|| match unsafe { conn(self_) }.get_shutdown_eventfd() {
         Ok(fd) => fd.into_raw_fd(),
-        Err(e) => -e.errno(),
+        Err(e) => fail(&e),
     })
 }
 
@@ -790,7 +824,7 @@ unsafe fn destroy_handle<T, O: DestroyInPlace>(
                 *handle = std::ptr::null_mut();
                 0
             }
-            Err(e) => -e.errno(),
+            Err(e) => fail(&e),
         }
     })
 }
@@ -862,7 +896,7 @@ pub unsafe extern "C" fn crosvm_memory_get_dirty_log(
                 std::ptr::copy_nonoverlapping(bitmap.as_ptr(), log, bitmap.len());
                 0
             }
-            Err(e) => -e.errno(),
+            Err(e) => fail(&e),
         }
     })
 }
@@ -980,7 +1014,13 @@ pub unsafe extern "C" fn crosvm_vcpu_wait(
                 evt_page,
                 msg_page,
             }),
-            Err(e) => return -e.errno(),
+            // No event to fill: the caller sees -ESHUTDOWN and stops.
+            Ok(VcpuEvent::Shutdown) => {
+                return fail(&crate::Error::Shutdown {
+                    op: "crosvm_vcpu_wait",
+                })
+            }
+            Err(e) => return fail(&e),
         };
         let data = guard.event_data_ptr();
         let ev = &mut *event;
@@ -1141,7 +1181,7 @@ pub unsafe extern "C" fn crosvm_vcpu_get_msrs(
         match vcpu(vcpu_).get_msrs(&indices) {
             Err(e) => {
                 out_count.write(0);
-                -e.errno()
+                fail(&e)
             }
             Ok(values) => {
                 out_count.write(count_u32(values.len()));

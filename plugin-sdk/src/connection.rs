@@ -106,9 +106,20 @@ impl MainChannel {
             .map_err(Error::transport(op))?;
         let (response, fds) = self.recv(op)?;
         if response.errno != 0 {
-            return Err(Error::Host(response.errno));
+            return Err(Error::Host {
+                op: crate::describe::main_request(request),
+                errno: response.errno,
+            });
         }
         Ok((response, fds))
+    }
+
+    /// `GetShutdownEventfd`: a new descriptor of the VM's shutdown eventfd.
+    fn shutdown_eventfd(&mut self) -> Result<OwnedFd> {
+        let mut req = MainRequest::new();
+        req.set_get_shutdown_eventfd(main_request::GetShutdownEventfd::new());
+        let (_, fds) = self.transact("get_shutdown_eventfd", &req, &[])?;
+        first_fd(fds, "get_shutdown_eventfd reply carries no descriptor")
     }
 
     /// `GetVcpus` with chunked descriptor delivery (and, if `fast`, the
@@ -137,7 +148,7 @@ impl MainChannel {
             while fds.len() < expected {
                 let (resp, more) = self.recv(OP)?;
                 if resp.errno != 0 {
-                    return Err(Error::Host(resp.errno));
+                    return Err(Error::host(OP, resp.errno));
                 }
                 if !matches!(resp.message, Some(main_response::Message::GetVcpus(_))) {
                     return Err(Error::Protocol("follow-up packet is not get_vcpus"));
@@ -178,6 +189,16 @@ struct ConnectionInner {
 }
 
 /// A main connection to the VMM.
+///
+/// ```no_run
+/// use crosvm_plugin::{AddressSpace, Connection};
+/// let conn = Connection::from_env()?; // needs a running vmm
+/// if let Err(e) = conn.reserve_range(AddressSpace::IoPort, 0x3f8, 8) {
+///     // e.g. "reserve_range(IoPort, 0x3f8, 8): EPERM: Operation not permitted"
+///     eprintln!("{e}");
+/// }
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
 ///
 /// Cloning is cheap and shares the same socket (requests are serialized by
 /// an internal lock); use [`Connection::new_connection`] for an independent
@@ -238,6 +259,10 @@ impl Connection {
     pub fn from_fd(sock: OwnedFd) -> Result<Connection> {
         let mut main = MainChannel::new(sock);
         let (fds, per_vcpu) = main.get_vcpus(fast_channel_wanted())?;
+        // Every vcpu channel polls the shutdown eventfd while it waits, so a
+        // plugin blocked in `wait()` learns that the VM is stopping without
+        // a watcher thread. A host that refuses it only loses that.
+        let shutdown = main.shutdown_eventfd().ok().map(Arc::new);
         let mut vcpus = Vec::with_capacity(fds.len() / per_vcpu);
         let mut iter = fds.into_iter();
         while let (Some(request), Some(response)) = (iter.next(), iter.next()) {
@@ -246,9 +271,9 @@ impl Connection {
                 let shm = iter
                     .next()
                     .ok_or(Error::Protocol("missing fast channel descriptor"))?;
-                Box::new(ShmTransport::new(&shm, response)?)
+                Box::new(ShmTransport::new(&shm, response, shutdown.clone())?)
             } else {
-                Box::new(PipeTransport::new(request, response))
+                Box::new(PipeTransport::new(request, response, shutdown.clone()))
             };
             vcpus.push(VcpuSlot::new(id, transport));
         }
@@ -301,11 +326,20 @@ impl Connection {
     }
 
     /// A new descriptor for the VM's shutdown eventfd (caller-owned).
+    ///
+    /// A plugin does not need it to notice the end: [`VcpuGuard::wait`]
+    /// already returns [`VcpuEvent::Shutdown`]. Reading the eventfd resets
+    /// it for every holder, so poll it rather than read it if vcpu threads
+    /// are still waiting. A plugin writes to it to stop the VM itself.
+    ///
+    /// [`VcpuGuard::wait`]: crate::VcpuGuard::wait
+    /// [`VcpuEvent::Shutdown`]: crate::VcpuEvent::Shutdown
     pub fn get_shutdown_eventfd(&self) -> Result<OwnedFd> {
-        let mut req = MainRequest::new();
-        req.set_get_shutdown_eventfd(main_request::GetShutdownEventfd::new());
-        let (_, fds) = self.transact("get_shutdown_eventfd", &req, &[])?;
-        first_fd(fds, "get_shutdown_eventfd reply carries no descriptor")
+        self.inner
+            .main
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown_eventfd()
     }
 
     /// `KVM_CHECK_EXTENSION` on the VM: true only if KVM reported exactly 1.
@@ -540,6 +574,44 @@ impl Connection {
     }
 
     /// Ends setup: the VMM creates the vcpus, which then report `Init`.
+    ///
+    /// **Start barrier:** every vcpu reports [`VcpuEvent::Init`] first, and
+    /// no vcpu runs guest code until *every* vcpu of the VM has been resumed
+    /// from its `Init`. A plugin must therefore wait on and resume all
+    /// [`vcpu_count`](Self::vcpu_count) vcpus (one thread each, or one after
+    /// the other), or refuse to run with more vcpus than it drives: a vcpu
+    /// nobody waits on holds the whole VM forever.
+    ///
+    /// **Initial state:** at `Init` each vcpu is in x86 reset state (real
+    /// mode, `CS.base = 0xffff0000`, `RIP = 0xfff0`; vcpus other than 0 wait
+    /// for a startup IPI); see [`crate::machine`] for the details and the
+    /// helpers that set real, protected or long mode.
+    ///
+    /// ```no_run
+    /// # use crosvm_plugin::{machine, Connection, VcpuEvent};
+    /// let conn = Connection::from_env()?;
+    /// let threads: Vec<_> = (0..conn.vcpu_count() as u32)
+    ///     .map(|id| {
+    ///         let vcpu = conn.vcpu(id).unwrap();
+    ///         std::thread::spawn(move || -> crosvm_plugin::Result<()> {
+    ///             let mut v = vcpu.lock();
+    ///             loop {
+    ///                 match v.wait()? {
+    ///                     VcpuEvent::Init => machine::enter_real_mode(&mut v, 0x1000, 0x8000)?,
+    ///                     VcpuEvent::Shutdown => return Ok(()),
+    ///                     _ => {}
+    ///                 }
+    ///                 v.resume()?;
+    ///             }
+    ///         })
+    ///     })
+    ///     .collect();
+    /// conn.start()?; // vcpus may be waited on before or after start
+    /// # drop(threads);
+    /// # Ok::<(), crosvm_plugin::Error>(())
+    /// ```
+    ///
+    /// [`VcpuEvent::Init`]: crate::VcpuEvent::Init
     pub fn start(&self) -> Result<()> {
         let mut req = MainRequest::new();
         req.set_start(main_request::Start::new());

@@ -6,6 +6,15 @@ use plugin_proto::framing::FramingError;
 /// Everything that can go wrong when talking to the VMM.
 ///
 /// [`Error::errno`] gives the positive errno value the C API negates.
+///
+/// ```
+/// use crosvm_plugin::Error;
+///
+/// let e = Error::Host { op: "reserve_range(IoPort, 0x3f8, 8)".into(), errno: libc::EPERM };
+/// assert_eq!(e.to_string(), "reserve_range(IoPort, 0x3f8, 8): EPERM: Operation not permitted");
+/// assert_eq!(e.errno(), libc::EPERM);
+/// assert!(e.is_host_errno(libc::EPERM));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `CROSVM_SOCKET` is not set in the environment.
@@ -19,8 +28,23 @@ pub enum Error {
     #[error("the CROSVM_SOCKET descriptor was already adopted by this process")]
     AlreadyAdopted,
     /// The VMM answered with a non-zero errno (positive value as sent).
-    #[error("the VMM refused the request: {}", std::io::Error::from_raw_os_error(*.0))]
-    Host(i32),
+    /// `op` names the request and its key arguments, e.g.
+    /// `reserve_range(IoPort, 0x3f8, 8)`.
+    #[error("{op}: {}", errno_text(*.errno))]
+    Host { op: String, errno: i32 },
+    /// The host is stopping the VM (its shutdown eventfd is signalled) and
+    /// the vcpu channel has nothing more to deliver. [`crate::VcpuGuard::wait`]
+    /// reports it as [`crate::VcpuEvent::Shutdown`]; other vcpu calls fail
+    /// with this error (`ESHUTDOWN` in the C API).
+    #[error("{op}: the VMM is shutting the VM down")]
+    Shutdown { op: &'static str },
+    /// `wait()` was called while the previous event still needs a resume:
+    /// the vcpu is stopped and would never report another event.
+    #[error(
+        "wait() on vcpu {vcpu} while a resume is still owed for its {pending} event: \
+         call resume() (or resume_io_read / resume_hypercall) first"
+    )]
+    ResumeOwed { vcpu: u32, pending: String },
     /// Sending or receiving on a main connection or vcpu channel failed.
     #[error("transport failure during {op}")]
     Transport {
@@ -84,8 +108,10 @@ impl Error {
             Error::BadSocketEnv(_) => libc::EINVAL,
             Error::AlreadyAdopted => libc::EBUSY,
             // A host sending a non-positive errno still must yield an error.
-            Error::Host(e) if *e > 0 => *e,
-            Error::Host(_) => libc::EPROTO,
+            Error::Host { errno, .. } if *errno > 0 => *errno,
+            Error::Host { .. } => libc::EPROTO,
+            Error::Shutdown { .. } => libc::ESHUTDOWN,
+            Error::ResumeOwed { .. } => libc::EBUSY,
             Error::Transport { source, .. } => source.errno() as i32,
             Error::Decode { .. } | Error::Encode { .. } => libc::EINVAL,
             Error::Protocol(_) | Error::BadLength { .. } => libc::EPROTO,
@@ -107,7 +133,23 @@ impl Error {
 
     /// True when the VMM refused the request with `errno`.
     pub fn is_host_errno(&self, errno: i32) -> bool {
-        matches!(self, Error::Host(e) if *e == errno)
+        matches!(self, Error::Host { errno: e, .. } if *e == errno)
+    }
+
+    /// The errno the VMM answered with, if this is a refusal by the VMM.
+    pub fn host_errno(&self) -> Option<i32> {
+        match self {
+            Error::Host { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// A refusal by the VMM of the request `op` (the request name).
+    pub(crate) fn host(op: &str, errno: i32) -> Error {
+        Error::Host {
+            op: op.to_owned(),
+            errno,
+        }
     }
 
     pub(crate) fn transport(op: &'static str) -> impl FnOnce(FramingError) -> Error {
@@ -116,6 +158,16 @@ impl Error {
 
     pub(crate) fn decode(op: &'static str) -> impl FnOnce(plugin_proto::protobuf::Error) -> Error {
         move |source| Error::Decode { op, source }
+    }
+}
+
+/// `EPERM: Operation not permitted` for a positive errno, else the number.
+fn errno_text(errno: i32) -> String {
+    let e = Errno::from_raw(errno);
+    if errno > 0 && e != Errno::UnknownErrno {
+        format!("{e:?}: {}", e.desc())
+    } else {
+        format!("the VMM answered with errno {errno}")
     }
 }
 
@@ -130,8 +182,15 @@ mod tests {
     fn errno_mapping() {
         assert_eq!(Error::NoSocketEnv.errno(), libc::ENOTCONN);
         assert_eq!(Error::BadSocketEnv("x".into()).errno(), libc::EINVAL);
-        assert_eq!(Error::Host(libc::EEXIST).errno(), libc::EEXIST);
-        assert_eq!(Error::Host(-3).errno(), libc::EPROTO);
+        assert_eq!(Error::host("x", libc::EEXIST).errno(), libc::EEXIST);
+        assert_eq!(Error::host("x", -3).errno(), libc::EPROTO);
+        let e = Error::host("reserve_range(IoPort, 0x3f8, 8)", libc::EPERM);
+        assert_eq!(
+            e.to_string(),
+            "reserve_range(IoPort, 0x3f8, 8): EPERM: Operation not permitted"
+        );
+        assert_eq!(e.host_errno(), Some(libc::EPERM));
+        assert_eq!(Error::Shutdown { op: "wait" }.errno(), libc::ESHUTDOWN);
         assert_eq!(Error::Protocol("x").errno(), libc::EPROTO);
         assert_eq!(
             Error::Transport {

@@ -4,51 +4,55 @@
 //!
 //! # Overview
 //!
+//! A plugin connects, gives the VM its RAM, reserves the addresses its
+//! devices serve, starts the VM and then drives every vcpu: [`VcpuGuard::wait`]
+//! for the next event, handle it, [`VcpuGuard::resume`]. `docs/tutorial.md`
+//! walks through a complete machine.
+//!
 //! ```no_run
-//! use std::os::fd::AsFd;
-//! use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
+//! use crosvm_plugin::{machine, AddressSpace, Connection, GuestRam, VcpuEvent};
 //!
 //! # fn main() -> crosvm_plugin::Result<()> {
-//! let conn = Connection::from_env()?;
-//! let shutdown = conn.get_shutdown_eventfd()?;
-//! # let memfd: std::os::fd::OwnedFd = unimplemented!();
-//! // Guest RAM comes from a sealed memfd owned by the plugin.
-//! let _ram = conn.create_memory(memfd.as_fd(), 0, 0x10000, 0, false, false)?;
-//! conn.reserve_range(AddressSpace::IoPort, 0x3f8, 1)?;
+//! let conn = Connection::from_env()?; // the socket vmm passed in CROSVM_SOCKET
+//! // Guest RAM: a sealed memfd the plugin maps too, at guest address 0.
+//! let ram = GuestRam::new(0x10000)?;
+//! ram.write(0x1000, &[0xe4, 0x80, 0xf4])?; // in al, 0x80; hlt
+//! let _slot = ram.register(&conn, 0)?;
+//! conn.reserve_range(AddressSpace::IoPort, 0x80, 1)?;
 //!
 //! let vcpu = conn.vcpu(0)?;
-//! let worker = std::thread::spawn(move || -> crosvm_plugin::Result<()> {
-//!     let mut v = vcpu.lock();
-//!     loop {
-//!         match v.wait()? {
-//!             VcpuEvent::Init => {
-//!                 let mut regs = v.get_regs()?;
-//!                 regs.rip = 0x1000;
-//!                 v.set_regs(&regs); // sent with the resume below
-//!             }
-//!             VcpuEvent::Io { is_write: false, .. } => {
-//!                 v.resume_io_read(&[0x42])?;
-//!                 continue;
-//!             }
-//!             VcpuEvent::Io { no_resume: true, .. } => continue,
-//!             _ => {}
-//!         }
-//!         v.resume()?;
-//!     }
-//! });
 //! conn.start()?;
-//! # let _ = (shutdown, worker);
-//! # Ok(())
+//! let mut v = vcpu.lock();
+//! loop {
+//!     match v.wait()? {
+//!         // The vcpu starts in reset state (CS base 0xffff0000): setting
+//!         // only rip is not enough. The helper sets every segment.
+//!         VcpuEvent::Init => machine::enter_real_mode(&mut v, 0x1000, 0x8000)?,
+//!         VcpuEvent::Io { is_write: false, .. } => {
+//!             v.resume_io_read(&[0x42])?;
+//!             continue;
+//!         }
+//!         VcpuEvent::Io { no_resume: true, .. } => continue,
+//!         VcpuEvent::Shutdown => return Ok(()), // the host stopped the VM
+//!         _ => {}
+//!     }
+//!     v.resume()?;
+//! }
 //! # }
 //! ```
+//!
+//! Examples that need a running `vmm` are `no_run`; the rest run as doc
+//! tests.
 //!
 //! Errors are [`Error`] values; [`Error::errno`] gives the errno the C API
 //! reports (negated).
 
 mod connection;
 mod decode;
+mod describe;
 mod error;
 mod image;
+pub mod machine;
 mod objects;
 mod transport;
 mod types;
@@ -59,6 +63,7 @@ pub mod c_api;
 pub use connection::{Connection, SOCKET_ENV};
 pub use error::{Error, Result};
 pub use image::StateImage;
+pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, Datamatch, HintDetail, IrqRoute, IrqRouteKind, NetConfig,

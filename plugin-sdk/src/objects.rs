@@ -167,6 +167,16 @@ pub(crate) trait DestroyInPlace {
 
 /// An ioeventfd: matching guest writes signal [`IoEvent::fd`] in the kernel,
 /// without a vcpu exit.
+///
+/// ```no_run
+/// # use crosvm_plugin::{AddressSpace, Connection, Datamatch};
+/// let conn = Connection::from_env()?; // needs a running vmm
+/// let doorbell = conn.create_io_event(AddressSpace::Mmio, 0xd000_0000, Datamatch::U32(1))?;
+/// let mut count = [0u8; 8];
+/// nix::unistd::read(doorbell.fd(), &mut count).ok(); // blocks until the guest rings
+/// drop(doorbell); // sends Destroy
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct IoEvent {
     core: ObjectCore,
@@ -182,7 +192,19 @@ impl IoEvent {
     }
 }
 
-/// A guest memory region backed by part of a memfd.
+/// A guest memory region backed by part of a memfd (see also
+/// [`GuestRam::register`](crate::GuestRam::register)).
+///
+/// ```no_run
+/// # use crosvm_plugin::{Connection, GuestRam};
+/// let conn = Connection::from_env()?; // needs a running vmm
+/// let ram = GuestRam::new(0x20000)?;
+/// // memfd offset 0, 0x20000 bytes at guest 0x100000, writable, dirty-logged.
+/// let region = conn.create_memory(ram.fd(), 0, 0x20000, 0x10_0000, false, true)?;
+/// let dirty = conn.get_dirty_log(&region)?; // one bit per page
+/// assert_eq!(dirty.len(), 4);
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Memory {
     core: ObjectCore,
@@ -212,6 +234,14 @@ impl Memory {
 
 /// An irqfd: writing to [`IrqEvent::fd`] raises the GSI; the resample
 /// eventfd is signalled when the guest acknowledges the level interrupt.
+///
+/// ```no_run
+/// # use crosvm_plugin::Connection;
+/// let conn = Connection::from_env()?; // needs a running vmm
+/// let irq4 = conn.create_irq_event(4)?;
+/// nix::unistd::write(irq4.fd(), &1u64.to_ne_bytes()).ok(); // raise GSI 4
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct IrqEvent {
     core: ObjectCore,

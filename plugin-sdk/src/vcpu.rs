@@ -23,9 +23,30 @@ use crate::types::{cpuid_from_proto, cpuid_to_proto, AddressSpace};
 const EVENT_DATA_CAPACITY: usize = 256;
 
 /// One event reported by a vcpu (see [`VcpuGuard::wait`]).
+///
+/// ```
+/// use crosvm_plugin::{AddressSpace, VcpuEvent};
+///
+/// let write = VcpuEvent::Io {
+///     space: AddressSpace::IoPort,
+///     address: 0x3f8,
+///     is_write: true,
+///     no_resume: false,
+///     data: b"A",
+/// };
+/// assert!(write.needs_resume());
+/// assert!(!VcpuEvent::Shutdown.needs_resume());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuEvent<'a> {
     /// First event of every vcpu after `start`; the vcpu has not run yet.
+    ///
+    /// The vcpu is in x86 reset state: real mode with `CS.base =
+    /// 0xffff0000` and `RIP = 0xfff0`, so setting only `rip` runs code at
+    /// `0xffff0000 + rip`; vcpus other than 0 wait for a startup IPI. Use
+    /// [`crate::machine`]'s `enter_*_mode` helpers. No vcpu runs until every
+    /// vcpu has been resumed from its `Init` (the start barrier, see
+    /// [`Connection::start`](crate::Connection::start)).
     Init,
     /// A guest access to a reserved address.
     Io {
@@ -50,6 +71,13 @@ pub enum VcpuEvent<'a> {
         evt_page: u64,
         msg_page: u64,
     },
+    /// The host is stopping the VM (it signalled the shutdown eventfd, e.g.
+    /// because another vcpu stopped, the guest shut down, or `vmm` was
+    /// interrupted) and this vcpu has nothing more to report. It needs no
+    /// resume; every later `wait` returns it again. The plugin should wind
+    /// down and exit: the host kills plugins that outlive a short grace
+    /// period.
+    Shutdown,
 }
 
 impl VcpuEvent<'_> {
@@ -60,8 +88,72 @@ impl VcpuEvent<'_> {
             VcpuEvent::Io {
                 no_resume: true,
                 ..
-            }
+            } | VcpuEvent::Shutdown
         )
+    }
+}
+
+/// The event a vcpu is stopped in, remembered until its resume so that a
+/// premature `wait` can name it.
+#[derive(Clone, Copy)]
+enum Owed {
+    Init,
+    Io {
+        space: AddressSpace,
+        address: u64,
+        is_write: bool,
+        len: usize,
+    },
+    Paused(u64),
+    HypervCall,
+    HypervSynic(u32),
+}
+
+impl std::fmt::Display for Owed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Owed::Init => f.write_str("Init"),
+            Owed::Io {
+                space,
+                address,
+                is_write,
+                len,
+            } => write!(
+                f,
+                "Io ({} byte {} {} {address:#x})",
+                len,
+                if is_write { "write to" } else { "read of" },
+                match space {
+                    AddressSpace::IoPort => "port",
+                    AddressSpace::Mmio => "MMIO address",
+                }
+            ),
+            Owed::Paused(user) => write!(f, "Paused (user {user:#x})"),
+            Owed::HypervCall => f.write_str("HypervCall"),
+            Owed::HypervSynic(msr) => write!(f, "HypervSynic (MSR {msr:#x})"),
+        }
+    }
+}
+
+/// `get_state(REGS)`, `set_msrs`, ...: the vcpu request and its key
+/// argument, for error messages (built only on failure).
+fn describe_request(request: &VcpuRequest) -> String {
+    use vcpu_request::Message as M;
+    match &request.message {
+        Some(M::Wait(_)) => "wait".into(),
+        Some(M::Resume(_)) => "resume".into(),
+        Some(M::GetState(g)) => format!("vcpu get_state({:?})", g.set),
+        Some(M::SetState(g)) => format!("vcpu set_state({:?}, {} bytes)", g.set, g.state.len()),
+        Some(M::GetMsrs(g)) => format!("get_msrs({:#x?})", g.entry_indices),
+        Some(M::SetMsrs(g)) => format!(
+            "set_msrs({:#x?})",
+            g.entries.iter().map(|e| e.index).collect::<Vec<_>>()
+        ),
+        Some(M::SetCpuid(g)) => format!("set_cpuid({} entries)", g.entries.len()),
+        Some(M::GetHypervCpuid(_)) => "get_hyperv_cpuid".into(),
+        Some(M::EnableCapability(c)) => format!("enable_capability({})", c.capability),
+        Some(_) => "a vcpu request".into(),
+        None => "an empty vcpu request".into(),
     }
 }
 
@@ -116,6 +208,10 @@ impl Cached {
 pub(crate) struct VcpuState {
     transport: Box<dyn VcpuTransport>,
     wait_sent: bool,
+    /// The event the vcpu is stopped in until its resume is sent.
+    owed: Option<Owed>,
+    /// The host signalled shutdown: `wait` keeps returning `Shutdown`.
+    shut_down: bool,
     regs: RegCache,
     sregs: RegCache,
     debugregs: RegCache,
@@ -148,7 +244,10 @@ impl VcpuState {
         let response =
             VcpuResponse::parse_from_bytes(frame).map_err(Error::decode("a vcpu response"))?;
         if response.errno != 0 {
-            return Err(Error::Host(response.errno));
+            return Err(Error::Host {
+                op: describe_request(request),
+                errno: response.errno,
+            });
         }
         response
             .message
@@ -169,6 +268,8 @@ impl VcpuSlot {
             state: Mutex::new(VcpuState {
                 transport,
                 wait_sent: false,
+                owed: None,
+                shut_down: false,
                 regs: RegCache::default(),
                 sregs: RegCache::default(),
                 debugregs: RegCache::default(),
@@ -198,6 +299,15 @@ impl VcpuSlot {
 }
 
 /// A shareable handle to one vcpu of the table built at connect time.
+///
+/// ```no_run
+/// # use crosvm_plugin::Connection;
+/// let conn = Connection::from_env()?;
+/// let vcpu = conn.vcpu(0)?;
+/// let worker = std::thread::spawn(move || vcpu.lock().wait().map(|e| e.needs_resume()));
+/// # drop(worker);
+/// # Ok::<(), crosvm_plugin::Error>(())
+/// ```
 ///
 /// Cheap to clone and `Send + Sync`; every operation goes through
 /// [`Vcpu::lock`], which gives exclusive use of the vcpu channel. Different
@@ -258,23 +368,46 @@ impl VcpuGuard<'_> {
 
     /// Blocks until the vcpu reports its next event.
     ///
+    /// Returns [`VcpuEvent::Shutdown`] once the host stops the VM (its
+    /// shutdown eventfd is signalled; checked while waiting on either vcpu
+    /// transport, no watcher thread needed), and [`Error::ResumeOwed`]
+    /// (`EBUSY`), naming the event, when the previous event still needs a
+    /// [`resume`](Self::resume): the vcpu is stopped and would never report
+    /// anything.
+    ///
     /// The first call on a vcpu sends the `Wait` request; every call reads
     /// the next response. The io data of the event stays available through
     /// [`event_data`](Self::event_data) until the next resume.
     pub fn wait(&mut self) -> Result<VcpuEvent<'_>> {
         let st = &mut *self.state;
+        if let Some(owed) = st.owed {
+            return Err(Error::ResumeOwed {
+                vcpu: self.id,
+                pending: owed.to_string(),
+            });
+        }
+        if st.shut_down {
+            return Ok(VcpuEvent::Shutdown);
+        }
         if !st.wait_sent {
             let mut req = VcpuRequest::new();
             req.set_wait(vcpu_request::Wait::new());
             st.transport.send(&req)?;
             st.wait_sent = true;
         }
-        let frame = st.transport.recv_frame()?;
+        let frame = match st.transport.recv_frame() {
+            Ok(frame) => frame,
+            Err(Error::Shutdown { .. }) => {
+                st.shut_down = true;
+                return Ok(VcpuEvent::Shutdown);
+            }
+            Err(e) => return Err(e),
+        };
         let dec = &mut st.decoder;
         dec.decode(frame)
             .map_err(Error::decode("a vcpu wait response"))?;
         if dec.errno != 0 {
-            return Err(Error::Host(dec.errno));
+            return Err(Error::host("wait", dec.errno));
         }
         if dec.member != Member::Wait {
             return Err(Error::Protocol("vcpu reply is not a wait event"));
@@ -286,6 +419,7 @@ impl VcpuGuard<'_> {
         match exit {
             Exit::Init => {
                 st.invalidate_caches();
+                st.owed = Some(Owed::Init);
                 Ok(VcpuEvent::Init)
             }
             Exit::Io {
@@ -301,6 +435,14 @@ impl VcpuGuard<'_> {
                 st.regs.take_eager(&dec.regs);
                 st.sregs.take_eager(&dec.sregs);
                 st.debugregs.take_eager(&dec.debugregs);
+                if !no_resume {
+                    st.owed = Some(Owed::Io {
+                        space,
+                        address,
+                        is_write,
+                        len: st.event_data.len(),
+                    });
+                }
                 Ok(VcpuEvent::Io {
                     space,
                     address,
@@ -311,6 +453,7 @@ impl VcpuGuard<'_> {
             }
             Exit::User { user } => {
                 st.invalidate_caches();
+                st.owed = Some(Owed::Paused(user));
                 Ok(VcpuEvent::Paused { user })
             }
             Exit::HypervCall {
@@ -320,6 +463,7 @@ impl VcpuGuard<'_> {
             } => {
                 st.event_data.extend_from_slice(&[0; 8]);
                 st.invalidate_caches();
+                st.owed = Some(Owed::HypervCall);
                 Ok(VcpuEvent::HypervCall {
                     input,
                     params: [params0, params1],
@@ -332,6 +476,7 @@ impl VcpuGuard<'_> {
                 msg_page,
             } => {
                 st.invalidate_caches();
+                st.owed = Some(Owed::HypervSynic(msr));
                 Ok(VcpuEvent::HypervSynic {
                     msr,
                     control,
@@ -363,6 +508,13 @@ impl VcpuGuard<'_> {
     /// pending (dirty) register image. There is no reply.
     pub fn resume(&mut self) -> Result<()> {
         let st = &mut *self.state;
+        if st.shut_down {
+            // Nothing is stopped any more; a loop that resumes every event
+            // must end here rather than wait again forever.
+            return Err(Error::Shutdown { op: "resume" });
+        }
+        // Even if sending fails the event is settled: the channel is broken.
+        st.owed = None;
         let mut resume = vcpu_request::Resume::new();
         std::mem::swap(&mut resume.data, &mut st.event_data);
         let moved = [st.regs.dirty, st.sregs.dirty, st.debugregs.dirty];

@@ -110,6 +110,8 @@ fn c_plugin_runs_against_fake_host() {
         main,
         [
             "get_vcpus",
+            // The library's own, polled by crosvm_vcpu_wait.
+            "get_shutdown_eventfd",
             "reserve_range",
             "get_shutdown_eventfd",
             "start"

@@ -99,11 +99,16 @@ fn connect_sends_get_vcpus_and_builds_the_table() {
     let (conn, host) = connect(2, Delivery::Single, default_handler());
     assert_eq!(conn.vcpu_count(), 2);
     let log = requests(&host);
-    assert_eq!(log.len(), 1);
+    assert_eq!(log.len(), 2);
     match &log[0].message {
         Some(main_request::Message::GetVcpus(g)) => assert!(g.accept_chunked_fds),
         other => panic!("first request is {other:?}"),
     }
+    // The SDK's own shutdown eventfd, polled by every vcpu wait.
+    assert!(matches!(
+        &log[1].message,
+        Some(main_request::Message::GetShutdownEventfd(_))
+    ));
     assert_eq!(conn.vcpu(1).unwrap().id(), 1);
     assert_eq!(conn.vcpu(2).unwrap_err().errno(), libc::ENOENT);
 }
@@ -589,7 +594,8 @@ fn simple_requests_are_encoded() {
 
     let log = requests(&host);
     use main_request::Message as Rq;
-    let mut it = log.into_iter().skip(1).map(|r| r.message.expect("member"));
+    // Skips GetVcpus and the SDK's own GetShutdownEventfd.
+    let mut it = log.into_iter().skip(2).map(|r| r.message.expect("member"));
     match it.next() {
         Some(Rq::ReserveRange(r)) => {
             assert_eq!(
@@ -716,7 +722,11 @@ fn host_errno_is_propagated() {
     let (conn, _host) = connect(1, Delivery::Single, handler);
     let err = conn.reserve_range(AddressSpace::IoPort, 1, 1).unwrap_err();
     assert_eq!(err.errno(), libc::EPERM);
-    assert!(err.to_string().contains("refused"));
+    assert_eq!(
+        err.to_string(),
+        "reserve_range(IoPort, 0x1, 1): EPERM: Operation not permitted"
+    );
+    assert!(err.is_host_errno(libc::EPERM));
     assert_eq!(conn.start().unwrap_err().errno(), libc::EINVAL);
     assert_eq!(conn.get_net_config().unwrap_err().errno(), libc::ENODATA);
     // A reply without the expected member.
@@ -988,12 +998,13 @@ fn queued_frames_are_consumed_in_order() {
 #[test]
 fn eof_on_the_response_pipe_is_einval() {
     let (conn, t) = one_vcpu(|req| match &req.message {
-        Some(vcpu_request::Message::Wait(_)) => vec![init(), Reply::Close],
-        _ => vec![],
+        Some(vcpu_request::Message::Wait(_)) => vec![init()],
+        _ => vec![Reply::Close],
     });
     let vcpu = conn.vcpu(0).unwrap();
     let mut v = vcpu.lock();
     assert_eq!(v.wait().unwrap(), VcpuEvent::Init);
+    v.resume().unwrap();
     assert_eq!(v.wait().unwrap_err().errno(), libc::EINVAL);
     drop(v);
     drop((vcpu, conn));
@@ -1453,4 +1464,88 @@ fn vcpu_handles_share_one_channel() {
     assert!(b.try_lock().is_none());
     drop(guard);
     assert!(b.try_lock().is_some());
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown and owed resumes.
+
+/// A fake host whose shutdown eventfd the test holds.
+fn host_with_shutdown() -> (Connection, FakeHost, Arc<OwnedFd>) {
+    let shutdown: Arc<OwnedFd> = Arc::new(eventfd());
+    let s = shutdown.clone();
+    let handler: MainHandler = Arc::new(move |req, _| {
+        let fds = match &req.message {
+            Some(main_request::Message::GetShutdownEventfd(_)) => {
+                vec![s.try_clone().expect("dup")]
+            }
+            _ => vec![],
+        };
+        (ok_response(req), fds)
+    });
+    let (conn, host) = connect(1, Delivery::Single, handler);
+    (conn, host, shutdown)
+}
+
+#[test]
+fn wait_returns_shutdown_when_the_host_signals_it() {
+    let (conn, mut host, shutdown) = host_with_shutdown();
+    let t = serve_vcpu(host.vcpus.remove(0), |req| match &req.message {
+        Some(vcpu_request::Message::Wait(_)) => vec![init()],
+        _ => vec![],
+    });
+    let vcpu = conn.vcpu(0).unwrap();
+    let mut v = vcpu.lock();
+    assert_eq!(v.wait().unwrap(), VcpuEvent::Init);
+    v.resume().unwrap();
+    // The vcpu thread blocks in wait (nothing more comes) until the host
+    // signals shutdown from another thread.
+    let signaller = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        nix::unistd::write(shutdown.as_fd(), &1u64.to_ne_bytes()).unwrap();
+    });
+    assert_eq!(v.wait().unwrap(), VcpuEvent::Shutdown);
+    assert!(!VcpuEvent::Shutdown.needs_resume());
+    // Sticky: every later wait says the same, without blocking.
+    assert_eq!(v.wait().unwrap(), VcpuEvent::Shutdown);
+    signaller.join().unwrap();
+    drop(v);
+    drop((vcpu, conn));
+    t.join().unwrap();
+}
+
+#[test]
+fn wait_while_a_resume_is_owed_names_the_pending_event() {
+    let (conn, t) = one_vcpu(|req| match &req.message {
+        Some(vcpu_request::Message::Wait(_)) => vec![init()],
+        Some(vcpu_request::Message::Resume(_)) => {
+            let mut e = io_event(plugin_proto::AddressSpace::IOPORT, 0x3f8, true, &[7]);
+            e.no_resume = false;
+            vec![io(e)]
+        }
+        _ => vec![],
+    });
+    let vcpu = conn.vcpu(0).unwrap();
+    let mut v = vcpu.lock();
+    assert_eq!(v.wait().unwrap(), VcpuEvent::Init);
+    let err = v.wait().unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY);
+    assert!(
+        err.to_string()
+            .contains("resume is still owed for its Init event"),
+        "{err}"
+    );
+    v.resume().unwrap();
+    assert!(matches!(
+        v.wait().unwrap(),
+        VcpuEvent::Io { address: 0x3f8, .. }
+    ));
+    let err = v.wait().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("Io (1 byte write to port 0x3f8) event"),
+        "{err}"
+    );
+    drop(v);
+    drop((vcpu, conn));
+    drop(t);
 }

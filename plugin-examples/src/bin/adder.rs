@@ -4,7 +4,8 @@
 use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, require_vcpus, ExampleError, GuestRam,
+    Result,
 };
 
 const PORT_A: u64 = 0x600;
@@ -32,7 +33,7 @@ fn guest_code() -> Result<Vec<u8>> {
 
 fn run(x: u32, y: u32) -> Result<Option<u32>> {
     let conn = Connection::from_env()?;
-    exit_on_host_shutdown(&conn)?;
+    require_vcpus(&conn, "adder", 1);
     let ram = GuestRam::new(0x10000)?;
     ram.write(CODE, &guest_code()?)?;
     let _mem = ram.map(&conn)?;
@@ -66,6 +67,7 @@ fn run(x: u32, y: u32) -> Result<Option<u32>> {
             } => {
                 sum = <[u8; 4]>::try_from(data).ok().map(u32::from_le_bytes);
             }
+            VcpuEvent::Shutdown => return Err(ExampleError::Stopped),
             _ => {}
         }
         v.resume()?;
@@ -73,14 +75,12 @@ fn run(x: u32, y: u32) -> Result<Option<u32>> {
 }
 
 fn main() {
-    let args: Vec<u32> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let (x, y) = match args.as_slice() {
-        [x, y] => (*x, *y),
-        _ => (40, 2),
-    };
+    let (x, y) = parse_args::<u32>(
+        "adder",
+        "[--plugin-args A B]   (two u32 numbers; default 40 2)",
+        2,
+    )
+    .map_or((40, 2), |a| (a[0], a[1]));
     match run(x, y) {
         Ok(Some(sum)) if sum == x.wrapping_add(y) => {
             println!("{x} + {y} = {sum} (computed by the guest)")

@@ -8,7 +8,8 @@ use std::io::Write;
 use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, require_vcpus, ExampleError, GuestRam,
+    Result,
 };
 
 const UART_BASE: u64 = 0x3f8;
@@ -49,7 +50,7 @@ fn guest_code() -> Result<Vec<u8>> {
 
 fn run() -> Result<()> {
     let conn = Connection::from_env()?;
-    exit_on_host_shutdown(&conn)?;
+    require_vcpus(&conn, "hello", 1);
 
     let ram = GuestRam::new(0x10000)?;
     ram.write(CODE, &guest_code()?)?;
@@ -87,6 +88,7 @@ fn run() -> Result<()> {
                 continue;
             }
             // Other UART registers read as 0 and ignore writes.
+            VcpuEvent::Shutdown => return Err(ExampleError::Stopped),
             _ => {}
         }
         v.resume()?;
@@ -94,6 +96,7 @@ fn run() -> Result<()> {
 }
 
 fn main() {
+    let _ = parse_args::<String>("hello", "   (no arguments; one vcpu)", 0);
     if let Err(e) = run() {
         exit_with(&e);
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crosvm_plugin::{Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, ExampleError, GuestRam, Result,
 };
 
 const CODE: u64 = 0x1000;
@@ -31,14 +31,16 @@ type Report = (u32, u64, u64);
 
 fn run(rounds: u64) -> Result<std::convert::Infallible> {
     let conn = Connection::from_env()?;
-    exit_on_host_shutdown(&conn)?;
     let ram = GuestRam::new(0x10000)?;
     ram.write(CODE, &guest_code()?)?;
     let _mem = ram.map(&conn)?;
 
     let n = conn.vcpu_count() as u32;
     if n > 64 {
-        eprintln!("multi-vcpu: only the first 64 vcpus can be paused");
+        eprintln!(
+            "multi-vcpu: only the first 64 vcpus can be paused; run vmm with --cpus 64 or fewer"
+        );
+        std::process::exit(2);
     }
     let (tx, rx) = mpsc::channel::<Report>();
     for id in 0..n {
@@ -52,6 +54,11 @@ fn run(rounds: u64) -> Result<std::convert::Infallible> {
                     VcpuEvent::Paused { user } => {
                         let regs = v.get_regs()?;
                         let _ = tx.send((id, user, regs.rax & 0xffff_ffff));
+                    }
+                    VcpuEvent::Shutdown => {
+                        // No watcher thread: the blocked wait itself learns it.
+                        eprintln!("multi-vcpu: vcpu {id}: {}", ExampleError::Stopped);
+                        std::process::exit(1);
                     }
                     _ => {}
                 }
@@ -111,10 +118,8 @@ fn run(rounds: u64) -> Result<std::convert::Infallible> {
 }
 
 fn main() {
-    let rounds = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
+    let rounds =
+        parse_args::<u64>("multi-vcpu", "[--cpus N] [--plugin-args ROUNDS]", 1).map_or(5, |a| a[0]);
     let Err(e) = run(rounds);
     exit_with(&e);
 }

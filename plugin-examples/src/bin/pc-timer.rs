@@ -9,7 +9,8 @@
 use crosvm_plugin::{AddressSpace, Connection, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::{
-    assemble16, enter_real_mode, exit_on_host_shutdown, exit_with, pc_irq_routes, GuestRam, Result,
+    assemble16, enter_real_mode, exit_with, parse_args, pc_irq_routes, require_vcpus, ExampleError,
+    GuestRam, Result,
 };
 
 const REPORT_PORT: u64 = 0x610;
@@ -92,7 +93,7 @@ fn guest_handler() -> Result<Vec<u8>> {
 
 fn run(ticks: u16) -> Result<u16> {
     let conn = Connection::from_env()?;
-    exit_on_host_shutdown(&conn)?;
+    require_vcpus(&conn, "pc-timer", 1);
     let ram = GuestRam::new(0x10000)?;
     ram.write(CODE, &guest_main(ticks)?)?;
     ram.write(HANDLER, &guest_handler()?)?;
@@ -130,6 +131,7 @@ fn run(ticks: u16) -> Result<u16> {
                 address: SHUTDOWN_PORT,
                 ..
             } => break,
+            VcpuEvent::Shutdown => return Err(ExampleError::Stopped),
             _ => {}
         }
         v.resume()?;
@@ -145,10 +147,11 @@ fn run(ticks: u16) -> Result<u16> {
 }
 
 fn main() {
-    let ticks: u16 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(50);
+    let usage = "[--plugin-args TICKS]   (timer interrupts to count, 1..=65535; default 50)";
+    let ticks = parse_args::<u16>("pc-timer", usage, 1).map_or(50, |a| a[0]);
+    if ticks == 0 {
+        plugin_examples::usage_error("pc-timer", usage, "TICKS must be at least 1");
+    }
     match run(ticks) {
         Ok(count) if count >= ticks => println!("the guest counted {count} timer interrupts"),
         Ok(count) => {

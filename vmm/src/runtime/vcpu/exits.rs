@@ -189,7 +189,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         )
     }
 
-    /// Eager register images per the call hint (wire-protocol.md §8.8):
+    /// Eager register images per the call hint (docs/wire-protocol.md §8.8):
     /// (regs, sregs, debugregs), empty when not sent.
     fn hinted_registers(
         &mut self,
