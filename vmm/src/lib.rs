@@ -7,11 +7,15 @@
 //! `plugin_proto`.
 
 pub mod cli;
+pub mod decode;
 pub mod jail;
 pub mod limits;
 pub mod net;
 pub mod plugin;
 pub mod record;
+pub mod replay;
+pub mod stats;
+pub mod trace;
 pub mod vm;
 
 /// Formats an error with its whole `source()` chain: `a: b: c`.
