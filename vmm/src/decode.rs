@@ -22,7 +22,7 @@ pub const MAX_SHOWN_BYTES: usize = 16;
 pub fn main_kind(req: &MainRequest) -> &'static str {
     use main_request::Message as Q;
     match &req.message {
-        None => "Empty",
+        None => "Unknown",
         Some(Q::Create(_)) => "Create",
         Some(Q::Destroy(_)) => "Destroy",
         Some(Q::NewConnection(_)) => "NewConnection",
@@ -52,7 +52,7 @@ pub fn main_kind(req: &MainRequest) -> &'static str {
 pub fn vcpu_kind(req: &VcpuRequest) -> &'static str {
     use vcpu_request::Message as Q;
     match &req.message {
-        None => "Empty",
+        None => "Unknown",
         Some(Q::Wait(_)) => "Wait",
         Some(Q::Resume(_)) => "Resume",
         Some(Q::GetState(_)) => "GetState",
