@@ -215,6 +215,16 @@ impl VcpuTap {
     fn request_slow(&mut self, flags: u8, bytes: &[u8]) {
         let now = Instant::now();
         let tracing = flags & TRACE != 0;
+        // Statistics alone: the common Resume is counted without decoding.
+        if !tracing && crate::plugin::fastpath::parse_resume(bytes).is_some() {
+            let waited = self.event_at.take().map(|t| now.duration_since(t));
+            if let Some(d) = waited {
+                self.stats.waited(d);
+            }
+            self.stats
+                .request("Resume", false, waited.unwrap_or(Duration::ZERO));
+            return;
+        }
         let Ok(req) = VcpuRequest::parse_from_bytes(bytes) else {
             if tracing {
                 emit(&mut format!(
@@ -269,6 +279,13 @@ impl VcpuTap {
     #[cold]
     fn response_slow(&mut self, flags: u8, body: &[u8]) {
         let now = Instant::now();
+        let tracing = flags & TRACE != 0;
+        if !tracing && self.pending.is_none() {
+            // Statistics alone, an event: nothing to decode. A posted write
+            // is never resumed; the next event restarts the clock.
+            self.event_at = Some(now);
+            return;
+        }
         let resp = VcpuResponse::parse_from_bytes(body).unwrap_or_default();
         let wait = match &resp.message {
             Some(vcpu_response::Message::Wait(w)) => Some(w),
@@ -277,7 +294,6 @@ impl VcpuTap {
         if wait.is_some_and(needs_resume) {
             self.event_at = Some(now);
         }
-        let tracing = flags & TRACE != 0;
         match self.pending.take() {
             Some((kind, text, at)) => {
                 let took = now.duration_since(at);
