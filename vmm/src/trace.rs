@@ -352,6 +352,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tap_counts_requests_waits_and_exits_without_kvm() {
+        FLAGS.fetch_or(STATS, Ordering::Relaxed);
+        let mut tap = VcpuTap::new(3);
+        let mut wait = VcpuRequest::new();
+        wait.set_wait(Default::default());
+        tap.request(&wait.write_to_bytes().unwrap());
+        let mut init = VcpuResponse::new();
+        init.mut_wait().set_init(Default::default());
+        tap.response(&init.write_to_bytes().unwrap());
+        let mut get = VcpuRequest::new();
+        get.mut_get_state();
+        tap.request(&get.write_to_bytes().unwrap());
+        let mut failed = VcpuResponse::new();
+        failed.errno = 22;
+        tap.response(&failed.write_to_bytes().unwrap());
+        let mut resume = VcpuRequest::new();
+        resume.set_resume(Default::default());
+        tap.request(&resume.write_to_bytes().unwrap());
+        // An exit: the event, then its resume.
+        tap.exit(Space::Ioport, Some((0x600, 3)));
+        let mut io = VcpuResponse::new();
+        io.mut_wait().mut_io().address = 0x600;
+        tap.response(&io.write_to_bytes().unwrap());
+        tap.request(&resume.write_to_bytes().unwrap());
+        tap.exit(Space::Mmio, None);
+        let s = tap.stats();
+        assert_eq!(s.requests["Wait"].latency.count(), 1);
+        assert_eq!(s.requests["GetState"].errors, 1);
+        assert_eq!(s.requests["Resume"].latency.count(), 2);
+        assert_eq!(s.waits, 2);
+        let exits: Vec<_> = s.exits.values().copied().collect();
+        assert_eq!(exits, [1, 1]);
+    }
+
+    #[test]
     fn long_lines_are_cut_to_one_atomic_write() {
         let mut line = "é".repeat(MAX_LINE);
         emit(&mut line);
