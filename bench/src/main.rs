@@ -17,6 +17,8 @@ struct Options {
     env: Vec<(String, String)>,
     /// Only the reservation-cost table (`--only reserve`).
     reserve_only: bool,
+    /// `--only trace`: just the tracing-cost table.
+    trace_only: bool,
 }
 
 /// One plugin run's report.
@@ -64,15 +66,33 @@ fn run_plugin_env(
     args: &[String],
     env: &[(&str, &str)],
 ) -> (PluginResult, u64) {
+    run_plugin_with(opts, cpus, plugin, args, env, &[])
+}
+
+/// Runs `vmm [vmm_args]` with a benchmark plugin once.
+fn run_plugin_with(
+    opts: &Options,
+    cpus: u32,
+    plugin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    vmm_args: &[&str],
+) -> (PluginResult, u64) {
     let mut cmd = Command::new(target_dir().join("vmm"));
-    cmd.args(["--disable-sandbox", "--cpus", &cpus.to_string(), "--plugin"])
+    cmd.args(vmm_args)
+        .args(["--disable-sandbox", "--cpus", &cpus.to_string(), "--plugin"])
         .arg(plugin)
         .arg("--plugin-args")
         .args(args)
         .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        // The `--stats` table is not the benchmark's output.
+        .stderr(if vmm_args.is_empty() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
     let spawned_ns = monotonic_ns();
     let out = cmd.output().expect("run vmm");
     assert!(
@@ -202,6 +222,7 @@ fn main() {
         runs: 3,
         env: Vec::new(),
         reserve_only: false,
+        trace_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -219,9 +240,12 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve");
-                assert_eq!(what, "reserve", "--only takes `reserve`");
-                opts.reserve_only = true;
+                let what = args.next().expect("--only reserve|trace");
+                match what.as_str() {
+                    "reserve" => opts.reserve_only = true,
+                    "trace" => opts.trace_only = true,
+                    _ => panic!("--only takes `reserve` or `trace`"),
+                }
             }
             other => panic!("unknown argument {other}"),
         }
@@ -231,6 +255,10 @@ fn main() {
     let rust_plugin = target_dir().join("bench-plugin");
     if opts.reserve_only {
         reserve_table(&opts, &rust_plugin);
+        return;
+    }
+    if opts.trace_only {
+        trace_table(&opts, &rust_plugin);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);
@@ -382,7 +410,46 @@ fn main() {
         (big.rss_anon_kb + big.rss_file_kb) as f64 / 1024.0
     );
     reserve_table(&opts, &rust_plugin);
+    trace_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The cost of `--trace` and `--stats` on the exit path: the fast-channel
+/// port-out rate with both off (the normal build: the hooks compiled in,
+/// one relaxed atomic load each), with `--stats`, and with every line
+/// formatted and written (`--trace-file /dev/null`).
+fn trace_table(opts: &Options, plugin: &Path) {
+    let args = vec!["pio".to_string(), opts.iterations.to_string()];
+    let cases: [(&str, &[&str]); 3] = [
+        ("off (default)", &[]),
+        ("`--stats`", &["--stats"]),
+        ("`--trace-file /dev/null`", &["--trace-file", "/dev/null"]),
+    ];
+    let rates: Vec<f64> = cases
+        .iter()
+        .map(|(label, vmm_args)| {
+            let r = median(
+                (0..opts.runs)
+                    .map(|_| {
+                        run_plugin_with(opts, 1, plugin, &args, &[], vmm_args)
+                            .0
+                            .rate
+                    })
+                    .collect(),
+            );
+            eprintln!("  tracing {label}: {r:.0} exits/s");
+            r
+        })
+        .collect();
+    println!(
+        "\nTracing and statistics (fast channel, Rust SDK: port out, median of {} runs)\n",
+        opts.runs
+    );
+    println!("| tracing | exits/s | vs off |");
+    println!("|---|---:|---:|");
+    for ((label, _), r) in cases.iter().zip(&rates) {
+        println!("| {label} | {r:.0} | {:.2}× |", r / rates[0]);
+    }
 }
 
 /// The cost of reserving many ranges, one `ReserveRange` request each (the

@@ -17,7 +17,7 @@ pub const PARSE_ERROR_STATUS: i32 = 35;
 /// Runs a virtual machine whose devices, memory and vcpus are driven by a
 /// plugin process.
 #[derive(Debug, Parser)]
-#[command(name = "vmm", version, about, long_about = None)]
+#[command(name = "vmm", version, about, long_about = None, after_long_help = LONG_HELP_TAIL)]
 pub struct Args {
     /// Plugin executable: the machine. It is started with CROSVM_SOCKET set.
     #[arg(long, value_name = "PATH")]
@@ -154,6 +154,49 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
+
+    /// Print one decoded line per main request, vcpu request and event
+    /// (with its result and latency) to stderr. `--log-level trace`
+    /// implies it.
+    #[arg(long)]
+    pub trace: bool,
+
+    /// Write the `--trace` lines to FILE (appended) instead of stderr;
+    /// implies `--trace`.
+    #[arg(long, value_name = "FILE")]
+    pub trace_file: Option<PathBuf>,
+
+    /// Print statistics at exit: per request type count, errors and
+    /// latency; per vcpu its exits by range and its time waiting on the
+    /// plugin.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// The end of `vmm --help`: sub-commands and environment.
+const LONG_HELP_TAIL: &str = "\
+Sub-commands:
+  vmm replay FILE...   print a session recorded with VMM_RECORD_DIR, one
+                       decoded line per record (also spelled `vmm decode`)
+
+Environment:
+  VMM_RECORD_DIR=DIR   record every main request packet of the plugin into
+                       DIR/main-<pid>.session and every vcpu request and
+                       delivered event into DIR/vcpu<id>-<pid>.session (the
+                       fuzzers' seed format; `vmm replay` prints them)";
+
+impl Args {
+    /// What `--trace`, `--trace-file`, `--stats` and `--log-level trace`
+    /// ask to observe.
+    pub fn trace_config(&self) -> crate::trace::TraceConfig {
+        crate::trace::TraceConfig {
+            trace: self.trace
+                || self.trace_file.is_some()
+                || self.log_level >= log::LevelFilter::Trace,
+            file: self.trace_file.clone(),
+            stats: self.stats,
+        }
+    }
 }
 
 /// One `--plugin-env`: NAME alone takes the host's value.

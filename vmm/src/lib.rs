@@ -8,12 +8,17 @@
 
 pub mod cli;
 pub mod config;
+pub mod decode;
+pub mod exit_codec;
 pub mod jail;
 pub mod launch;
 pub mod limits;
 pub mod net;
 pub mod record;
+pub mod replay;
 pub mod runtime;
+pub mod stats;
+pub mod trace;
 pub mod vm;
 
 /// Formats an error with its whole `source()` chain: `a: b: c`.

@@ -27,6 +27,9 @@ impl log::Log for StderrLogger {
 static LOGGER: StderrLogger = StderrLogger;
 
 fn main() -> ExitCode {
+    if let Some(code) = replay_command() {
+        return code;
+    }
     let args = match Args::from_command_line(std::env::args_os()) {
         Ok(a) => a,
         Err(e) => {
@@ -56,6 +59,34 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         log::info!("--mem is ignored: guest memory comes from the plugin");
     }
     let config = args.vm_config(|name| std::env::var_os(name))?;
-    runtime::run(config)?;
+    vmm::trace::init(&args.trace_config())?;
+    let result = runtime::run(config);
+    if args.stats {
+        let _ = std::io::stderr().write_all(vmm::stats::report().table().as_bytes());
+    }
+    result?;
     Ok(())
+}
+
+/// `vmm replay FILE...` / `vmm decode FILE...`: `None` for any other
+/// command line.
+fn replay_command() -> Option<ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let word = argv.get(1)?.to_str()?;
+    if word != "replay" && word != "decode" {
+        return None;
+    }
+    let files: Vec<std::path::PathBuf> = argv[2..].iter().map(Into::into).collect();
+    if files.is_empty() || files.iter().any(|f| f.as_os_str() == "--help") {
+        eprintln!("usage: vmm {word} FILE...\nPrints sessions recorded with VMM_RECORD_DIR.");
+        return Some(ExitCode::from(PARSE_ERROR_STATUS as u8));
+    }
+    let mut out = std::io::stdout().lock();
+    match vmm::replay::replay(&files, &mut out) {
+        Ok(()) => Some(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("vmm: error: {}", vmm::error_chain(&e));
+            Some(ExitCode::FAILURE)
+        }
+    }
 }

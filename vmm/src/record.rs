@@ -1,6 +1,6 @@
 //! Recording what a plugin sends, for fuzzing seeds and regression replays.
 //!
-//! When the (deliberately undocumented in `--help`) environment variable
+//! When the environment variable (documented in `vmm --help`)
 //! `VMM_RECORD_DIR` names a directory, the host appends every main request
 //! packet to `DIR/main-<pid>.session` and every vcpu request and delivered wait
 //! reason to `DIR/vcpu<id>-<pid>.session`. When it is unset, the only cost on

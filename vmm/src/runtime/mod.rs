@@ -4,7 +4,6 @@
 //! handler sees in `services.rs`, the forwarding of the plugin's output in
 //! `output.rs`.
 
-pub mod exit_codec;
 pub mod inflight;
 pub mod main_handler;
 pub mod objects;
@@ -571,6 +570,7 @@ impl Host {
             connections: self.connections.len(),
             in_flight: &self.in_flight,
         };
+        let (conn, traced) = (token - FIRST_CONNECTION_TOKEN, crate::trace::main_begin());
         let reply = match main_handler::handle(
             &mut self.state,
             &self.vm,
@@ -581,6 +581,7 @@ impl Host {
         ) {
             Ok(r) => r,
             Err(e) => {
+                crate::trace::main_refused(conn, traced, &self.recv_buf[..packet.len], &e);
                 warn!("dropping a plugin connection: {}", crate::error_chain(&e));
                 self.drop_connection(token);
                 return;
@@ -596,6 +597,13 @@ impl Host {
             return;
         };
         let n_fds = reply.fds.len() + reply.follow_ups.iter().map(|(_, f)| f.len()).sum::<usize>();
+        crate::trace::main_end(
+            conn,
+            traced,
+            &self.recv_buf[..packet.len],
+            &reply.response,
+            n_fds,
+        );
         self.in_flight.sent(token, n_fds);
         let mut sent = send(fd.as_fd(), &reply.response, &reply.fds, &mut self.send_buf);
         for (msg, fds) in &reply.follow_ups {

@@ -30,8 +30,8 @@ pub use barrier::StartBarrier;
 pub use exits::{run_loop, run_thread, run_vcpu, Servicer, Stop};
 pub use kick::{install_kick_handler, kick_signal};
 
-use super::exit_codec;
 use super::objects::SharedExitConfig;
+use crate::exit_codec;
 use crate::vm::{Cpuid, Space, Vcpu, VcpuStateKind};
 use crate::{limits, record};
 
@@ -264,6 +264,11 @@ pub trait VcpuIo {
     fn read_request(&mut self) -> Result<&[u8], ServiceError>;
     /// Sends one serialized response; the transport adds its framing.
     fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError>;
+    /// A guest access exited to the host; `range` is the reserved range
+    /// (start, length) that took it (`--stats`).
+    fn note_exit(&mut self, space: Space, range: Option<(u64, u64)>) {
+        let _ = (space, range);
+    }
 }
 
 /// Services the plugin until `Resume` (docs/wire-protocol.md §8.2). With `init`,
@@ -411,6 +416,8 @@ pub struct ChannelIo {
     shared: Arc<VcpuShared>,
     read_buf: Vec<u8>,
     write_buf: Vec<u8>,
+    /// `--trace` and `--stats` of this channel.
+    pub tap: crate::trace::VcpuTap,
 }
 
 impl VcpuIo for ChannelIo {
@@ -439,10 +446,16 @@ impl VcpuIo for ChannelIo {
         if let Some(r) = record::recorder() {
             r.vcpu_request(self.id, bytes);
         }
+        self.tap.request(bytes);
         Ok(bytes)
     }
 
+    fn note_exit(&mut self, space: Space, range: Option<(u64, u64)>) {
+        self.tap.exit(space, range);
+    }
+
     fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError> {
+        self.tap.response(body);
         let kill = &self.shared.kill;
         match &mut self.transport {
             Transport::Pipe(channel) => {

@@ -15,12 +15,12 @@ use zerocopy::FromBytes;
 
 use super::kick::IMMEDIATE_EXIT;
 use super::{
-    complete_read, deliver, deliver_io, exit_codec, hcall_result, io_wait, service, ChannelIo,
-    ServiceError, Transport, VcpuControl, VcpuIo, VcpuShared, MAX_IO_READ, MAX_IO_WRITE,
+    complete_read, deliver, deliver_io, hcall_result, io_wait, service, ChannelIo, ServiceError,
+    Transport, VcpuControl, VcpuIo, VcpuShared, MAX_IO_READ, MAX_IO_WRITE,
 };
 use crate::runtime::objects::ExitConfigReader;
 use crate::vm::{Space, Vcpu, VcpuRun, VcpuStateKind, VmExit};
-use crate::{limits, record};
+use crate::{exit_codec, limits, record};
 
 /// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing, and
 /// the routing of exits to the plugin. Plain code over [`Vcpu`] and
@@ -62,6 +62,7 @@ impl<V: Vcpu> Servicer<V, ChannelIo> {
             shared: Arc::clone(&shared),
             read_buf,
             write_buf: Vec::with_capacity(512),
+            tap: crate::trace::VcpuTap::new(id),
         };
         Servicer::with_io(id, vcpu, io, control, shared)
     }
@@ -226,7 +227,9 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
 
     /// A guest write at `address`.
     fn on_write(&mut self, space: Space, address: u64, data: &[u8]) {
-        let Some(range) = self.config.get().reservations.lookup(space, address) else {
+        let range = self.config.get().reservations.lookup(space, address);
+        self.io.note_exit(space, range.map(|r| (r.start, r.length)));
+        let Some(range) = range else {
             return;
         };
         if let Err(e) = self.io_event(space, address, true, data, range.async_write) {
@@ -237,12 +240,9 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
     /// A guest read at `address`; fills `data` (zeros when unreserved or when
     /// servicing fails, missing bytes of a short reply read as zero).
     fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
-        let sync = self
-            .config
-            .get()
-            .reservations
-            .lookup(space, address)
-            .is_some_and(|r| !r.async_write);
+        let range = self.config.get().reservations.lookup(space, address);
+        self.io.note_exit(space, range.map(|r| (r.start, r.length)));
+        let sync = range.is_some_and(|r| !r.async_write);
         if !sync {
             complete_read(data, None);
             return;
@@ -275,6 +275,7 @@ pub fn run_vcpu(mut run: VcpuFd, mut sv: Servicer<VcpuFd>) {
     IMMEDIATE_EXIT.with(|c| c.set(ptr));
     run_thread(&mut run, &mut sv);
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    sv.io().tap.finish();
     signal_exited(&sv);
 }
 
