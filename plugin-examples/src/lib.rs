@@ -2,6 +2,7 @@
 //! real-mode vcpu setup, a runtime x86 assembler, argument and vcpu-count
 //! checks, and (for test plugins) a shutdown watcher.
 
+use std::ffi::{c_char, c_int, CString};
 use std::os::fd::BorrowedFd;
 
 use crosvm_plugin::{Connection, VcpuGuard};
@@ -212,4 +213,23 @@ pub fn exit_with(e: &dyn std::error::Error) -> ! {
     }
     eprintln!("error: {msg}");
     std::process::exit(1);
+}
+
+/// The `main` of a C machine: `int NAME(int argc, char **argv)`.
+pub type CMain = unsafe extern "C" fn(c_int, *const *const c_char) -> c_int;
+
+/// Runs a C machine's `main` (compiled by the build script against
+/// `crosvm.h`) with this process's arguments and exits with its status.
+pub fn run_c_main(main: CMain) -> ! {
+    let args: Vec<CString> = std::env::args()
+        .map(|a| CString::new(a).unwrap_or_default())
+        .collect();
+    let mut argv: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let argc = c_int::try_from(args.len()).unwrap_or(c_int::MAX);
+    // SAFETY: argv holds `argc` valid NUL-terminated strings (kept alive by
+    // `args`) followed by NULL, as C's main expects; `main` is a C main
+    // function of the examples' archive.
+    let code = unsafe { main(argc, argv.as_ptr()) };
+    std::process::exit(code);
 }

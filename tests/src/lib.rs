@@ -140,6 +140,17 @@ pub fn skip(reason: &str) {
     }
 }
 
+/// The address triple that makes `vmm` create a tap (`vmtap%d`) for the
+/// tests that need a real one.
+pub const TAP_ARGS: [&str; 6] = [
+    "--host-ip",
+    "100.115.92.5",
+    "--netmask",
+    "255.255.255.252",
+    "--mac",
+    "de:21:e8:47:6b:6a",
+];
+
 /// [`require`] for the tests that need a real tap device.
 pub fn require_taps() -> bool {
     require(

@@ -49,18 +49,7 @@ fn c_net_config_with_a_real_tap() {
     if !e2e_tests::require_taps() {
         return;
     }
-    let r = run_c(
-        "capi_vm",
-        &[
-            "--host-ip",
-            "100.115.92.5",
-            "--netmask",
-            "255.255.255.252",
-            "--mac",
-            "de:21:e8:47:6b:6a",
-        ],
-        &["tap"],
-    );
+    let r = run_c("capi_vm", &e2e_tests::TAP_ARGS, &["tap"]);
     assert_passed(&r, "capi_vm");
 }
 

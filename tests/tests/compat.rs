@@ -60,18 +60,7 @@ fn crosvm_plugin_tap_net_config_jailed() {
     if !e2e_tests::require_taps() {
         return;
     }
-    run_both(
-        "crosvm_state",
-        &[
-            "--host-ip",
-            "100.115.92.5",
-            "--netmask",
-            "255.255.255.252",
-            "--mac",
-            "de:21:e8:47:6b:6a",
-        ],
-        &["tap"],
-    );
+    run_both("crosvm_state", &e2e_tests::TAP_ARGS, &["tap"]);
 }
 
 #[test]

@@ -85,15 +85,7 @@ fn net_config_describes_a_real_tap() {
         return;
     }
     let r = run_vmm(
-        &[
-            "--disable-sandbox",
-            "--host-ip",
-            "100.115.92.5",
-            "--netmask",
-            "255.255.255.252",
-            "--mac",
-            "de:21:e8:47:6b:6a",
-        ],
+        &[&["--disable-sandbox"][..], &e2e_tests::TAP_ARGS[..]].concat(),
         &bin("netcheck"),
         &[],
     );

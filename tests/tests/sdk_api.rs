@@ -32,18 +32,7 @@ fn sdk_net_config_with_a_real_tap() {
     if !e2e_tests::require_taps() {
         return;
     }
-    run_mode(
-        "vm",
-        &[
-            "--host-ip",
-            "100.115.92.5",
-            "--netmask",
-            "255.255.255.252",
-            "--mac",
-            "de:21:e8:47:6b:6a",
-        ],
-        &["tap"],
-    );
+    run_mode("vm", &e2e_tests::TAP_ARGS, &["tap"]);
 }
 
 #[test]
