@@ -586,11 +586,8 @@ impl Host {
                 return;
             }
         };
-        if reply.response.errno != 0 {
-            debug!(
-                "request failed: {}",
-                Errno::from_raw(reply.response.errno).desc()
-            );
+        if let Some(refused) = &reply.refused {
+            debug!("main[{}]: {refused}", token - FIRST_CONNECTION_TOKEN);
         }
         let Some(fd) = self.connections.get(&token) else {
             return;
