@@ -4,8 +4,8 @@
 //! its debug log), so the success path never formats.
 
 use crate::main_request::{self, create, set_irq_routing};
-use protobuf::EnumOrUnknown;
 use crate::MainRequest;
+use protobuf::EnumOrUnknown;
 
 fn space(s: &EnumOrUnknown<crate::AddressSpace>) -> String {
     match s.enum_value() {

@@ -407,7 +407,10 @@ fn create(
     if state.objects.len() >= limits::MAX_OBJECTS {
         return refuse(
             Errno::ENOSPC,
-            format!("the VM already has {} objects (the limit)", limits::MAX_OBJECTS),
+            format!(
+                "the VM already has {} objects (the limit)",
+                limits::MAX_OBJECTS
+            ),
         );
     }
     let mut reply = Reply::with(base);
@@ -490,7 +493,10 @@ fn create_memory(
     let size = lseek(&fd, 0, Whence::SeekEnd)?;
     let size = u64::try_from(size).map_err(|_| Errno::EINVAL)?;
     let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(|e| {
-        Refused::new(e, format!("the descriptor is not a sealable memfd ({})", e.desc()))
+        Refused::new(
+            e,
+            format!("the descriptor is not a sealable memfd ({})", e.desc()),
+        )
     })?;
     if !SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
         return refuse(
@@ -498,9 +504,10 @@ fn create_memory(
             "the memfd is not sealed against shrinking (F_SEAL_SHRINK)",
         );
     }
-    let end = m.offset.checked_add(m.length).ok_or_else(|| {
-        Refused::new(Errno::EOVERFLOW, "offset + length overflows")
-    })?;
+    let end = m
+        .offset
+        .checked_add(m.length)
+        .ok_or_else(|| Refused::new(Errno::EOVERFLOW, "offset + length overflows"))?;
     if end > size {
         return refuse(
             Errno::EINVAL,
@@ -630,7 +637,10 @@ fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
     if services.connection_count() >= limits::MAX_CONNECTIONS {
         return refuse(
             Errno::EMFILE,
-            format!("{} connections are open (the limit)", limits::MAX_CONNECTIONS),
+            format!(
+                "{} connections are open (the limit)",
+                limits::MAX_CONNECTIONS
+            ),
         );
     }
     // Only the host's end is non-blocking (the main loop must never stall on

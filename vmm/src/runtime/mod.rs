@@ -40,6 +40,7 @@ use self::objects::SharedExitConfig;
 use self::output::StderrForwarder;
 use self::process::Plugin;
 use self::services::Services;
+use self::vcpu::diag::{StuckDetector, WATCH_TICK};
 use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
 use crate::config::VmConfig;
 use crate::jail;
@@ -187,6 +188,8 @@ struct Host {
     next_token: u64,
     abandoned: bool,
     dying_since: Option<Instant>,
+    stuck: StuckDetector,
+    last_watch: Instant,
     errors: Vec<RunError>,
     recv_buf: Vec<u8>,
     cmsg_buf: Vec<u8>,
@@ -285,6 +288,7 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
             }
         })?,
         failure: Default::default(),
+        unreserved: Default::default(),
     });
 
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(resource("the epoll set"))?;
@@ -318,6 +322,8 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
         next_token: FIRST_CONNECTION_TOKEN,
         abandoned: false,
         dying_since: None,
+        stuck: StuckDetector::default(),
+        last_watch: Instant::now(),
         errors: Vec::new(),
         recv_buf: vec![0; limits::MAX_MAIN_REQUEST],
         cmsg_buf: vec![0; framing::full_cmsg_space()],
@@ -368,6 +374,11 @@ impl Host {
         let mut events = vec![EpollEvent::empty(); 64];
         while self.plugin_end.is_none() {
             let timeout = match self.dying_since {
+                // Running vcpus are watched for stuck exits.
+                None if !self.threads.is_empty() => {
+                    EpollTimeout::try_from(WATCH_TICK.as_millis() as u64)
+                        .unwrap_or(EpollTimeout::NONE)
+                }
                 None => EpollTimeout::NONE,
                 Some(t) => {
                     let left = DYING_GRACE.saturating_sub(t.elapsed());
@@ -404,6 +415,16 @@ impl Host {
                 }
                 if self.plugin_end.is_some() {
                     return;
+                }
+            }
+            if !self.threads.is_empty()
+                && self.dying_since.is_none()
+                && self.last_watch.elapsed() >= WATCH_TICK
+            {
+                self.last_watch = Instant::now();
+                let watches = self.controls.iter().map(|c| &c.watch);
+                for warning in self.stuck.tick(watches, self.last_watch) {
+                    warn!("{warning}");
                 }
             }
             if self.state.started
@@ -677,6 +698,7 @@ impl Host {
                 }
             }
         }
+        self.stuck.started(Instant::now());
         info!(
             "started {} vcpu(s) on {} channels",
             self.threads.len(),

@@ -213,11 +213,7 @@ impl Reservations {
                 format!("{start:#x} + {length:#x} wraps around the address space"),
             )
         })?;
-        if let Some(r) = self
-            .map(space)
-            .at_or_after(start)
-            .filter(|r| r.start < end)
-        {
+        if let Some(r) = self.map(space).at_or_after(start).filter(|r| r.start < end) {
             return Err(overlap(r));
         }
         if self.len() >= limits::MAX_RESERVED_RANGES {
@@ -401,7 +397,8 @@ mod tests {
     fn wrapping_range_is_einval_and_spaces_are_independent() {
         let mut r = Reservations::default();
         assert_eq!(
-            r.reserve(Space::Mmio, u64::MAX, 2, false).map_err(|e| e.errno),
+            r.reserve(Space::Mmio, u64::MAX, 2, false)
+                .map_err(|e| e.errno),
             Err(Errno::EINVAL)
         );
         r.reserve(Space::Ioport, 0x3f8, 8, false).unwrap();

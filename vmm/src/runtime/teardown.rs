@@ -163,6 +163,27 @@ impl Host {
             ),
             _ => {}
         }
+        // A vcpu that failed (a KVM internal error, say) is the cause of a
+        // plugin that then timed out or gave up: name the vcpu first.
+        if let Some(i) = self
+            .errors
+            .iter()
+            .position(|e| matches!(e, RunError::VcpuFailed { .. }))
+        {
+            if i > 0
+                && matches!(
+                    self.errors[0],
+                    RunError::PluginTimeout(_) | RunError::PluginExit(_)
+                )
+            {
+                let then = self.errors.remove(0);
+                if let RunError::VcpuFailed { message, .. } = &mut self.errors[i - 1] {
+                    message.push_str(&format!("; then {then}"));
+                }
+                let failed = self.errors.remove(i - 1);
+                self.errors.insert(0, failed);
+            }
+        }
         match self.errors.into_iter().next() {
             None => Ok(()),
             Some(e) => Err(e),
