@@ -467,10 +467,11 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
                         || "at an unknown rip".to_string(),
                         |r| format!("at rip {:#x}", r.rip),
                     );
+                let words: Vec<String> = data[..n].iter().map(|d| format!("{d:#x}")).collect();
                 let message = format!(
-                    "KVM internal error (suberror {suberror}: {}) {rip}, exit data {:#x?}",
+                    "KVM internal error (suberror {suberror}: {}) {rip}, exit data [{}]",
                     internal_suberror(suberror),
-                    &data[..n]
+                    words.join(", ")
                 );
                 error!("vcpu {id}: {message}");
                 self.set_failure(message);
