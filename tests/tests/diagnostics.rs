@@ -95,3 +95,90 @@ fn the_start_barrier_names_the_vcpu_that_never_finished_init() {
     );
     assert!(!r.stderr.contains("waiting for vcpu 0"), "{r:#?}");
 }
+
+/// Every option `vmm --help` lists is in the README's command-line table
+/// and the other way round; the table is one block (a blank line would end
+/// it, and the rows after it would not render).
+#[test]
+fn readme_option_table_and_help_name_the_same_options() {
+    use std::collections::BTreeSet;
+    fn options(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+            let long = word.starts_with("--")
+                && word.len() > 2
+                && word[2..]
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '-');
+            let short = word.len() == 2
+                && word.starts_with('-')
+                && word[1..].chars().all(|c| c.is_ascii_alphabetic());
+            if long || short {
+                out.insert(word.to_string());
+            }
+        }
+        out
+    }
+    let help = std::process::Command::new(bin("vmm"))
+        .arg("--help")
+        .output()
+        .expect("vmm --help");
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let mut from_help = BTreeSet::new();
+    for line in help.lines() {
+        let line = line.trim_start();
+        if line.starts_with('-') {
+            // `-c, --cpus <SPEC>   description`: the names before the text.
+            let names = line.split("  ").next().unwrap_or_default();
+            from_help.extend(options(names));
+        }
+    }
+    from_help.remove("-h");
+    from_help.remove("--help");
+    from_help.remove("-V");
+    from_help.remove("--version");
+
+    let readme = std::fs::read_to_string(e2e_tests::repo_root().join("README.md")).expect("README");
+    let table: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| option | meaning |"))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(table.len() > 2, "the README has no option table");
+    let mut from_readme = BTreeSet::new();
+    for row in &table[2..] {
+        let first = row.split(" | ").next().unwrap_or_default();
+        from_readme.extend(options(first));
+    }
+    assert_eq!(
+        from_help, from_readme,
+        "README option table vs vmm --help (left: --help, right: README)"
+    );
+    // Each short option goes with the same long one in both.
+    for (short, long) in [("-m", "--mem"), ("-c", "--cpus"), ("-p", "--params")] {
+        assert!(
+            help.lines()
+                .any(|l| l.contains(&format!("{short}, {long}"))),
+            "{short} is not {long} in --help"
+        );
+        assert!(
+            table.iter().any(|r| r.contains(short) && r.contains(long)),
+            "{short} is not {long} in the README"
+        );
+    }
+}
+
+#[test]
+fn a_bad_log_level_lists_the_valid_ones() {
+    let out = std::process::Command::new(bin("vmm"))
+        .args(["--log-level", "verbose", "--plugin", "/bin/true"])
+        .output()
+        .expect("vmm");
+    assert_eq!(out.status.code(), Some(35));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("valid levels are off, error, warn, info, debug, trace"),
+        "{err}"
+    );
+}

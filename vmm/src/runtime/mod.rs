@@ -109,7 +109,9 @@ pub enum RunError {
     PluginAbandoned,
     #[error("an unexpected child process {pid} ended ({status})")]
     OtherChild { pid: i32, status: String },
-    #[error("vmm was asked to stop by signal {0}")]
+    /// The user stopped vmm: "interrupted by SIGINT", "stopped by SIGTERM",
+    /// and what followed.
+    #[error("{0}")]
     Interrupted(String),
     #[error("vcpu {id} stopped the VM: {message}")]
     VcpuFailed { id: u32, message: String },
@@ -263,9 +265,16 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
     }
     .map_err(RunError::Spawn)?;
     drop(plugin_sock);
+    // A jailed plugin runs inside the jail's pid namespace as the child of
+    // the jail's init, whose host pid is the one vmm knows.
     info!(
-        "started plugin {} (pid {})",
+        "started plugin {} ({} {})",
         config.plugin.display(),
+        if plugin.jail.is_some() {
+            "jailed, jail init pid"
+        } else {
+            "pid"
+        },
         plugin.pid
     );
     let shutdown = main_handler::new_eventfd().map_err(resource("the shutdown eventfd"))?;
@@ -295,6 +304,7 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
     let mut state = MainState::new(exit_config);
     state.memory_limits = config.memory_limits;
     let in_flight = InFlight::new(limits::fds_in_flight_budget(config.vcpus));
+    let stderr_level = config.plugin_stderr_level;
     let mut host = Host {
         controls: (0..config.vcpus).map(|_| Arc::default()).collect(),
         config,
@@ -307,6 +317,7 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
             carry: Vec::new(),
             open: true,
             panic: Default::default(),
+            level: stderr_level,
         },
         plugin,
         plugin_end: None,
@@ -467,8 +478,11 @@ impl Host {
         while let Ok(Some(info)) = self.signals.read_signal() {
             let signo = info.ssi_signo as i32;
             if signo == libc::SIGINT || signo == libc::SIGTERM {
-                let name =
-                    Signal::try_from(signo).map_or_else(|_| signo.to_string(), |s| s.to_string());
+                let name = if signo == libc::SIGINT {
+                    "interrupted by SIGINT".to_string()
+                } else {
+                    "stopped by SIGTERM".to_string()
+                };
                 if !self
                     .errors
                     .iter()

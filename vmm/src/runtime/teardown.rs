@@ -163,25 +163,35 @@ impl Host {
             ),
             _ => {}
         }
-        // A vcpu that failed (a KVM internal error, say) is the cause of a
-        // plugin that then timed out or gave up: name the vcpu first.
-        if let Some(i) = self
+        // The user's stop, or a vcpu that failed (a KVM internal error,
+        // say), is the cause of a plugin that then exited, was killed or
+        // timed out: name the cause first, then what followed.
+        let cause = self
             .errors
             .iter()
-            .position(|e| matches!(e, RunError::VcpuFailed { .. }))
-        {
-            if i > 0
-                && matches!(
-                    self.errors[0],
-                    RunError::PluginTimeout(_) | RunError::PluginExit(_)
-                )
-            {
-                let then = self.errors.remove(0);
-                if let RunError::VcpuFailed { message, .. } = &mut self.errors[i - 1] {
-                    message.push_str(&format!("; then {then}"));
+            .position(|e| matches!(e, RunError::Interrupted(_)))
+            .or_else(|| {
+                self.errors
+                    .iter()
+                    .position(|e| matches!(e, RunError::VcpuFailed { .. }))
+            });
+        if let Some(i) = cause.filter(|&i| i > 0) {
+            if matches!(
+                self.errors[0],
+                RunError::PluginTimeout(_)
+                    | RunError::PluginExit(_)
+                    | RunError::PluginSignaled { .. }
+            ) {
+                let then = self.errors.remove(0).to_string();
+                let mut first = self.errors.remove(i - 1);
+                match &mut first {
+                    RunError::VcpuFailed { message, .. } | RunError::Interrupted(message) => {
+                        message.push_str("; then ");
+                        message.push_str(&then);
+                    }
+                    _ => {}
                 }
-                let failed = self.errors.remove(i - 1);
-                self.errors.insert(0, failed);
+                self.errors.insert(0, first);
             }
         }
         match self.errors.into_iter().next() {
