@@ -182,3 +182,35 @@ fn a_bad_log_level_lists_the_valid_ones() {
         "{err}"
     );
 }
+
+/// Ctrl-C on a VM whose plugin hangs (it holds an exit and ignores the
+/// shutdown): the headline is the interruption, then what followed.
+#[test]
+fn sigint_on_a_hung_vm_says_interrupted() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin("vmm"))
+        .args(["--plugin"])
+        .arg(bin("diag"))
+        .args(["--plugin-args", "stuck"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    let reached = lines.any(|l| l.is_ok_and(|l| l.contains("to the done port")));
+    // Our own child, by pid.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    let output = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(reached, "the guest never reached the done port: {stderr}");
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("vmm: error: interrupted by SIGINT; then "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("vmm: error: the plugin"), "{stderr}");
+}

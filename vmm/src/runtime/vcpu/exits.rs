@@ -286,7 +286,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
     /// servicing fails, missing bytes of a short reply read as zero).
     fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
         let range = self.config.get().reservations.lookup(space, address);
-        if !range.is_some_and(|r| !r.async_write) {
+        if range.is_none_or(|r| r.async_write) {
             if range.is_none() {
                 self.log_unreserved(space, address, false, data.len());
             }
