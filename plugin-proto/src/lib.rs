@@ -7,6 +7,7 @@ mod generated {
 }
 
 pub mod cpuid;
+pub mod describe;
 pub mod framing;
 pub mod image;
 pub mod shm;

@@ -107,7 +107,7 @@ impl MainChannel {
         let (response, fds) = self.recv(op)?;
         if response.errno != 0 {
             return Err(Error::Host {
-                op: crate::describe::main_request(request),
+                op: plugin_proto::describe::main_request(request),
                 errno: response.errno,
             });
         }

@@ -49,7 +49,6 @@
 
 mod connection;
 mod decode;
-mod describe;
 mod error;
 mod image;
 pub mod machine;

@@ -79,7 +79,7 @@ fn assert_plugin_exited_by_itself(r: &VmmRun) {
     // vmm reports the interruption, but the plugin was not killed: it left
     // on its own after its wait returned the shutdown.
     assert!(
-        r.stderr.contains("asked to stop by signal SIGTERM"),
+        r.stderr.contains("vmm: error: stopped by SIGTERM"),
         "{r:#?}"
     );
     assert!(!r.stderr.contains("killed"), "{r:#?}");

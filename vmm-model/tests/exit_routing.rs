@@ -39,6 +39,7 @@ fn shared() -> Arc<VcpuShared> {
         exit_config,
         exited: vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).unwrap(),
         failure: Default::default(),
+        unreserved: Default::default(),
     })
 }
 

@@ -151,8 +151,8 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_guest_memory: Option<u64>,
 
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    /// Log level: off, error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level_filter)]
     pub log_level: log::LevelFilter,
 
     /// Print one decoded line per main request, vcpu request and event
@@ -171,6 +171,23 @@ pub struct Args {
     /// plugin.
     #[arg(long)]
     pub stats: bool,
+
+    /// Level the plugin's stderr lines are logged at, with a `plugin:`
+    /// prefix: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
+    pub plugin_stderr_level: log::Level,
+}
+
+const LEVELS: &str = "error, warn, info, debug, trace";
+
+fn parse_level_filter(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("unknown log level {s:?}: valid levels are off, {LEVELS}"))
+}
+
+fn parse_level(s: &str) -> Result<log::Level, String> {
+    s.parse()
+        .map_err(|_| format!("unknown log level {s:?}: valid levels are {LEVELS}"))
 }
 
 /// The end of `vmm --help`: sub-commands and environment.
@@ -611,6 +628,7 @@ impl Args {
                 .max_guest_memory
                 .map_or_else(GuestMemoryLimits::from_host, GuestMemoryLimits::at_most),
             jail,
+            plugin_stderr_level: self.plugin_stderr_level,
         })
     }
 }

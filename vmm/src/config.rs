@@ -30,6 +30,8 @@ pub struct VmConfig {
     pub memory_limits: GuestMemoryLimits,
     /// `None`: `--disable-sandbox`.
     pub jail: Option<JailConfig>,
+    /// The level the plugin's stderr lines are logged at (`plugin:` prefix).
+    pub plugin_stderr_level: log::Level,
 }
 
 /// How to jail the plugin.

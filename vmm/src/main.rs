@@ -16,8 +16,11 @@ impl log::Log for StderrLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "[vmm {}] {}", record.level(), record.args());
+            // The whole line is built first and written with one write, so
+            // it never interleaves with the plugin's output or another
+            // thread's line.
+            let line = format!("[vmm {}] {}\n", record.level(), record.args());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
     }
 

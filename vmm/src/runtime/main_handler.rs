@@ -17,7 +17,9 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::objects::{CallHint, ExitConfig, Object, ObjectTable, RegHint, SharedExitConfig};
+use super::objects::{
+    CallHint, ExitConfig, Object, ObjectTable, Refused, RegHint, SharedExitConfig,
+};
 use crate::limits;
 use crate::vm::{borrow_fd, Cpuid, IrqRoute, Space, Vm, VmStateKind};
 
@@ -107,6 +109,10 @@ pub struct Reply {
     pub follow_ups: Vec<(MainResponse, Vec<OwnedFd>)>,
     /// Host end of a new main connection to serve.
     pub new_connection: Option<OwnedFd>,
+    /// Why the request was refused, for the host's debug log: the request
+    /// and its arguments (only described when debug logging is on), the
+    /// errno and the reason. The wire reply carries only the errno.
+    pub refused: Option<String>,
 }
 
 impl Reply {
@@ -127,7 +133,7 @@ pub enum HandlerError {
     Malformed(#[source] plugin_proto::framing::FramingError),
 }
 
-type Outcome = Result<Reply, Errno>;
+type Outcome = Result<Reply, Refused>;
 
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     fd.try_clone_to_owned()
@@ -145,8 +151,17 @@ fn io_errno(e: &std::io::Error) -> Errno {
 
 fn space(
     v: plugin_proto::protobuf::EnumOrUnknown<plugin_proto::AddressSpace>,
-) -> Result<Space, Errno> {
-    Space::from_wire(v.value()).ok_or(Errno::EINVAL)
+) -> Result<Space, Refused> {
+    Space::from_wire(v.value()).ok_or_else(|| {
+        Refused::new(
+            Errno::EINVAL,
+            format!("unknown address space {}", v.value()),
+        )
+    })
+}
+
+fn refuse<T>(errno: Errno, reason: impl Into<String>) -> Result<T, Refused> {
+    Err(Refused::new(errno, reason))
 }
 
 /// The response member matching a request, selected even on error (as the
@@ -213,10 +228,17 @@ pub fn handle_request(
     fds: Vec<OwnedFd>,
     fds_truncated: bool,
 ) -> Reply {
+    // Described before the request is taken apart, and only when the
+    // description can be logged.
+    let what = log::log_enabled!(log::Level::Debug)
+        .then(|| plugin_proto::describe::main_request(&request));
     let Some(msg) = request.message else {
         let mut r = MainResponse::new();
         r.errno = Errno::ENOTTY as i32;
-        return Reply::with(r);
+        return Reply {
+            refused: what.map(|w| format!("{w} refused: ENOTTY: the request has no message")),
+            ..Reply::with(r)
+        };
     };
     // A packet with two or more descriptors counts as carrying none.
     let fd = if fds.len() == 1 && !fds_truncated {
@@ -234,92 +256,131 @@ pub fn handle_request(
         Q::NewConnection(_) | Q::GetShutdownEventfd(_) | Q::GetNetConfig(_) => 1,
         _ => 0,
     };
-    if fd_cost > 0 && !services.may_send_fds(fd_cost) {
+    let outcome = if fd_cost > 0 && !services.may_send_fds(fd_cost) {
+        refuse(
+            Errno::ETOOMANYREFS,
+            format!(
+                "the reply would carry {fd_cost} descriptors, more than the budget of \
+                 descriptors sent but not yet received allows"
+            ),
+        )
+    } else {
+        dispatch(state, vm, services, msg, fd, &base)
+    };
+    outcome.unwrap_or_else(|e| {
         let mut r = base;
-        r.errno = Errno::ETOOMANYREFS as i32;
-        return Reply::with(r);
-    }
-    let outcome = match msg {
+        r.errno = e.errno as i32;
+        Reply {
+            refused: what.map(|w| format!("{w} refused: {e}")),
+            ..Reply::with(r)
+        }
+    })
+}
+
+fn dispatch(
+    state: &mut MainState,
+    vm: &impl Vm,
+    services: &impl HostServices,
+    msg: main_request::Message,
+    fd: Option<OwnedFd>,
+    base: &MainResponse,
+) -> Outcome {
+    use main_request::Message as Q;
+    let ok = |r: MainResponse| Ok(Reply::with(r));
+    match msg {
         Q::Create(c) => create(state, vm, c, fd, base.clone()),
-        Q::Destroy(d) => destroy(state, vm, d.id).map(|()| Reply::with(base.clone())),
+        Q::Destroy(d) => {
+            destroy(state, vm, d.id)?;
+            ok(base.clone())
+        }
         Q::NewConnection(_) => new_connection(services, base.clone()),
-        Q::GetShutdownEventfd(_) => dup(services.shutdown_eventfd()).map(|fd| Reply {
-            fds: vec![fd],
+        Q::GetShutdownEventfd(_) => Ok(Reply {
+            fds: vec![dup(services.shutdown_eventfd())?],
             ..Reply::with(base.clone())
         }),
         Q::CheckExtension(c) => {
             let mut r = base.clone();
             r.mut_check_extension().has_extension = vm.check_extension(c.extension) == 1;
-            Ok(Reply::with(r))
+            ok(r)
         }
-        Q::GetSupportedCpuid(_) => vm.supported_cpuid().map(|entries| {
+        Q::GetSupportedCpuid(_) => {
+            let entries = vm.supported_cpuid()?;
             let mut r = base.clone();
             r.mut_get_supported_cpuid().entries = host_cpuid(&entries);
-            Reply::with(r)
-        }),
-        Q::GetEmulatedCpuid(_) => vm.emulated_cpuid().map(|entries| {
+            ok(r)
+        }
+        Q::GetEmulatedCpuid(_) => {
+            let entries = vm.emulated_cpuid()?;
             let mut r = base.clone();
             r.mut_get_emulated_cpuid().entries = host_cpuid(&entries);
-            Reply::with(r)
-        }),
-        Q::GetMsrIndexList(_) => vm.msr_index_list().map(|indices| {
+            ok(r)
+        }
+        Q::GetMsrIndexList(_) => {
+            let indices = vm.msr_index_list()?;
             let mut r = base.clone();
             r.mut_get_msr_index_list().indices = indices;
-            Reply::with(r)
-        }),
+            ok(r)
+        }
         Q::GetNetConfig(_) => net_config(services),
-        Q::ReserveRange(rr) => reserve_range(state, rr).map(|()| Reply::with(base.clone())),
-        Q::SetIrq(s) if !state.routed_gsis.contains(&s.irq_id) => Err(Errno::EINVAL),
-        Q::SetIrq(s) => vm
-            .set_irq_line(s.irq_id, s.active)
-            .map(|()| Reply::with(base.clone())),
-        Q::SetIrqRouting(s) => set_irq_routing(vm, s).map(|gsis| {
-            state.routed_gsis = gsis;
-            Reply::with(base.clone())
-        }),
-        Q::GetState(g) => VmStateKind::from_wire(g.set.value())
-            .ok_or(Errno::EINVAL)
-            .and_then(|set| vm.get_state(set))
-            .map(|image| {
-                let mut r = base.clone();
-                r.mut_get_state().state = image;
-                Reply::with(r)
-            }),
-        Q::SetState(s) => set_state(vm, s).map(|()| Reply::with(base.clone())),
+        Q::ReserveRange(rr) => {
+            reserve_range(state, rr)?;
+            ok(base.clone())
+        }
+        Q::SetIrq(s) if !state.routed_gsis.contains(&s.irq_id) => refuse(
+            Errno::EINVAL,
+            format!("irq {} is not routed by the VM's routing table", s.irq_id),
+        ),
+        Q::SetIrq(s) => {
+            vm.set_irq_line(s.irq_id, s.active)?;
+            ok(base.clone())
+        }
+        Q::SetIrqRouting(s) => {
+            state.routed_gsis = set_irq_routing(vm, s)?;
+            ok(base.clone())
+        }
+        Q::GetState(g) => {
+            let set = VmStateKind::from_wire(g.set.value()).ok_or_else(|| {
+                Refused::new(
+                    Errno::EINVAL,
+                    format!("unknown VM state set {}", g.set.value()),
+                )
+            })?;
+            let mut r = base.clone();
+            r.mut_get_state().state = vm.get_state(set)?;
+            ok(r)
+        }
+        Q::SetState(s) => {
+            set_state(vm, s)?;
+            ok(base.clone())
+        }
+        Q::SetIdentityMapAddr(_) if state.started => {
+            refuse(Errno::EINVAL, "the VM has already started")
+        }
         Q::SetIdentityMapAddr(s) => {
-            if state.started {
-                Err(Errno::EINVAL)
-            } else {
-                vm.set_identity_map_addr(u64::from(s.address))
-                    .map(|()| Reply::with(base.clone()))
-            }
+            vm.set_identity_map_addr(u64::from(s.address))?;
+            ok(base.clone())
         }
         Q::PauseVcpus(p) => {
             services.pause_vcpus(p.cpu_mask, p.user);
-            Ok(Reply::with(base.clone()))
+            ok(base.clone())
         }
         Q::GetVcpus(g) => get_vcpus(state, services, &g, base.clone()),
+        Q::Start(_) if state.started => refuse(Errno::EINVAL, "the VM has already started"),
         Q::Start(_) => {
-            if state.started {
-                Err(Errno::EINVAL)
-            } else {
-                state.started = true;
-                Ok(Reply::with(base.clone()))
-            }
+            state.started = true;
+            ok(base.clone())
         }
-        Q::SetCallHint(h) => set_call_hint(state, h).map(|()| Reply::with(base.clone())),
-        Q::DirtyLog(d) => dirty_log(state, vm, d.id).map(|bitmap| {
+        Q::SetCallHint(h) => {
+            set_call_hint(state, h)?;
+            ok(base.clone())
+        }
+        Q::DirtyLog(d) => {
             let mut r = base.clone();
-            r.mut_dirty_log().bitmap = bitmap;
-            Reply::with(r)
-        }),
-        _ => Err(Errno::ENOTTY),
-    };
-    outcome.unwrap_or_else(|e| {
-        let mut r = base;
-        r.errno = e as i32;
-        Reply::with(r)
-    })
+            r.mut_dirty_log().bitmap = dirty_log(state, vm, d.id)?;
+            ok(r)
+        }
+        _ => refuse(Errno::ENOTTY, "unknown request"),
+    }
 }
 
 fn host_cpuid(entries: &[Cpuid]) -> Vec<CpuidEntry> {
@@ -338,20 +399,29 @@ fn create(
 ) -> Outcome {
     use main_request::create::Constructor;
     if state.objects.contains(c.id) {
-        return Err(Errno::EEXIST);
+        return refuse(Errno::EEXIST, format!("object id {} is in use", c.id));
     }
     let Some(constructor) = c.constructor else {
-        return Err(Errno::ENOTTY);
+        return refuse(Errno::ENOTTY, "no constructor");
     };
     if state.objects.len() >= limits::MAX_OBJECTS {
-        return Err(Errno::ENOSPC);
+        return refuse(
+            Errno::ENOSPC,
+            format!(
+                "the VM already has {} objects (the limit)",
+                limits::MAX_OBJECTS
+            ),
+        );
     }
     let mut reply = Reply::with(base);
     let obj = match constructor {
         Constructor::IoEvent(io) => {
             let space = space(io.space)?;
             if !matches!(io.length, 0 | 1 | 2 | 4 | 8) {
-                return Err(Errno::EINVAL);
+                return refuse(
+                    Errno::EINVAL,
+                    format!("datamatch length {} is not 0, 1, 2, 4 or 8", io.length),
+                );
             }
             let datamatch = match io.length {
                 0 => 0,
@@ -364,7 +434,7 @@ fn create(
                 Ok(fd) => reply.fds.push(fd),
                 Err(e) => {
                     let _ = vm.unregister_ioevent(&evt, space, io.address, io.length, datamatch);
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
             Object::IoEvent {
@@ -376,7 +446,13 @@ fn create(
             }
         }
         Constructor::Memory(m) => {
-            let obj = create_memory(state, vm, m, fd.ok_or(Errno::EBADF)?)?;
+            let fd = fd.ok_or_else(|| {
+                Refused::new(
+                    Errno::EBADF,
+                    "the request did not carry exactly one descriptor (the memfd)",
+                )
+            })?;
+            let obj = create_memory(state, vm, m, fd)?;
             if let Object::Memory { length, .. } = &obj {
                 state.guest_memory += *length;
             }
@@ -390,7 +466,7 @@ fn create(
                 Ok(fd) => reply.fds.push(fd),
                 Err(e) => {
                     let _ = vm.unregister_irqfd(&trigger, irq.irq_id);
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
             // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
@@ -402,7 +478,7 @@ fn create(
                 gsi: irq.irq_id,
             }
         }
-        _ => return Err(Errno::ENOTTY),
+        _ => return refuse(Errno::ENOTTY, "unknown constructor"),
     };
     state.objects.insert(c.id, obj);
     Ok(reply)
@@ -413,41 +489,64 @@ fn create_memory(
     vm: &impl Vm,
     m: main_request::create::Memory,
     fd: OwnedFd,
-) -> Result<Object, Errno> {
+) -> Result<Object, Refused> {
     let size = lseek(&fd, 0, Whence::SeekEnd)?;
     let size = u64::try_from(size).map_err(|_| Errno::EINVAL)?;
-    let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)?;
+    let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(|e| {
+        Refused::new(
+            e,
+            format!("the descriptor is not a sealable memfd ({})", e.desc()),
+        )
+    })?;
     if !SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
-        return Err(Errno::EPERM);
+        return refuse(
+            Errno::EPERM,
+            "the memfd is not sealed against shrinking (F_SEAL_SHRINK)",
+        );
     }
-    let end = m.offset.checked_add(m.length).ok_or(Errno::EOVERFLOW)?;
+    let end = m
+        .offset
+        .checked_add(m.length)
+        .ok_or_else(|| Refused::new(Errno::EOVERFLOW, "offset + length overflows"))?;
     if end > size {
-        return Err(Errno::EINVAL);
+        return refuse(
+            Errno::EINVAL,
+            format!("offset + length {end:#x} is beyond the memfd's size {size:#x}"),
+        );
     }
     if m.start.checked_add(m.length).is_none() {
-        return Err(Errno::EOVERFLOW);
+        return refuse(Errno::EOVERFLOW, "guest address + length overflows");
     }
     if m.length == 0 {
-        return Err(Errno::EINVAL);
+        return refuse(Errno::EINVAL, "the length is 0");
     }
     // KVM allocates two dirty bitmaps for a dirty-logged slot, sized by the
     // region (256 MiB each for its largest slot), and a bitmap over the
     // limit could never be read back (`dirty_log`): refuse it up front.
     if m.dirty_log && dirty_bitmap_len(m.length) > limits::MAX_DIRTY_BITMAP {
-        return Err(Errno::E2BIG);
+        return refuse(
+            Errno::E2BIG,
+            "the region's dirty bitmap would exceed the host's limit",
+        );
     }
     // Bounded before anything is mapped: KVM allocates per-page metadata
     // for a slot (charged to vmm, not to the plugin whose sparse memfd
     // costs nothing) and walks it on registration, so an unbounded region
     // costs host memory and stalls the main loop.
     if !state.memory_limits.allows(state.guest_memory, m.length) {
-        return Err(Errno::ENOMEM);
+        return refuse(
+            Errno::ENOMEM,
+            format!(
+                "{:#x} more bytes would exceed the guest memory limit ({:#x} registered)",
+                m.length, state.guest_memory
+            ),
+        );
     }
     let length = usize::try_from(m.length).map_err(|_| Errno::EINVAL)?;
     let slot = state
         .objects
         .free_slot(vm.max_memory_slots())
-        .ok_or(Errno::ENOSPC)?;
+        .ok_or_else(|| Refused::new(Errno::ENOSPC, "every KVM memory slot is in use"))?;
     // Read-only regions are mapped read-only, so a memfd sealed against
     // writes can back them.
     let prot = if m.read_only {
@@ -489,8 +588,11 @@ fn create_memory(
 /// Unregisters and forgets an object. The object is gone from the table even
 /// when the teardown fails (reference behaviour kept, quirk 10 of
 /// docs/differences-from-crosvm.md).
-pub fn destroy(state: &mut MainState, vm: &impl Vm, id: u32) -> Result<(), Errno> {
-    let obj = state.objects.remove(id).ok_or(Errno::ENOENT)?;
+pub fn destroy(state: &mut MainState, vm: &impl Vm, id: u32) -> Result<(), Refused> {
+    let obj = state
+        .objects
+        .remove(id)
+        .ok_or_else(|| Refused::new(Errno::ENOENT, format!("no object has id {id}")))?;
     let length = match &obj {
         Object::Memory { length, .. } => *length,
         _ => 0,
@@ -500,7 +602,7 @@ pub fn destroy(state: &mut MainState, vm: &impl Vm, id: u32) -> Result<(), Errno
     if r.is_ok() {
         state.guest_memory = state.guest_memory.saturating_sub(length);
     }
-    r
+    Ok(r?)
 }
 
 /// Undoes what `create` registered with the VM.
@@ -533,7 +635,13 @@ pub fn teardown(vm: &impl Vm, obj: Object) -> Result<(), Errno> {
 
 fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
     if services.connection_count() >= limits::MAX_CONNECTIONS {
-        return Err(Errno::EMFILE);
+        return refuse(
+            Errno::EMFILE,
+            format!(
+                "{} connections are open (the limit)",
+                limits::MAX_CONNECTIONS
+            ),
+        );
     }
     // Only the host's end is non-blocking (the main loop must never stall on
     // it). The plugin's end must block like the first connection's: the file
@@ -554,7 +662,9 @@ fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
 }
 
 fn net_config(services: &impl HostServices) -> Outcome {
-    let cfg = services.net_config()?.ok_or(Errno::ENODATA)?;
+    let cfg = services
+        .net_config()?
+        .ok_or_else(|| Refused::new(Errno::ENODATA, "no tap is configured (--net)"))?;
     let mut r = MainResponse::new();
     let n = r.mut_get_net_config();
     n.host_mac_address = cfg.mac.to_vec();
@@ -566,7 +676,7 @@ fn net_config(services: &impl HostServices) -> Outcome {
     })
 }
 
-fn reserve_range(state: &mut MainState, rr: main_request::ReserveRange) -> Result<(), Errno> {
+fn reserve_range(state: &mut MainState, rr: main_request::ReserveRange) -> Result<(), Refused> {
     let space = space(rr.space)?;
     let reservations = &mut state.exit_config.reservations;
     if rr.length == 0 {
@@ -582,10 +692,17 @@ fn reserve_range(state: &mut MainState, rr: main_request::ReserveRange) -> Resul
 fn set_irq_routing(
     vm: &impl Vm,
     s: main_request::SetIrqRouting,
-) -> Result<std::collections::BTreeSet<u32>, Errno> {
+) -> Result<std::collections::BTreeSet<u32>, Refused> {
     use main_request::set_irq_routing::route::Route as R;
     if s.routes.len() > limits::MAX_IRQ_ROUTES {
-        return Err(Errno::E2BIG);
+        return refuse(
+            Errno::E2BIG,
+            format!(
+                "{} routes, more than the limit of {}",
+                s.routes.len(),
+                limits::MAX_IRQ_ROUTES
+            ),
+        );
     }
     let routes = s
         .routes
@@ -601,19 +718,34 @@ fn set_irq_routing(
                 address: m.address,
                 data: m.data,
             }),
-            _ => Err(Errno::EINVAL),
+            _ => Err(Refused::new(
+                Errno::EINVAL,
+                format!("the route of irq {} is neither irqchip nor msi", r.irq_id),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
     vm.set_gsi_routing(&routes)?;
     Ok(s.routes.iter().map(|r| r.irq_id).collect())
 }
 
-fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Errno> {
-    let set = VmStateKind::from_wire(s.set.value()).ok_or(Errno::EINVAL)?;
+fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Refused> {
+    let set = VmStateKind::from_wire(s.set.value()).ok_or_else(|| {
+        Refused::new(
+            Errno::EINVAL,
+            format!("unknown VM state set {}", s.set.value()),
+        )
+    })?;
     if s.state.len() != set.size() {
-        return Err(Errno::EINVAL);
+        return refuse(
+            Errno::EINVAL,
+            format!(
+                "the state is {} bytes, the set takes {}",
+                s.state.len(),
+                set.size()
+            ),
+        );
     }
-    vm.set_state(set, &s.state)
+    Ok(vm.set_state(set, &s.state)?)
 }
 
 fn get_vcpus(
@@ -628,7 +760,10 @@ fn get_vcpus(
         // The channels already run over shared memory: a client that cannot
         // use it would never be served.
         if !g.request_fast_channel {
-            return Err(Errno::EBUSY);
+            return refuse(
+                Errno::EBUSY,
+                "the vcpu channels already run over shared memory and this client did not ask for it",
+            );
         }
         true
     } else {
@@ -667,10 +802,17 @@ fn get_vcpus(
     Ok(reply)
 }
 
-fn set_call_hint(state: &mut MainState, h: main_request::SetCallHint) -> Result<(), Errno> {
+fn set_call_hint(state: &mut MainState, h: main_request::SetCallHint) -> Result<(), Refused> {
     let space = space(h.space)?;
     if h.hints.len() > limits::MAX_CALL_HINT_DETAILS {
-        return Err(Errno::E2BIG);
+        return refuse(
+            Errno::E2BIG,
+            format!(
+                "{} hints, more than the limit of {}",
+                h.hints.len(),
+                limits::MAX_CALL_HINT_DETAILS
+            ),
+        );
     }
     state.exit_config.hint = if h.address == 0 {
         CallHint::default()
@@ -703,18 +845,19 @@ pub fn dirty_bitmap_len(length: u64) -> usize {
     usize::try_from(pages.div_ceil(8)).unwrap_or(usize::MAX)
 }
 
-fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Errno> {
+fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Refused> {
     match state.objects.get(id) {
         Some(Object::Memory { slot, length, .. }) => {
             let len = dirty_bitmap_len(*length);
             // The region's length is the plugin's choice: bound the bitmap
             // before anything is allocated for it.
             if len > limits::MAX_DIRTY_BITMAP {
-                return Err(Errno::E2BIG);
+                return refuse(Errno::E2BIG, "the dirty bitmap exceeds the host's limit");
             }
-            vm.get_dirty_log(*slot, *length, len)
+            Ok(vm.get_dirty_log(*slot, *length, len)?)
         }
-        _ => Err(Errno::ENOENT),
+        Some(_) => refuse(Errno::ENOENT, format!("object {id} is not a memory region")),
+        None => refuse(Errno::ENOENT, format!("no object has id {id}")),
     }
 }
 

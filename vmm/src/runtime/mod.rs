@@ -39,6 +39,7 @@ use self::objects::SharedExitConfig;
 use self::output::StderrForwarder;
 use self::process::Plugin;
 use self::services::Services;
+use self::vcpu::diag::{StuckDetector, WATCH_TICK};
 use self::vcpu::{HostChannel, Servicer, StartBarrier, VcpuControl, VcpuShared};
 use crate::config::VmConfig;
 use crate::jail;
@@ -107,7 +108,9 @@ pub enum RunError {
     PluginAbandoned,
     #[error("an unexpected child process {pid} ended ({status})")]
     OtherChild { pid: i32, status: String },
-    #[error("vmm was asked to stop by signal {0}")]
+    /// The user stopped vmm: "interrupted by SIGINT", "stopped by SIGTERM",
+    /// and what followed.
+    #[error("{0}")]
     Interrupted(String),
     #[error("vcpu {id} stopped the VM: {message}")]
     VcpuFailed { id: u32, message: String },
@@ -186,6 +189,8 @@ struct Host {
     next_token: u64,
     abandoned: bool,
     dying_since: Option<Instant>,
+    stuck: StuckDetector,
+    last_watch: Instant,
     errors: Vec<RunError>,
     recv_buf: Vec<u8>,
     cmsg_buf: Vec<u8>,
@@ -259,9 +264,16 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
     }
     .map_err(RunError::Spawn)?;
     drop(plugin_sock);
+    // A jailed plugin runs inside the jail's pid namespace as the child of
+    // the jail's init, whose host pid is the one vmm knows.
     info!(
-        "started plugin {} (pid {})",
+        "started plugin {} ({} {})",
         config.plugin.display(),
+        if plugin.jail.is_some() {
+            "jailed, jail init pid"
+        } else {
+            "pid"
+        },
         plugin.pid
     );
     let shutdown = main_handler::new_eventfd().map_err(resource("the shutdown eventfd"))?;
@@ -284,12 +296,14 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
             }
         })?,
         failure: Default::default(),
+        unreserved: Default::default(),
     });
 
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(resource("the epoll set"))?;
     let mut state = MainState::new(exit_config);
     state.memory_limits = config.memory_limits;
     let in_flight = InFlight::new(limits::fds_in_flight_budget(config.vcpus));
+    let stderr_level = config.plugin_stderr_level;
     let mut host = Host {
         controls: (0..config.vcpus).map(|_| Arc::default()).collect(),
         config,
@@ -302,6 +316,7 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
             carry: Vec::new(),
             open: true,
             panic: Default::default(),
+            level: stderr_level,
         },
         plugin,
         plugin_end: None,
@@ -317,6 +332,8 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
         next_token: FIRST_CONNECTION_TOKEN,
         abandoned: false,
         dying_since: None,
+        stuck: StuckDetector::default(),
+        last_watch: Instant::now(),
         errors: Vec::new(),
         recv_buf: vec![0; limits::MAX_MAIN_REQUEST],
         cmsg_buf: vec![0; framing::full_cmsg_space()],
@@ -367,6 +384,11 @@ impl Host {
         let mut events = vec![EpollEvent::empty(); 64];
         while self.plugin_end.is_none() {
             let timeout = match self.dying_since {
+                // Running vcpus are watched for stuck exits.
+                None if !self.threads.is_empty() => {
+                    EpollTimeout::try_from(WATCH_TICK.as_millis() as u64)
+                        .unwrap_or(EpollTimeout::NONE)
+                }
                 None => EpollTimeout::NONE,
                 Some(t) => {
                     let left = DYING_GRACE.saturating_sub(t.elapsed());
@@ -403,6 +425,16 @@ impl Host {
                 }
                 if self.plugin_end.is_some() {
                     return;
+                }
+            }
+            if !self.threads.is_empty()
+                && self.dying_since.is_none()
+                && self.last_watch.elapsed() >= WATCH_TICK
+            {
+                self.last_watch = Instant::now();
+                let watches = self.controls.iter().map(|c| &c.watch);
+                for warning in self.stuck.tick(watches, self.last_watch) {
+                    warn!("{warning}");
                 }
             }
             if self.state.started
@@ -445,8 +477,11 @@ impl Host {
         while let Ok(Some(info)) = self.signals.read_signal() {
             let signo = info.ssi_signo as i32;
             if signo == libc::SIGINT || signo == libc::SIGTERM {
-                let name =
-                    Signal::try_from(signo).map_or_else(|_| signo.to_string(), |s| s.to_string());
+                let name = if signo == libc::SIGINT {
+                    "interrupted by SIGINT".to_string()
+                } else {
+                    "stopped by SIGTERM".to_string()
+                };
                 if !self
                     .errors
                     .iter()
@@ -587,11 +622,8 @@ impl Host {
                 return;
             }
         };
-        if reply.response.errno != 0 {
-            debug!(
-                "request failed: {}",
-                Errno::from_raw(reply.response.errno).desc()
-            );
+        if let Some(refused) = &reply.refused {
+            debug!("main[{}]: {refused}", token - FIRST_CONNECTION_TOKEN);
         }
         let Some(fd) = self.connections.get(&token) else {
             return;
@@ -688,6 +720,7 @@ impl Host {
                 }
             }
         }
+        self.stuck.started(Instant::now());
         info!(
             "started {} vcpu(s) on {} channels",
             self.threads.len(),

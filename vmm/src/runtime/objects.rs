@@ -24,6 +24,41 @@ use crate::limits;
 use crate::vm::Space;
 use range_tree::RangeTree;
 
+/// A request the host refuses: the errno the plugin gets on the wire, and
+/// the reason the host logs (which argument, why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{errno:?}: {reason}")]
+pub struct Refused {
+    pub errno: Errno,
+    pub reason: String,
+}
+
+impl Refused {
+    pub fn new(errno: Errno, reason: impl Into<String>) -> Self {
+        Refused {
+            errno,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An errno from a lower layer (KVM, a system call): its description is the
+/// reason.
+impl From<Errno> for Refused {
+    fn from(errno: Errno) -> Self {
+        Refused {
+            errno,
+            reason: errno.desc().to_string(),
+        }
+    }
+}
+
+impl PartialEq<Errno> for Refused {
+    fn eq(&self, other: &Errno) -> bool {
+        self.errno == *other
+    }
+}
+
 /// A live object created by `Create`.
 pub enum Object {
     IoEvent {
@@ -155,23 +190,40 @@ impl Reservations {
         start: u64,
         length: u64,
         async_write: bool,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Refused> {
         if length == 0 {
-            return Err(Errno::EINVAL);
+            return Err(Refused::new(Errno::EINVAL, "the length is 0"));
         }
-        if self.lookup(space, start).is_some() {
-            return Err(Errno::EPERM);
+        let overlap = |r: Range| {
+            Refused::new(
+                Errno::EPERM,
+                format!(
+                    "overlaps the reserved range {:#x}..{:#x}",
+                    r.start,
+                    r.start.saturating_add(r.length)
+                ),
+            )
+        };
+        if let Some(r) = self.lookup(space, start) {
+            return Err(overlap(r));
         }
-        let end = start.checked_add(length).ok_or(Errno::EINVAL)?;
-        if self
-            .map(space)
-            .at_or_after(start)
-            .is_some_and(|r| r.start < end)
-        {
-            return Err(Errno::EPERM);
+        let end = start.checked_add(length).ok_or_else(|| {
+            Refused::new(
+                Errno::EINVAL,
+                format!("{start:#x} + {length:#x} wraps around the address space"),
+            )
+        })?;
+        if let Some(r) = self.map(space).at_or_after(start).filter(|r| r.start < end) {
+            return Err(overlap(r));
         }
         if self.len() >= limits::MAX_RESERVED_RANGES {
-            return Err(Errno::ENOSPC);
+            return Err(Refused::new(
+                Errno::ENOSPC,
+                format!(
+                    "the VM already has {} reserved ranges (the limit)",
+                    limits::MAX_RESERVED_RANGES
+                ),
+            ));
         }
         let fresh = self.map_mut(space).insert(Range {
             start,
@@ -183,11 +235,14 @@ impl Reservations {
     }
 
     /// Removes the range that starts exactly at `start` (either kind).
-    pub fn unreserve(&mut self, space: Space, start: u64) -> Result<(), Errno> {
+    pub fn unreserve(&mut self, space: Space, start: u64) -> Result<(), Refused> {
         if self.map_mut(space).remove(start) {
             Ok(())
         } else {
-            Err(Errno::ENOENT)
+            Err(Refused::new(
+                Errno::ENOENT,
+                format!("no reserved range starts at {start:#x}"),
+            ))
         }
     }
 
@@ -330,7 +385,10 @@ mod tests {
         r.reserve(Space::Mmio, 0x1000, 0x10, false).unwrap();
         assert_eq!(
             r.reserve(Space::Mmio, 0xff1, 0x10, false),
-            Err(Errno::EPERM)
+            Err(Refused::new(
+                Errno::EPERM,
+                "overlaps the reserved range 0x1000..0x1010"
+            ))
         );
         assert_eq!(r.reserve(Space::Mmio, 0xff0, 0x10, false), Ok(()));
     }
@@ -339,7 +397,8 @@ mod tests {
     fn wrapping_range_is_einval_and_spaces_are_independent() {
         let mut r = Reservations::default();
         assert_eq!(
-            r.reserve(Space::Mmio, u64::MAX, 2, false),
+            r.reserve(Space::Mmio, u64::MAX, 2, false)
+                .map_err(|e| e.errno),
             Err(Errno::EINVAL)
         );
         r.reserve(Space::Ioport, 0x3f8, 8, false).unwrap();
@@ -348,7 +407,10 @@ mod tests {
         assert!(r.lookup(Space::Mmio, 0x3ff).unwrap().async_write);
         assert!(r.lookup(Space::Ioport, 0x400).is_none());
         assert!(r.lookup(Space::Ioport, 0x3f7).is_none());
-        assert_eq!(r.unreserve(Space::Ioport, 0x3f9), Err(Errno::ENOENT));
+        assert_eq!(
+            r.unreserve(Space::Ioport, 0x3f9).map_err(|e| e.errno),
+            Err(Errno::ENOENT)
+        );
         assert_eq!(r.unreserve(Space::Ioport, 0x3f8), Ok(()));
         assert!(r.lookup(Space::Ioport, 0x3f8).is_none());
     }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::thread::JoinHandle;
 
-use log::{error, warn};
+use log::warn;
 use nix::errno::Errno;
 
 use crate::limits;
@@ -130,13 +130,15 @@ pub(super) struct StderrForwarder {
     pub(super) carry: Vec<u8>,
     pub(super) open: bool,
     pub(super) panic: super::panic::PanicWatch,
+    /// The level the lines are logged at (`--plugin-stderr-level`).
+    pub(super) level: log::Level,
 }
 
 impl StderrForwarder {
-    fn emit(line: &[u8]) {
+    fn emit(&self, line: &[u8]) {
         // Control characters (a `\r` that would rewrite the prefix, escape
         // sequences) are shown escaped, never sent to the terminal.
-        error!("plugin: {}", escape(line));
+        log::log!(self.level, "plugin: {}", escape(line));
     }
 
     /// Reads what is available; returns false once the pipe hung up.
@@ -153,7 +155,7 @@ impl StderrForwarder {
                     self.carry.extend_from_slice(&buf[..n]);
                     while let Some(pos) = self.carry.iter().position(|&b| b == b'\n') {
                         self.panic.line(&escape(&self.carry[..pos]));
-                        Self::emit(&self.carry[..pos]);
+                        self.emit(&self.carry[..pos]);
                         self.carry.drain(..=pos);
                     }
                     if self.carry.len() >= limits::MAX_STDERR_LINE {
@@ -169,7 +171,7 @@ impl StderrForwarder {
     pub(super) fn flush(&mut self) {
         if !self.carry.is_empty() {
             self.panic.line(&escape(&self.carry));
-            Self::emit(&self.carry);
+            self.emit(&self.carry);
             self.carry.clear();
         }
     }

@@ -163,6 +163,37 @@ impl Host {
             ),
             _ => {}
         }
+        // The user's stop, or a vcpu that failed (a KVM internal error,
+        // say), is the cause of a plugin that then exited, was killed or
+        // timed out: name the cause first, then what followed.
+        let cause = self
+            .errors
+            .iter()
+            .position(|e| matches!(e, RunError::Interrupted(_)))
+            .or_else(|| {
+                self.errors
+                    .iter()
+                    .position(|e| matches!(e, RunError::VcpuFailed { .. }))
+            });
+        if let Some(i) = cause.filter(|&i| i > 0) {
+            if matches!(
+                self.errors[0],
+                RunError::PluginTimeout(_)
+                    | RunError::PluginExit(_)
+                    | RunError::PluginSignaled { .. }
+            ) {
+                let then = self.errors.remove(0).to_string();
+                let mut first = self.errors.remove(i - 1);
+                match &mut first {
+                    RunError::VcpuFailed { message, .. } | RunError::Interrupted(message) => {
+                        message.push_str("; then ");
+                        message.push_str(&then);
+                    }
+                    _ => {}
+                }
+                self.errors.insert(0, first);
+            }
+        }
         match self.errors.into_iter().next() {
             None => Ok(()),
             Some(e) => Err(e),

@@ -23,6 +23,7 @@ use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 use vmm_sys_util::eventfd::EventFd;
 
 mod barrier;
+pub mod diag;
 mod exits;
 mod kick;
 
@@ -46,6 +47,8 @@ const MAX_IO_WRITE: usize = 8;
 pub struct VcpuControl {
     pending_pause: Mutex<Option<u64>>,
     has_pending: AtomicBool,
+    /// The exit the vcpu waits on the plugin for (stuck detection).
+    pub watch: diag::WaitWatch,
 }
 
 impl VcpuControl {
@@ -77,6 +80,8 @@ pub struct VcpuShared {
     /// The first vcpu failure that stops the VM and fails the run (vcpu id,
     /// cause), reported once by the main loop.
     pub failure: std::sync::Mutex<Option<(u32, String)>>,
+    /// Unreserved addresses the guest accessed that were logged.
+    pub unreserved: diag::UnreservedLog,
 }
 
 /// The host's ends of one vcpu channel (the plugin's ends are kept by the

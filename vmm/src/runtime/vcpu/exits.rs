@@ -13,6 +13,7 @@ use plugin_proto::shm::ShmError;
 use plugin_proto::vcpu_response;
 use zerocopy::FromBytes;
 
+use super::diag::WaitKind;
 use super::kick::IMMEDIATE_EXIT;
 use super::{
     complete_read, deliver, deliver_io, hcall_result, io_wait, service, ChannelIo, ServiceError,
@@ -105,11 +106,24 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
     }
 
     /// Delivers a stopping wait reason and services it until `Resume`.
-    fn deliver(&mut self, wait: vcpu_response::Wait) -> Result<(), ServiceError> {
+    fn deliver(&mut self, wait: vcpu_response::Wait, kind: WaitKind) -> Result<(), ServiceError> {
         if let Some(r) = record::recorder() {
             r.vcpu_exit(self.id, &wait);
         }
-        deliver(&self.vcpu, &mut self.io, wait, true, &mut self.resume_data).map(drop)
+        self.control.watch.begin(kind, 0);
+        let r = deliver(&self.vcpu, &mut self.io, wait, true, &mut self.resume_data).map(drop);
+        self.control.watch.end();
+        r
+    }
+
+    /// Records why this vcpu stopped the VM, to become the run's error (the
+    /// first such failure of the VM wins).
+    fn set_failure(&self, message: String) {
+        if let Ok(mut f) = self.shared.failure.lock() {
+            if f.is_none() {
+                *f = Some((self.id, message));
+            }
+        }
     }
 
     fn log_service_error(&mut self, what: &str, e: &ServiceError) {
@@ -123,11 +137,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
             if !self.failed {
                 self.failed = true;
                 debug!("vcpu {}: {what} servicing failed: {e}", self.id);
-                if let Ok(mut f) = self.shared.failure.lock() {
-                    if f.is_none() {
-                        *f = Some((self.id, crate::error_chain(e)));
-                    }
-                }
+                self.set_failure(crate::error_chain(e));
             }
             return;
         }
@@ -181,13 +191,50 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
             sregs,
             debugregs,
         };
-        deliver_io(
+        if !no_resume {
+            let kind = if is_write {
+                WaitKind::Write(space)
+            } else {
+                WaitKind::Read(space)
+            };
+            self.control.watch.begin(kind, address);
+        }
+        let r = deliver_io(
             &self.vcpu,
             &mut self.io,
             &event,
             &mut self.scratch,
             &mut self.resume_data,
-        )
+        );
+        self.control.watch.end();
+        r
+    }
+
+    /// Logs a guest access to an unreserved address, once per address (for
+    /// at most `MAX_UNRESERVED_LOGGED` addresses of the VM).
+    #[cold]
+    fn log_unreserved(&self, space: Space, address: u64, is_write: bool, len: usize) {
+        match self.shared.unreserved.first(space, address) {
+            Ok(()) => {
+                let (what, effect) = match (space, is_write) {
+                    (Space::Ioport, true) => ("write to port", "the write is dropped"),
+                    (Space::Ioport, false) => ("read of port", "the read returns 0"),
+                    (Space::Mmio, true) => ("write to MMIO address", "the write is dropped"),
+                    (Space::Mmio, false) => ("read of MMIO address", "the read returns 0"),
+                };
+                warn!(
+                    "vcpu {}: guest {what} {address:#x} ({len} bytes) is not in a reserved \
+                     range: {effect} (logged once per address)",
+                    self.id
+                );
+            }
+            Err(true) => warn!(
+                "vcpu {}: more than {} unreserved addresses accessed; further ones are not logged",
+                self.id,
+                super::diag::MAX_UNRESERVED_LOGGED
+            ),
+            Err(false) => {}
+        }
     }
 
     /// Eager register images per the call hint (docs/wire-protocol.md §8.8):
@@ -230,6 +277,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         let range = self.config.get().reservations.lookup(space, address);
         self.io.note_exit(space, range.map(|r| (r.start, r.length)));
         let Some(range) = range else {
+            self.log_unreserved(space, address, true, data.len());
             return;
         };
         if let Err(e) = self.io_event(space, address, true, data, range.async_write) {
@@ -242,8 +290,10 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
     fn on_read(&mut self, space: Space, address: u64, data: &mut [u8]) {
         let range = self.config.get().reservations.lookup(space, address);
         self.io.note_exit(space, range.map(|r| (r.start, r.length)));
-        let sync = range.is_some_and(|r| !r.async_write);
-        if !sync {
+        if range.is_none_or(|r| r.async_write) {
+            if range.is_none() {
+                self.log_unreserved(space, address, false, data.len());
+            }
             complete_read(data, None);
             return;
         }
@@ -264,7 +314,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         u.user = user;
         let mut w = vcpu_response::Wait::new();
         w.set_user(u);
-        self.deliver(w)
+        self.deliver(w, WaitKind::Pause)
     }
 }
 
@@ -296,6 +346,7 @@ pub fn run_thread<R: VcpuRun, V: Vcpu, I: VcpuIo>(
     if let Err(e) = &init {
         sv.log_service_error("init", e);
     }
+    sv.control.watch.set_init_done();
     let go = sv.shared.barrier.wait();
     (init.is_ok() && go).then(|| run_loop(run, sv))
 }
@@ -412,19 +463,33 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
                 data,
             } => {
                 let n = (ndata as usize).min(data.len());
-                error!(
-                    "vcpu {id}: KVM internal error (suberror {suberror}, data {:x?})",
-                    &data[..n]
+                let rip = self
+                    .vcpu
+                    .get_state(VcpuStateKind::Regs)
+                    .ok()
+                    .and_then(|image| kvm_bindings::kvm_regs::read_from_bytes(&image).ok())
+                    .map_or_else(
+                        || "at an unknown rip".to_string(),
+                        |r| format!("at rip {:#x}", r.rip),
+                    );
+                let words: Vec<String> = data[..n].iter().map(|d| format!("{d:#x}")).collect();
+                let message = format!(
+                    "KVM internal error (suberror {suberror}: {}) {rip}, exit data [{}]",
+                    internal_suberror(suberror),
+                    words.join(", ")
                 );
+                error!("vcpu {id}: {message}");
+                self.set_failure(message);
                 return Next::Stop(Stop::InternalError);
             }
             VmExit::FailEntry {
                 hardware_reason,
                 cpu,
             } => {
-                error!(
-                    "vcpu {id}: VM entry failed (hardware reason {hardware_reason:#x}, cpu {cpu})"
-                );
+                let message =
+                    format!("VM entry failed (hardware reason {hardware_reason:#x}, cpu {cpu})");
+                error!("vcpu {id}: {message}");
+                self.set_failure(message);
                 return Next::Stop(Stop::FailEntry);
             }
             VmExit::Spurious | VmExit::Interrupted => {}
@@ -445,7 +510,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         c.params1 = params[1];
         let mut w = vcpu_response::Wait::new();
         w.set_hyperv_call(c);
-        match self.deliver(w) {
+        match self.deliver(w, WaitKind::Hypercall) {
             Ok(()) => hcall_result(Some(&self.resume_data)),
             Err(e) => {
                 self.log_service_error("hypercall", &e);
@@ -463,8 +528,19 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
         s.msg_page = msg_page;
         let mut w = vcpu_response::Wait::new();
         w.set_hyperv_synic(s);
-        if let Err(e) = self.deliver(w) {
+        if let Err(e) = self.deliver(w, WaitKind::Synic) {
             self.log_service_error("synic", &e);
         }
+    }
+}
+
+/// The meaning of a `KVM_EXIT_INTERNAL_ERROR` suberror (linux/kvm.h).
+fn internal_suberror(suberror: u32) -> &'static str {
+    match suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "event delivery failed",
+        4 => "unexpected exit reason",
+        _ => "unknown suberror",
     }
 }

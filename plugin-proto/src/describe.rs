@@ -1,15 +1,16 @@
 //! One-line descriptions of requests for error messages: the operation and
 //! its key arguments, e.g. `reserve_range(IoPort, 0x3f8, 8)`. Built only
-//! when the VMM refused a request, so the success path never formats.
+//! when a request was refused (by the SDK for its errors, by the host for
+//! its debug log), so the success path never formats.
 
-use plugin_proto::main_request::{self, create, set_irq_routing};
-use plugin_proto::protobuf::EnumOrUnknown;
-use plugin_proto::MainRequest;
+use crate::main_request::{self, create, set_irq_routing};
+use crate::MainRequest;
+use protobuf::EnumOrUnknown;
 
-fn space(s: &EnumOrUnknown<plugin_proto::AddressSpace>) -> String {
+fn space(s: &EnumOrUnknown<crate::AddressSpace>) -> String {
     match s.enum_value() {
-        Ok(plugin_proto::AddressSpace::IOPORT) => "IoPort".into(),
-        Ok(plugin_proto::AddressSpace::MMIO) => "Mmio".into(),
+        Ok(crate::AddressSpace::IOPORT) => "IoPort".into(),
+        Ok(crate::AddressSpace::MMIO) => "Mmio".into(),
         Err(v) => format!("space {v}"),
     }
 }
@@ -22,7 +23,7 @@ fn state_set(s: &EnumOrUnknown<main_request::StateSet>) -> String {
 }
 
 /// Describes a main request.
-pub(crate) fn main_request(request: &MainRequest) -> String {
+pub fn main_request(request: &MainRequest) -> String {
     use main_request::Message as M;
     match &request.message {
         Some(M::Create(c)) => match &c.constructor {
@@ -113,7 +114,6 @@ pub(crate) fn main_request(request: &MainRequest) -> String {
         Some(M::GetNetConfig(_)) => "get_net_config".into(),
         Some(M::GetVcpus(_)) => "get_vcpus".into(),
         Some(M::Start(_)) => "start".into(),
-        Some(_) => "a main request".into(),
         None => "an empty main request".into(),
     }
 }
@@ -126,7 +126,7 @@ mod tests {
     fn reserve_range_names_its_arguments() {
         let mut req = MainRequest::new();
         let r = req.mut_reserve_range();
-        r.space = EnumOrUnknown::new(plugin_proto::AddressSpace::IOPORT);
+        r.space = EnumOrUnknown::new(crate::AddressSpace::IOPORT);
         r.start = 0x3f8;
         r.length = 8;
         assert_eq!(main_request(&req), "reserve_range(IoPort, 0x3f8, 8)");
