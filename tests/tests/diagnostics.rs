@@ -214,3 +214,64 @@ fn sigint_on_a_hung_vm_says_interrupted() {
     );
     assert!(!stderr.contains("vmm: error: the plugin"), "{stderr}");
 }
+
+#[test]
+fn the_start_line_names_the_plugins_real_pid() {
+    // Jailed and not: the pid in the INFO line is the plugin process itself
+    // as the host sees it (jailed: the jail's init is its parent, and the
+    // plugin is pid 2 in the jail's own pid namespace).
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    for jailed in [true, false] {
+        let mut cmd = Command::new(bin("vmm"));
+        cmd.args(["--log-level", "info"]);
+        if !jailed {
+            cmd.arg("--disable-sandbox");
+        }
+        let mut child = cmd
+            .arg("--plugin")
+            .arg(bin("evil"))
+            .args(["--plugin-args", "sleep", "20000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let err = child.stderr.take().expect("stderr");
+        let line = BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("started plugin"))
+            .expect("a start line");
+        let pid: u32 = line
+            .split("(pid ")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        // Our own child, by pid.
+        let vmm = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(vmm, nix::sys::signal::Signal::SIGTERM);
+        let _ = child.wait();
+        let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(argv0).ends_with("evil"),
+            "{line}: pid {pid} is {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        let nspid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>();
+        if jailed {
+            assert!(line.contains("jailed; jail init pid"), "{line}");
+            assert_eq!(nspid.last(), Some(&"2"), "{line}: {status}");
+        } else {
+            assert_eq!(nspid.len(), 1, "{line}: {status}");
+        }
+    }
+}

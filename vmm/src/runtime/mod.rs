@@ -265,17 +265,21 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
     .map_err(RunError::Spawn)?;
     drop(plugin_sock);
     // A jailed plugin runs inside the jail's pid namespace as the child of
-    // the jail's init, whose host pid is the one vmm knows.
-    info!(
-        "started plugin {} ({} {})",
-        config.plugin.display(),
-        if plugin.jail.is_some() {
-            "jailed, jail init pid"
-        } else {
-            "pid"
-        },
-        plugin.pid
-    );
+    // the jail's init (the host's child, the process vmm waits for and
+    // kills); its host pid is what the user sees in `ps`.
+    match &plugin.jail {
+        Some(j) => info!(
+            "started plugin {} (pid {}, jailed; jail init pid {})",
+            config.plugin.display(),
+            j.plugin_pid,
+            plugin.pid
+        ),
+        None => info!(
+            "started plugin {} (pid {})",
+            config.plugin.display(),
+            plugin.pid
+        ),
+    }
     let shutdown = main_handler::new_eventfd().map_err(resource("the shutdown eventfd"))?;
     let stdout_thread = output::forward_stdout(stdout_r).map_err(|e| RunError::Resource {
         what: "the stdout forwarding thread",
