@@ -15,22 +15,23 @@
 
 use std::time::Duration;
 
-use crosvm_plugin::{AddressSpace, Connection, Error, GuestRam, VcpuEvent};
+use crosvm_plugin::{Error, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::assemble16;
 
-const CODE: u64 = 0x1000;
-const DONE_PORT: u16 = 0x501;
+#[path = "../plugin_boot.rs"]
+mod boot;
+
+use boot::{CODE, DONE_PORT};
 /// Longer than the host's stuck delay (5 s) plus its sampling period.
 const LINGER: Duration = Duration::from_millis(6500);
 
 fn fail(msg: String) -> ! {
-    eprintln!("diag: FAILED: {msg}");
-    std::process::exit(1);
+    boot::fail("diag", msg)
 }
 
 fn ok<T>(what: &str, r: Result<T, Error>) -> T {
-    r.unwrap_or_else(|e| fail(format!("{what}: {e}")))
+    boot::ok("diag", what, r)
 }
 
 fn main() {
@@ -62,27 +63,9 @@ fn main() {
     }
     .unwrap_or_else(|e| fail(format!("assembling: {e}")));
 
-    let conn = ok("connect", Connection::from_env());
-    let ram = ok("guest RAM", GuestRam::new(0x10000));
-    ok("loading code", ram.write(CODE, &code));
-    let _mem = ok("registering RAM", ram.register(&conn, 0));
-    ok(
-        "reserve",
-        conn.reserve_range(AddressSpace::IoPort, u64::from(DONE_PORT), 1),
-    );
-    if mode == "unreserved" {
-        match conn.reserve_range(AddressSpace::IoPort, 0x500, 4) {
-            Err(e) => println!("diag: overlap refused: {e}"),
-            Ok(()) => fail("an overlapping reservation was accepted".into()),
-        }
-    }
-    let vcpu = ok("vcpu 0", conn.vcpu(0));
-    ok("start", conn.start());
-    let mut v = vcpu.lock();
-    match ok("first wait", v.wait()) {
-        VcpuEvent::Init => {}
-        other => fail(format!("first event is {other:?}")),
-    }
+    let booted = boot::boot("diag", &code, mode == "unreserved");
+    let mut v = booted.vcpu.lock();
+    boot::expect_init("diag", v.wait());
     if mode == "internal" {
         // The mistake the old crate-level example made: only rip is set.
         let mut regs = ok("get_regs", v.get_regs());

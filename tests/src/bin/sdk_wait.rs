@@ -13,20 +13,21 @@
 //!
 //! Prints `sdk_wait: ...` lines the tests check; exits 1 on any surprise.
 
-use crosvm_plugin::{machine, AddressSpace, Connection, Error, GuestRam, VcpuEvent};
+use crosvm_plugin::{machine, Error, VcpuEvent};
 use iced_x86::code_asm::*;
 use plugin_examples::assemble16;
 
-const CODE: u64 = 0x1000;
-const DONE_PORT: u16 = 0x501;
+#[path = "../plugin_boot.rs"]
+mod boot;
+
+use boot::{CODE, DONE_PORT};
 
 fn fail(msg: String) -> ! {
-    eprintln!("sdk_wait: FAILED: {msg}");
-    std::process::exit(1);
+    boot::fail("sdk_wait", msg)
 }
 
 fn ok<T>(what: &str, r: Result<T, Error>) -> T {
-    r.unwrap_or_else(|e| fail(format!("{what}: {e}")))
+    boot::ok("sdk_wait", what, r)
 }
 
 fn main() {
@@ -73,27 +74,9 @@ fn main() {
     }
     .unwrap_or_else(|e| fail(format!("assembling: {e}")));
 
-    let conn = ok("connect", Connection::from_env());
-    let ram = ok("guest RAM", GuestRam::new(0x10000));
-    ok("loading code", ram.write(CODE, &code));
-    let _mem = ok("registering RAM", ram.register(&conn, 0));
-    ok(
-        "reserve",
-        conn.reserve_range(AddressSpace::IoPort, u64::from(DONE_PORT), 1),
-    );
-    if mode == "owed" {
-        match conn.reserve_range(AddressSpace::IoPort, 0x500, 4) {
-            Err(e) => println!("sdk_wait: overlap refused: {e}"),
-            Ok(()) => fail("an overlapping reservation was accepted".into()),
-        }
-    }
-    let vcpu = ok("vcpu 0", conn.vcpu(0));
-    ok("start", conn.start());
-    let mut v = vcpu.lock();
-    match ok("first wait", v.wait()) {
-        VcpuEvent::Init => {}
-        other => fail(format!("first event is {other:?}")),
-    }
+    let booted = boot::boot("sdk_wait", &code, mode == "owed");
+    let mut v = booted.vcpu.lock();
+    boot::expect_init("sdk_wait", v.wait());
     if mode == "owed" {
         match v.wait() {
             Err(e @ Error::ResumeOwed { .. }) => println!("sdk_wait: {e}"),
@@ -101,8 +84,10 @@ fn main() {
         }
     }
     let setup = match mode.as_str() {
-        "protected" => machine::enter_protected_mode(&mut v, &ram, 0, 0x8000, CODE as u32, 0x7000),
-        "long" => machine::enter_long_mode(&mut v, &ram, 0, 0x8000, CODE, 0x7000),
+        "protected" => {
+            machine::enter_protected_mode(&mut v, &booted.ram, 0, 0x8000, CODE as u32, 0x7000)
+        }
+        "long" => machine::enter_long_mode(&mut v, &booted.ram, 0, 0x8000, CODE, 0x7000),
         _ => machine::enter_real_mode(&mut v, CODE as u16, 0x8000),
     };
     ok("mode set-up", setup);
