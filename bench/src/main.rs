@@ -1,8 +1,9 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R]`: each row is the median of R runs
-//! (default 3) of N guest exits (default 50000).
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup]`:
+//! each row is the median of R runs (default 3) of N guest exits (default
+//! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,6 +11,8 @@ use std::time::Instant;
 
 use vmm_bench::floor::{self, Floor};
 use vmm_bench::guest::{loop_code, Access};
+
+mod startup;
 
 struct Options {
     iterations: u32,
@@ -19,6 +22,10 @@ struct Options {
     reserve_only: bool,
     /// `--only trace`: just the tracing-cost table.
     trace_only: bool,
+    /// `--only startup`: just the start-up, density and memory tables.
+    startup_only: bool,
+    /// Whole lives per start-up row.
+    life_runs: usize,
 }
 
 /// One plugin run's report.
@@ -223,6 +230,8 @@ fn main() {
         env: Vec::new(),
         reserve_only: false,
         trace_only: false,
+        startup_only: false,
+        life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -234,17 +243,24 @@ fn main() {
                     .expect("--iterations N")
             }
             "--runs" => opts.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs R"),
+            "--life-runs" => {
+                opts.life_runs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--life-runs L")
+            }
             "--env" => {
                 let kv = args.next().expect("--env K=V");
                 let (k, v) = kv.split_once('=').expect("--env K=V");
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace");
+                let what = args.next().expect("--only reserve|trace|startup");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
-                    _ => panic!("--only takes `reserve` or `trace`"),
+                    "startup" => opts.startup_only = true,
+                    _ => panic!("--only takes `reserve`, `trace` or `startup`"),
                 }
             }
             other => panic!("unknown argument {other}"),
@@ -262,6 +278,11 @@ fn main() {
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);
+    if opts.startup_only {
+        startup::run(&c_plugin, opts.life_runs);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return;
+    }
     let code_file = tmp.join("pio.bin");
     std::fs::write(&code_file, loop_code(Access::PortOut, opts.iterations))
         .expect("write guest code");
@@ -282,14 +303,14 @@ fn main() {
     let plain = [("CROSVM_FAST_CHANNEL", "0")];
     let rows: [Row<'_>; 10] = [
         (
-            "plain protocol, Rust SDK: port out",
+            "synchronous exits, plain protocol, Rust SDK: port out",
             1,
             &rust_plugin,
             rust("pio"),
             &plain,
         ),
         (
-            "plain protocol, C (crosvm.h): port out",
+            "synchronous exits, plain protocol, C (crosvm.h): port out",
             1,
             &c_plugin,
             c_args.clone(),
@@ -303,14 +324,14 @@ fn main() {
             &plain,
         ),
         (
-            "fast channel, Rust SDK: port out",
+            "synchronous exits, fast channel, Rust SDK: port out",
             1,
             &rust_plugin,
             rust("pio"),
             &[],
         ),
         (
-            "fast channel, C (crosvm.h): port out",
+            "synchronous exits, fast channel, C (crosvm.h): port out",
             1,
             &c_plugin,
             c_args.clone(),
@@ -409,6 +430,7 @@ fn main() {
         opts.iterations,
         (big.rss_anon_kb + big.rss_file_kb) as f64 / 1024.0
     );
+    startup::run(&c_plugin, opts.life_runs);
     reserve_table(&opts, &rust_plugin);
     trace_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -1,8 +1,12 @@
 //! The benchmark's Rust SDK plugin. `bench-plugin MODE ITERATIONS` runs the
 //! benchmark guest and prints one line:
-//! `RESULT exits=N secs=S init_ns=T rss_anon_kb=A rss_file_kb=F rss_shmem_kb=M`
+//! `RESULT exits=N secs=S init_ns=T rss_anon_kb=A rss_file_kb=F rss_shmem_kb=M
+//! main_ns=T connected_ns=T exit_ns=T done_ns=T`
 //! (`init_ns`: CLOCK_MONOTONIC when vcpu 0 reported Init; the RSS values are
-//! the host's, read from /proc/<parent>/status when the run is done).
+//! the host's, read from /proc/<parent>/status when the run is done (under
+//! the jail the parent is the jail's init); `main_ns`: entering `main`,
+//! `connected_ns`: the connection adopted, `exit_ns`: vcpu 0's first IO
+//! exit, `done_ns`: its done exit, all CLOCK_MONOTONIC).
 //!
 //! Modes: `pio`, `mmio-write`, `mmio-read`, `async` (posted writes to an
 //! async-write range), `ioeventfd` (writes signal an eventfd in the kernel),
@@ -10,7 +14,9 @@
 //! `reserve` (ITERATIONS is the number of ranges the host ends up with:
 //! besides the guest's two ports, reserves that many minus two MMIO ranges
 //! one request at a time, in a scattered order, then runs the trivial guest;
-//! `exits` is the number of ranges and `secs` the time the requests took).
+//! `exits` is the number of ranges and `secs` the time the requests took),
+//! `hold` (the trivial guest, then the plugin waits 500 ms before it exits,
+//! so that the benchmark can read the processes' memory).
 
 use std::os::fd::AsFd;
 use std::time::Instant;
@@ -66,6 +72,7 @@ fn reserve_many(conn: &Connection, count: u32) -> f64 {
 }
 
 fn main() {
+    let main_ns = monotonic_ns();
     let mut args = std::env::args().skip(1);
     let mode = args
         .next()
@@ -75,11 +82,12 @@ fn main() {
     let (access, iterations) = match mode.as_str() {
         "mmio-write" => (Access::MmioWrite, iterations),
         "mmio-read" => (Access::MmioRead, iterations),
-        "trivial" | "reserve" => (Access::PortOut, 1),
+        "trivial" | "reserve" | "hold" => (Access::PortOut, 1),
         "pio" | "async" | "ioeventfd" | "pio2" => (Access::PortOut, iterations),
         other => fail(&format!("unknown mode {other}")),
     };
     let conn = Connection::from_env().unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    let connected_ns = monotonic_ns();
     let ram = GuestRam::new(RAM_SIZE).unwrap_or_else(|e| fail(&format!("ram: {e}")));
     ram.write(CODE, &loop_code(access, iterations))
         .unwrap_or_else(|e| fail(&format!("{e}")));
@@ -116,9 +124,13 @@ fn main() {
             let mut v = vcpu.lock();
             let mut exits = 0u64;
             let mut init_ns = 0;
+            let mut exit_ns = 0;
             let mut start = None;
             loop {
                 let ev = v.wait().unwrap_or_else(|e| fail(&format!("wait: {e}")));
+                if exit_ns == 0 && matches!(ev, VcpuEvent::Io { .. }) {
+                    exit_ns = monotonic_ns();
+                }
                 match ev {
                     VcpuEvent::Init => {
                         init_ns = monotonic_ns();
@@ -128,7 +140,7 @@ fn main() {
                     }
                     VcpuEvent::Io { address, .. } if address == u64::from(DONE_PORT) => {
                         let secs = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-                        return (exits, secs, init_ns);
+                        return (exits, secs, init_ns, exit_ns, monotonic_ns());
                     }
                     VcpuEvent::Io {
                         no_resume: true, ..
@@ -153,7 +165,7 @@ fn main() {
     }
     conn.start()
         .unwrap_or_else(|e| fail(&format!("start: {e}")));
-    let results: Vec<(u64, f64, u64)> = workers
+    let results: Vec<(u64, f64, u64, u64, u64)> = workers
         .into_iter()
         .map(|w| w.join().unwrap_or_else(|_| fail("vcpu thread panicked")))
         .collect();
@@ -171,9 +183,15 @@ fn main() {
         }
     }
     println!(
-        "RESULT exits={exits} secs={secs:.6} init_ns={} rss_anon_kb={anon} rss_file_kb={file} rss_shmem_kb={shmem}",
-        results[0].2
+        "RESULT exits={exits} secs={secs:.6} init_ns={} rss_anon_kb={anon} rss_file_kb={file} rss_shmem_kb={shmem} \
+         main_ns={main_ns} connected_ns={connected_ns} exit_ns={} done_ns={}",
+        results[0].2, results[0].3, results[0].4
     );
+    if mode == "hold" {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     // Leave while the vcpus are stopped in their done exits.
     std::process::exit(0);
 }
