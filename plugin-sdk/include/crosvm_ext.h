@@ -53,7 +53,8 @@ int crosvm_reserve_coalesced_range(struct crosvm *self, uint32_t address_space,
 /* The batch of a CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES event. */
 static inline const struct crosvm_coalesced_writes *
 crosvm_vcpu_event_coalesced_writes(const struct crosvm_vcpu_event *event) {
-  return (const struct crosvm_coalesced_writes *)(const void *)&event->event;
+  /* the anonymous union starts where each of its members does */
+  return (const struct crosvm_coalesced_writes *)(const void *)&event->io_access;
 }
 
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L

@@ -462,7 +462,7 @@ impl VcpuGuard<'_> {
             }
             Exit::CoalescedWrites => {
                 let records = &dec.data;
-                if records.len() % 24 != 0 {
+                if !records.len().is_multiple_of(24) {
                     return Err(Error::Protocol(
                         "coalesced writes batch is not a whole number of records",
                     ));

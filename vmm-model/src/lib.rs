@@ -590,17 +590,17 @@ impl Vm for ModelVm {
         let end = end.unwrap_or(u64::MAX);
         let mut m = self.inner.borrow_mut();
         let overlaps = |a: u64, l: u64| a < end && addr < a.saturating_add(l.max(1));
-        if m
-            .coalesced
+        if m.coalesced
             .iter()
             .any(|&(s, a, l)| s == space && overlaps(a, u64::from(l)))
         {
             drop(m);
-            self.violation(format!("coalesced zone {addr:#x}+{len:#x} overlaps another"));
+            self.violation(format!(
+                "coalesced zone {addr:#x}+{len:#x} overlaps another"
+            ));
             return Err(Errno::EEXIST);
         }
-        if m
-            .ioevents
+        if m.ioevents
             .iter()
             .any(|r| r.space == space && overlaps(r.addr, u64::from(r.len)))
         {
@@ -637,7 +637,9 @@ impl Vm for ModelVm {
 
 /// A coalesced ring in memory: the writes a test puts in, taken in order.
 #[derive(Debug, Default)]
-pub struct ModelRing(pub std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<CoalescedWrite>>>);
+pub struct ModelRing(
+    pub std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<CoalescedWrite>>>,
+);
 
 impl CoalescedRing for ModelRing {
     fn pop(&mut self) -> Option<CoalescedWrite> {

@@ -394,7 +394,7 @@ pub fn wait(out: &mut String, w: &vcpu_response::Wait) {
                 out,
                 "CoalescedWrites{{{} writes{}}}",
                 c.records.len() / 24,
-                if c.records.len() % 24 == 0 {
+                if c.records.len().is_multiple_of(24) {
                     ""
                 } else {
                     ", malformed"

@@ -707,9 +707,7 @@ fn reserve_range(
         if let Some(r) = removed.filter(|r| r.coalesced) {
             // Registered with this length, which fits u32 (checked below).
             vm.unregister_coalesced(space, r.start, r.length as u32)
-                .map_err(|e| {
-                    Refused::new(e, "KVM_UNREGISTER_COALESCED_MMIO failed".to_string())
-                })?;
+                .map_err(|e| Refused::new(e, "KVM_UNREGISTER_COALESCED_MMIO failed".to_string()))?;
             state.coalesced_ranges -= 1;
         }
         state.exit_config.reservations.unreserve(space, rr.start)?;

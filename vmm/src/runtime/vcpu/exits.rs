@@ -20,9 +20,7 @@ use super::{
     Transport, VcpuControl, VcpuIo, VcpuShared, MAX_IO_READ, MAX_IO_WRITE,
 };
 use crate::runtime::objects::ExitConfigReader;
-use crate::vm::{
-    CoalescedWrite, Space, Vcpu, VcpuRun, VcpuStateKind, VmExit, COALESCED_RECORD,
-};
+use crate::vm::{CoalescedWrite, Space, Vcpu, VcpuRun, VcpuStateKind, VmExit, COALESCED_RECORD};
 use crate::{exit_codec, limits, record};
 
 /// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing, and
