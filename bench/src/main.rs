@@ -301,7 +301,7 @@ fn main() {
         idle.add(f.label(), floor_rate(&opts, f));
     }
     let plain = [("CROSVM_FAST_CHANNEL", "0")];
-    let rows: [Row<'_>; 10] = [
+    let rows: [Row<'_>; 11] = [
         (
             "synchronous exits, plain protocol, Rust SDK: port out",
             1,
@@ -356,6 +356,13 @@ fn main() {
             1,
             &rust_plugin,
             rust("async"),
+            &[],
+        ),
+        (
+            "Rust SDK: coalesced range (batched, no exit per write)",
+            1,
+            &rust_plugin,
+            rust("coalesced"),
             &[],
         ),
         (

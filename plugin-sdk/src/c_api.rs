@@ -62,6 +62,8 @@ pub const CROSVM_VCPU_EVENT_KIND_IO_ACCESS: u32 = 1;
 pub const CROSVM_VCPU_EVENT_KIND_PAUSED: u32 = 2;
 pub const CROSVM_VCPU_EVENT_KIND_HYPERV_HCALL: u32 = 3;
 pub const CROSVM_VCPU_EVENT_KIND_HYPERV_SYNIC: u32 = 4;
+/// Extension (`crosvm_ext.h`): a batch of coalesced writes.
+pub const CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES: u32 = 1000;
 
 // ---------------------------------------------------------------------------
 // Opaque handles.
@@ -212,7 +214,19 @@ pub union crosvm_vcpu_event_union {
     pub user: *mut c_void,
     pub hyperv_call: crosvm_hyperv_call,
     pub hyperv_synic: crosvm_hyperv_synic,
+    pub coalesced_writes: crosvm_coalesced_writes,
     pub _reserved: [u8; 64],
+}
+
+/// `struct crosvm_coalesced_writes` of `crosvm_ext.h`: the union member of
+/// a `CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES` event.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct crosvm_coalesced_writes {
+    /// `count` writes, oldest first, valid until the next wait.
+    pub writes: *const crate::CoalescedWrite,
+    pub count: u32,
+    pub _reserved: u32,
 }
 
 /// `struct crosvm_vcpu_event`.
@@ -564,6 +578,20 @@ pub unsafe extern "C" fn crosvm_reserve_async_write_range(
     // SAFETY: live handle per the C API contract.
     ffi(|| unsafe {
         status(space(space_).and_then(|s| conn(self_).reserve_async_write_range(s, start, length)))
+    })
+}
+
+/// Extension (`crosvm_ext.h`, docs/protocol-extensions.md §4).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_reserve_coalesced_range(
+    self_: *mut crosvm,
+    space_: u32,
+    start: u64,
+    length: u64,
+) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe {
+        status(space(space_).and_then(|s| conn(self_).reserve_coalesced_range(s, start, length)))
     })
 }
 
@@ -974,6 +1002,7 @@ enum Filled {
         params: [u64; 2],
     },
     Synic(crosvm_hyperv_synic),
+    Coalesced(crosvm_coalesced_writes),
 }
 
 #[no_mangle]
@@ -1013,6 +1042,11 @@ pub unsafe extern "C" fn crosvm_vcpu_wait(
                 control,
                 evt_page,
                 msg_page,
+            }),
+            Ok(VcpuEvent::CoalescedWrites(writes)) => Filled::Coalesced(crosvm_coalesced_writes {
+                writes: writes.as_ptr(),
+                count: count_u32(writes.len()),
+                _reserved: 0,
             }),
             // No event to fill: the caller sees -ESHUTDOWN and stops.
             Ok(VcpuEvent::Shutdown) => {
@@ -1060,6 +1094,10 @@ pub unsafe extern "C" fn crosvm_vcpu_wait(
             Filled::Synic(synic) => {
                 ev.kind = CROSVM_VCPU_EVENT_KIND_HYPERV_SYNIC;
                 ev.event.hyperv_synic = synic;
+            }
+            Filled::Coalesced(c) => {
+                ev.kind = CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES;
+                ev.event.coalesced_writes = c;
             }
         }
         0

@@ -452,6 +452,31 @@ impl Connection {
         self.reserve(space, start, length, true)
     }
 
+    /// Reserves a coalesced range (protocol extension,
+    /// docs/protocol-extensions.md §4): the guest's writes to it go to KVM's
+    /// coalesced ring without stopping the vcpu, and arrive in order, in
+    /// batches, as [`VcpuEvent::CoalescedWrites`](crate::VcpuEvent::CoalescedWrites)
+    /// on some vcpu before that vcpu's next event. Reads are not reported
+    /// (they read 0): only for devices whose writes need no immediate
+    /// answer. A host without the extension ignores the flag and makes it
+    /// an async-write range: the same writes then arrive one by one as
+    /// posted `Io` events (`no_resume`).
+    pub fn reserve_coalesced_range(
+        &self,
+        space: AddressSpace,
+        start: u64,
+        length: u64,
+    ) -> Result<()> {
+        let mut req = MainRequest::new();
+        let r = req.mut_reserve_range();
+        r.space = space.to_proto();
+        r.start = start;
+        r.length = length;
+        r.async_write = true;
+        r.coalesced = true;
+        self.simple("reserve_coalesced_range", &req)
+    }
+
     /// Removes the reservation (of either kind) starting at `start`.
     pub fn unreserve_range(&self, space: AddressSpace, start: u64) -> Result<()> {
         self.reserve(space, start, 0, false)

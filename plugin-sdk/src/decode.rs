@@ -43,6 +43,8 @@ pub(crate) enum Exit {
         evt_page: u64,
         msg_page: u64,
     },
+    /// Extension: a batch of coalesced writes; the records are in `data`.
+    CoalescedWrites,
 }
 
 /// Reusable decode target for one vcpu channel.
@@ -213,6 +215,19 @@ impl WaitDecoder {
                         evt_page: v[1],
                         msg_page: v[2],
                     });
+                }
+                t if t == tag(1000, LEN) => {
+                    self.clear_io();
+                    nested(is, |is| {
+                        while let Some(raw) = is.read_raw_tag_or_eof()? {
+                            match raw {
+                                t if t == tag(1, LEN) => is.read_bytes_into(&mut self.data)?,
+                                other => skip(is, other)?,
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    self.exit = Some(Exit::CoalescedWrites);
                 }
                 other => skip(is, other)?,
             }

@@ -65,8 +65,8 @@ pub use image::StateImage;
 pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use types::{
-    ipv4_to_wire, AddressSpace, CallHint, Datamatch, HintDetail, IrqRoute, IrqRouteKind, NetConfig,
-    MAX_HINT_DETAIL_COUNT,
+    ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,
+    IrqRouteKind, NetConfig, MAX_HINT_DETAIL_COUNT,
 };
 pub use vcpu::{Vcpu, VcpuEvent, VcpuGuard};
 

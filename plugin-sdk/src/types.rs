@@ -16,6 +16,65 @@ use crate::error::{Error, Result};
 /// Maximum number of register-match details in one call hint.
 pub const MAX_HINT_DETAIL_COUNT: usize = 32;
 
+/// One guest write to a coalesced range (see
+/// [`Connection::reserve_coalesced_range`](crate::Connection::reserve_coalesced_range)),
+/// as [`VcpuEvent::CoalescedWrites`](crate::VcpuEvent::CoalescedWrites)
+/// delivers it. The layout is `struct crosvm_coalesced_write` of
+/// `crosvm_ext.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CoalescedWrite {
+    /// Port number or guest-physical address.
+    pub address: u64,
+    /// The raw address space (0 = ioport, 1 = mmio).
+    pub space: u32,
+    /// Bytes written, 1 to 8: the first `len` bytes of `data`.
+    pub len: u32,
+    pub data: [u8; 8],
+}
+
+impl CoalescedWrite {
+    /// The address space of the write.
+    pub fn space(&self) -> AddressSpace {
+        if self.space == 0 {
+            AddressSpace::IoPort
+        } else {
+            AddressSpace::Mmio
+        }
+    }
+
+    /// The written bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data[..(self.len as usize).min(8)]
+    }
+
+    /// The written value, little-endian, zero-extended.
+    pub fn value(&self) -> u64 {
+        u64::from_le_bytes(self.data) & (u64::MAX >> (64 - 8 * (self.len as usize).clamp(1, 8)))
+    }
+
+    /// Decodes one 24-byte wire record (docs/protocol-extensions.md §4.3);
+    /// `None` for a length outside 1..=8 or a space flag other than 0/1.
+    pub(crate) fn from_record(r: &[u8; 24]) -> Option<CoalescedWrite> {
+        let word = |i: usize| u32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+        let mut address = [0u8; 8];
+        address.copy_from_slice(&r[..8]);
+        let len = word(8);
+        let is_port = word(12);
+        if !(1..=8).contains(&len) || is_port > 1 {
+            return None;
+        }
+        let mut data = [0u8; 8];
+        data.copy_from_slice(&r[16..]);
+        Some(CoalescedWrite {
+            address: u64::from_le_bytes(address),
+            space: if is_port == 1 { 0 } else { 1 },
+            len,
+            data,
+        })
+    }
+}
+
 /// The two address spaces a guest access can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AddressSpace {

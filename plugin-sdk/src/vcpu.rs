@@ -16,7 +16,7 @@ use crate::decode::{Exit, Member, WaitDecoder};
 use crate::error::{Error, Result};
 use crate::image::StateImage;
 use crate::transport::VcpuTransport;
-use crate::types::{cpuid_from_proto, cpuid_to_proto, AddressSpace};
+use crate::types::{cpuid_from_proto, cpuid_to_proto, AddressSpace, CoalescedWrite};
 
 /// Initial capacity of the per-vcpu event data buffer: the largest io access
 /// the host reports (a 256-byte string IN), so it never reallocates.
@@ -71,6 +71,11 @@ pub enum VcpuEvent<'a> {
         evt_page: u64,
         msg_page: u64,
     },
+    /// Guest writes to coalesced ranges
+    /// ([`Connection::reserve_coalesced_range`](crate::Connection::reserve_coalesced_range)),
+    /// oldest first, all made before the event that follows. Needs no
+    /// resume (only `wait` is legal); the slice lives until the next `wait`.
+    CoalescedWrites(&'a [CoalescedWrite]),
     /// The host is stopping the VM (it signalled the shutdown eventfd, e.g.
     /// because another vcpu stopped, the guest shut down, or `vmm` was
     /// interrupted) and this vcpu has nothing more to report. It needs no
@@ -89,6 +94,7 @@ impl VcpuEvent<'_> {
                 no_resume: true,
                 ..
             } | VcpuEvent::Shutdown
+                | VcpuEvent::CoalescedWrites(_)
         )
     }
 }
@@ -220,6 +226,8 @@ pub(crate) struct VcpuState {
     event_data: Vec<u8>,
     /// Reused decode target of wait events.
     decoder: WaitDecoder,
+    /// The writes of the last `CoalescedWrites` event.
+    coalesced: Vec<CoalescedWrite>,
 }
 
 impl VcpuState {
@@ -275,6 +283,7 @@ impl VcpuSlot {
                 debugregs: RegCache::default(),
                 event_data: Vec::with_capacity(EVENT_DATA_CAPACITY),
                 decoder: WaitDecoder::new(EVENT_DATA_CAPACITY),
+                coalesced: Vec::new(),
             }),
         }
     }
@@ -450,6 +459,22 @@ impl VcpuGuard<'_> {
                     no_resume,
                     data: &st.event_data,
                 })
+            }
+            Exit::CoalescedWrites => {
+                let records = &dec.data;
+                if !records.len().is_multiple_of(24) {
+                    return Err(Error::Protocol(
+                        "coalesced writes batch is not a whole number of records",
+                    ));
+                }
+                st.coalesced.clear();
+                for r in records.chunks_exact(24) {
+                    let r: &[u8; 24] = r.try_into().unwrap_or(&[0; 24]);
+                    let w = CoalescedWrite::from_record(r)
+                        .ok_or(Error::Protocol("malformed coalesced write record"))?;
+                    st.coalesced.push(w);
+                }
+                Ok(VcpuEvent::CoalescedWrites(&st.coalesced))
             }
             Exit::User { user } => {
                 st.invalidate_caches();

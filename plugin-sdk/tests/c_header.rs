@@ -162,8 +162,39 @@ fn library_exports_exactly_the_api() {
         .collect();
     exported.sort_unstable();
     let mut want = API.to_vec();
+    want.extend_from_slice(&EXT_API);
     want.sort_unstable();
     assert_eq!(exported, want);
+}
+
+/// The extension functions, declared in `crosvm_ext.h` only.
+const EXT_API: [&str; 1] = ["crosvm_reserve_coalesced_range"];
+
+#[test]
+fn extension_header_compiles_and_declares_the_extensions() {
+    let header = std::fs::read_to_string(sdk_dir().join("include/crosvm_ext.h")).unwrap();
+    for name in EXT_API {
+        assert!(header.contains(&format!("int {name}(")), "{name} missing");
+    }
+    let dir = std::env::temp_dir().join(format!("crosvm_ext_h_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("ext.c");
+    std::fs::write(
+        &src,
+        "#include \"crosvm_ext.h\"\n#include <stddef.h>\n\
+         _Static_assert(offsetof(struct crosvm_coalesced_write, data) == 16, \"layout\");\n\
+         int f(const struct crosvm_vcpu_event *e) {\n\
+           return e->kind == CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES ? \
+                  (int)crosvm_vcpu_event_coalesced_writes(e)->count : 0;\n}\n",
+    )
+    .unwrap();
+    run(Command::new("gcc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-c", "-o"])
+        .arg(dir.join("ext.o"))
+        .arg("-I")
+        .arg(sdk_dir().join("include"))
+        .arg(&src));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

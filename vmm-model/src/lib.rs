@@ -33,7 +33,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm::limits;
 use vmm::record::FdKind;
 use vmm::runtime::main_handler::{dirty_bitmap_len, HostServices, NetConfig};
-use vmm::vm::{Cpuid, IrqRoute, Result, Space, Vcpu, VcpuStateKind, Vm, VmStateKind};
+use vmm::vm::{
+    CoalescedRing, CoalescedWrite, Cpuid, IrqRoute, Result, Space, Vcpu, VcpuStateKind, Vm,
+    VmStateKind,
+};
 
 pub use framing_harness::{check_seqpacket, check_stream};
 pub use main_harness::MainHarness;
@@ -103,6 +106,8 @@ struct VmModel {
     slots: BTreeMap<u32, Slot>,
     ioevents: Vec<IoReg>,
     irqfds: Vec<IrqReg>,
+    /// Coalesced zones (space, address, length).
+    coalesced: Vec<(Space, u64, u32)>,
     routes: Vec<IrqRoute>,
     state: [Option<Vec<u8>>; 5],
     identity_map: Option<u64>,
@@ -174,6 +179,11 @@ impl ModelVm {
 
     pub fn ioevents(&self) -> Vec<IoReg> {
         self.inner.borrow().ioevents.clone()
+    }
+
+    /// The coalesced zones registered now (space, address, length).
+    pub fn coalesced(&self) -> Vec<(Space, u64, u32)> {
+        self.inner.borrow().coalesced.clone()
     }
 
     pub fn irqfds(&self) -> Vec<IrqReg> {
@@ -569,6 +579,71 @@ impl Vm for ModelVm {
 
     fn max_memory_slots(&self) -> u32 {
         self.max_slots
+    }
+
+    fn register_coalesced(&self, space: Space, addr: u64, len: u32) -> Result<()> {
+        let end = addr.checked_add(u64::from(len));
+        if len == 0 || end.is_none() {
+            self.violation(format!("coalesced zone {addr:#x}+{len:#x} reached the VM"));
+            return Err(Errno::EINVAL);
+        }
+        let end = end.unwrap_or(u64::MAX);
+        let mut m = self.inner.borrow_mut();
+        let overlaps = |a: u64, l: u64| a < end && addr < a.saturating_add(l.max(1));
+        if m.coalesced
+            .iter()
+            .any(|&(s, a, l)| s == space && overlaps(a, u64::from(l)))
+        {
+            drop(m);
+            self.violation(format!(
+                "coalesced zone {addr:#x}+{len:#x} overlaps another"
+            ));
+            return Err(Errno::EEXIST);
+        }
+        if m.ioevents
+            .iter()
+            .any(|r| r.space == space && overlaps(r.addr, u64::from(r.len)))
+        {
+            drop(m);
+            self.violation(format!(
+                "coalesced zone {addr:#x}+{len:#x} overlaps an ioeventfd"
+            ));
+            return Err(Errno::EEXIST);
+        }
+        if m.coalesced.len() + m.ioevents.len() >= KVM_IOBUS_DEVS {
+            return Err(Errno::ENOSPC);
+        }
+        m.coalesced.push((space, addr, len));
+        Ok(())
+    }
+
+    fn unregister_coalesced(&self, space: Space, addr: u64, len: u32) -> Result<()> {
+        let mut m = self.inner.borrow_mut();
+        match m.coalesced.iter().position(|&z| z == (space, addr, len)) {
+            Some(i) => {
+                m.coalesced.remove(i);
+                Ok(())
+            }
+            None => {
+                drop(m);
+                self.violation(format!(
+                    "unregistering the unknown coalesced zone {addr:#x}+{len:#x}"
+                ));
+                Err(Errno::ENOENT)
+            }
+        }
+    }
+}
+
+/// A coalesced ring in memory: the writes a test puts in, taken in order.
+#[derive(Debug, Default)]
+pub struct ModelRing(
+    pub std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<CoalescedWrite>>>,
+);
+
+impl CoalescedRing for ModelRing {
+    fn pop(&mut self) -> Option<CoalescedWrite> {
+        self.0.lock().ok()?.pop_front()
     }
 }
 

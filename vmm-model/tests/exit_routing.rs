@@ -40,6 +40,7 @@ fn shared() -> Arc<VcpuShared> {
         exited: vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).unwrap(),
         failure: Default::default(),
         unreserved: Default::default(),
+        coalesced: Default::default(),
     })
 }
 

@@ -166,7 +166,13 @@ pub fn main_request(out: &mut String, req: &MainRequest) {
                 space(r.space),
                 r.start,
                 r.length,
-                if r.async_write { ", async_write" } else { "" }
+                if r.coalesced {
+                    ", coalesced"
+                } else if r.async_write {
+                    ", async_write"
+                } else {
+                    ""
+                }
             );
         }
         Some(Q::SetIrq(s)) => {
@@ -381,6 +387,18 @@ pub fn wait(out: &mut String, w: &vcpu_response::Wait) {
                 out,
                 "HypervSynic{{msr: {:#x}, control: {:#x}, evt_page: {:#x}, msg_page: {:#x}}}",
                 s.msr, s.control, s.evt_page, s.msg_page
+            );
+        }
+        Some(E::CoalescedWrites(c)) => {
+            let _ = write!(
+                out,
+                "CoalescedWrites{{{} writes{}}}",
+                c.records.len() / 24,
+                if c.records.len().is_multiple_of(24) {
+                    ""
+                } else {
+                    ", malformed"
+                }
             );
         }
         #[allow(unreachable_patterns)]

@@ -78,6 +78,28 @@ pub fn encode_io_event(out: &mut Vec<u8>, e: &IoEvent<'_>) {
     }
 }
 
+/// Appends the serialized `VcpuResponse{wait{coalesced_writes{records}}}`
+/// (no length prefix), byte-identical to the generated code's; `records` is
+/// the packed batch of docs/protocol-extensions.md §4.3.
+pub fn encode_coalesced_writes(out: &mut Vec<u8>, records: &[u8]) {
+    // Wait.coalesced_writes is field 1000 (tag 8002, varint c2 3e);
+    // CoalescedWrites.records is field 1 (tag 0x0a), omitted when empty.
+    const TAG: [u8; 2] = [0xc2, 0x3e];
+    let inner = if records.is_empty() {
+        0
+    } else {
+        len_field_size(records.len())
+    };
+    let wait_len = TAG.len() + varint_len(inner as u64) + inner;
+    out.push(0x12);
+    put_varint(out, wait_len as u64);
+    out.extend_from_slice(&TAG);
+    put_varint(out, inner as u64);
+    if !records.is_empty() {
+        put_len_field(out, 0x0a, records);
+    }
+}
+
 /// The fields of a `Resume`, borrowed from the request buffer.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ResumeRef<'a> {
@@ -145,6 +167,22 @@ mod tests {
     use plugin_proto::{vcpu_request, vcpu_response, VcpuRequest, VcpuResponse};
 
     use super::*;
+
+    #[test]
+    fn coalesced_writes_encode_as_the_generated_code() {
+        for n in [0usize, 1, 5, 170, 300] {
+            let records: Vec<u8> = (0..n * 24).map(|i| (i * 7) as u8).collect();
+            let mut c = vcpu_response::wait::CoalescedWrites::new();
+            c.records = records.clone();
+            let mut w = vcpu_response::Wait::new();
+            w.set_coalesced_writes(c);
+            let mut r = VcpuResponse::new();
+            r.set_wait(w);
+            let mut out = Vec::new();
+            encode_coalesced_writes(&mut out, &records);
+            assert_eq!(out, r.write_to_bytes().unwrap(), "{n} records");
+        }
+    }
 
     fn generated_io(e: &IoEvent<'_>) -> Vec<u8> {
         let mut io = vcpu_response::wait::Io::new();

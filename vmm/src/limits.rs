@@ -11,6 +11,10 @@ pub const MAX_OBJECTS: usize = 4096;
 /// Reserved ranges, both spaces together → `ENOSPC`.
 pub const MAX_RESERVED_RANGES: usize = 16384;
 
+/// Coalesced ranges at once → `ENOSPC`. Each is a device on KVM's io bus,
+/// which holds at most 1000 of them together with the ioeventfds.
+pub const MAX_COALESCED_RANGES: usize = 64;
+
 /// Register-match entries in one call hint → `E2BIG`.
 pub const MAX_CALL_HINT_DETAILS: usize = 256;
 

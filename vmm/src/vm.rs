@@ -48,6 +48,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot map the coalesced ring through vcpu {id}")]
+    CoalescedRing {
+        id: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// An address space of the protocol.
@@ -211,6 +217,72 @@ pub trait Vm {
     fn get_dirty_log(&self, slot: u32, size: u64, bitmap_len: usize) -> Result<Vec<u8>>;
     /// Highest number of memory slots the VM supports.
     fn max_memory_slots(&self) -> u32;
+    /// Makes KVM coalesce guest writes to `[addr, addr + len)`
+    /// (`KVM_REGISTER_COALESCED_MMIO` / `_PIO`): they append to the VM's
+    /// coalesced ring instead of exiting (docs/protocol-extensions.md §4).
+    fn register_coalesced(&self, space: Space, addr: u64, len: u32) -> Result<()>;
+    /// Removes a zone registered with [`Vm::register_coalesced`] (same
+    /// space, address and length).
+    fn unregister_coalesced(&self, space: Space, addr: u64, len: u32) -> Result<()>;
+}
+
+/// One guest write taken from the coalesced ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoalescedWrite {
+    pub space: Space,
+    pub address: u64,
+    /// Bytes written (1 to 8).
+    pub len: u32,
+    pub data: [u8; 8],
+}
+
+/// Size of one record of a `CoalescedWrites` batch on the wire
+/// (docs/protocol-extensions.md §4.3).
+pub const COALESCED_RECORD: usize = 24;
+
+impl CoalescedWrite {
+    /// The wire record: address u64, length u32, is_port u32, data, all
+    /// little-endian.
+    pub fn record(&self) -> [u8; COALESCED_RECORD] {
+        let mut r = [0u8; COALESCED_RECORD];
+        r[..8].copy_from_slice(&self.address.to_le_bytes());
+        r[8..12].copy_from_slice(&self.len.to_le_bytes());
+        r[12..16].copy_from_slice(&u32::from(self.space == Space::Ioport).to_le_bytes());
+        r[16..].copy_from_slice(&self.data);
+        r
+    }
+}
+
+/// The VM's coalesced-write ring, as the vcpu threads drain it (one
+/// consumer at a time: the owner serialises access).
+pub trait CoalescedRing: Send {
+    /// The oldest write not taken yet, if any.
+    fn pop(&mut self) -> Option<CoalescedWrite>;
+}
+
+/// The coalesced ring of a KVM VM: the page at
+/// `KVM_COALESCED_MMIO_PAGE_OFFSET` of a vcpu descriptor (every vcpu maps
+/// the same VM-wide page), read through kvm-ioctls on a handle of its own.
+pub struct KvmCoalescedRing(VcpuFd);
+
+impl CoalescedRing for KvmCoalescedRing {
+    fn pop(&mut self) -> Option<CoalescedWrite> {
+        let e = self.0.coalesced_mmio_read().ok()??;
+        Some(CoalescedWrite {
+            // SAFETY: both members of the union are a plain u32 (`pad` and
+            // `pio` share the word); reading it is always defined.
+            space: if unsafe { e.__bindgen_anon_1.pio } != 0 {
+                Space::Ioport
+            } else {
+                Space::Mmio
+            },
+            address: e.phys_addr,
+            // KVM only coalesces accesses of at most 8 bytes; a longer
+            // length would be a kernel bug, cut to the data that exists.
+            len: e.len.min(8),
+            data: e.data,
+        })
+    }
 }
 
 /// The per-vcpu operations the vcpu request handler needs.
@@ -347,6 +419,34 @@ impl KvmVm {
         }
         .map_err(|source| VmError::CreateVcpu { id, source })?;
         Ok((run, control))
+    }
+
+    /// Maps the VM's coalesced ring through a new handle on vcpu `id`
+    /// (`None` when KVM has no `KVM_CAP_COALESCED_MMIO`).
+    pub fn coalesced_ring(
+        &self,
+        id: u32,
+        vcpu: &VcpuFd,
+    ) -> std::result::Result<Option<KvmCoalescedRing>, VmError> {
+        if !self.kvm.check_extension(kvm_ioctls::Cap::CoalescedMmio) {
+            return Ok(None);
+        }
+        let fail = |e: Errno| VmError::CoalescedRing {
+            id,
+            source: kvm_ioctls::Error::new(e as i32),
+        };
+        let dup = nix::unistd::dup(borrow_fd(vcpu)).map_err(fail)?;
+        // SAFETY: `dup` is a fresh descriptor of an existing vcpu of this VM;
+        // ownership passes to the new VcpuFd.
+        let mut handle = unsafe {
+            self.vm
+                .create_vcpu_from_rawfd(std::os::fd::IntoRawFd::into_raw_fd(dup))
+        }
+        .map_err(|source| VmError::CoalescedRing { id, source })?;
+        handle
+            .map_coalesced_mmio_ring()
+            .map_err(|source| VmError::CoalescedRing { id, source })?;
+        Ok(Some(KvmCoalescedRing(handle)))
     }
 
     /// Whether `KVM_CAP_IMMEDIATE_EXIT` is available.
@@ -589,6 +689,18 @@ impl Vm for KvmVm {
 
     fn max_memory_slots(&self) -> u32 {
         u32::try_from(self.kvm.get_nr_memslots()).unwrap_or(u32::MAX)
+    }
+
+    fn register_coalesced(&self, space: Space, addr: u64, len: u32) -> Result<()> {
+        self.vm
+            .register_coalesced_mmio(io_address(space, addr), len)
+            .map_err(errno)
+    }
+
+    fn unregister_coalesced(&self, space: Space, addr: u64, len: u32) -> Result<()> {
+        self.vm
+            .unregister_coalesced_mmio(io_address(space, addr), len)
+            .map_err(errno)
     }
 }
 

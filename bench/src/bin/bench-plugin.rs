@@ -83,7 +83,7 @@ fn main() {
         "mmio-write" => (Access::MmioWrite, iterations),
         "mmio-read" => (Access::MmioRead, iterations),
         "trivial" | "reserve" | "hold" => (Access::PortOut, 1),
-        "pio" | "async" | "ioeventfd" | "pio2" => (Access::PortOut, iterations),
+        "pio" | "async" | "coalesced" | "ioeventfd" | "pio2" => (Access::PortOut, iterations),
         other => fail(&format!("unknown mode {other}")),
     };
     let conn = Connection::from_env().unwrap_or_else(|e| fail(&format!("connect: {e}")));
@@ -98,6 +98,7 @@ fn main() {
     let mut io_event = None;
     let reserve = match mode.as_str() {
         "async" => conn.reserve_async_write_range(AddressSpace::IoPort, port, 1),
+        "coalesced" => conn.reserve_coalesced_range(AddressSpace::IoPort, port, 1),
         "ioeventfd" => {
             io_event = Some(
                 conn.create_io_event(AddressSpace::IoPort, port, Datamatch::Any)
@@ -146,6 +147,10 @@ fn main() {
                         no_resume: true, ..
                     } => {
                         exits += 1;
+                        continue;
+                    }
+                    VcpuEvent::CoalescedWrites(ws) => {
+                        exits += ws.len() as u64;
                         continue;
                     }
                     VcpuEvent::Io {

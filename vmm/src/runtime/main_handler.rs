@@ -76,6 +76,9 @@ pub struct MainState {
     /// Bytes of guest memory registered, and the bounds on them.
     pub guest_memory: u64,
     pub memory_limits: limits::GuestMemoryLimits,
+    /// Coalesced ranges reserved now (bounded by
+    /// [`limits::MAX_COALESCED_RANGES`]).
+    pub coalesced_ranges: usize,
 }
 
 /// GSIs of KVM's default routing table with the in-kernel irqchip.
@@ -92,6 +95,7 @@ impl MainState {
             routed_gsis: (0..DEFAULT_GSIS).collect(),
             guest_memory: 0,
             memory_limits: limits::GuestMemoryLimits::from_host(),
+            coalesced_ranges: 0,
         }
     }
 
@@ -323,7 +327,7 @@ fn dispatch(
         }
         Q::GetNetConfig(_) => net_config(services),
         Q::ReserveRange(rr) => {
-            reserve_range(state, rr)?;
+            reserve_range(vm, state, rr)?;
             ok(base.clone())
         }
         Q::SetIrq(s) if !state.routed_gsis.contains(&s.irq_id) => refuse(
@@ -428,6 +432,22 @@ fn create(
                 8 => io.datamatch,
                 n => io.datamatch & ((1u64 << (8 * n)) - 1),
             };
+            if let Some(r) = state
+                .exit_config
+                .reservations
+                .lookup(space, io.address)
+                .filter(|r| r.coalesced)
+            {
+                return refuse(
+                    Errno::EPERM,
+                    format!(
+                        "{:#x} is in the coalesced range {:#x}..{:#x}",
+                        io.address,
+                        r.start,
+                        r.start + r.length
+                    ),
+                );
+            }
             let evt = new_eventfd()?;
             vm.register_ioevent(&evt, space, io.address, io.length, datamatch)?;
             match dup(borrow_fd(&evt)) {
@@ -676,15 +696,86 @@ fn net_config(services: &impl HostServices) -> Outcome {
     })
 }
 
-fn reserve_range(state: &mut MainState, rr: main_request::ReserveRange) -> Result<(), Refused> {
+fn reserve_range(
+    vm: &impl Vm,
+    state: &mut MainState,
+    rr: main_request::ReserveRange,
+) -> Result<(), Refused> {
     let space = space(rr.space)?;
-    let reservations = &mut state.exit_config.reservations;
     if rr.length == 0 {
-        reservations.unreserve(space, rr.start)?;
+        let removed = state.exit_config.reservations.starting_at(space, rr.start);
+        if let Some(r) = removed.filter(|r| r.coalesced) {
+            // Registered with this length, which fits u32 (checked below).
+            vm.unregister_coalesced(space, r.start, r.length as u32)
+                .map_err(|e| Refused::new(e, "KVM_UNREGISTER_COALESCED_MMIO failed".to_string()))?;
+            state.coalesced_ranges -= 1;
+        }
+        state.exit_config.reservations.unreserve(space, rr.start)?;
+    } else if rr.coalesced {
+        reserve_coalesced(vm, state, space, rr.start, rr.length)?;
     } else {
+        let reservations = &mut state.exit_config.reservations;
         reservations.reserve(space, rr.start, rr.length, rr.async_write)?;
     }
     state.publish();
+    Ok(())
+}
+
+/// A coalesced range (docs/protocol-extensions.md §4.1): checked like any
+/// reservation, plus its own bounds; then registered with KVM.
+fn reserve_coalesced(
+    vm: &impl Vm,
+    state: &mut MainState,
+    space: Space,
+    start: u64,
+    length: u64,
+) -> Result<(), Refused> {
+    let Ok(len32) = u32::try_from(length) else {
+        return refuse(
+            Errno::EINVAL,
+            format!("a coalesced range is at most 4 GiB - 1 long, not {length:#x}"),
+        );
+    };
+    if space == Space::Ioport && start.saturating_add(length) > 0x1_0000 {
+        return refuse(
+            Errno::EINVAL,
+            format!("ports {start:#x} + {length:#x} go beyond port 0xffff"),
+        );
+    }
+    if state.coalesced_ranges >= limits::MAX_COALESCED_RANGES {
+        return refuse(
+            Errno::ENOSPC,
+            format!(
+                "the VM already has {} coalesced ranges (the limit)",
+                limits::MAX_COALESCED_RANGES
+            ),
+        );
+    }
+    // An ioeventfd inside the range would compete with the coalescing for
+    // the same writes in KVM's io bus: refused either way round.
+    let end = start.saturating_add(length);
+    let ioevent = state.objects.iter().find_map(|(id, o)| match o {
+        Object::IoEvent {
+            space: s, address, ..
+        } if *s == space && (start..end).contains(address) => Some((*id, *address)),
+        _ => None,
+    });
+    if let Some((id, address)) = ioevent {
+        return refuse(
+            Errno::EPERM,
+            format!("overlaps the ioeventfd {id} at {address:#x}"),
+        );
+    }
+    state
+        .exit_config
+        .reservations
+        .reserve_coalesced(space, start, length)?;
+    if let Err(e) = vm.register_coalesced(space, start, len32) {
+        let _ = state.exit_config.reservations.unreserve(space, start);
+        return refuse(e, "KVM_REGISTER_COALESCED_MMIO failed");
+    }
+    state.coalesced_ranges += 1;
+    state.exit_config.coalesced = true;
     Ok(())
 }
 

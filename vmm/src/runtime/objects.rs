@@ -149,6 +149,9 @@ pub struct Range {
     pub start: u64,
     pub length: u64,
     pub async_write: bool,
+    /// Writes are coalesced by KVM (docs/protocol-extensions.md §4); such a
+    /// range is also `async_write` (reads are not reported).
+    pub coalesced: bool,
 }
 
 /// The reserved ranges of both address spaces. Cloning is O(1).
@@ -191,6 +194,38 @@ impl Reservations {
         length: u64,
         async_write: bool,
     ) -> Result<(), Refused> {
+        self.insert(
+            space,
+            Range {
+                start,
+                length,
+                async_write,
+                coalesced: false,
+            },
+        )
+    }
+
+    /// Reserves `[start, start + length)` as a coalesced range (checked as
+    /// [`Reservations::reserve`]).
+    pub fn reserve_coalesced(
+        &mut self,
+        space: Space,
+        start: u64,
+        length: u64,
+    ) -> Result<(), Refused> {
+        self.insert(
+            space,
+            Range {
+                start,
+                length,
+                async_write: true,
+                coalesced: true,
+            },
+        )
+    }
+
+    fn insert(&mut self, space: Space, range: Range) -> Result<(), Refused> {
+        let Range { start, length, .. } = range;
         if length == 0 {
             return Err(Refused::new(Errno::EINVAL, "the length is 0"));
         }
@@ -225,11 +260,7 @@ impl Reservations {
                 ),
             ));
         }
-        let fresh = self.map_mut(space).insert(Range {
-            start,
-            length,
-            async_write,
-        });
+        let fresh = self.map_mut(space).insert(range);
         debug_assert!(fresh, "lookup found no range at the start");
         Ok(())
     }
@@ -244,6 +275,18 @@ impl Reservations {
                 format!("no reserved range starts at {start:#x}"),
             ))
         }
+    }
+
+    /// The range that starts exactly at `start`, if any.
+    pub fn starting_at(&self, space: Space, start: u64) -> Option<Range> {
+        self.lookup(space, start).filter(|r| r.start == start)
+    }
+
+    /// The first range that overlaps `[start, start + length)`, if any.
+    pub fn overlapping(&self, space: Space, start: u64, length: u64) -> Option<Range> {
+        let end = start.saturating_add(length.max(1));
+        self.lookup(space, start)
+            .or_else(|| self.map(space).at_or_after(start).filter(|r| r.start < end))
     }
 
     /// The range containing `addr`, if any.
@@ -301,6 +344,10 @@ impl CallHint {
 pub struct ExitConfig {
     pub reservations: Reservations,
     pub hint: CallHint,
+    /// A coalesced range was registered at some point: the vcpus drain the
+    /// coalesced ring (stays set, so writes still in the ring after an
+    /// unreserve are delivered).
+    pub coalesced: bool,
 }
 
 /// Shared between the main thread (writer) and vcpu threads (readers).

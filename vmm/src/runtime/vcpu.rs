@@ -33,7 +33,7 @@ pub use kick::{install_kick_handler, kick_signal};
 
 use super::objects::SharedExitConfig;
 use crate::exit_codec;
-use crate::vm::{Cpuid, Space, Vcpu, VcpuStateKind};
+use crate::vm::{CoalescedRing, Cpuid, Space, Vcpu, VcpuStateKind};
 use crate::{limits, record};
 
 /// Most bytes of a port read forwarded to the plugin (string `IN`).
@@ -82,6 +82,11 @@ pub struct VcpuShared {
     pub failure: std::sync::Mutex<Option<(u32, String)>>,
     /// Unreserved addresses the guest accessed that were logged.
     pub unreserved: diag::UnreservedLog,
+    /// The VM's coalesced-write ring (docs/protocol-extensions.md §4), set
+    /// before the vcpu threads start; the lock makes one vcpu at a time its
+    /// consumer and is held only while entries are taken out, never across
+    /// an exit or a channel write.
+    pub coalesced: Mutex<Option<Box<dyn CoalescedRing>>>,
 }
 
 /// The host's ends of one vcpu channel (the plugin's ends are kept by the

@@ -221,6 +221,7 @@ mod tests {
             start,
             length: 1 + start % 7,
             async_write: start.is_multiple_of(3),
+            coalesced: false,
         }
     }
 

@@ -20,7 +20,7 @@ use super::{
     Transport, VcpuControl, VcpuIo, VcpuShared, MAX_IO_READ, MAX_IO_WRITE,
 };
 use crate::runtime::objects::ExitConfigReader;
-use crate::vm::{Space, Vcpu, VcpuRun, VcpuStateKind, VmExit};
+use crate::vm::{CoalescedWrite, Space, Vcpu, VcpuRun, VcpuStateKind, VmExit, COALESCED_RECORD};
 use crate::{exit_codec, limits, record};
 
 /// The non-`KVM_RUN` half of a vcpu thread: channel I/O and servicing, and
@@ -42,7 +42,14 @@ pub struct Servicer<V: Vcpu, I: VcpuIo = ChannelIo> {
     /// Servicing failed for good (a corrupted fast channel): the vcpu
     /// stops.
     failed: bool,
+    /// Coalesced writes taken from the ring and not delivered yet, as wire
+    /// records (capacity for a whole batch: no allocation on the exit path).
+    batch: Vec<u8>,
 }
+
+/// Most writes in one `CoalescedWrites` batch (a bit more than KVM's ring
+/// holds, so a full ring plus the write that found it full is one batch).
+pub const MAX_COALESCED_BATCH: usize = 256;
 
 impl<V: Vcpu> Servicer<V, ChannelIo> {
     /// A servicer on a real vcpu channel.
@@ -89,6 +96,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
             scratch: Vec::with_capacity(512),
             resume_data: Vec::with_capacity(MAX_IO_READ),
             failed: false,
+            batch: Vec::with_capacity(MAX_COALESCED_BATCH * COALESCED_RECORD),
         }
     }
 
@@ -276,6 +284,21 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
     fn on_write(&mut self, space: Space, address: u64, data: &[u8]) {
         let range = self.config.get().reservations.lookup(space, address);
         self.io.note_exit(space, range.map(|r| (r.start, r.length)));
+        if range.is_some_and(|r| r.coalesced) {
+            // A write KVM did not coalesce (its ring was full): it joins the
+            // batch after everything the ring held, in guest order.
+            let mut w = CoalescedWrite {
+                space,
+                address,
+                len: data.len().min(8) as u32,
+                data: [0; 8],
+            };
+            w.data[..w.len as usize].copy_from_slice(&data[..w.len as usize]);
+            self.push_coalesced(&w);
+            self.flush_coalesced();
+            return;
+        }
+        self.flush_coalesced();
         let Some(range) = range else {
             self.log_unreserved(space, address, true, data.len());
             return;
@@ -306,6 +329,68 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
                 self.log_service_error("io read", &e);
                 complete_read(data, None);
             }
+        }
+    }
+
+    /// Whether coalesced ranges were ever reserved (then the ring is
+    /// drained at every exit).
+    fn coalescing(&mut self) -> bool {
+        self.config.get().coalesced
+    }
+
+    fn push_coalesced(&mut self, w: &CoalescedWrite) {
+        if self.batch.len() >= MAX_COALESCED_BATCH * COALESCED_RECORD {
+            self.flush_coalesced();
+        }
+        self.batch.extend_from_slice(&w.record());
+    }
+
+    /// Takes every write the ring holds into the batch (delivering full
+    /// batches on the way).
+    fn collect_coalesced(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        loop {
+            let mut guard = shared.coalesced.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(ring) = guard.as_mut() else {
+                return;
+            };
+            while self.batch.len() < MAX_COALESCED_BATCH * COALESCED_RECORD {
+                match ring.pop() {
+                    Some(w) => self.batch.extend_from_slice(&w.record()),
+                    None => return,
+                }
+            }
+            // The batch is full: deliver it without holding the ring.
+            drop(guard);
+            self.flush_coalesced();
+        }
+    }
+
+    /// Delivers the pending batch, if any, as one posted event.
+    fn flush_coalesced(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        if let Some(r) = record::recorder() {
+            let mut c = vcpu_response::wait::CoalescedWrites::new();
+            c.records = self.batch.clone();
+            let mut w = vcpu_response::Wait::new();
+            w.set_coalesced_writes(c);
+            r.vcpu_exit(self.id, &w);
+        }
+        self.scratch.clear();
+        exit_codec::encode_coalesced_writes(&mut self.scratch, &self.batch);
+        self.batch.clear();
+        if let Err(e) = self.io.write_response(&self.scratch) {
+            self.log_service_error("coalesced writes", &e);
+        }
+    }
+
+    /// Drains the ring and delivers what it held.
+    pub fn drain_coalesced(&mut self) {
+        if self.coalescing() {
+            self.collect_coalesced();
+            self.flush_coalesced();
         }
     }
 
@@ -396,6 +481,9 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
                 if sv.killed() {
                     return Stop::Killed;
                 }
+                // A kick (the main loop's coalesced tick, a pause) is a
+                // drain point too.
+                sv.drain_coalesced();
                 if let Some(user) = sv.control.take_pause() {
                     if let Err(e) = sv.on_pause(user) {
                         sv.log_service_error("pause", &e);
@@ -429,6 +517,16 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
     /// Routes one exit (anything but [`VmExit::Interrupted`]).
     fn on_exit(&mut self, exit: VmExit<'_>) -> Next {
         let id = self.id;
+        // Coalesced writes precede this exit in guest order: they reach the
+        // plugin first (docs/protocol-extensions.md §4.4). A write exit
+        // delivers them itself, so that a write that found the ring full
+        // goes in the same batch.
+        if self.coalescing() {
+            self.collect_coalesced();
+            if !matches!(exit, VmExit::IoOut { .. } | VmExit::MmioWrite { .. }) {
+                self.flush_coalesced();
+            }
+        }
         match exit {
             VmExit::IoOut { port, data } => self.on_write(Space::Ioport, u64::from(port), data),
             VmExit::IoIn { port, data } => self.on_read(Space::Ioport, u64::from(port), data),

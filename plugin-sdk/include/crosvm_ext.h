@@ -1,0 +1,71 @@
+/* crosvm_ext.h: vmm's extensions to the crosvm plugin C API.
+ *
+ * crosvm.h stays source-compatible with crosvm's plugin API 0.22; what is
+ * declared here exists only in vmm's libcrosvm_plugin. A plugin that uses
+ * none of it never sees an extension event. See docs/protocol-extensions.md
+ * §4 (coalesced write ranges) and docs/c-api.md.
+ */
+#ifndef CROSVM_EXT_H
+#define CROSVM_EXT_H
+
+#include <stdint.h>
+
+#include "crosvm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Coalesced write ranges ----------------------------------------- */
+
+/* A crosvm_vcpu_event.kind: a batch of guest writes to coalesced ranges.
+ * Read it with crosvm_vcpu_event_coalesced_writes(); it needs no
+ * crosvm_vcpu_resume (only crosvm_vcpu_wait may follow). */
+#define CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES 1000u
+
+/* One guest write (24 bytes). */
+struct crosvm_coalesced_write {
+  uint64_t address;       /* port number or guest-physical address */
+  uint32_t address_space; /* enum crosvm_address_space */
+  uint32_t length;        /* 1 to 8: the first length bytes of data */
+  uint8_t data[8];
+};
+
+/* The member of crosvm_vcpu_event.event for that kind. */
+struct crosvm_coalesced_writes {
+  /* count writes, oldest first, all made before the vcpu's next event;
+   * valid until the next crosvm_vcpu_wait on this vcpu */
+  const struct crosvm_coalesced_write *writes;
+  uint32_t count;
+  uint32_t _reserved;
+};
+
+/* Reserves [start, start + length) of address_space as a coalesced range:
+ * the guest's writes to it are collected by KVM without stopping the vcpu
+ * and delivered in batches. Reads are not reported (they read 0). Errors:
+ * -EINVAL (bad space, length 0 is unreserve, longer than 4 GiB - 1, ports
+ * beyond 0xffff), -EPERM (overlaps a reserved range or an ioeventfd),
+ * -ENOSPC (too many coalesced ranges), or KVM's errno. Remove it with
+ * crosvm_reserve_range(self, address_space, start, 0). */
+int crosvm_reserve_coalesced_range(struct crosvm *self, uint32_t address_space,
+                                   uint64_t start, uint64_t length);
+
+/* The batch of a CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES event. */
+static inline const struct crosvm_coalesced_writes *
+crosvm_vcpu_event_coalesced_writes(const struct crosvm_vcpu_event *event) {
+  /* the anonymous union starts where each of its members does */
+  return (const struct crosvm_coalesced_writes *)(const void *)&event->io_access;
+}
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(sizeof(struct crosvm_coalesced_write) == 24,
+               "struct crosvm_coalesced_write is 24 bytes");
+_Static_assert(sizeof(struct crosvm_coalesced_writes) <= 64,
+               "fits the event union");
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CROSVM_EXT_H */
