@@ -418,12 +418,13 @@ impl Connection {
         })
     }
 
+    /// One `ReserveRange` of any kind; `op` names the SDK call in errors.
     fn reserve(
         &self,
-        space: AddressSpace,
-        start: u64,
-        length: u64,
+        op: &'static str,
+        (space, start, length): (AddressSpace, u64, u64),
         async_write: bool,
+        coalesced: bool,
     ) -> Result<()> {
         let mut req = MainRequest::new();
         let r = req.mut_reserve_range();
@@ -431,14 +432,15 @@ impl Connection {
         r.start = start;
         r.length = length;
         r.async_write = async_write;
-        self.simple("reserve_range", &req)
+        r.coalesced = coalesced;
+        self.simple(op, &req)
     }
 
     /// Reserves `[start, start + length)` for synchronous io events (reads
     /// and writes stop the vcpu until resumed). `length` 0 removes the
     /// reservation starting at `start`, like [`unreserve_range`](Self::unreserve_range).
     pub fn reserve_range(&self, space: AddressSpace, start: u64, length: u64) -> Result<()> {
-        self.reserve(space, start, length, false)
+        self.reserve("reserve_range", (space, start, length), false, false)
     }
 
     /// Reserves a write-notification range: writes are reported with
@@ -449,7 +451,7 @@ impl Connection {
         start: u64,
         length: u64,
     ) -> Result<()> {
-        self.reserve(space, start, length, true)
+        self.reserve("reserve_range", (space, start, length), true, false)
     }
 
     /// Reserves a coalesced range (protocol extension,
@@ -467,19 +469,17 @@ impl Connection {
         start: u64,
         length: u64,
     ) -> Result<()> {
-        let mut req = MainRequest::new();
-        let r = req.mut_reserve_range();
-        r.space = space.to_proto();
-        r.start = start;
-        r.length = length;
-        r.async_write = true;
-        r.coalesced = true;
-        self.simple("reserve_coalesced_range", &req)
+        self.reserve(
+            "reserve_coalesced_range",
+            (space, start, length),
+            true,
+            true,
+        )
     }
 
     /// Removes the reservation (of either kind) starting at `start`.
     pub fn unreserve_range(&self, space: AddressSpace, start: u64) -> Result<()> {
-        self.reserve(space, start, 0, false)
+        self.reserve("reserve_range", (space, start, 0), false, false)
     }
 
     /// Replaces the hypercall hint. The address must be non-zero and at most

@@ -97,4 +97,6 @@ fn main() {
         }
         other => fail(format!("unexpected event {other:?}")),
     }
+    drop(v);
+    boot::leave(booted)
 }

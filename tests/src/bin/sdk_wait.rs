@@ -130,4 +130,6 @@ fn main() {
         }
         other => fail(format!("unexpected event {other:?}")),
     }
+    drop(v);
+    boot::leave(booted)
 }
