@@ -9,6 +9,7 @@ pub mod main_handler;
 pub mod objects;
 pub mod output;
 pub mod panic;
+pub mod plugin_control;
 pub mod process;
 mod services;
 mod teardown;
