@@ -22,7 +22,9 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
-use nix::sys::socket::{recv, send, MsgFlags};
+use std::io::{IoSlice, IoSliceMut};
+
+use nix::sys::socket::{recvmsg, sendmsg, MsgFlags};
 use plugin_proto::control_command::Kind;
 use plugin_proto::main_request;
 use plugin_proto::protobuf::Message;
@@ -119,20 +121,24 @@ impl ControlChannel {
         if buf.len() < MAX_PACKET {
             buf.resize(MAX_PACKET, 0);
         }
-        let n = loop {
-            match recv(self.sock.as_raw_fd(), &mut buf, flags | MsgFlags::MSG_TRUNC) {
-                Ok(n) => break n,
+        // recvmsg, not recv: the jail's seccomp policy allows the calls the
+        // main connection uses. No control buffer: descriptors attached to
+        // a packet are closed by the kernel.
+        let (n, truncated) = loop {
+            let mut iov = [IoSliceMut::new(&mut buf[..])];
+            match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, None, flags) {
+                Ok(m) => break (m.bytes, m.flags.contains(MsgFlags::MSG_TRUNC)),
                 Err(Errno::EINTR) => continue,
                 Err(source) => return Err(Error::Sys { op: OP, source }),
             }
         };
-        if n == 0 {
-            return Ok(None);
-        }
-        if n > buf.len() {
+        if truncated {
             return Err(Error::Protocol(
                 "the host sent a control command larger than the protocol allows",
             ));
+        }
+        if n == 0 {
+            return Ok(None);
         }
         let bytes = &buf[..n];
         plugin_proto::framing::check_lengths(bytes, &[])
@@ -162,7 +168,14 @@ impl ControlChannel {
             .write_to_bytes()
             .map_err(|source| Error::Encode { op: OP, source })?;
         loop {
-            match send(self.sock.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+            let iov = [IoSlice::new(&bytes)];
+            match sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &iov,
+                &[],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EINTR) => continue,
                 Err(source) => return Err(Error::Sys { op: OP, source }),
