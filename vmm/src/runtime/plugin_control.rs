@@ -111,7 +111,13 @@ pub struct PluginControl {
     /// the same timeout, so id order is deadline order.
     pending: BTreeMap<u64, Pending>,
     recv_buf: Vec<u8>,
+    /// Packets dropped so far: the first few are logged as warnings, the
+    /// rest at debug level, so a flood of garbage cannot flood the log.
+    dropped: u64,
 }
+
+/// Dropped packets logged as warnings; later ones are logged at debug.
+const WARN_DROPPED: u64 = 8;
 
 impl PluginControl {
     /// The descriptor the main loop watches for replies, once the plugin
@@ -253,10 +259,9 @@ impl PluginControl {
                     self.close(&mut out);
                 }
                 Ok(n) if n > self.recv_buf.len() => {
-                    warn!(
-                        "control channel: dropping a {n}-byte packet from the plugin \
-                         (at most {MAX_PACKET})"
-                    );
+                    self.dropped(format_args!(
+                        "dropping a {n}-byte packet from the plugin (at most {MAX_PACKET})"
+                    ));
                 }
                 Ok(n) => {
                     if let Some(r) = self.take_reply(n) {
@@ -284,7 +289,9 @@ impl PluginControl {
         {
             Some(r) => r,
             None => {
-                warn!("control channel: dropping an undecodable {n}-byte packet from the plugin");
+                self.dropped(format_args!(
+                    "dropping an undecodable {n}-byte packet from the plugin"
+                ));
                 return None;
             }
         };
@@ -296,6 +303,20 @@ impl PluginControl {
             return None;
         };
         Some((p.tag, decode_reply(reply)))
+    }
+
+    fn dropped(&mut self, what: std::fmt::Arguments<'_>) {
+        self.dropped += 1;
+        if self.dropped <= WARN_DROPPED {
+            let more = if self.dropped == WARN_DROPPED {
+                " (further dropped packets are logged at debug level)"
+            } else {
+                ""
+            };
+            warn!("control channel: {what}{more}");
+        } else {
+            debug!("control channel: {what}");
+        }
     }
 
     /// The channel is gone: every waiting command is answered `Closed`.
