@@ -1426,3 +1426,125 @@ pub unsafe extern "C" fn crosvm_control_close(self_: *mut *mut crosvm_control) -
 }
 
 const _: () = assert!(std::mem::size_of::<crosvm_control_command>() == 32);
+
+#[cfg(test)]
+mod control_tests {
+    use std::ffi::CStr;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+    use plugin_proto::control_command::Kind;
+    use plugin_proto::protobuf::{EnumOrUnknown, Message};
+    use plugin_proto::{ControlCommand, ControlReply};
+
+    use super::*;
+
+    /// A C handle over one end of a socketpair; the other end plays the host.
+    fn handle() -> (*mut crosvm_control, OwnedFd) {
+        let (host, plugin) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let ctl = Box::into_raw(Box::new(crosvm_control {
+            chan: crate::ControlChannel::from_fd(plugin),
+            last: Default::default(),
+        }));
+        (ctl, host)
+    }
+
+    fn host_send(host: &OwnedFd, id: u64, kind: Kind, name: &str, json: &[u8]) {
+        let cmd = ControlCommand {
+            id,
+            kind: EnumOrUnknown::new(kind),
+            name: name.into(),
+            json: json.to_vec(),
+            ..Default::default()
+        };
+        send(
+            host.as_raw_fd(),
+            &cmd.write_to_bytes().unwrap(),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+    }
+
+    fn host_recv(host: &OwnedFd) -> ControlReply {
+        let mut buf = vec![0u8; 0x10000];
+        let n = recv(host.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+        ControlReply::parse_from_bytes(&buf[..n]).unwrap()
+    }
+
+    #[test]
+    fn c_shim_receives_commands_and_sends_replies() {
+        let (mut ctl, host) = handle();
+        // SAFETY: `ctl` is a live handle from `handle`, the out-pointers
+        // point to locals, the strings are NUL-terminated literals.
+        unsafe {
+            assert!(crosvm_control_fd(ctl) >= 0);
+            host_send(&host, 5, Kind::CUSTOM, "count", br#"{"a":1}"#);
+            let mut cmd = std::mem::zeroed::<crosvm_control_command>();
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.id, 5);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_CUSTOM);
+            assert_eq!(CStr::from_ptr(cmd.name).to_str().unwrap(), "count");
+            assert_eq!(CStr::from_ptr(cmd.args).to_bytes(), br#"{"a":1}"#);
+            assert_eq!(cmd.args_len, 7);
+            assert_eq!(crosvm_control_reply(ctl, 5, c"{\"count\": 3}".as_ptr()), 0);
+            let r = host_recv(&host);
+            assert_eq!((r.id, r.errno, &r.json[..]), (5, 0, &b"{\"count\": 3}"[..]));
+
+            host_send(&host, 6, Kind::POWER_BUTTON, "", b"");
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_POWER_BUTTON);
+            assert_eq!(CStr::from_ptr(cmd.name).to_bytes(), b"");
+            assert_eq!(CStr::from_ptr(cmd.args).to_bytes(), b"null");
+            assert_eq!(crosvm_control_reply(ctl, 6, std::ptr::null()), 0);
+            assert_eq!(host_recv(&host).json, b"");
+
+            host_send(&host, 7, Kind::SLEEP_BUTTON, "", b"");
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_SLEEP_BUTTON);
+            assert_eq!(
+                crosvm_control_reply_error(ctl, 7, libc::ENOTSUP, c"no".as_ptr()),
+                0
+            );
+            let r = host_recv(&host);
+            assert_eq!(
+                (r.id, r.errno, r.message.as_str()),
+                (7, libc::ENOTSUP, "no")
+            );
+            assert_eq!(
+                crosvm_control_reply_error(ctl, 7, 0, std::ptr::null()),
+                -libc::EINVAL
+            );
+
+            // A kind from a newer host, a name with a NUL in it.
+            let mut raw = ControlCommand {
+                id: 8,
+                name: "a\0b".into(),
+                ..Default::default()
+            };
+            raw.kind = EnumOrUnknown::from_i32(9);
+            send(
+                host.as_raw_fd(),
+                &raw.write_to_bytes().unwrap(),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_UNKNOWN);
+
+            // Garbage from the host is an error, not a crash.
+            send(host.as_raw_fd(), &[0x0a, 0x7f], MsgFlags::empty()).unwrap();
+            assert!(crosvm_control_recv(ctl, &mut cmd) < 0);
+
+            drop(host);
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), -libc::ESHUTDOWN);
+            assert_eq!(crosvm_control_close(&mut ctl), 0);
+            assert!(ctl.is_null());
+        }
+    }
+}
