@@ -224,3 +224,27 @@ fn a_plugin_closing_its_channel_answers_waiting_commands_closed() {
     assert_eq!(replies(&mut host, 1), vec![(7, Reply::Closed)]);
     assert!(host.fd().is_none());
 }
+
+#[test]
+fn counters_validate_their_arguments_and_vcpu_count() {
+    // (example, plugin arguments, vmm options, expected stderr)
+    let cases: &[(&str, &[&str], &[&str], &str)] = &[
+        ("counter", &["abc"], &[], "bad argument \"abc\""),
+        ("counter", &["1", "2"], &[], "usage: vmm --plugin counter"),
+        ("counter_c", &["-5"], &[], "POWERBTN_MS must be a number"),
+        (
+            "counter_c",
+            &["1", "2"],
+            &[],
+            "usage: vmm --plugin counter_c",
+        ),
+        ("counter", &[], &["--cpus", "2"], "run vmm with --cpus 1"),
+        ("counter_c", &[], &["--cpus", "2"], "run vmm without --cpus"),
+    ];
+    for (name, args, opts, expected) in cases {
+        let r = run_vmm(opts, &bin(name), args);
+        assert_eq!(r.code, Some(1), "{name} {args:?} {opts:?}: {r:#?}");
+        assert!(r.stdout.is_empty(), "{name} ran: {r:#?}");
+        assert!(r.stderr.contains(expected), "{name} {args:?}: {r:#?}");
+    }
+}
