@@ -248,3 +248,59 @@ fn counters_validate_their_arguments_and_vcpu_count() {
         assert!(r.stderr.contains(expected), "{name} {args:?}: {r:#?}");
     }
 }
+
+/// The host stopping the VM (here SIGTERM; `vmm stop` takes the same path)
+/// is an orderly end for the counter machines: they print where the
+/// counter got to and exit 0 within the grace period.
+#[test]
+fn counters_end_in_order_when_the_host_stops_the_vm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    for name in ["counter", "counter_c"] {
+        let mut child = Command::new(bin("vmm"))
+            .arg("--plugin")
+            .arg(bin(name))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // Running: the first count line.
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no count line");
+        assert!(first.starts_with("count "), "{first}");
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut lines = vec![first];
+        while let Ok(l) = rx.recv_timeout(Duration::from_secs(30)) {
+            lines.push(l);
+        }
+        let status = child.wait().unwrap();
+        let stderr = err.join().unwrap();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("the host stopped the VM at count ")),
+            "{name}: {lines:?}\n{stderr}"
+        );
+        // The plugin ended by itself (status 0), not killed after the grace.
+        assert!(
+            stderr.contains("plugin exited with status 0"),
+            "{name}: {status:?}\n{stderr}"
+        );
+    }
+}
