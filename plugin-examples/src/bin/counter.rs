@@ -91,10 +91,9 @@ fn guest_code() -> Result<Vec<u8>> {
     Ok(a.assemble(CODE)?)
 }
 
-/// The guest's counter, read from guest memory.
+/// The guest's counter, read from guest memory (in one access: never torn).
 fn count(ram: &GuestRam) -> Result<u32> {
-    let b = ram.read(COUNTER, 4)?;
-    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    Ok(ram.read_u32(COUNTER)?)
 }
 
 /// Serves the control channel: the power button and `plugin count`.
