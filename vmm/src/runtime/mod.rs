@@ -669,6 +669,17 @@ impl Host {
         if let Some(refused) = &reply.refused {
             debug!("main[{}]: {refused}", token - FIRST_CONNECTION_TOKEN);
         }
+        // Issue 11 (plugin control channel): a channel opened by this
+        // request joins the epoll set (before the reply goes out, so a
+        // failed send cannot leave it unwatched).
+        if let Some(fd) = self.plugin_control.newly_opened() {
+            if let Err(e) = self.epoll.add(
+                fd,
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_PLUGIN_CONTROL),
+            ) {
+                warn!("cannot watch the plugin's control channel: {e}");
+            }
+        }
         let Some(fd) = self.connections.get(&token) else {
             return;
         };
@@ -693,16 +704,6 @@ impl Host {
             warn!("dropping a plugin connection: {}", crate::error_chain(&e));
             self.drop_connection(token);
             return;
-        }
-        // Issue 11 (plugin control channel): a channel opened by this
-        // request joins the epoll set.
-        if let Some(fd) = self.plugin_control.newly_opened() {
-            if let Err(e) = self.epoll.add(
-                fd,
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_PLUGIN_CONTROL),
-            ) {
-                warn!("cannot watch the plugin's control channel: {e}");
-            }
         }
         if let Some(conn) = reply.new_connection {
             if let Err(e) = self.add_connection(conn) {
