@@ -183,7 +183,7 @@ impl GuestRam {
     /// in one access, so a value the guest is updating is never torn
     /// (byte-wise [`Self::read`] may mix old and new bytes).
     pub fn read_u32(&self, offset: u64) -> Result<u32> {
-        if offset % 4 != 0 {
+        if offset & 3 != 0 {
             return Err(Error::InvalidArgument(
                 "read_u32 needs a 4-byte aligned offset",
             ));
