@@ -4,7 +4,11 @@
 
 /// The C example machines: `(binary, source)`, each `c/<source>.c` with a
 /// `src/bin/<binary>.rs`.
-const C_EXAMPLES: &[(&str, &str)] = &[("adder_c", "adder_c"), ("tutorial_c", "tutorial")];
+const C_EXAMPLES: &[(&str, &str)] = &[
+    ("adder_c", "adder_c"),
+    ("tutorial_c", "tutorial"),
+    ("counter_c", "counter_c"),
+];
 
 fn main() {
     for (name, source) in C_EXAMPLES {
@@ -21,4 +25,5 @@ fn main() {
             .compile(name);
     }
     println!("cargo:rerun-if-changed=../plugin-sdk/include/crosvm.h");
+    println!("cargo:rerun-if-changed=../plugin-sdk/include/crosvm_ext.h");
 }

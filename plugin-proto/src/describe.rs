@@ -114,6 +114,7 @@ pub fn main_request(request: &MainRequest) -> String {
         Some(M::GetNetConfig(_)) => "get_net_config".into(),
         Some(M::GetVcpus(_)) => "get_vcpus".into(),
         Some(M::Start(_)) => "start".into(),
+        Some(M::GetControlSocket(_)) => "get_control_socket".into(),
         None => "an empty main request".into(),
     }
 }
@@ -130,5 +131,12 @@ mod tests {
         r.start = 0x3f8;
         r.length = 8;
         assert_eq!(main_request(&req), "reserve_range(IoPort, 0x3f8, 8)");
+    }
+
+    #[test]
+    fn get_control_socket_is_named() {
+        let mut req = MainRequest::new();
+        req.set_get_control_socket(Default::default());
+        assert_eq!(main_request(&req), "get_control_socket");
     }
 }

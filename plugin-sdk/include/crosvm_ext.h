@@ -3,7 +3,7 @@
  * crosvm.h stays source-compatible with crosvm's plugin API 0.22; what is
  * declared here exists only in vmm's libcrosvm_plugin. A plugin that uses
  * none of it never sees an extension event. See docs/protocol-extensions.md
- * §4 (coalesced write ranges) and docs/c-api.md.
+ * §4 (coalesced write ranges), §5 (the control channel) and docs/c-api.md.
  */
 #ifndef CROSVM_EXT_H
 #define CROSVM_EXT_H
@@ -57,7 +57,60 @@ crosvm_vcpu_event_coalesced_writes(const struct crosvm_vcpu_event *event) {
   return (const struct crosvm_coalesced_writes *)(const void *)&event->io_access;
 }
 
+/* ---- The control channel ------------------------------------------- */
+
+/* Commands a management client sends to vmm's control socket (powerbtn,
+ * sleepbtn, plugin NAME [JSON]) reach a plugin that opened its control
+ * channel; a plugin that never does is not sent any (the client gets
+ * not-supported). One thread may receive while others reply. */
+struct crosvm_control;
+
+/* crosvm_control_command.kind */
+#define CROSVM_CONTROL_CUSTOM 0u          /* plugin NAME [JSON] */
+#define CROSVM_CONTROL_POWER_BUTTON 1u    /* powerbtn */
+#define CROSVM_CONTROL_SLEEP_BUTTON 2u    /* sleepbtn */
+#define CROSVM_CONTROL_UNKNOWN 0xffffffffu /* newer host: reply -ENOTSUP */
+
+struct crosvm_control_command {
+  uint64_t id;       /* pass it back to the reply */
+  uint32_t kind;     /* CROSVM_CONTROL_* */
+  uint32_t args_len; /* strlen(args) */
+  /* Both NUL-terminated, valid until the next crosvm_control_recv or
+   * crosvm_control_close on this handle. name is "" unless CUSTOM; args
+   * is a JSON document ("null" when there are none). */
+  const char *name;
+  const char *args;
+};
+
+/* Opens the control channel (one per VM: -EEXIST while open; -ENOTTY from
+ * a host without the extension). */
+int crosvm_control_open(struct crosvm *self, struct crosvm_control **out);
+
+/* The descriptor to poll (readable: a command or the host's hang-up).
+ * Owned by the handle. */
+int crosvm_control_fd(struct crosvm_control *self);
+
+/* Waits for the next command. 0: *cmd is filled; -ESHUTDOWN: the host
+ * closed the channel (vmm is exiting); other -errno on failure. */
+int crosvm_control_recv(struct crosvm_control *self,
+                        struct crosvm_control_command *cmd);
+
+/* Answers command id with success; json is a NUL-terminated JSON document
+ * of at most 60 KiB (NULL: null). */
+int crosvm_control_reply(struct crosvm_control *self, uint64_t id,
+                         const char *json);
+
+/* Refuses command id with a positive errno and a message for the client. */
+int crosvm_control_reply_error(struct crosvm_control *self, uint64_t id,
+                               int errno_value, const char *message);
+
+/* Closes the channel (the host answers what is still waiting as failed)
+ * and frees the handle; sets *self to NULL. */
+int crosvm_control_close(struct crosvm_control **self);
+
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(sizeof(struct crosvm_control_command) == 32,
+               "struct crosvm_control_command is 32 bytes");
 _Static_assert(sizeof(struct crosvm_coalesced_write) == 24,
                "struct crosvm_coalesced_write is 24 bytes");
 _Static_assert(sizeof(struct crosvm_coalesced_writes) <= 64,

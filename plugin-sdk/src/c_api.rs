@@ -1279,3 +1279,272 @@ pub unsafe extern "C" fn crosvm_vcpu_enable_capability(
         status(vcpu(vcpu_).enable_capability(capability, flags, args))
     })
 }
+
+// ---------------------------------------------------------------------------
+// Extension (`crosvm_ext.h`, docs/protocol-extensions.md §5): the control
+// channel, a thin shim over `crate::ControlChannel`.
+
+/// `CROSVM_CONTROL_*` command kinds.
+pub const CROSVM_CONTROL_CUSTOM: u32 = 0;
+pub const CROSVM_CONTROL_POWER_BUTTON: u32 = 1;
+pub const CROSVM_CONTROL_SLEEP_BUTTON: u32 = 2;
+/// A kind this library does not know (a newer host): refuse it `-ENOTSUP`.
+pub const CROSVM_CONTROL_UNKNOWN: u32 = 0xffff_ffff;
+
+/// `struct crosvm_control`: the plugin's end of the control channel and the
+/// strings of the last command received (the C caller's pointers point
+/// into them until the next receive or the close).
+pub struct crosvm_control {
+    chan: crate::ControlChannel,
+    last: std::sync::Mutex<(std::ffi::CString, std::ffi::CString)>,
+}
+
+/// `struct crosvm_control_command`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct crosvm_control_command {
+    pub id: u64,
+    pub kind: u32,
+    pub args_len: u32,
+    pub name: *const std::ffi::c_char,
+    pub args: *const std::ffi::c_char,
+}
+
+/// A C string of `bytes` up to its first NUL.
+fn c_string(mut bytes: Vec<u8>) -> std::ffi::CString {
+    if let Some(nul) = bytes.iter().position(|&b| b == 0) {
+        bytes.truncate(nul);
+    }
+    std::ffi::CString::new(bytes).unwrap_or_default()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_open(
+    self_: *mut crosvm,
+    out: *mut *mut crosvm_control,
+) -> c_int {
+    // SAFETY: live handle and out-pointer per the C API contract.
+    ffi(|| unsafe {
+        let result = conn(self_).control_channel().map(|chan| {
+            Box::into_raw(Box::new(crosvm_control {
+                chan,
+                last: Default::default(),
+            }))
+        });
+        output(result, out)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_fd(self_: *mut crosvm_control) -> c_int {
+    // SAFETY: live handle per the C API contract.
+    ffi(|| unsafe { (*self_).chan.fd().as_raw_fd() })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_recv(
+    self_: *mut crosvm_control,
+    cmd: *mut crosvm_control_command,
+) -> c_int {
+    // SAFETY: live handle and out-pointer per the C API contract.
+    ffi(|| unsafe {
+        let ctl = &*self_;
+        let command = match ctl.chan.recv() {
+            Ok(Some(c)) => c,
+            Ok(None) => return -libc::ESHUTDOWN,
+            Err(e) => return fail(&e),
+        };
+        let (kind, name) = match command.kind {
+            crate::ControlKind::PowerButton => (CROSVM_CONTROL_POWER_BUTTON, Vec::new()),
+            crate::ControlKind::SleepButton => (CROSVM_CONTROL_SLEEP_BUTTON, Vec::new()),
+            crate::ControlKind::Custom(n) => (CROSVM_CONTROL_CUSTOM, n.into_bytes()),
+            _ => (CROSVM_CONTROL_UNKNOWN, Vec::new()),
+        };
+        let mut last = ctl.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = (c_string(name), c_string(command.args));
+        cmd.write(crosvm_control_command {
+            id: command.id,
+            kind,
+            args_len: count_u32(last.1.as_bytes().len()),
+            name: last.0.as_ptr(),
+            args: last.1.as_ptr(),
+        });
+        0
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_reply(
+    self_: *mut crosvm_control,
+    id: u64,
+    json: *const std::ffi::c_char,
+) -> c_int {
+    // SAFETY: live handle and, unless NULL, a NUL-terminated string per the
+    // C API contract.
+    ffi(|| unsafe {
+        let bytes = if json.is_null() {
+            &[][..]
+        } else {
+            std::ffi::CStr::from_ptr(json).to_bytes()
+        };
+        status((*self_).chan.reply_ok(id, bytes))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_reply_error(
+    self_: *mut crosvm_control,
+    id: u64,
+    errno_value: c_int,
+    message: *const std::ffi::c_char,
+) -> c_int {
+    // SAFETY: live handle and, unless NULL, a NUL-terminated string per the
+    // C API contract.
+    ffi(|| unsafe {
+        let text = if message.is_null() {
+            std::borrow::Cow::Borrowed("")
+        } else {
+            std::ffi::CStr::from_ptr(message).to_string_lossy()
+        };
+        status((*self_).chan.reply_error(id, errno_value, &text))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_close(self_: *mut *mut crosvm_control) -> c_int {
+    ffi(|| {
+        // SAFETY: `*self_` came from Box::into_raw in crosvm_control_open and
+        // is not used by the caller afterwards (we clear it).
+        unsafe {
+            if !(*self_).is_null() {
+                drop(Box::from_raw(*self_));
+            }
+            *self_ = std::ptr::null_mut();
+        }
+        0
+    })
+}
+
+const _: () = assert!(std::mem::size_of::<crosvm_control_command>() == 32);
+
+#[cfg(test)]
+mod control_tests {
+    use std::ffi::CStr;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+    use plugin_proto::control_command::Kind;
+    use plugin_proto::protobuf::{EnumOrUnknown, Message};
+    use plugin_proto::{ControlCommand, ControlReply};
+
+    use super::*;
+
+    /// A C handle over one end of a socketpair; the other end plays the host.
+    fn handle() -> (*mut crosvm_control, OwnedFd) {
+        let (host, plugin) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let ctl = Box::into_raw(Box::new(crosvm_control {
+            chan: crate::ControlChannel::from_fd(plugin),
+            last: Default::default(),
+        }));
+        (ctl, host)
+    }
+
+    fn host_send(host: &OwnedFd, id: u64, kind: Kind, name: &str, json: &[u8]) {
+        let cmd = ControlCommand {
+            id,
+            kind: EnumOrUnknown::new(kind),
+            name: name.into(),
+            json: json.to_vec(),
+            ..Default::default()
+        };
+        send(
+            host.as_raw_fd(),
+            &cmd.write_to_bytes().unwrap(),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+    }
+
+    fn host_recv(host: &OwnedFd) -> ControlReply {
+        let mut buf = vec![0u8; 0x10000];
+        let n = recv(host.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+        ControlReply::parse_from_bytes(&buf[..n]).unwrap()
+    }
+
+    #[test]
+    fn c_shim_receives_commands_and_sends_replies() {
+        let (mut ctl, host) = handle();
+        // SAFETY: `ctl` is a live handle from `handle`, the out-pointers
+        // point to locals, the strings are NUL-terminated literals.
+        unsafe {
+            assert!(crosvm_control_fd(ctl) >= 0);
+            host_send(&host, 5, Kind::CUSTOM, "count", br#"{"a":1}"#);
+            let mut cmd = std::mem::zeroed::<crosvm_control_command>();
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.id, 5);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_CUSTOM);
+            assert_eq!(CStr::from_ptr(cmd.name).to_str().unwrap(), "count");
+            assert_eq!(CStr::from_ptr(cmd.args).to_bytes(), br#"{"a":1}"#);
+            assert_eq!(cmd.args_len, 7);
+            assert_eq!(crosvm_control_reply(ctl, 5, c"{\"count\": 3}".as_ptr()), 0);
+            let r = host_recv(&host);
+            assert_eq!((r.id, r.errno, &r.json[..]), (5, 0, &b"{\"count\": 3}"[..]));
+
+            host_send(&host, 6, Kind::POWER_BUTTON, "", b"");
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_POWER_BUTTON);
+            assert_eq!(CStr::from_ptr(cmd.name).to_bytes(), b"");
+            assert_eq!(CStr::from_ptr(cmd.args).to_bytes(), b"null");
+            assert_eq!(crosvm_control_reply(ctl, 6, std::ptr::null()), 0);
+            assert_eq!(host_recv(&host).json, b"");
+
+            host_send(&host, 7, Kind::SLEEP_BUTTON, "", b"");
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_SLEEP_BUTTON);
+            assert_eq!(
+                crosvm_control_reply_error(ctl, 7, libc::ENOTSUP, c"no".as_ptr()),
+                0
+            );
+            let r = host_recv(&host);
+            assert_eq!(
+                (r.id, r.errno, r.message.as_str()),
+                (7, libc::ENOTSUP, "no")
+            );
+            assert_eq!(
+                crosvm_control_reply_error(ctl, 7, 0, std::ptr::null()),
+                -libc::EINVAL
+            );
+
+            // A kind from a newer host, a name with a NUL in it.
+            let mut raw = ControlCommand {
+                id: 8,
+                name: "a\0b".into(),
+                ..Default::default()
+            };
+            raw.kind = EnumOrUnknown::from_i32(9);
+            send(
+                host.as_raw_fd(),
+                &raw.write_to_bytes().unwrap(),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!(cmd.kind, CROSVM_CONTROL_UNKNOWN);
+
+            // Garbage from the host is an error, not a crash.
+            send(host.as_raw_fd(), &[0x0a, 0x7f], MsgFlags::empty()).unwrap();
+            assert!(crosvm_control_recv(ctl, &mut cmd) < 0);
+
+            drop(host);
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), -libc::ESHUTDOWN);
+            assert_eq!(crosvm_control_close(&mut ctl), 0);
+            assert!(ctl.is_null());
+        }
+    }
+}

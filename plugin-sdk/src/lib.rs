@@ -48,6 +48,7 @@
 //! reports (negated).
 
 mod connection;
+mod control;
 mod decode;
 mod error;
 mod image;
@@ -60,6 +61,7 @@ mod vcpu;
 pub mod c_api;
 
 pub use connection::{Connection, SOCKET_ENV};
+pub use control::{ControlChannel, ControlCommand, ControlKind, CONTROL_MAX_JSON};
 pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
@@ -82,4 +84,5 @@ const _: () = {
     send_sync::<Memory>();
     send_sync::<IrqEvent>();
     send_sync::<Error>();
+    send_sync::<ControlChannel>();
 };

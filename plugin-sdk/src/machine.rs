@@ -179,6 +179,23 @@ impl GuestRam {
             .collect())
     }
 
+    /// Reads the little-endian `u32` at RAM offset `offset` (4-byte aligned)
+    /// in one access, so a value the guest is updating is never torn
+    /// (byte-wise [`Self::read`] may mix old and new bytes).
+    pub fn read_u32(&self, offset: u64) -> Result<u32> {
+        if offset & 3 != 0 {
+            return Err(Error::InvalidArgument(
+                "read_u32 needs a 4-byte aligned offset",
+            ));
+        }
+        let start = self.range(offset, 4)?;
+        // SAFETY: in bounds (checked above) of the live mapping, which is
+        // page aligned, so `start` aligned to 4 makes the pointer aligned;
+        // volatile because the guest may be writing the same word.
+        let v = unsafe { self.base.as_ptr().add(start).cast::<u32>().read_volatile() };
+        Ok(u32::from_le(v))
+    }
+
     /// Writes a little-endian `u64` (page-table entries, descriptors).
     pub fn write_u64(&self, offset: u64, value: u64) -> Result<()> {
         self.write(offset, &value.to_le_bytes())
@@ -400,6 +417,9 @@ mod tests {
         ram.write_u64(8, 0x1122_3344_5566_7788).unwrap();
         assert_eq!(ram.read(8, 2).unwrap(), [0x88, 0x77]);
         assert!(ram.read(2 * PAGE_SIZE, 1).is_err());
+        assert_eq!(ram.read_u32(8).unwrap(), 0x5566_7788);
+        assert!(ram.read_u32(9).is_err());
+        assert!(ram.read_u32(2 * PAGE_SIZE - 2).is_err());
         assert!(ram.write(u64::MAX, &[1]).is_err());
         assert!(GuestRam::new(100).is_err());
     }

@@ -168,7 +168,15 @@ fn library_exports_exactly_the_api() {
 }
 
 /// The extension functions, declared in `crosvm_ext.h` only.
-const EXT_API: [&str; 1] = ["crosvm_reserve_coalesced_range"];
+const EXT_API: [&str; 7] = [
+    "crosvm_reserve_coalesced_range",
+    "crosvm_control_open",
+    "crosvm_control_fd",
+    "crosvm_control_recv",
+    "crosvm_control_reply",
+    "crosvm_control_reply_error",
+    "crosvm_control_close",
+];
 
 #[test]
 fn extension_header_compiles_and_declares_the_extensions() {
@@ -185,7 +193,13 @@ fn extension_header_compiles_and_declares_the_extensions() {
          _Static_assert(offsetof(struct crosvm_coalesced_write, data) == 16, \"layout\");\n\
          int f(const struct crosvm_vcpu_event *e) {\n\
            return e->kind == CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES ? \
-                  (int)crosvm_vcpu_event_coalesced_writes(e)->count : 0;\n}\n",
+                  (int)crosvm_vcpu_event_coalesced_writes(e)->count : 0;\n}\n\
+         _Static_assert(offsetof(struct crosvm_control_command, name) == 16, \"layout\");\n\
+         int g(struct crosvm_control *c) {\n\
+           struct crosvm_control_command cmd;\n\
+           if (crosvm_control_recv(c, &cmd)) return -1;\n\
+           return cmd.kind == CROSVM_CONTROL_POWER_BUTTON ? crosvm_control_reply(c, cmd.id, NULL) : \
+                  crosvm_control_reply_error(c, cmd.id, 95, cmd.name);\n}\n",
     )
     .unwrap();
     run(Command::new("gcc")

@@ -250,6 +250,7 @@ pub enum MainShape {
     DirtyLog {
         id: Id,
     },
+    GetControlSocket,
     Empty,
     Unknown(u32),
 }
@@ -273,7 +274,7 @@ fn set_value(u: &mut Unstructured<'_>, n: i32) -> arbitrary::Result<i32> {
 impl<'a> Arbitrary<'a> for MainShape {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         use MainShape as S;
-        Ok(match u.int_in_range(0..=24)? {
+        Ok(match u.int_in_range(0..=25)? {
             0 => S::CreateIoEvent {
                 id: u.arbitrary()?,
                 space: space(u)?,
@@ -354,6 +355,7 @@ impl<'a> Arbitrary<'a> for MainShape {
             },
             22 => S::DirtyLog { id: u.arbitrary()? },
             23 => S::Empty,
+            24 => S::GetControlSocket,
             _ => S::Unknown(u.int_in_range(20..=200)?),
         })
     }
@@ -482,6 +484,7 @@ impl MainShape {
             }
             S::GetVcpus { chunked } => r.mut_get_vcpus().accept_chunked_fds = *chunked,
             S::Start => r.set_start(Default::default()),
+            S::GetControlSocket => r.set_get_control_socket(Default::default()),
             S::SetCallHint {
                 space,
                 address,

@@ -804,6 +804,8 @@ pub struct FakeServices {
     pauses: RefCell<Vec<(u64, u64)>>,
     /// Host ends of the extra connections the harness accepted.
     pub connections: RefCell<Vec<OwnedFd>>,
+    /// The plugin's control channel (`GetControlSocket`).
+    pub control: RefCell<vmm::runtime::plugin_control::PluginControl>,
 }
 
 impl FakeServices {
@@ -837,6 +839,7 @@ impl FakeServices {
             tap,
             pauses: RefCell::new(Vec::new()),
             connections: RefCell::new(Vec::new()),
+            control: RefCell::default(),
         })
     }
 
@@ -884,6 +887,10 @@ impl HostServices for FakeServices {
 
     fn connection_count(&self) -> usize {
         1 + self.connections.borrow().len()
+    }
+
+    fn open_control_channel(&self) -> std::result::Result<OwnedFd, Errno> {
+        self.control.borrow_mut().open()
     }
 }
 

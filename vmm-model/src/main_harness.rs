@@ -374,6 +374,22 @@ impl<V: Inspect> MainHarness<V> {
                     return Err(invariant(format!("destroy of unknown {}: {errno}", d.id)));
                 }
             }
+            Q::GetControlSocket(_) => {
+                // One descriptor, or EEXIST while a channel is open (the
+                // harness never reads the host's end, so it stays open), or
+                // the descriptor budget's refusal.
+                if !matches!(
+                    errno,
+                    Errno::UnknownErrno | Errno::EEXIST | Errno::ETOOMANYREFS
+                ) && !ok
+                {
+                    return Err(invariant(format!("get_control_socket: {errno}")));
+                }
+                expect_fds(1)?;
+                if (ok || errno == Errno::EEXIST) && !self.services.control.borrow().is_open() {
+                    return Err(invariant("get_control_socket: the channel is not open"));
+                }
+            }
             Q::NewConnection(_) => {
                 let full = self.services.connections.borrow().len() + 1 >= limits::MAX_CONNECTIONS;
                 if full != (errno == Errno::EMFILE) {

@@ -43,6 +43,7 @@ pub fn main_kind(req: &MainRequest) -> &'static str {
         Some(Q::Start(_)) => "Start",
         Some(Q::SetCallHint(_)) => "SetCallHint",
         Some(Q::DirtyLog(_)) => "DirtyLog",
+        Some(Q::GetControlSocket(_)) => "GetControlSocket",
         #[allow(unreachable_patterns)]
         Some(_) => "Unknown",
     }

@@ -55,6 +55,12 @@ pub trait HostServices {
         let _ = n;
         true
     }
+    /// `GetControlSocket` (docs/protocol-extensions.md §5): opens the
+    /// plugin's control channel and returns the plugin's end. `EEXIST`
+    /// while one is open. A host without the channel answers `ENOTSUP`.
+    fn open_control_channel(&self) -> Result<OwnedFd, Errno> {
+        Err(Errno::ENOTSUP)
+    }
 }
 
 /// State owned by the main loop and changed only by main requests.
@@ -194,6 +200,7 @@ fn response_for(req: &main_request::Message) -> MainResponse {
         Q::Start(_) => r.set_start(Default::default()),
         Q::SetCallHint(_) => r.set_set_call_hint(Default::default()),
         Q::DirtyLog(_) => r.set_dirty_log(Default::default()),
+        Q::GetControlSocket(_) => r.set_get_control_socket(Default::default()),
         _ => {}
     }
     r
@@ -257,7 +264,10 @@ pub fn handle_request(
     let fd_cost = match &msg {
         Q::GetVcpus(_) => 3 * services.vcpu_count(),
         Q::Create(_) => 2,
-        Q::NewConnection(_) | Q::GetShutdownEventfd(_) | Q::GetNetConfig(_) => 1,
+        Q::NewConnection(_)
+        | Q::GetShutdownEventfd(_)
+        | Q::GetNetConfig(_)
+        | Q::GetControlSocket(_) => 1,
         _ => 0,
     };
     let outcome = if fd_cost > 0 && !services.may_send_fds(fd_cost) {
@@ -382,6 +392,22 @@ fn dispatch(
             let mut r = base.clone();
             r.mut_dirty_log().bitmap = dirty_log(state, vm, d.id)?;
             ok(r)
+        }
+        Q::GetControlSocket(_) => {
+            let fd = services.open_control_channel().map_err(|e| {
+                Refused::new(
+                    e,
+                    if e == Errno::EEXIST {
+                        "the plugin's control channel is already open"
+                    } else {
+                        "the host cannot open a control channel"
+                    },
+                )
+            })?;
+            Ok(Reply {
+                fds: vec![fd],
+                ..Reply::with(base.clone())
+            })
         }
         _ => refuse(Errno::ENOTTY, "unknown request"),
     }

@@ -66,6 +66,8 @@ const TOKEN_SIGNAL: u64 = 0;
 const TOKEN_STDERR: u64 = 1;
 const TOKEN_VCPU_EXIT: u64 = 2;
 const TOKEN_SECCOMP: u64 = 3;
+/// Issue 11 (plugin control channel): the plugin's control channel.
+const TOKEN_PLUGIN_CONTROL: u64 = 4;
 const FIRST_CONNECTION_TOKEN: u64 = 16;
 
 /// Why a run failed. `Display` of each names the cause for the user.
@@ -193,6 +195,8 @@ struct Host {
     shutdown: EventFd,
     connections: HashMap<u64, OwnedFd>,
     in_flight: InFlight,
+    /// Issue 11 (plugin control channel): commands forwarded to the plugin.
+    plugin_control: plugin_control::PluginControl,
     stdout_thread: Option<JoinHandle<()>>,
     next_token: u64,
     abandoned: bool,
@@ -343,6 +347,7 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
         shutdown,
         connections: HashMap::new(),
         in_flight,
+        plugin_control: Default::default(),
         stdout_thread: Some(stdout_thread),
         next_token: FIRST_CONNECTION_TOKEN,
         abandoned: false,
@@ -442,6 +447,15 @@ impl Host {
                         self.enter_dying("a vcpu stopped");
                     }
                     TOKEN_SECCOMP => self.on_seccomp(ev.events()),
+                    // Issue 11 (plugin control channel): the plugin's
+                    // replies. The lead's merge routes them to the control
+                    // server's clients; on this branch nothing forwards, so
+                    // they are only logged.
+                    TOKEN_PLUGIN_CONTROL => {
+                        for (tag, reply) in self.plugin_control.on_readable() {
+                            debug!("control channel: reply for {tag}: {reply:?}");
+                        }
+                    }
                     token => self.serve(token),
                 }
                 if self.plugin_end.is_some() {
@@ -633,6 +647,7 @@ impl Host {
             shutdown: &self.shutdown,
             connections: self.connections.len(),
             in_flight: &self.in_flight,
+            control: std::cell::RefCell::new(&mut self.plugin_control),
         };
         let (conn, traced) = (token - FIRST_CONNECTION_TOKEN, crate::trace::main_begin());
         let reply = match main_handler::handle(
@@ -653,6 +668,17 @@ impl Host {
         };
         if let Some(refused) = &reply.refused {
             debug!("main[{}]: {refused}", token - FIRST_CONNECTION_TOKEN);
+        }
+        // Issue 11 (plugin control channel): a channel opened by this
+        // request joins the epoll set (before the reply goes out, so a
+        // failed send cannot leave it unwatched).
+        if let Some(fd) = self.plugin_control.newly_opened() {
+            if let Err(e) = self.epoll.add(
+                fd,
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_PLUGIN_CONTROL),
+            ) {
+                warn!("cannot watch the plugin's control channel: {e}");
+            }
         }
         let Some(fd) = self.connections.get(&token) else {
             return;

@@ -2,7 +2,8 @@
 //! taps, vcpu controls and threads, shutdown eventfd, connection count and
 //! descriptor budget, as `main_handler` sees them.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::cell::RefCell;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -13,6 +14,7 @@ use vmm_sys_util::signal::Killable;
 
 use super::inflight::InFlight;
 use super::main_handler::{HostServices, NetConfig};
+use super::plugin_control::PluginControl;
 use super::vcpu::{self, VcpuControl};
 use super::Channel;
 use crate::net::Tap;
@@ -27,6 +29,8 @@ pub(super) struct Services<'a> {
     pub(super) shutdown: &'a EventFd,
     pub(super) connections: usize,
     pub(super) in_flight: &'a InFlight,
+    /// The plugin's control channel (`GetControlSocket` opens it).
+    pub(super) control: RefCell<&'a mut PluginControl>,
 }
 
 impl HostServices for Services<'_> {
@@ -80,5 +84,9 @@ impl HostServices for Services<'_> {
 
     fn may_send_fds(&self, n: usize) -> bool {
         self.in_flight.fits(n)
+    }
+
+    fn open_control_channel(&self) -> Result<OwnedFd, Errno> {
+        self.control.borrow_mut().open()
     }
 }
