@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io::{IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -316,12 +316,26 @@ impl FakeServer {
         let log: Log = Arc::default();
         let script = Arc::new(script);
         let (stop2, log2) = (stop.clone(), log.clone());
+        // Non-blocking accept polled with a short timeout, so the thread
+        // ends when the server is dropped, even if the socket file is gone.
+        listener.set_nonblocking(true)?;
         let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
+            while !stop2.load(Ordering::SeqCst) {
+                let stream = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let mut fds = [nix::poll::PollFd::new(
+                            listener.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u8));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if stream.set_nonblocking(false).is_err() {
+                    continue;
                 }
-                let Ok(stream) = stream else { continue };
                 let conn = FakeConn {
                     stream,
                     complete: VecDeque::new(),
@@ -359,8 +373,6 @@ impl FakeServer {
 impl Drop for FakeServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -18,6 +18,9 @@
 
 pub mod proto;
 
+/// The JSON crate of this API's `Value`s.
+pub use serde_json;
+
 #[cfg(any(test, feature = "fake-server"))]
 pub mod fake;
 

@@ -288,7 +288,7 @@ fn greeting_mismatch_is_a_clear_error() {
         s.ends_with("vmm refused the connection: permission-denied: uid 1000 may not command this VM"),
         "{s}"
     );
-    let s = connect_error(|c| drop(c));
+    let s = connect_error(drop);
     assert!(s.ends_with("no greeting: vmm closed the connection"), "{s}");
 }
 

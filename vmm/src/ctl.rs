@@ -30,7 +30,7 @@ pub const DEFAULT_TIMEOUT_SECS: f64 = 30.0;
 #[command(
     name = "vmm ctl",
     version,
-    about,
+    about = "Commands a running vmm through its control socket (vmm --api-socket PATH)",
     long_about = None,
     after_help = "crosvm spellings: vmm stop PATH, vmm suspend PATH (pause all), vmm resume PATH, vmm powerbtn PATH"
 )]
@@ -55,7 +55,7 @@ pub struct CtlArgs {
 
 fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 && v <= 1e9 => Ok(v),
+        Ok(v) if (0.0..=1e9).contains(&v) => Ok(v),
         _ => Err(format!(
             "\"{s}\" is not a number of seconds (0 to 1e9; 0 = no limit)"
         )),
