@@ -105,7 +105,11 @@ fn vcpu_tids_and_stats_tables() {
         .skip(1)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows, [vec!["vcpu", "tid"], vec!["0", "5001"], vec!["1", "5002"]], "{r:#?}");
+    assert_eq!(
+        rows,
+        [vec!["vcpu", "tid"], vec!["0", "5001"], vec!["1", "5002"]],
+        "{r:#?}"
+    );
     let r = f.ctl(&["--json", "vcpu-tids"]);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["vcpus"][1], json!({"vcpu": 1, "tid": 5002}));
@@ -125,7 +129,8 @@ fn vcpu_tids_and_stats_tables() {
         "{r:#?}"
     );
     assert!(
-        r.stdout.contains("vcpu0: 300 resumed event(s), 900.0µs waiting on the plugin"),
+        r.stdout
+            .contains("vcpu0: 300 resumed event(s), 900.0µs waiting on the plugin"),
         "{r:#?}"
     );
     assert_eq!(
@@ -153,14 +158,19 @@ fn events_one_per_line_until_the_vm_exits() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
         .collect();
-    let names: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["paused", "resumed", "plugin-exited"]);
     assert_eq!(events[2]["data"]["status"], json!(0));
     let r = f.ctl(&["events", "--count", "2"]);
     assert_code(&r, 0);
     assert_eq!(r.stdout.lines().count(), 2, "{r:#?}");
     assert!(
-        f.requests().iter().all(|v| *v == json!({"command": "events"})),
+        f.requests()
+            .iter()
+            .all(|v| *v == json!({"command": "events"})),
         "{:?}",
         f.requests()
     );
@@ -233,7 +243,8 @@ fn refused_commands_exit_1_with_the_servers_code_and_message() {
     let r = f.ctl(&["--json", "plugin", "nope"]);
     assert_code(&r, 1);
     assert!(
-        r.stderr.contains("plugin: refused by vmm: plugin-error: plugin nope: EINVAL"),
+        r.stderr
+            .contains("plugin: refused by vmm: plugin-error: plugin nope: EINVAL"),
         "{r:#?}"
     );
     // Bad JSON arguments are caught before anything is sent.
@@ -241,7 +252,8 @@ fn refused_commands_exit_1_with_the_servers_code_and_message() {
     let r = f.ctl(&["plugin", "count", "{oops"]);
     assert_code(&r, 1);
     assert!(
-        r.stderr.starts_with("vmm ctl: error: plugin count: the arguments are not JSON: "),
+        r.stderr
+            .starts_with("vmm ctl: error: plugin count: the arguments are not JSON: "),
         "{r:#?}"
     );
     assert_eq!(f.requests().len(), n);
@@ -312,8 +324,7 @@ fn a_silent_vmm_times_out() {
     let r = vmm(&["ctl", "--timeout", "0.3", &path.to_string_lossy(), "status"]);
     assert_code(&r, 1);
     assert_eq!(
-        r.stderr,
-        "vmm ctl: error: no answer from vmm within 300ms\n",
+        r.stderr, "vmm ctl: error: no answer from vmm within 300ms\n",
         "{r:#?}"
     );
 }

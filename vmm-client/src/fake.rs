@@ -23,8 +23,8 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 use serde_json::{json, Value};
 
 use crate::proto::{
-    parse_request, Command, ErrorCode, Event, Greeting, Id, RequestError, Response,
-    ServerMessage, Status, VcpuTid, VcpuTids, MAX_FDS, PROTOCOL_VERSION,
+    parse_request, Command, ErrorCode, Event, Greeting, Id, RequestError, Response, ServerMessage,
+    Status, VcpuTid, VcpuTids, MAX_FDS, PROTOCOL_VERSION,
 };
 
 /// One request line as the fake server received it.
@@ -114,10 +114,13 @@ impl FakeConn {
     pub fn recv(&mut self) -> std::io::Result<Option<Received>> {
         loop {
             if let Some(r) = self.complete.pop_front() {
-                self.log.lock().unwrap_or_else(|p| p.into_inner()).push(Logged {
-                    line: String::from_utf8_lossy(&r.line).into_owned(),
-                    fds: r.fds.len(),
-                });
+                self.log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Logged {
+                        line: String::from_utf8_lossy(&r.line).into_owned(),
+                        fds: r.fds.len(),
+                    });
                 return Ok(Some(r));
             }
             let mut data = [0u8; 4096];
@@ -230,14 +233,8 @@ pub fn answer(cmd: &Command) -> Result<Value, (ErrorCode, String)> {
         Command::VcpuTids => serde_json::to_value(VcpuTids {
             pid: std::process::id(),
             vcpus: vec![
-                VcpuTid {
-                    vcpu: 0,
-                    tid: 5001,
-                },
-                VcpuTid {
-                    vcpu: 1,
-                    tid: 5002,
-                },
+                VcpuTid { vcpu: 0, tid: 5001 },
+                VcpuTid { vcpu: 1, tid: 5002 },
             ],
         })
         .unwrap_or_default(),

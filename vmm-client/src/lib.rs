@@ -240,7 +240,10 @@ impl Client {
 
     /// Wraps a connected stream (e.g. one end of a socketpair) and reads
     /// its greeting.
-    pub fn from_stream(stream: UnixStream, timeout: Option<Duration>) -> Result<Client, ClientError> {
+    pub fn from_stream(
+        stream: UnixStream,
+        timeout: Option<Duration>,
+    ) -> Result<Client, ClientError> {
         let mut c = Client {
             stream,
             greeting: Greeting {
@@ -323,12 +326,11 @@ impl Client {
         }
         let id = Id::from(self.next_id);
         self.next_id += 1;
-        let mut line = serde_json::to_vec(&command.to_request(id.clone())).map_err(|e| {
-            ClientError::Send {
+        let mut line =
+            serde_json::to_vec(&command.to_request(id.clone())).map_err(|e| ClientError::Send {
                 command: name.clone(),
                 source: std::io::Error::other(e),
-            }
-        })?;
+            })?;
         line.push(b'\n');
         if line.len() > MAX_MESSAGE {
             return Err(ClientError::RequestTooLarge {
@@ -337,10 +339,11 @@ impl Client {
                 max: MAX_MESSAGE,
             });
         }
-        self.send_line(&line, fds).map_err(|source| ClientError::Send {
-            command: name,
-            source,
-        })?;
+        self.send_line(&line, fds)
+            .map_err(|source| ClientError::Send {
+                command: name,
+                source,
+            })?;
         Ok(id)
     }
 
@@ -579,7 +582,9 @@ impl Client {
                 }
                 None => None,
             };
-            self.stream.set_read_timeout(wait).map_err(ClientError::Read)?;
+            self.stream
+                .set_read_timeout(wait)
+                .map_err(ClientError::Read)?;
             let mut chunk = [0u8; 16 * 1024];
             // Never read past the bound of the current line.
             let room = (MAX_MESSAGE - self.buf.len()).min(chunk.len());

@@ -73,7 +73,10 @@ fn out_of_order_responses_are_matched_by_id() {
     let a = c.send(&Command::Status, &[]).unwrap();
     let b = c.send(&Command::VcpuTids, &[]).unwrap();
     let s = c.send(&Command::Stats, &[]).unwrap();
-    assert_eq!((a.clone(), b.clone(), s.clone()), (json!(1), json!(2), json!(3)));
+    assert_eq!(
+        (a.clone(), b.clone(), s.clone()),
+        (json!(1), json!(2), json!(3))
+    );
     // Wait for the first one sent, which comes last: the others and the
     // events are kept.
     let ra = c.wait_response(&a).unwrap();
@@ -221,7 +224,11 @@ fn over_long_server_line_is_an_error_not_unbounded_memory() {
     let mut c = connect(&server);
     let e = c.status().unwrap_err();
     assert!(matches!(e, ClientError::LineTooLong), "{e:?}");
-    assert!(chain(&e).contains("longer than the protocol's 65536 bytes"), "{}", chain(&e));
+    assert!(
+        chain(&e).contains("longer than the protocol's 65536 bytes"),
+        "{}",
+        chain(&e)
+    );
     assert!(c.buf.len() <= MAX_MESSAGE, "{}", c.buf.len());
     // No resync: the connection is done.
     assert!(matches!(c.status(), Err(ClientError::Broken)));
@@ -285,7 +292,9 @@ fn greeting_mismatch_is_a_clear_error() {
         ));
     });
     assert!(
-        s.ends_with("vmm refused the connection: permission-denied: uid 1000 may not command this VM"),
+        s.ends_with(
+            "vmm refused the connection: permission-denied: uid 1000 may not command this VM"
+        ),
         "{s}"
     );
     let s = connect_error(drop);
@@ -303,7 +312,10 @@ fn connect_errors_name_the_path_and_cause() {
     );
     std::fs::write(&p, b"not a socket").unwrap();
     let e = chain(&Client::connect(&p).unwrap_err());
-    assert_eq!(e, format!("cannot connect to {}: not a socket", p.display()));
+    assert_eq!(
+        e,
+        format!("cannot connect to {}: not a socket", p.display())
+    );
     std::fs::remove_file(&p).unwrap();
     // A socket file nobody serves.
     drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
@@ -324,7 +336,9 @@ fn a_refused_command_names_the_command_and_code() {
     );
     // Descriptors with a command that takes none.
     let fd = token_pipe("x");
-    let e = c.request_with_fds(&Command::Status, &[fd.as_fd()]).unwrap_err();
+    let e = c
+        .request_with_fds(&Command::Status, &[fd.as_fd()])
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::BadDescriptors), "{e:?}");
     // The connection stays usable.
     assert_eq!(c.status().unwrap().plugin_pid, 4242);
@@ -338,7 +352,10 @@ fn typed_helpers_read_the_results() {
     assert_eq!(c.greeting().protocol, 1);
     assert_eq!(c.status().unwrap(), crate::fake::sample_status());
     let t = c.vcpu_tids().unwrap();
-    assert_eq!(t.vcpus.iter().map(|v| v.tid).collect::<Vec<_>>(), [5001, 5002]);
+    assert_eq!(
+        t.vcpus.iter().map(|v| v.tid).collect::<Vec<_>>(),
+        [5001, 5002]
+    );
     let s = c.stats().unwrap();
     assert_eq!(s.requests.len(), 2);
     assert_eq!(s.vcpus[0].exits[0].start, Some(1280));
@@ -349,7 +366,10 @@ fn typed_helpers_read_the_results() {
     assert_eq!(c.pause(Some(&[1])).unwrap(), json!({"paused": [1]}));
     assert_eq!(c.stop().unwrap(), json!({"state": "stopping"}));
     let sent: Vec<Value> = server.received().iter().map(|l| l.json()).collect();
-    assert_eq!(sent[0], json!({"id": 1, "command": "status", "protocol": 1}));
+    assert_eq!(
+        sent[0],
+        json!({"id": 1, "command": "status", "protocol": 1})
+    );
     assert_eq!(
         sent[4],
         json!({"id": 5, "command": "pause", "args": {"vcpus": [1]}, "protocol": 1})
@@ -368,7 +388,11 @@ fn a_silent_server_times_out() {
     c.set_timeout(Some(Duration::from_millis(200)));
     let e = c.status().unwrap_err();
     assert!(matches!(e, ClientError::TimedOut(_)), "{e:?}");
-    assert!(chain(&e).starts_with("no answer from vmm within 200ms"), "{}", chain(&e));
+    assert!(
+        chain(&e).starts_with("no answer from vmm within 200ms"),
+        "{}",
+        chain(&e)
+    );
 }
 
 #[test]
@@ -379,10 +403,11 @@ fn local_bounds_are_checked_before_sending() {
     let fds: Vec<OwnedFd> = (0..9).map(|_| token_pipe("x")).collect();
     let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     let e = c.send(&Command::Status, &b).unwrap_err();
-    assert_eq!(chain(&e), "status: 9 descriptors, more than the protocol's 8");
-    let e = c
-        .plugin("n", json!("y".repeat(MAX_MESSAGE)))
-        .unwrap_err();
+    assert_eq!(
+        chain(&e),
+        "status: 9 descriptors, more than the protocol's 8"
+    );
+    let e = c.plugin("n", json!("y".repeat(MAX_MESSAGE))).unwrap_err();
     assert!(matches!(e, ClientError::RequestTooLarge { .. }), "{e:?}");
     // Nothing was sent; the connection works.
     assert_eq!(c.status().unwrap().vcpus, 2);

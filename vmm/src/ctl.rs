@@ -241,10 +241,7 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
     w(out, text)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(
-    command: &'static str,
-    v: Value,
-) -> Result<T, CtlError> {
+fn typed<T: serde::de::DeserializeOwned>(command: &'static str, v: Value) -> Result<T, CtlError> {
     serde_json::from_value(v.clone()).map_err(|source| CtlError::BadResult {
         command,
         excerpt: v.to_string().chars().take(120).collect(),
@@ -301,7 +298,12 @@ pub fn format_status(s: &Status) -> String {
         ("uptime", human_ns(s.uptime_ms.saturating_mul(1_000_000))),
         (
             "exits",
-            list(s.exits.iter().enumerate().map(|(i, n)| format!("vcpu{i} {n}"))),
+            list(
+                s.exits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| format!("vcpu{i} {n}")),
+            ),
         ),
         (
             "objects",
