@@ -544,6 +544,51 @@ pub struct VcpuTids {
     pub vcpus: Vec<VcpuTid>,
 }
 
+/// The result of `stats` (the host's `vmm::stats::Report`): per request
+/// type the count, errors and latency; per vcpu its exits by range.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub requests: Vec<StatsRequest>,
+    pub vcpus: Vec<StatsVcpu>,
+}
+
+/// One request type of a [`StatsReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRequest {
+    /// `main` or `vcpu`.
+    pub channel: String,
+    pub request: String,
+    pub count: u64,
+    pub errors: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+/// One vcpu of a [`StatsReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsVcpu {
+    pub id: u32,
+    pub exits: Vec<StatsExits>,
+    /// Events the plugin resumed, and the time the vcpu waited for them.
+    pub resumed_events: u64,
+    pub waiting_on_plugin_ns: u64,
+    pub wait_p50_ns: u64,
+    pub wait_p99_ns: u64,
+    pub wait_max_ns: u64,
+}
+
+/// Exits of one vcpu through one range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsExits {
+    /// `IoPort` or `Mmio`.
+    pub space: String,
+    /// The reserved range; `None` for accesses to no reserved range.
+    pub start: Option<u64>,
+    pub length: Option<u64>,
+    pub exits: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

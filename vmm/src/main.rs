@@ -30,6 +30,9 @@ impl log::Log for StderrLogger {
 static LOGGER: StderrLogger = StderrLogger;
 
 fn main() -> ExitCode {
+    if let Some(code) = ctl_command() {
+        return code;
+    }
     if let Some(code) = replay_command() {
         return code;
     }
@@ -69,6 +72,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     result?;
     Ok(())
+}
+
+/// `vmm ctl ...` and crosvm's `vmm stop|suspend|resume|powerbtn PATH`:
+/// `None` for any other command line.
+fn ctl_command() -> Option<ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|w| w == "ctl") {
+        let mut args = vec![std::ffi::OsString::from("vmm ctl")];
+        args.extend(argv[2..].iter().cloned());
+        return Some(ExitCode::from(vmm::ctl::main(args)));
+    }
+    let args = vmm::ctl::crosvm_spelling(&argv)?;
+    Some(ExitCode::from(vmm::ctl::main(args)))
 }
 
 /// `vmm replay FILE...` / `vmm decode FILE...`: `None` for any other

@@ -395,6 +395,27 @@ fn top_level_modules_form_a_dag() {
     }
 }
 
+/// `vmm ctl` is a client: it talks to a vmm through `vmm_client` and
+/// knows nothing of the runtime (its tests read `stats`'s report type).
+#[test]
+fn ctl_is_a_client_of_the_control_socket_only() {
+    let g = graph(&src_dir());
+    let ctl = g.edges.get("ctl").expect("the ctl module is scanned");
+    let allowed: BTreeSet<String> = ["stats".to_string()].into_iter().collect();
+    assert!(
+        ctl.is_subset(&allowed),
+        "ctl may use vmm_client and stats only, uses {ctl:?}"
+    );
+    assert!(
+        g.edges.get("ctl").is_some_and(|s| s.contains("stats")),
+        "the scan sees ctl -> stats: {:?}",
+        g.edges
+    );
+    for (from, to) in &g.edges {
+        assert!(!to.contains("ctl"), "module {from} depends on ctl");
+    }
+}
+
 #[test]
 fn only_main_and_cli_know_the_command_line() {
     let g = graph(&src_dir());
