@@ -38,7 +38,10 @@ pub enum ForwardRefused {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PluginReply {
     Ok(Value),
-    Refused { errno: i32, message: String },
+    Refused {
+        errno: i32,
+        message: String,
+    },
     /// No answer within this long.
     TimedOut(std::time::Duration),
     /// The channel closed before an answer.
@@ -237,7 +240,10 @@ impl Dispatcher {
                             ));
                             return;
                         }
-                        v.into_iter().collect::<BTreeSet<u32>>().into_iter().collect()
+                        v.into_iter()
+                            .collect::<BTreeSet<u32>>()
+                            .into_iter()
+                            .collect()
                     }
                 };
                 if pause {
@@ -328,7 +334,8 @@ impl Dispatcher {
                             ForwardRefused::Busy(m) => (ErrorCode::Busy, m),
                             ForwardRefused::Failed(m) => (ErrorCode::PluginError, m),
                         };
-                        self.out.push(error(client, id, code, format!("{name}: {why}")));
+                        self.out
+                            .push(error(client, id, code, format!("{name}: {why}")));
                     }
                 }
             }

@@ -19,6 +19,7 @@ use std::time::Instant;
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::SigSet;
 use nix::sys::socket::{
     getsockopt, recvmsg, send, sockopt, ControlMessageOwned, MsgFlags, UnixAddr,
 };
@@ -58,9 +59,7 @@ pub struct Link {
 impl Link {
     /// Readable when requests wait (the main loop's epoll watches it).
     pub fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the eventfd's descriptor stays open as long as `self`,
-        // which the returned borrow cannot outlive.
-        unsafe { BorrowedFd::borrow_raw(self.wake.as_raw_fd()) }
+        crate::vm::borrow_fd(&self.wake)
     }
 
     /// The requests that arrived.
@@ -138,11 +137,7 @@ impl ControlSocket {
                 })
         };
         reg(listener.as_fd(), TOKEN_LISTENER)?;
-        // SAFETY: the eventfd outlives this registration call.
-        reg(
-            unsafe { BorrowedFd::borrow_raw(guard.server_wake.as_raw_fd()) },
-            TOKEN_WAKE,
-        )?;
+        reg(crate::vm::borrow_fd(&*guard.server_wake), TOKEN_WAKE)?;
         let server = Server {
             listener,
             epoll,
@@ -168,13 +163,28 @@ impl ControlSocket {
             to_server: out_tx,
             server_wake: Arc::clone(&guard.server_wake),
         });
-        let thread = std::thread::Builder::new()
-            .name("vmm_control".into())
-            .spawn(move || server.run())
-            .map_err(|e| ControlError::Resource {
-                what: "the control thread",
-                source: io_errno(&e),
+        // The thread starts with every signal blocked: SIGTERM, SIGINT and
+        // SIGCHLD are for the main loop's signalfd (a signal delivered to
+        // this thread would take the default action and end vmm without
+        // its clean-up), the kick signal for vcpu threads.
+        let old = SigSet::thread_get_mask().map_err(|source| ControlError::Resource {
+            what: "the control thread's signal mask",
+            source,
+        })?;
+        SigSet::all()
+            .thread_block()
+            .map_err(|source| ControlError::Resource {
+                what: "the control thread's signal mask",
+                source,
             })?;
+        let spawned = std::thread::Builder::new()
+            .name("vmm_control".into())
+            .spawn(move || server.run());
+        let _ = old.thread_set_mask();
+        let thread = spawned.map_err(|e| ControlError::Resource {
+            what: "the control thread",
+            source: io_errno(&e),
+        })?;
         guard.thread = Some(thread);
         info!("control socket {}", path.display());
         Ok(guard)
@@ -360,7 +370,7 @@ impl Server {
                     TOKEN_LISTENER => {}
                     TOKEN_WAKE => {
                         let _ = self.wake.read();
-                        if self.from_main() && ending.is_none() {
+                        if self.take_from_main() && ending.is_none() {
                             ending = Some(Instant::now() + FLUSH_AT_EXIT);
                             let _ = self.epoll.delete(&self.listener);
                             // No more input: only what is queued goes out.
@@ -381,7 +391,7 @@ impl Server {
 
     /// Takes what the main loop sent; true when it asked to end (or is
     /// gone).
-    fn from_main(&mut self) -> bool {
+    fn take_from_main(&mut self) -> bool {
         loop {
             match self.from_main.try_recv() {
                 Ok(ToServer::Response { client, response }) => {
@@ -493,8 +503,8 @@ impl Server {
         if events.contains(EpollFlags::EPOLLOUT) {
             self.flush(token);
         }
-        let readable = events
-            .intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+        let readable =
+            events.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
         if readable && self.clients.get(&token).is_some_and(|c| !c.closing) {
             match self.read(token) {
                 Keep::Yes => {}
@@ -530,11 +540,7 @@ impl Server {
                         }
                     }
                 }
-                (
-                    msg.bytes,
-                    fds,
-                    msg.flags.contains(MsgFlags::MSG_CTRUNC),
-                )
+                (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC))
             }
             Err(Errno::EAGAIN) | Err(Errno::EINTR) => return Keep::Yes,
             Err(_) => return Keep::Drop("its connection failed"),
