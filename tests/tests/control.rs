@@ -225,7 +225,11 @@ fn assert_progress(c: &mut Client) {
 
 #[test]
 fn socket_is_0600_and_stop_ends_the_vm_with_status_0_and_removes_it() {
+    // Under the most permissive umask the socket is still 0600 (each test
+    // is a process of its own under nextest: the umask is this test's).
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     let mut vm = Vm::start("ctl-stop", &[]);
+    nix::sys::stat::umask(old);
     let meta = std::fs::symlink_metadata(&vm.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -718,6 +722,57 @@ fn another_uid_is_refused() {
         .unwrap()
         .contains("uid 65534"));
     assert_eq!(got.lines().count(), 1, "nothing else is sent: {got}");
+    assert_progress(&mut c);
+    c.ok("stop", Value::Null);
+    assert_eq!(vm.wait().code(), Some(0));
+}
+
+#[test]
+fn connection_bounds_hold() {
+    let mut vm = Vm::start("ctl-bounds", &[]);
+    let mut c = vm.client();
+    c.wait_running();
+    // 128 clients at once (this one included); the next is told and closed.
+    let mut others: Vec<Client> = (0..127).map(|_| vm.client()).collect();
+    let mut extra = Client::connect_raw(&vm.socket);
+    let r = extra.line().expect("a busy line");
+    assert_eq!(error_code(&r), "busy", "{r}");
+    assert!(extra.line().is_none());
+    drop(others.pop());
+    // A slot is free again (the close is seen asynchronously).
+    let start = Instant::now();
+    loop {
+        let mut again = Client::connect_raw(&vm.socket);
+        let first = again.line().expect("a line");
+        if first.get("greeting").is_some() {
+            break;
+        }
+        assert!(start.elapsed() < GUARD, "no slot came free: {first}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(others);
+
+    // Descriptors sent ahead of their line are bounded too.
+    let mut flood = vm.client();
+    let (a, _b) = UnixStream::pair().unwrap();
+    let fds = [a.as_raw_fd(); 4];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    for _ in 0..3 {
+        let sent = nix::sys::socket::sendmsg::<()>(
+            flood.stream.as_raw_fd(),
+            &[std::io::IoSlice::new(b" ")],
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        );
+        if sent.is_err() {
+            break;
+        }
+    }
+    let r = flood.line().expect("an answer before the close");
+    assert_eq!(error_code(&r), "bad-descriptors", "{r}");
+    assert!(flood.line().is_none());
+
     assert_progress(&mut c);
     c.ok("stop", Value::Null);
     assert_eq!(vm.wait().code(), Some(0));

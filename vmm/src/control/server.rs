@@ -305,8 +305,8 @@ struct Client {
     subscribed: bool,
     /// No more input: close once the output is out.
     closing: bool,
-    /// EPOLLOUT is registered.
-    want_out: bool,
+    /// The epoll interest registered now.
+    interest: EpollFlags,
 }
 
 impl Client {
@@ -491,7 +491,7 @@ impl Server {
                     outstanding: 0,
                     subscribed: false,
                     closing: false,
-                    want_out: false,
+                    interest: EpollFlags::EPOLLIN,
                 },
             );
             let greeting = self.greeting.clone();
@@ -502,6 +502,12 @@ impl Server {
     fn on_client(&mut self, token: u64, events: EpollFlags) {
         if events.contains(EpollFlags::EPOLLOUT) {
             self.flush(token);
+        }
+        if events.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+            && self.clients.get(&token).is_some_and(|c| c.closing)
+        {
+            self.drop_client(token, "it hung up");
+            return;
         }
         let readable =
             events.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
@@ -557,6 +563,24 @@ impl Server {
                 fds,
                 truncated,
             });
+            // Descriptors held for lines not complete yet are bounded as
+            // one request's are: a client cannot fill vmm's descriptor
+            // table with descriptors sent ahead of their line.
+            let held: usize = c.marks.iter().map(|m| m.fds.len()).sum();
+            if held > MAX_FDS {
+                c.closing = true;
+                c.input = Vec::new();
+                c.marks.clear();
+                let line = error_line(
+                    proto::Id::Null,
+                    ErrorCode::BadDescriptors,
+                    format!(
+                        "more than {MAX_FDS} descriptors sent for one request; closing the connection"
+                    ),
+                );
+                self.push(token, &line);
+                return Keep::Yes;
+            }
         }
         let mut replies: Vec<Vec<u8>> = Vec::new();
         let mut requests = Vec::new();
@@ -669,17 +693,19 @@ impl Server {
                 return;
             }
         }
-        let want = c.unsent() > 0;
-        if want != c.want_out {
-            c.want_out = want;
-            let mut flags = EpollFlags::EPOLLOUT;
-            if !c.closing {
-                flags |= EpollFlags::EPOLLIN;
-            }
-            if !want {
-                flags = EpollFlags::EPOLLIN;
-            }
-            let mut ev = EpollEvent::new(flags, token);
+        // Read while open, write while output waits. A closing client is
+        // never watched for input (it would be reported readable over and
+        // over).
+        let mut want = EpollFlags::empty();
+        if !c.closing {
+            want |= EpollFlags::EPOLLIN;
+        }
+        if c.unsent() > 0 {
+            want |= EpollFlags::EPOLLOUT;
+        }
+        if want != c.interest {
+            c.interest = want;
+            let mut ev = EpollEvent::new(want, token);
             let _ = self.epoll.modify(c.stream.as_fd(), &mut ev);
         }
     }
