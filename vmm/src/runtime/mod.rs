@@ -578,6 +578,7 @@ impl Host {
         }
         if let Some(what) = j.on_seccomp() {
             info!("seccomp: the plugin called {what}; killing it");
+            let message = format!("the plugin was stopped by the seccomp filter: it called {what}");
             if !self
                 .errors
                 .iter()
@@ -588,6 +589,7 @@ impl Host {
             if let Err(e) = self.plugin.kill() {
                 error!("cannot kill the plugin: {e}");
             }
+            self.emit("error", serde_json::json!({ "message": message }));
         }
     }
 
