@@ -777,3 +777,87 @@ fn connection_bounds_hold() {
     c.ok("stop", Value::Null);
     assert_eq!(vm.wait().code(), Some(0));
 }
+
+#[test]
+fn stats_are_live_and_commands_for_an_old_plugin_are_not_supported() {
+    let mut vm = Vm::start("ctl-stats", &[]);
+    let mut c = vm.client();
+    c.wait_running();
+    let vcpu_exits = |c: &mut Client| -> u64 {
+        let s = c.ok("stats", Value::Null);
+        assert_eq!(s["collecting"], true, "{s}");
+        s["vcpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v["exits"].as_array().cloned().unwrap_or_default())
+            .map(|e| e["exits"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // The vcpus publish their numbers when kicked (every 500 ms).
+    let start = Instant::now();
+    let first = loop {
+        let n = vcpu_exits(&mut c);
+        if n > 0 {
+            break n;
+        }
+        assert!(start.elapsed() < GUARD, "no live vcpu statistics");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let start = Instant::now();
+    while vcpu_exits(&mut c) <= first {
+        assert!(start.elapsed() < GUARD, "the live statistics do not move");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = c.ok("stats", Value::Null);
+    let rows = s["requests"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["channel"] == "main" && r["request"] == "Start"),
+        "{s}"
+    );
+
+    // ctl_spin never opened its control channel: nothing reaches it.
+    for (command, args) in [
+        ("powerbtn", Value::Null),
+        ("sleepbtn", Value::Null),
+        ("plugin", json!({"name": "count", "args": {"x": 1}})),
+    ] {
+        let r = c.call(command, args);
+        assert_eq!(error_code(&r), "not-supported", "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().starts_with(command));
+    }
+    assert_progress(&mut c);
+    c.ok("stop", Value::Null);
+    assert_eq!(vm.wait().code(), Some(0));
+}
+
+#[test]
+fn stop_and_kill_during_start_up_end_the_vm() {
+    // The plugin would wait 20 s before starting the VM.
+    let mut vm = Vm::start("ctl-early-stop", &["20000"]);
+    let mut c = vm.client();
+    assert_eq!(c.ok("status", Value::Null)["state"], "starting");
+    assert_eq!(c.ok("stop", Value::Null)["state"], "stopping");
+    let status = vm.wait();
+    // The plugin ignores the shutdown while it sleeps: killed after the
+    // grace period, as a VM that ends on its own would be.
+    assert_eq!(status.code(), Some(1));
+    let log = vm.stderr_text();
+    assert!(
+        log.contains("shutting down: stopped over the control socket"),
+        "{log}"
+    );
+    assert!(!vm.socket.exists());
+
+    let mut vm = Vm::start("ctl-early-kill", &["20000"]);
+    let mut c = vm.client();
+    c.ok("kill", Value::Null);
+    assert_eq!(vm.wait().code(), Some(1));
+    let log = vm.stderr_text();
+    assert!(
+        log.contains("vmm: error: killed over the control socket"),
+        "{log}"
+    );
+    assert!(!vm.socket.exists());
+}

@@ -11,6 +11,15 @@
 //! (so a `KVM_RUN` about to start returns at once) and, being installed
 //! without `SA_RESTART`, interrupts a blocking pipe read or write. This works in
 //! every phase, Init included (quirk 14 of docs/differences-from-crosvm.md).
+//!
+//! Pausing a vcpu from the control socket (host pause, distinct from the
+//! plugin's `PauseVcpus`): the main thread sets the vcpu's host-pause bit
+//! and kicks it. Before every `KVM_RUN` the thread looks at its pause bits
+//! (one acquire load, the same one that finds a plugin pause) and parks on a
+//! condvar while the host-pause bit is set. The kick handler counts kicks:
+//! once the count passes the value read after the bit was set, the thread
+//! is out of the guest (a vcpu serving an exit with the plugin parks
+//! before its next `KVM_RUN`, which `immediate_exit` cuts short).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
