@@ -338,7 +338,9 @@ fn status_names_the_plugin_and_start_up_commands_are_answered() {
     let r = c.call("pause", Value::Null);
     assert_eq!(error_code(&r), "invalid-state", "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("starting"));
-    assert!(c.ok("stats", Value::Null)["requests"].is_array());
+    let s = c.ok("stats", Value::Null);
+    assert!(s["requests"].is_array());
+    assert_eq!(s["collecting"], false, "{s}");
     c.wait_running();
     let s = c.ok("status", Value::Null);
     let pid = s["plugin_pid"].as_i64().unwrap();
@@ -780,7 +782,7 @@ fn connection_bounds_hold() {
 
 #[test]
 fn stats_are_live_and_commands_for_an_old_plugin_are_not_supported() {
-    let mut vm = Vm::start("ctl-stats", &[]);
+    let mut vm = Vm::start_with("ctl-stats", &["--stats"], &[]);
     let mut c = vm.client();
     c.wait_running();
     let vcpu_exits = |c: &mut Client| -> u64 {

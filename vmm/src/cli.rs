@@ -217,8 +217,7 @@ impl Args {
                 || self.trace_file.is_some()
                 || self.log_level >= log::LevelFilter::Trace,
             file: self.trace_file.clone(),
-            // The control socket's `stats` command reports them live.
-            stats: self.stats || self.api_socket.is_some(),
+            stats: self.stats,
         }
     }
 }

@@ -311,11 +311,16 @@ impl ControlTarget for Host {
 
     fn stats(&self) -> Value {
         let mut v = serde_json::to_value(crate::stats::report()).unwrap_or(Value::Null);
+        let collecting = crate::trace::enabled() & crate::trace::STATS != 0;
         if let Value::Object(o) = &mut v {
-            o.insert(
-                "collecting".into(),
-                Value::Bool(crate::trace::enabled() & crate::trace::STATS != 0),
-            );
+            o.insert("collecting".into(), Value::Bool(collecting));
+            if !collecting {
+                // Counting costs time on every exit: only with --stats.
+                o.insert(
+                    "note".into(),
+                    Value::from("vmm runs without --stats: nothing is counted"),
+                );
+            }
         }
         v
     }

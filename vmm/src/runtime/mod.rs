@@ -497,7 +497,7 @@ impl Host {
                 for warning in self.stuck.tick(watches, self.last_watch) {
                     warn!("{warning}");
                 }
-                if self.api.enabled() {
+                if self.api.enabled() && crate::trace::enabled() & crate::trace::STATS != 0 {
                     // A moment for the vcpus to publish their live
                     // statistics (`stats`).
                     self.kick_vcpus();
