@@ -13,6 +13,7 @@
 //! hypervisor, an unbounded list or bitmap, a memory slot whose host range is
 //! not mapped.
 
+pub mod control_harness;
 pub mod framing_harness;
 pub mod gen;
 pub mod main_harness;

@@ -110,3 +110,11 @@ fn regression_packed_claim_is_undecodable() {
     let stats = run_vcpu_session(&data).unwrap();
     assert_eq!(stats.undecodable, 1, "{stats:?}");
 }
+
+#[test]
+fn control_request_inputs() {
+    let n = replay("control_request", |d| {
+        vmm_model::control_harness::run_control_session(d).map_err(|e| e.to_string())
+    });
+    assert!(n >= 1, "the control_request corpus is missing");
+}

@@ -176,6 +176,12 @@ pub struct Args {
     /// prefix: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub plugin_stderr_level: log::Level,
+
+    /// Serve the control socket at PATH (mode 0600; docs/control-api.md):
+    /// status, pause/resume, stop, kill, stats, events, and commands for
+    /// the plugin. Removed when vmm exits. Also spelled `--socket`.
+    #[arg(long, visible_alias = "socket", value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 const LEVELS: &str = "error, warn, info, debug, trace";
@@ -629,6 +635,7 @@ impl Args {
                 .map_or_else(GuestMemoryLimits::from_host, GuestMemoryLimits::at_most),
             jail,
             plugin_stderr_level: self.plugin_stderr_level,
+            api_socket: self.api_socket.clone(),
         })
     }
 }

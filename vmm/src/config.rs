@@ -32,6 +32,8 @@ pub struct VmConfig {
     pub jail: Option<JailConfig>,
     /// The level the plugin's stderr lines are logged at (`plugin:` prefix).
     pub plugin_stderr_level: log::Level,
+    /// The control socket (`--api-socket`), docs/control-api.md.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// How to jail the plugin.

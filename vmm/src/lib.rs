@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod ctl;
 pub mod decode;
 pub mod exit_codec;

@@ -183,12 +183,22 @@ impl VcpuStats {
 struct Collected {
     main: RequestTable,
     vcpus: BTreeMap<u32, VcpuStats>,
+    /// Snapshots of vcpus still running ([`publish`]), replaced by their
+    /// final numbers when they end.
+    live: BTreeMap<u32, VcpuStats>,
 }
 
 static COLLECTED: Mutex<Collected> = Mutex::new(Collected {
     main: BTreeMap::new(),
     vcpus: BTreeMap::new(),
+    live: BTreeMap::new(),
 });
+
+/// A running vcpu's numbers so far (called when it is kicked, not per
+/// exit), for the live report of the control socket's `stats`.
+pub fn publish(id: u32, stats: &VcpuStats) {
+    collected().live.insert(id, stats.clone());
+}
 
 fn collected() -> std::sync::MutexGuard<'static, Collected> {
     COLLECTED.lock().unwrap_or_else(|p| p.into_inner())
@@ -202,6 +212,7 @@ pub fn main_request(kind: &'static str, failed: bool, d: Duration) {
 /// A vcpu thread hands over its numbers when it ends.
 pub fn submit(id: u32, stats: VcpuStats) {
     let mut c = collected();
+    c.live.remove(&id);
     let slot = c.vcpus.entry(id).or_default();
     for (k, v) in &stats.requests {
         slot.requests.entry(k).or_default().merge(v);
@@ -309,10 +320,18 @@ pub fn build(main: &RequestTable, vcpus: &BTreeMap<u32, VcpuStats>) -> Report {
     }
 }
 
-/// The statistics of this run so far.
+/// The statistics of this run so far: ended vcpus' final numbers, running
+/// ones' last published snapshots.
 pub fn report() -> Report {
     let c = collected();
-    build(&c.main, &c.vcpus)
+    if c.live.is_empty() {
+        return build(&c.main, &c.vcpus);
+    }
+    let mut vcpus = c.vcpus.clone();
+    for (id, s) in &c.live {
+        vcpus.entry(*id).or_insert_with(|| s.clone());
+    }
+    build(&c.main, &vcpus)
 }
 
 fn ns(out: &mut String, v: u64) {

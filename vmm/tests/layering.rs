@@ -379,6 +379,8 @@ fn top_level_modules_form_a_dag() {
         ("runtime", "jail"),
         ("runtime", "config"),
         ("runtime", "vm"),
+        ("runtime", "control"),
+        ("control", "vm"),
         ("jail", "config"),
         ("jail", "launch"),
         ("net", "config"),

@@ -4,6 +4,7 @@
 //! handler sees in `services.rs`, the forwarding of the plugin's output in
 //! `output.rs`.
 
+mod control;
 pub mod inflight;
 pub mod main_handler;
 pub mod objects;
@@ -66,8 +67,8 @@ const TOKEN_SIGNAL: u64 = 0;
 const TOKEN_STDERR: u64 = 1;
 const TOKEN_VCPU_EXIT: u64 = 2;
 const TOKEN_SECCOMP: u64 = 3;
-/// Issue 11 (plugin control channel): the plugin's control channel.
-const TOKEN_PLUGIN_CONTROL: u64 = 4;
+const TOKEN_CONTROL: u64 = 4;
+const TOKEN_PLUGIN_CONTROL: u64 = 5;
 const FIRST_CONNECTION_TOKEN: u64 = 16;
 
 /// Why a run failed. `Display` of each names the cause for the user.
@@ -124,6 +125,8 @@ pub enum RunError {
     Interrupted(String),
     #[error("vcpu {id} stopped the VM: {message}")]
     VcpuFailed { id: u32, message: String },
+    #[error("cannot serve the control socket")]
+    Control(#[source] crate::control::ControlError),
 }
 
 fn resource(what: &'static str) -> impl FnOnce(Errno) -> RunError {
@@ -195,8 +198,6 @@ struct Host {
     shutdown: EventFd,
     connections: HashMap<u64, OwnedFd>,
     in_flight: InFlight,
-    /// Issue 11 (plugin control channel): commands forwarded to the plugin.
-    plugin_control: plugin_control::PluginControl,
     stdout_thread: Option<JoinHandle<()>>,
     next_token: u64,
     abandoned: bool,
@@ -209,11 +210,28 @@ struct Host {
     recv_buf: Vec<u8>,
     cmsg_buf: Vec<u8>,
     send_buf: Vec<u8>,
+    /// The control socket's side of the main loop (`control.rs`).
+    api: control::Api,
 }
 
 /// Runs the VM until the plugin exits; `Ok` only for a clean run with plugin
 /// exit status 0.
 pub fn run(config: VmConfig) -> Result<(), RunError> {
+    let started_at = Instant::now();
+    // The control socket first: a live one at the path fails the run
+    // before anything starts, and from here on every way out of `run`
+    // removes it (the guard's drop, after the last events went out).
+    let mut socket = match &config.api_socket {
+        Some(path) => Some(crate::control::ControlSocket::start(path).map_err(RunError::Control)?),
+        None => None,
+    };
+    let link = socket.as_mut().and_then(|s| s.take_link());
+    let result = run_vm(config, control::Api::new(link, started_at));
+    drop(socket);
+    result
+}
+
+fn run_vm(config: VmConfig, api: control::Api) -> Result<(), RunError> {
     crate::record::init_from_env();
     // 1. Signals: SIGCHLD (plugin exit) and SIGINT/SIGTERM (user stop) are
     // read from a signalfd; blocking them here also keeps them off the vcpu
@@ -347,7 +365,6 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
         shutdown,
         connections: HashMap::new(),
         in_flight,
-        plugin_control: Default::default(),
         stdout_thread: Some(stdout_thread),
         next_token: FIRST_CONNECTION_TOKEN,
         abandoned: false,
@@ -359,6 +376,7 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
         recv_buf: vec![0; limits::MAX_MAIN_REQUEST],
         cmsg_buf: vec![0; framing::full_cmsg_space()],
         send_buf: Vec::with_capacity(4096),
+        api,
     };
     host.watch(host.signals.as_fd(), TOKEN_SIGNAL)?;
     host.watch(host.stderr.fd.as_fd(), TOKEN_STDERR)?;
@@ -366,6 +384,10 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
     if let Some(j) = &host.plugin.jail {
         host.watch(j.seccomp_fd(), TOKEN_SECCOMP)?;
     }
+    if let Some(fd) = host.api.fd() {
+        host.watch(fd, TOKEN_CONTROL)?;
+    }
+    host.api.pause_kicks = vec![0; host.config.vcpus];
     host.add_connection(host_sock)?;
 
     host.main_loop();
@@ -425,6 +447,7 @@ impl Host {
                         .unwrap_or(EpollTimeout::NONE)
                 }
             };
+            let timeout = self.api.shorten(timeout);
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
@@ -444,24 +467,19 @@ impl Host {
                     TOKEN_VCPU_EXIT => {
                         let _ = self.shared.exited.read();
                         self.take_vcpu_failure();
+                        self.report_stopped_vcpus();
                         self.enter_dying("a vcpu stopped");
                     }
                     TOKEN_SECCOMP => self.on_seccomp(ev.events()),
-                    // Issue 11 (plugin control channel): the plugin's
-                    // replies. The lead's merge routes them to the control
-                    // server's clients; on this branch nothing forwards, so
-                    // they are only logged.
-                    TOKEN_PLUGIN_CONTROL => {
-                        for (tag, reply) in self.plugin_control.on_readable() {
-                            debug!("control channel: reply for {tag}: {reply:?}");
-                        }
-                    }
+                    TOKEN_CONTROL => self.on_control(),
+                    TOKEN_PLUGIN_CONTROL => self.on_plugin_control(),
                     token => self.serve(token),
                 }
                 if self.plugin_end.is_some() {
                     return;
                 }
             }
+            self.control_round();
             if !self.threads.is_empty()
                 && self.dying_since.is_none()
                 && self.state.exit_config.coalesced
@@ -478,6 +496,11 @@ impl Host {
                 let watches = self.controls.iter().map(|c| &c.watch);
                 for warning in self.stuck.tick(watches, self.last_watch) {
                     warn!("{warning}");
+                }
+                if self.api.enabled() && crate::trace::enabled() & crate::trace::STATS != 0 {
+                    // A moment for the vcpus to publish their live
+                    // statistics (`stats`).
+                    self.kick_vcpus();
                 }
             }
             if self.state.started
@@ -511,6 +534,10 @@ impl Host {
                 .iter()
                 .any(|e| matches!(e, RunError::VcpuFailed { .. }))
             {
+                self.emit(
+                    "error",
+                    serde_json::json!({ "message": format!("vcpu {id}: {message}") }),
+                );
                 self.errors.push(RunError::VcpuFailed { id, message });
             }
         }
@@ -551,6 +578,7 @@ impl Host {
         }
         if let Some(what) = j.on_seccomp() {
             info!("seccomp: the plugin called {what}; killing it");
+            let message = format!("the plugin was stopped by the seccomp filter: it called {what}");
             if !self
                 .errors
                 .iter()
@@ -561,6 +589,7 @@ impl Host {
             if let Err(e) = self.plugin.kill() {
                 error!("cannot kill the plugin: {e}");
             }
+            self.emit("error", serde_json::json!({ "message": message }));
         }
     }
 
@@ -576,10 +605,20 @@ impl Host {
                 Ok(WaitStatus::Exited(pid, code)) if pid == self.plugin.pid => {
                     info!("plugin exited with status {code}");
                     self.plugin_end = Some(PluginEnd::Exited(code));
+                    let pid = self.plugin_host_pid();
+                    self.emit(
+                        "plugin-exited",
+                        serde_json::json!({ "pid": pid, "status": code }),
+                    );
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) if pid == self.plugin.pid => {
                     info!("plugin killed by {sig}");
                     self.plugin_end = Some(PluginEnd::Signaled(sig));
+                    let pid = self.plugin_host_pid();
+                    self.emit(
+                        "plugin-exited",
+                        serde_json::json!({ "pid": pid, "signal": sig.as_str() }),
+                    );
                 }
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(status) => {
@@ -647,7 +686,7 @@ impl Host {
             shutdown: &self.shutdown,
             connections: self.connections.len(),
             in_flight: &self.in_flight,
-            control: std::cell::RefCell::new(&mut self.plugin_control),
+            control: std::cell::RefCell::new(&mut self.api.plugin_control),
         };
         let (conn, traced) = (token - FIRST_CONNECTION_TOKEN, crate::trace::main_begin());
         let reply = match main_handler::handle(
@@ -669,10 +708,10 @@ impl Host {
         if let Some(refused) = &reply.refused {
             debug!("main[{}]: {refused}", token - FIRST_CONNECTION_TOKEN);
         }
-        // Issue 11 (plugin control channel): a channel opened by this
-        // request joins the epoll set (before the reply goes out, so a
-        // failed send cannot leave it unwatched).
-        if let Some(fd) = self.plugin_control.newly_opened() {
+        // A control channel opened by this request joins the epoll set
+        // (before the reply goes out, so a failed send cannot leave it
+        // unwatched).
+        if let Some(fd) = self.api.plugin_control.newly_opened() {
             if let Err(e) = self.epoll.add(
                 fd,
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_PLUGIN_CONTROL),
@@ -796,6 +835,10 @@ impl Host {
             }
         }
         self.stuck.started(Instant::now());
+        self.emit(
+            "running",
+            serde_json::json!({ "vcpus": self.threads.len() }),
+        );
         info!(
             "started {} vcpu(s) on {} channels",
             self.threads.len(),

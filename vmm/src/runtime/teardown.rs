@@ -21,6 +21,7 @@ impl Host {
         }
         info!("shutting down: {why}");
         self.dying_since = Some(Instant::now());
+        self.emit("stopping", serde_json::json!({ "reason": why }));
         self.signal_shutdown_eventfd();
         self.stop_vcpus();
     }
@@ -56,6 +57,10 @@ impl Host {
     pub(super) fn stop_vcpus(&self) {
         self.shared.kill.store(true, Ordering::Release);
         self.shared.barrier.cancel();
+        // Parked (host-paused) vcpus see the kill flag at once.
+        for c in &self.controls {
+            c.wake();
+        }
         for t in &self.threads {
             if !t.is_finished() {
                 let _ = t.kill(vcpu::kick_signal());
@@ -120,6 +125,10 @@ impl Host {
             }
         }
         self.take_vcpu_failure();
+        self.report_stopped_vcpus();
+        // The last events (vcpu-stopped, plugin-exited) go to the control
+        // thread, which flushes them before the socket is removed.
+        self.control_round();
 
         let panicked = self.stderr.panic.panic().map(str::to_string);
         match (self.plugin_end.as_ref(), panicked) {

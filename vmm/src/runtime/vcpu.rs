@@ -11,10 +11,20 @@
 //! (so a `KVM_RUN` about to start returns at once) and, being installed
 //! without `SA_RESTART`, interrupts a blocking pipe read or write. This works in
 //! every phase, Init included (quirk 14 of docs/differences-from-crosvm.md).
+//!
+//! Pausing a vcpu from the control socket (host pause, distinct from the
+//! plugin's `PauseVcpus`): the main thread sets the vcpu's host-pause bit
+//! and kicks it. Before every `KVM_RUN` the thread looks at its pause bits
+//! (one acquire load, the same one that finds a plugin pause) and parks on a
+//! condvar while the host-pause bit is set. The kick handler counts kicks:
+//! once the count passes the value read after the bit was set, the thread
+//! is out of the guest (a vcpu serving an exit with the plugin parks
+//! before its next `KVM_RUN`, which `immediate_exit` cuts short).
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use plugin_proto::cpuid;
@@ -28,7 +38,7 @@ mod exits;
 mod kick;
 
 pub use barrier::StartBarrier;
-pub use exits::{run_loop, run_thread, run_vcpu, Servicer, Stop};
+pub use exits::{run_loop, run_thread, run_vcpu, stop_reason, Servicer, Stop};
 pub use kick::{install_kick_handler, kick_signal};
 
 use super::objects::SharedExitConfig;
@@ -43,30 +53,152 @@ const MAX_IO_WRITE: usize = 8;
 
 /// Per-vcpu state the main thread acts on. Exists from startup, so a pause
 /// requested before the vcpu threads exist is kept, not dropped.
+///
+/// Two kinds of pause: the plugin's (`PauseVcpus`: a `User` wait reason
+/// delivered to the plugin) and the host's (the control socket's `pause`:
+/// the thread parks before its next `KVM_RUN` until resumed). Both are bits
+/// of one atomic, so the run loop's check before every `KVM_RUN` stays one
+/// acquire load.
 #[derive(Default)]
 pub struct VcpuControl {
     pending_pause: Mutex<Option<u64>>,
-    has_pending: AtomicBool,
+    /// [`PLUGIN_PAUSE`] | [`HOST_PAUSE`].
+    pending: AtomicU8,
+    /// Whether the thread is parked (host pause), under its condvar.
+    parked: Mutex<bool>,
+    unpark: Condvar,
+    /// Kick signals this thread has handled (the kick handler counts them).
+    kicks: AtomicU64,
+    /// Exits of the guest so far (written by the vcpu thread only).
+    exits: AtomicU64,
+    /// The thread's id (0 until it runs).
+    tid: AtomicI32,
+    /// Why the vcpu's run ended, once it did.
+    stop: Mutex<Option<String>>,
     /// The exit the vcpu waits on the plugin for (stuck detection).
     pub watch: diag::WaitWatch,
 }
+
+/// A plugin pause is pending.
+const PLUGIN_PAUSE: u8 = 1;
+/// The host paused the vcpu.
+const HOST_PAUSE: u8 = 2;
+
+/// How often a parked vcpu re-checks the kill flag by itself (the main
+/// thread also wakes it).
+const PARK_RECHECK: Duration = Duration::from_millis(100);
 
 impl VcpuControl {
     /// Records a pause; a newer value overwrites an unserviced older one.
     pub fn request_pause(&self, user: u64) {
         let mut p = self.pending_pause.lock().unwrap_or_else(|p| p.into_inner());
         *p = Some(user);
-        self.has_pending.store(true, Ordering::Release);
+        self.pending.fetch_or(PLUGIN_PAUSE, Ordering::Release);
     }
 
     fn has_pending(&self) -> bool {
-        self.has_pending.load(Ordering::Acquire)
+        self.pending.load(Ordering::Acquire) != 0
     }
 
     fn take_pause(&self) -> Option<u64> {
         let mut p = self.pending_pause.lock().unwrap_or_else(|p| p.into_inner());
-        self.has_pending.store(false, Ordering::Release);
+        self.pending.fetch_and(!PLUGIN_PAUSE, Ordering::Release);
         p.take()
+    }
+
+    /// Host-pauses the vcpu: it parks before its next `KVM_RUN`. The
+    /// caller then kicks the thread out of the guest. Sequentially
+    /// consistent with the kick counter (see [`Self::kicks`]).
+    pub fn host_pause(&self) {
+        self.pending.fetch_or(HOST_PAUSE, Ordering::SeqCst);
+    }
+
+    /// Lets a host-paused vcpu go.
+    pub fn host_resume(&self) {
+        let g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.fetch_and(!HOST_PAUSE, Ordering::SeqCst);
+        drop(g);
+        self.unpark.notify_all();
+    }
+
+    pub fn is_host_paused(&self) -> bool {
+        self.pending.load(Ordering::Acquire) & HOST_PAUSE != 0
+    }
+
+    /// Whether the thread is parked now.
+    pub fn is_parked(&self) -> bool {
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Kick signals handled so far. A kick handled after [`Self::host_pause`]
+    /// (the count grew past a value read after it) guarantees the thread
+    /// is out of the guest and parks before it enters it again: the
+    /// handler set `immediate_exit`, and the thread checks the pause bits
+    /// before every `KVM_RUN`.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn kicks_ptr(&self) -> *const AtomicU64 {
+        &self.kicks
+    }
+
+    /// Wakes a parked thread (to see the kill flag).
+    pub fn wake(&self) {
+        let g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        drop(g);
+        self.unpark.notify_all();
+    }
+
+    /// Guest exits taken so far.
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
+    }
+
+    /// The vcpu thread's id (0 before it runs).
+    pub fn tid(&self) -> i32 {
+        self.tid.load(Ordering::Acquire)
+    }
+
+    /// Why the vcpu's run ended (`None` while it runs).
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_stop_reason(&self, why: String) {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    pub(crate) fn set_tid(&self, tid: i32) {
+        self.tid.store(tid, Ordering::Release);
+    }
+
+    /// One more exit: a plain load and store (this thread is the only
+    /// writer), no locked instruction on the exit path.
+    #[inline]
+    fn count_exit(&self) {
+        self.exits
+            .store(self.exits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Parks while host-paused (and not `kill`ed); true if it parked.
+    fn park(&self, kill: &AtomicBool) -> bool {
+        let mut g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        if self.pending.load(Ordering::Acquire) & HOST_PAUSE == 0 {
+            return false;
+        }
+        *g = true;
+        while self.pending.load(Ordering::Acquire) & HOST_PAUSE != 0
+            && !kill.load(Ordering::Acquire)
+        {
+            g = self
+                .unpark
+                .wait_timeout(g, PARK_RECHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *g = false;
+        true
     }
 }
 
@@ -279,6 +411,9 @@ pub trait VcpuIo {
     fn note_exit(&mut self, space: Space, range: Option<(u64, u64)>) {
         let _ = (space, range);
     }
+    /// The vcpu was kicked: a moment to publish its statistics so far
+    /// (the control socket's live `stats`).
+    fn publish_stats(&mut self) {}
 }
 
 /// Services the plugin until `Resume` (docs/wire-protocol.md §8.2). With `init`,
@@ -462,6 +597,12 @@ impl VcpuIo for ChannelIo {
 
     fn note_exit(&mut self, space: Space, range: Option<(u64, u64)>) {
         self.tap.exit(space, range);
+    }
+
+    fn publish_stats(&mut self) {
+        if crate::trace::enabled() & crate::trace::STATS != 0 {
+            crate::stats::publish(self.id, self.tap.stats());
+        }
     }
 
     fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError> {

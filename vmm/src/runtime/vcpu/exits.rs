@@ -14,7 +14,7 @@ use plugin_proto::vcpu_response;
 use zerocopy::FromBytes;
 
 use super::diag::WaitKind;
-use super::kick::IMMEDIATE_EXIT;
+use super::kick::{IMMEDIATE_EXIT, KICKS};
 use super::{
     complete_read, deliver, deliver_io, hcall_result, io_wait, service, ChannelIo, ServiceError,
     Transport, VcpuControl, VcpuIo, VcpuShared, MAX_IO_READ, MAX_IO_WRITE,
@@ -408,8 +408,14 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
 pub fn run_vcpu(mut run: VcpuFd, mut sv: Servicer<VcpuFd>) {
     let ptr: *mut u8 = &mut run.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(ptr));
-    run_thread(&mut run, &mut sv);
+    let control = Arc::clone(&sv.control);
+    KICKS.with(|c| c.set(control.kicks_ptr()));
+    control.set_tid(nix::unistd::gettid().as_raw());
+    let stop = run_thread(&mut run, &mut sv);
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    KICKS.with(|c| c.set(std::ptr::null()));
+    drop(control);
+    sv.control.set_stop_reason(stop_reason(stop));
     sv.io().tap.finish();
     signal_exited(&sv);
 }
@@ -455,6 +461,23 @@ pub enum Stop {
     RunFailed(Errno),
 }
 
+/// Why a vcpu's run ended, for the control socket's `vcpu-stopped` event.
+pub fn stop_reason(stop: Option<Stop>) -> String {
+    match stop {
+        None => "it never ran (its start was cancelled or Init servicing failed)".into(),
+        Some(Stop::Killed) => "stopped by the host".into(),
+        Some(Stop::Halted) => "the guest halted".into(),
+        Some(Stop::GuestShutdown) => "the guest shut down (triple fault)".into(),
+        Some(Stop::InternalError) => "KVM internal error".into(),
+        Some(Stop::FailEntry) => "VM entry failed".into(),
+        Some(Stop::PauseFailed) => "servicing a pause failed".into(),
+        Some(Stop::ChannelFailed) => "its vcpu channel failed".into(),
+        Some(Stop::UnknownHypervExit) => "unknown Hyper-V exit".into(),
+        Some(Stop::TooManyUnknownExits) => "too many unhandled exits".into(),
+        Some(Stop::RunFailed(e)) => format!("KVM_RUN failed: {e}"),
+    }
+}
+
 /// What to do after one exit.
 enum Next {
     Continue { known: bool },
@@ -472,7 +495,12 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
         if sv.failed {
             return Stop::ChannelFailed;
         }
+        // One acquire load per KVM_RUN covers both kinds of pause.
         if sv.control.has_pending() {
+            if sv.control.park(&sv.shared.kill) {
+                // Resumed (or killed): look at everything again.
+                continue;
+            }
             run.set_immediate_exit(true);
         }
         let exit = match run.run() {
@@ -481,6 +509,7 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
                 if sv.killed() {
                     return Stop::Killed;
                 }
+                sv.io.publish_stats();
                 // A kick (the main loop's coalesced tick, a pause) is a
                 // drain point too.
                 sv.drain_coalesced();
@@ -492,7 +521,10 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
                 }
                 continue;
             }
-            Ok(exit) => exit,
+            Ok(exit) => {
+                sv.control.count_exit();
+                exit
+            }
             Err(Errno::EAGAIN) => continue,
             Err(e) => {
                 error!("vcpu {id}: KVM_RUN failed: {e}");

@@ -1,0 +1,295 @@
+//! The control socket without KVM: the real dispatcher on the model VM
+//! (`vmm_model::control_harness`), and the real vcpu run loop's host pause
+//! (parking before `KVM_RUN`) on a scripted run handle. The same code runs
+//! on KVM in tests/tests/control.rs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmm::control::dispatch::PluginReply;
+use vmm::runtime::objects::SharedExitConfig;
+use vmm::runtime::vcpu::{run_loop, Servicer, StartBarrier, Stop, VcpuControl, VcpuShared};
+use vmm_client::proto::ErrorCode;
+use vmm_model::control_harness::{run_control_session, ControlHarness, ModelVm, PluginMode};
+use vmm_model::rng::SplitMix64 as Rng;
+use vmm_model::run::{resume, Exit, ScriptedIo, ScriptedRun};
+use vmm_model::ModelVcpu;
+
+fn code(r: &vmm_client::proto::Response) -> Option<ErrorCode> {
+    r.error.as_ref().map(|e| e.code)
+}
+
+fn running(vcpus: u32, plugin: PluginMode) -> ControlHarness {
+    let mut h = ControlHarness::new(ModelVm::new(vcpus, plugin));
+    h.start().unwrap();
+    h
+}
+
+#[test]
+fn pause_is_answered_once_every_vcpu_left_the_guest() {
+    let mut h = running(2, PluginMode::Old);
+    h.line(1, br#"{"id":1,"command":"pause","args":{"vcpus":[1]}}"#, 0)
+        .unwrap();
+    assert!(h.responses().is_empty(), "answered before vcpu 1 left");
+    assert!(h.vm.paused[1] && !h.vm.paused[0]);
+    h.tick().unwrap();
+    let rs = h.responses();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].1.ok, Some(json!({"paused": [1]})));
+    let ev = h.events();
+    assert_eq!(ev.last().unwrap().event, "paused");
+    // Partial pause: still running, with the list.
+    h.line(1, br#"{"id":2,"command":"status"}"#, 0).unwrap();
+    let s = h.responses()[1].1.ok.clone().unwrap();
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["paused_vcpus"], json!([1]));
+    // Pausing all: paused; the exits of vcpu 1 no longer move.
+    h.line(1, br#"{"id":3,"command":"pause"}"#, 0).unwrap();
+    h.tick().unwrap();
+    let before = h.vm.exits.clone();
+    h.tick().unwrap();
+    assert_eq!(h.vm.exits, before);
+    h.line(1, br#"{"id":4,"command":"status"}"#, 0).unwrap();
+    assert_eq!(h.responses()[3].1.ok.clone().unwrap()["state"], "paused");
+    h.line(1, br#"{"id":5,"command":"resume"}"#, 0).unwrap();
+    h.tick().unwrap();
+    assert!(h.vm.exits[0] > before[0]);
+    let names: Vec<&str> = h.events().iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["running", "paused", "paused", "resumed"]);
+    h.finish().unwrap();
+}
+
+#[test]
+fn state_rules_for_pause_stop_and_kill() {
+    let mut h = ControlHarness::new(ModelVm::new(1, PluginMode::Old));
+    h.line(1, br#"{"id":1,"command":"pause"}"#, 0).unwrap();
+    h.line(1, br#"{"id":2,"command":"vcpu-tids"}"#, 0).unwrap();
+    h.line(1, br#"{"id":3,"command":"status"}"#, 0).unwrap();
+    let rs = h.responses();
+    assert_eq!(code(rs[0].1), Some(ErrorCode::InvalidState));
+    assert!(rs[0].1.error.as_ref().unwrap().message.contains("starting"));
+    assert_eq!(rs[1].1.ok.clone().unwrap()["vcpus"], json!([]));
+    assert_eq!(rs[2].1.ok.clone().unwrap()["state"], "starting");
+    h.start().unwrap();
+    h.line(1, br#"{"id":4,"command":"pause","args":{"vcpus":[3]}}"#, 0)
+        .unwrap();
+    assert_eq!(code(h.responses()[3].1), Some(ErrorCode::BadArgument));
+    // A pause still waiting when the VM stops is failed, not forgotten.
+    h.line(1, br#"{"id":5,"command":"pause"}"#, 0).unwrap();
+    h.line(1, br#"{"id":6,"command":"stop"}"#, 0).unwrap();
+    assert!(h.vm.stopped);
+    h.tick().unwrap();
+    h.line(1, br#"{"id":7,"command":"stop"}"#, 0).unwrap();
+    h.line(1, br#"{"id":8,"command":"resume"}"#, 0).unwrap();
+    h.line(1, br#"{"id":9,"command":"kill"}"#, 0).unwrap();
+    let rs = h.responses();
+    let by_id = |id: u64| {
+        rs.iter()
+            .find(|(_, r)| r.id == json!(id))
+            .map(|(_, r)| (*r).clone())
+            .unwrap()
+    };
+    assert_eq!(by_id(6).ok, Some(json!({"state": "stopping"})));
+    assert_eq!(by_id(7).ok, Some(json!({"state": "stopping"})));
+    assert_eq!(code(&by_id(8)), Some(ErrorCode::InvalidState));
+    assert!(h.vm.killed);
+    assert_eq!(by_id(9).ok.unwrap()["killed"], true);
+    h.finish().unwrap();
+    // The pause overtaken by the stop got its answer.
+    let rs = h.responses();
+    let p = rs.iter().find(|(_, r)| r.id == json!(5)).unwrap();
+    assert_eq!(code(p.1), Some(ErrorCode::InvalidState));
+}
+
+#[test]
+fn descriptors_with_a_command_are_refused() {
+    let mut h = running(1, PluginMode::Old);
+    h.line(4, br#"{"id":"a","command":"status"}"#, 2).unwrap();
+    let rs = h.responses();
+    assert_eq!(code(rs[0].1), Some(ErrorCode::BadDescriptors));
+    assert!(rs[0]
+        .1
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .starts_with("status: "));
+    h.finish().unwrap();
+}
+
+#[test]
+fn forwarded_commands_map_the_plugins_answers() {
+    let mut h = running(1, PluginMode::Old);
+    h.line(1, br#"{"id":1,"command":"powerbtn"}"#, 0).unwrap();
+    assert_eq!(code(h.responses()[0].1), Some(ErrorCode::NotSupported));
+
+    let mut h = running(1, PluginMode::Takes(2));
+    for id in 1..=3 {
+        let line = format!(r#"{{"id":{id},"command":"plugin","args":{{"name":"count"}}}}"#);
+        h.line(1, line.as_bytes(), 0).unwrap();
+    }
+    // The third does not fit.
+    assert_eq!(code(h.responses()[0].1), Some(ErrorCode::Busy));
+    h.reply(PluginReply::Ok(json!({"count": 7}))).unwrap();
+    h.reply(PluginReply::Refused {
+        errno: libc::EINVAL,
+        message: "no such counter".into(),
+    })
+    .unwrap();
+    h.line(1, br#"{"id":4,"command":"sleepbtn"}"#, 0).unwrap();
+    h.reply(PluginReply::TimedOut(Duration::from_secs(5)))
+        .unwrap();
+    let rs = h.responses();
+    assert_eq!(rs[1].1.id, json!(1));
+    assert_eq!(rs[1].1.ok, Some(json!({"count": 7})));
+    assert_eq!(code(rs[2].1), Some(ErrorCode::PluginError));
+    assert!(rs[2]
+        .1
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("no such counter"));
+    assert_eq!(code(rs[3].1), Some(ErrorCode::Timeout));
+    h.finish().unwrap();
+}
+
+#[test]
+fn events_subscription_reports_the_sequence() {
+    let mut h = running(1, PluginMode::Old);
+    h.line(3, br#"{"id":1,"command":"events"}"#, 0).unwrap();
+    let ok = h.responses()[0].1.ok.clone().unwrap();
+    assert_eq!(ok, json!({"subscribed": true, "seq": 1}));
+    h.line(
+        3,
+        br#"{"id":2,"command":"events","args":{"subscribe":false}}"#,
+        0,
+    )
+    .unwrap();
+    assert_eq!(h.responses()[1].1.ok.clone().unwrap()["subscribed"], false);
+    h.finish().unwrap();
+}
+
+#[test]
+fn random_sessions_keep_every_invariant() {
+    let mut rng = Rng::new(0x11c0_7201);
+    let lines: &[&[u8]] = &[
+        br#"{"id":1,"command":"pause"}"#,
+        br#"{"id":2,"command":"resume","args":{"vcpus":[0]}}"#,
+        br#"{"id":3,"command":"pause","args":{"vcpus":[1,1,0]}}"#,
+        br#"{"id":4,"command":"status"}"#,
+        br#"{"id":5,"command":"stop"}"#,
+        br#"{"id":6,"command":"plugin","args":{"name":"x","args":[1]}}"#,
+        br#"{"id":7,"command":"events"}"#,
+        br#"{"id":8,"command":"kill"}"#,
+        br#"{"id":9,"command":"powerbtn"}"#,
+        br#"{"id":10,"command":"stats"}"#,
+        b"{not json",
+        br#"{"id":[],"command":"status"}"#,
+    ];
+    for _ in 0..300 {
+        let mut data = vec![rng.below(256) as u8, rng.below(256) as u8];
+        for _ in 0..rng.below(40) {
+            data.push(rng.below(256) as u8);
+            if rng.below(3) == 0 {
+                data.extend_from_slice(lines[rng.below(lines.len() as u64) as usize]);
+            }
+            data.push(b'\n');
+        }
+        run_control_session(&data).unwrap_or_else(|e| panic!("{e} on {data:?}"));
+    }
+}
+
+fn shared() -> Arc<VcpuShared> {
+    Arc::new(VcpuShared {
+        kill: AtomicBool::new(false),
+        barrier: StartBarrier::new(1),
+        exit_config: Arc::new(SharedExitConfig::default()),
+        exited: vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).unwrap(),
+        failure: Default::default(),
+        unreserved: Default::default(),
+        coalesced: Default::default(),
+    })
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The run loop on its own thread: unreserved port writes (answered by
+/// the host alone), then `hlt`.
+fn spawn_loop(
+    control: Arc<VcpuControl>,
+    shared: Arc<VcpuShared>,
+    exits: usize,
+    requests: Vec<plugin_proto::VcpuRequest>,
+) -> std::thread::JoinHandle<(Stop, ScriptedRun, Servicer<ModelVcpu, ScriptedIo>)> {
+    std::thread::spawn(move || {
+        let mut script: Vec<Exit> = (0..exits).map(|_| Exit::IoOut(0x99, vec![1])).collect();
+        script.push(Exit::Hlt);
+        let mut run = ScriptedRun::new(script);
+        let mut sv = Servicer::with_io(
+            0,
+            ModelVcpu::default(),
+            ScriptedIo::new(requests),
+            control,
+            shared,
+        );
+        let stop = run_loop(&mut run, &mut sv);
+        (stop, run, sv)
+    })
+}
+
+#[test]
+fn a_host_paused_vcpu_parks_before_entering_the_guest_until_resumed() {
+    let control = Arc::new(VcpuControl::default());
+    control.host_pause();
+    let t = spawn_loop(Arc::clone(&control), shared(), 3, Vec::new());
+    wait_until("the vcpu parks", || control.is_parked());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(control.is_parked());
+    assert_eq!(control.exits(), 0, "no guest entry while paused");
+    control.host_pause(); // idempotent
+    control.host_resume();
+    let (stop, run, _) = t.join().unwrap();
+    assert_eq!(stop, Stop::Halted);
+    assert_eq!(run.entries, 4);
+    assert_eq!(control.exits(), 4);
+    assert!(!control.is_parked());
+}
+
+#[test]
+fn a_parked_vcpu_stops_when_killed() {
+    let control = Arc::new(VcpuControl::default());
+    let shared = shared();
+    control.host_pause();
+    let t = spawn_loop(Arc::clone(&control), Arc::clone(&shared), 3, Vec::new());
+    wait_until("the vcpu parks", || control.is_parked());
+    shared.kill.store(true, Ordering::Release);
+    control.wake();
+    let (stop, run, _) = t.join().unwrap();
+    assert_eq!(stop, Stop::Killed);
+    assert_eq!(run.entries, 0);
+}
+
+#[test]
+fn a_plugin_pause_during_a_host_pause_is_delivered_after_the_resume() {
+    let control = Arc::new(VcpuControl::default());
+    control.host_pause();
+    control.request_pause(0x5a);
+    let t = spawn_loop(Arc::clone(&control), shared(), 0, vec![resume(&[])]);
+    wait_until("the vcpu parks", || control.is_parked());
+    control.host_resume();
+    let (stop, run, mut sv) = t.join().unwrap();
+    assert_eq!(stop, Stop::Halted);
+    let rs = &sv.io().responses;
+    assert_eq!(rs.len(), 1, "{rs:?}");
+    assert_eq!(rs[0].wait().user().user, 0x5a);
+    assert_eq!(run.interrupted, 1);
+}
