@@ -115,6 +115,7 @@ pub fn main_request(request: &MainRequest) -> String {
         Some(M::GetVcpus(_)) => "get_vcpus".into(),
         Some(M::Start(_)) => "start".into(),
         Some(M::GetControlSocket(_)) => "get_control_socket".into(),
+        Some(M::GetRestoreState(_)) => "get_restore_state".into(),
         None => "an empty main request".into(),
     }
 }

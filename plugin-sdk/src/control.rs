@@ -148,6 +148,9 @@ impl ControlChannel {
             Ok(Kind::POWER_BUTTON) => ControlKind::PowerButton,
             Ok(Kind::SLEEP_BUTTON) => ControlKind::SleepButton,
             Ok(Kind::CUSTOM) => ControlKind::Custom(wire.name),
+            // Issue 12 (§6) kinds: delivered as unknown until the SDK
+            // serves them.
+            Ok(k @ (Kind::SAVE_STATE | Kind::RESUMED)) => ControlKind::Unknown(k as i32),
             Err(v) => ControlKind::Unknown(v),
         };
         let args = if wire.json.is_empty() {

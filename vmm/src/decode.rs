@@ -44,6 +44,7 @@ pub fn main_kind(req: &MainRequest) -> &'static str {
         Some(Q::SetCallHint(_)) => "SetCallHint",
         Some(Q::DirtyLog(_)) => "DirtyLog",
         Some(Q::GetControlSocket(_)) => "GetControlSocket",
+        Some(Q::GetRestoreState(_)) => "GetRestoreState",
         #[allow(unreachable_patterns)]
         Some(_) => "Unknown",
     }
