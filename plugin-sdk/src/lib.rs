@@ -54,6 +54,7 @@ mod error;
 mod image;
 pub mod machine;
 mod objects;
+mod state;
 mod transport;
 mod types;
 mod vcpu;
@@ -65,6 +66,7 @@ pub use control::{ControlChannel, ControlCommand, ControlKind, CONTROL_MAX_JSON}
 pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
+pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,
