@@ -525,7 +525,11 @@ mod tests {
         host_send(&host, 3, Kind::SAVE_STATE);
         host_send(&host, 4, Kind::CUSTOM);
         let r = host_recv(&host);
-        assert_eq!((r.id, &r.state[..]), (3, &b"zzzz"[..]), "no reply to RESUMED");
+        assert_eq!(
+            (r.id, &r.state[..]),
+            (3, &b"zzzz"[..]),
+            "no reply to RESUMED"
+        );
         let r = host_recv(&host);
         assert_eq!((r.id, &r.json[..]), (4, &b"1"[..]));
         assert_eq!(*resumed.lock().unwrap(), 1);

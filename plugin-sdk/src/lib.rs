@@ -66,8 +66,8 @@ pub use control::{ControlChannel, ControlCommand, ControlKind, CONTROL_MAX_JSON}
 pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
-pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
+pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,
     IrqRouteKind, NetConfig, MAX_HINT_DETAIL_COUNT,

@@ -1581,7 +1581,9 @@ fn restore_state_is_none_on_a_fresh_boot_and_from_an_old_host() {
         );
     }
     // Any other refusal is an error naming the request.
-    let err = restore_host(false, b"", libc::EBUSY).0.restore_state()
+    let err = restore_host(false, b"", libc::EBUSY)
+        .0
+        .restore_state()
         .unwrap_err();
     assert_eq!(err.errno(), libc::EBUSY);
     assert!(err.to_string().starts_with("get_restore_state"), "{err}");
