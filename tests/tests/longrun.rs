@@ -138,3 +138,78 @@ fn longrun_c_guest_bytes_equal_the_assembler_output() {
         );
     }
 }
+
+/// `vmm ctl SOCKET ARGS...`: status and stdout.
+fn ctl(socket: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(bin("vmm"))
+        .arg("ctl")
+        .arg("--json")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run vmm ctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `name` serves its control channel from the thread that answers
+/// `SAVE_STATE` (spawn_handler_with_state / crosvm_control_reply_state
+/// on the same mutex): through the real vmm, its control socket and the
+/// host's PluginControl, `plugin state` shows the device state the vcpu
+/// thread keeps changing; other commands are refused.
+fn serves_its_device_state_over_the_control_channel(name: &str) {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = e2e_tests::TempDir::new(&format!("{name}_state"));
+    let socket = dir.0.join("vm.sock");
+    let mut child = Command::new(bin("vmm"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--plugin")
+        .arg(bin(name))
+        .args(["--plugin-args", "100000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vmm");
+    let start = Instant::now();
+    let mut accs = Vec::new();
+    while accs.len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name}: no changing device state: {accs:?}"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "{name} ended early");
+        if socket.exists() {
+            let (code, out) = ctl(&socket, &["plugin", "state"]);
+            if code == Some(0) {
+                let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+                assert_eq!(v["fold"], serde_json::Value::Null, "{name}: {v}");
+                assert_eq!(v["x"], serde_json::Value::Null, "{name}: {v}");
+                let acc = v["acc"].as_str().expect("acc").to_owned();
+                assert!(acc.starts_with("0x") && acc.len() == 18, "{name}: {v}");
+                if acc != "0x0000000000000000" && accs.last() != Some(&acc) {
+                    accs.push(acc);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out) = ctl(&socket, &["plugin", "other"]);
+    assert_eq!(code, Some(1), "{name}: {out}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn longrun_serves_its_device_state_over_the_control_channel() {
+    serves_its_device_state_over_the_control_channel("longrun");
+}
+
+#[test]
+fn longrun_c_serves_its_device_state_over_the_control_channel() {
+    serves_its_device_state_over_the_control_channel("longrun_c");
+}
