@@ -163,7 +163,6 @@ pub fn guest_handler() -> Result<Vec<u8>> {
     })
 }
 
-
 /// The accumulator device and the result pieces the guest reported: the
 /// plugin's own state, which a snapshot must carry.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

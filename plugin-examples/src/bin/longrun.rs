@@ -66,7 +66,10 @@ fn serve_control(conn: &Connection, device: &Arc<Mutex<Device>>) {
     let served = control.spawn_handler_with_state(device.clone(), move |cmd| match &cmd.kind {
         ControlKind::Custom(name) if name == "state" => Ok(lock(&shared).to_json().into_bytes()),
         ControlKind::Resumed => Ok(Vec::new()),
-        _ => Err((libc::ENOTSUP, "longrun knows only the command `state`".into())),
+        _ => Err((
+            libc::ENOTSUP,
+            "longrun knows only the command `state`".into(),
+        )),
     });
     if let Err(e) = served {
         eprintln!("longrun: cannot serve the control channel ({e}): snapshots are not possible");
