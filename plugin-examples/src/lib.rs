@@ -133,6 +133,54 @@ pub fn pc_irq_routes() -> Vec<crosvm_plugin::IrqRoute> {
         .collect()
 }
 
+/// Offset of LVT LINT0 in the local APIC register page.
+const APIC_LVT0: usize = 0x350;
+/// LVT delivery mode ExtINT, unmasked.
+const LVT_EXTINT: u32 = 0x700;
+
+/// Puts the vcpu's local APIC LINT0 in ExtINT mode, so that interrupts of
+/// the in-kernel PIC reach the vcpu (what a PC's firmware does).
+pub fn route_pic_to_lapic(v: &mut VcpuGuard<'_>) -> Result<()> {
+    let mut lapic = v.get_lapic_state()?;
+    for (i, b) in LVT_EXTINT.to_le_bytes().iter().enumerate() {
+        lapic.regs[APIC_LVT0 + i] = *b as _;
+    }
+    Ok(v.set_lapic_state(&lapic)?)
+}
+
+/// Emits the PC's interrupt set-up in guest code: the master PIC at vector
+/// base 8 (slave on IRQ 2, 8086 mode, only IRQ0 unmasked), the slave PIC at
+/// base 0x70 (all masked), PIT channel 0 as a rate generator (mode 2) with
+/// `pit_divisor` (1193 ≈ 1 kHz); interrupts stay disabled.
+pub fn asm_pic_and_pit(
+    a: &mut CodeAssembler,
+    pit_divisor: u16,
+) -> std::result::Result<(), iced_x86::IcedError> {
+    use iced_x86::code_asm::al;
+    for (port, value) in [
+        (0x20u32, 0x11u32),
+        (0x21, 0x08),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, 0xfe),
+        (0xa0, 0x11),
+        (0xa1, 0x70),
+        (0xa1, 0x02),
+        (0xa1, 0x01),
+        (0xa1, 0xff),
+    ] {
+        a.mov(al, value)?;
+        a.out(port, al)?;
+    }
+    a.mov(al, 0x34u32)?;
+    a.out(0x43u32, al)?;
+    a.mov(al, u32::from(pit_divisor & 0xff))?;
+    a.out(0x40u32, al)?;
+    a.mov(al, u32::from(pit_divisor >> 8))?;
+    a.out(0x40u32, al)?;
+    Ok(())
+}
+
 /// Assembles 16-bit code for load address `base`.
 pub fn assemble16(
     base: u64,

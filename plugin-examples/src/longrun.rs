@@ -32,9 +32,6 @@ pub const STEPS_PER_ROUND: u32 = 4096;
 pub const STACK: u16 = 0xfff0;
 /// PIT input clock / 1193 ≈ 1 kHz.
 pub const PIT_DIVISOR: u16 = 1193;
-/// Offset of LVT LINT0 in the local APIC register page, and ExtINT mode.
-pub const APIC_LVT0: usize = 0x350;
-pub const LVT_EXTINT: u32 = 0x700;
 
 /// The guest's main program.
 pub fn guest_main() -> Result<Vec<u8>> {
@@ -48,30 +45,7 @@ pub fn guest_main() -> Result<Vec<u8>> {
         // IVT entry 8 (IRQ0 at PIC base 8) -> 0000:HANDLER.
         a.mov(word_ptr(8 * 4), HANDLER as u32)?;
         a.mov(word_ptr(8 * 4 + 2), 0u32)?;
-        // Master PIC: base 8, slave on 2, 8086 mode, only IRQ0 unmasked;
-        // slave PIC: base 0x70, all masked.
-        for (port, value) in [
-            (0x20u32, 0x11u32),
-            (0x21, 0x08),
-            (0x21, 0x04),
-            (0x21, 0x01),
-            (0x21, 0xfe),
-            (0xa0, 0x11),
-            (0xa1, 0x70),
-            (0xa1, 0x02),
-            (0xa1, 0x01),
-            (0xa1, 0xff),
-        ] {
-            a.mov(al, value)?;
-            a.out(port, al)?;
-        }
-        // PIT channel 0: lobyte/hibyte, mode 2 (rate generator), ~1 kHz.
-        a.mov(al, 0x34u32)?;
-        a.out(0x43u32, al)?;
-        a.mov(al, u32::from(PIT_DIVISOR & 0xff))?;
-        a.out(0x40u32, al)?;
-        a.mov(al, u32::from(PIT_DIVISOR >> 8))?;
-        a.out(0x40u32, al)?;
+        crate::asm_pic_and_pit(a, PIT_DIVISOR)?;
         a.sti()?;
 
         // buf[i] = i * golden ratio.

@@ -23,14 +23,6 @@ pub mod stats;
 pub mod trace;
 pub mod vm;
 
-/// Formats an error with its whole `source()` chain: `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
+/// Formats an error with its whole `source()` chain: `a: b: c` (one
+/// definition, shared with the control client).
+pub use vmm_client::error_chain;

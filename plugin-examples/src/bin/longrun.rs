@@ -107,11 +107,7 @@ fn run(rounds: u32) -> Result<u64> {
         match v.wait()? {
             VcpuEvent::Init => {
                 enter_real_mode(&mut v, CODE as u16, STACK)?;
-                let mut lapic = v.get_lapic_state()?;
-                for (i, b) in LVT_EXTINT.to_le_bytes().iter().enumerate() {
-                    lapic.regs[APIC_LVT0 + i] = *b as _;
-                }
-                v.set_lapic_state(&lapic)?;
+                plugin_examples::route_pic_to_lapic(&mut v)?;
             }
             VcpuEvent::Io {
                 address: ACC_PORT,

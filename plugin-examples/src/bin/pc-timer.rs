@@ -20,10 +20,6 @@ const HANDLER: u64 = 0x1400;
 const COUNTER: u64 = 0x3000;
 /// PIT input clock / 1193 ≈ 1 kHz.
 const PIT_DIVISOR: u16 = 1193;
-/// Offset of LVT LINT0 in the local APIC register page.
-const APIC_LVT0: usize = 0x350;
-/// LVT delivery mode ExtINT, unmasked.
-const LVT_EXTINT: u32 = 0x700;
 
 fn guest_main(ticks: u16) -> Result<Vec<u8>> {
     assemble16(CODE, |a| {
@@ -33,36 +29,8 @@ fn guest_main(ticks: u16) -> Result<Vec<u8>> {
         a.mov(word_ptr(8 * 4), HANDLER as u32)?;
         a.mov(word_ptr(8 * 4 + 2), 0u32)?;
         a.mov(word_ptr(COUNTER), 0u32)?;
-        // Master PIC: ICW1 edge/cascade/ICW4, ICW2 base 8, ICW3 slave on 2,
-        // ICW4 8086 mode; then mask everything but IRQ0.
-        for (port, value) in [
-            (0x20u32, 0x11u32),
-            (0x21, 0x08),
-            (0x21, 0x04),
-            (0x21, 0x01),
-            (0x21, 0xfe),
-        ] {
-            a.mov(al, value)?;
-            a.out(port, al)?;
-        }
-        // Slave PIC: base 0x70, identity 2, 8086 mode, all masked.
-        for (port, value) in [
-            (0xa0u32, 0x11u32),
-            (0xa1, 0x70),
-            (0xa1, 0x02),
-            (0xa1, 0x01),
-            (0xa1, 0xff),
-        ] {
-            a.mov(al, value)?;
-            a.out(port, al)?;
-        }
-        // PIT channel 0: lobyte/hibyte, mode 2 (rate generator).
-        a.mov(al, 0x34u32)?;
-        a.out(0x43u32, al)?;
-        a.mov(al, u32::from(PIT_DIVISOR & 0xff))?;
-        a.out(0x40u32, al)?;
-        a.mov(al, u32::from(PIT_DIVISOR >> 8))?;
-        a.out(0x40u32, al)?;
+        // The PICs (IRQ0 only, at vector 8) and the PIT at ~1 kHz.
+        plugin_examples::asm_pic_and_pit(a, PIT_DIVISOR)?;
         a.sti()?;
         a.set_label(&mut wait)?;
         a.hlt()?;
@@ -114,11 +82,7 @@ fn run(ticks: u16) -> Result<u16> {
         match v.wait()? {
             VcpuEvent::Init => {
                 enter_real_mode(&mut v, CODE as u16, 0x8000)?;
-                let mut lapic = v.get_lapic_state()?;
-                for (i, b) in LVT_EXTINT.to_le_bytes().iter().enumerate() {
-                    lapic.regs[APIC_LVT0 + i] = *b as _;
-                }
-                v.set_lapic_state(&lapic)?;
+                plugin_examples::route_pic_to_lapic(&mut v)?;
             }
             VcpuEvent::Io {
                 address: REPORT_PORT,
