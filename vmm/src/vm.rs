@@ -294,6 +294,16 @@ pub trait Vcpu {
     fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>>;
     fn set_msrs(&self, entries: &[(u32, u64)]) -> Result<()>;
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()>;
+    /// The CPUID entries set on the vcpu (none if never set), for a
+    /// snapshot.
+    fn get_cpuid(&self) -> Result<Vec<Cpuid>> {
+        Err(Errno::ENOTTY)
+    }
+    /// `KVM_SET_MSRS`: how many of `entries` were set (it stops at the
+    /// first one KVM refuses), for a restore.
+    fn set_msrs_counted(&self, entries: &[(u32, u64)]) -> Result<usize> {
+        self.set_msrs(entries).map(|()| entries.len())
+    }
     fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>>;
     fn enable_capability(&self, cap: u32) -> Result<()>;
 }
@@ -807,6 +817,23 @@ impl Vcpu for VcpuFd {
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()> {
         let cpuid = CpuId::from_entries(entries).map_err(|_| Errno::E2BIG)?;
         self.set_cpuid2(&cpuid).map_err(errno)
+    }
+
+    fn get_cpuid(&self) -> Result<Vec<Cpuid>> {
+        cpuid_list(self.get_cpuid2(MAX_KVM_LIST_ENTRIES))
+    }
+
+    fn set_msrs_counted(&self, entries: &[(u32, u64)]) -> Result<usize> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = entries
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        VcpuFd::set_msrs(self, &msrs).map_err(errno)
     }
 
     fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>> {
