@@ -431,6 +431,23 @@ impl KvmVm {
         Ok((run, control))
     }
 
+    /// Another handle on vcpu `id` (a snapshot reads its state through it
+    /// while the vcpu is parked).
+    pub fn vcpu_handle(&self, id: u32, vcpu: &VcpuFd) -> std::result::Result<VcpuFd, VmError> {
+        let fail = |e: Errno| VmError::CreateVcpu {
+            id,
+            source: kvm_ioctls::Error::new(e as i32),
+        };
+        let dup = nix::unistd::dup(borrow_fd(vcpu)).map_err(fail)?;
+        // SAFETY: `dup` is a fresh descriptor of an existing vcpu of this VM;
+        // ownership passes to the new VcpuFd.
+        unsafe {
+            self.vm
+                .create_vcpu_from_rawfd(std::os::fd::IntoRawFd::into_raw_fd(dup))
+        }
+        .map_err(|source| VmError::CreateVcpu { id, source })
+    }
+
     /// Maps the VM's coalesced ring through a new handle on vcpu `id`
     /// (`None` when KVM has no `KVM_CAP_COALESCED_MMIO`).
     pub fn coalesced_ring(

@@ -331,6 +331,22 @@ impl ControlTarget for Host {
         self.enter_dying("killed over the control socket");
     }
 
+    fn parked(&self, id: u32) -> bool {
+        let id = id as usize;
+        let (Some(c), Some(t)) = (self.controls.get(id), self.threads.get(id)) else {
+            return true;
+        };
+        t.is_finished() || c.is_parked()
+    }
+
+    fn snapshot_begin(&mut self, dir: &str, device: Option<Vec<u8>>) -> Result<(), String> {
+        self.begin_snapshot(dir, device)
+    }
+
+    fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
+        self.poll_snapshot()
+    }
+
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
         let what = match what {
             Forward::PowerButton => PluginForward::PowerButton,
