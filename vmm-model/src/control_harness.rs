@@ -235,7 +235,7 @@ impl ControlHarness {
     pub fn reply(&mut self, reply: PluginReply) -> Result<(), ModelError> {
         if let Some((&tag, _)) = self.vm.forwarded.iter().next() {
             self.vm.forwarded.remove(&tag);
-            self.dispatcher.replies(vec![(tag, reply)]);
+            self.dispatcher.replies(&mut self.vm, vec![(tag, reply)]);
         }
         self.check()
     }
@@ -258,8 +258,10 @@ impl ControlHarness {
         self.dispatcher.poll(&mut self.vm);
         let tags: Vec<u64> = self.vm.forwarded.keys().copied().collect();
         self.vm.forwarded.clear();
-        self.dispatcher
-            .replies(tags.into_iter().map(|t| (t, PluginReply::Closed)).collect());
+        self.dispatcher.replies(
+            &mut self.vm,
+            tags.into_iter().map(|t| (t, PluginReply::Closed)).collect(),
+        );
         self.check()?;
         if let Some((client, n)) = self.outstanding.iter().find(|(_, n)| **n > 0) {
             return Err(invariant(format!(
