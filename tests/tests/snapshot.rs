@@ -322,12 +322,11 @@ fn restore_refuses_every_kind_of_bad_snapshot_before_anything_runs() {
 
     // Another format version.
     let d = case("version");
-    let m = std::fs::read_to_string(d.join("manifest.json")).unwrap();
-    std::fs::write(
-        d.join("manifest.json"),
-        m.replace("\"version\":1", "\"version\":7"),
-    )
-    .unwrap();
+    let mut m: Value =
+        serde_json::from_slice(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["version"], 1, "{m}");
+    m["version"] = Value::from(7);
+    std::fs::write(d.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     restore_fails(&d, &[], "version");
 
     // Another vcpu count.
@@ -393,7 +392,11 @@ fn crc32(b: &[u8]) -> u32 {
     for &byte in b {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -407,7 +410,10 @@ fn snapshot_into_a_dir_vmm_cannot_create_is_a_clear_error_and_the_vm_runs_on() {
     // A directory vmm cannot create.
     let (code, _, err) = vm.ctl(&["snapshot", "/proc/no/such/dir", "without_device_state"]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("cannot create the snapshot directory"), "{err}");
+    assert!(
+        err.contains("cannot create the snapshot directory"),
+        "{err}"
+    );
     let v = vm.ctl_json(&["status"]);
     assert_eq!(v["state"], "running", "{v}");
     vm.wait_line("result=");

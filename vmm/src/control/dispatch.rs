@@ -20,7 +20,10 @@ use super::{ApiRequest, ToServer};
 pub enum Forward {
     PowerButton,
     SleepButton,
-    Plugin { name: String, args: Value },
+    Plugin {
+        name: String,
+        args: Value,
+    },
     /// `SAVE_STATE`: the plugin's device state for a snapshot.
     SaveState,
     /// `RESUMED`: the snapshot is done (no reply expected).
@@ -557,18 +560,20 @@ impl Dispatcher {
                 plugin,
                 "the plugin answered SAVE_STATE without a device state".into(),
             ),
-            PluginReply::Refused { errno, message } => (plugin, format!(
+            PluginReply::Refused { errno, message } => (
+                plugin,
+                format!(
                 "the plugin refused to hand over its device state: {message} ({}, errno {errno})",
                 nix::errno::Errno::from_raw(errno).desc()
-            )),
+            ),
+            ),
             PluginReply::TimedOut(after) => (
                 ErrorCode::Timeout,
                 format!("the plugin did not hand over its device state within {after:?}"),
             ),
             PluginReply::Closed => (
                 plugin,
-                "the plugin closed its control channel before handing over its device state"
-                    .into(),
+                "the plugin closed its control channel before handing over its device state".into(),
             ),
         };
         self.snapshot_end(vm, Err(why));

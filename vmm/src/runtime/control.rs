@@ -160,7 +160,10 @@ impl Host {
     pub(super) fn on_plugin_control(&mut self) {
         let replies = self.api.plugin_control.on_readable();
         let mut d = std::mem::take(&mut self.api.dispatcher);
-        d.replies(self, replies.into_iter().map(|(t, r)| (t, reply(r))).collect());
+        d.replies(
+            self,
+            replies.into_iter().map(|(t, r)| (t, reply(r))).collect(),
+        );
         self.api.dispatcher = d;
     }
 
@@ -173,7 +176,10 @@ impl Host {
         let expired = self.api.plugin_control.expire(Instant::now());
         if !expired.is_empty() {
             let mut d = std::mem::take(&mut self.api.dispatcher);
-            d.replies(self, expired.into_iter().map(|(t, r)| (t, reply(r))).collect());
+            d.replies(
+                self,
+                expired.into_iter().map(|(t, r)| (t, reply(r))).collect(),
+            );
             self.api.dispatcher = d;
         }
         self.drain_events();

@@ -359,12 +359,10 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(resource("the epoll set"))?;
     let mut state = MainState::new(exit_config);
     state.memory_limits = config.memory_limits;
-    state.restore = restore
-        .as_ref()
-        .map(|r| main_handler::RestoreOffer {
-            device: r.device.clone(),
-            asked: false,
-        });
+    state.restore = restore.as_ref().map(|r| main_handler::RestoreOffer {
+        device: r.device.clone(),
+        asked: false,
+    });
     let in_flight = InFlight::new(limits::fds_in_flight_budget(config.vcpus));
     let stderr_level = config.plugin_stderr_level;
     let mut host = Host {

@@ -57,7 +57,10 @@ pub const MAX_PACKETS_PER_CALL: usize = 128;
 pub enum Forward {
     PowerButton,
     SleepButton,
-    Plugin { name: String, args: Value },
+    Plugin {
+        name: String,
+        args: Value,
+    },
     /// `SAVE_STATE` (§6): the reply carries the device state.
     SaveState,
     /// `RESUMED` (§6): no reply is waited for.

@@ -77,9 +77,9 @@ pub(super) fn host_tables(state: &MainState) -> HostTables {
 /// The memfd and offset behind memory object `id`.
 fn memory_fd(state: &MainState, id: u32) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
     match state.objects.get(id) {
-        Some(Object::Memory { mapping, .. }) => mapping
-            .file_offset()
-            .map(|f| (f.file().as_fd(), f.start())),
+        Some(Object::Memory { mapping, .. }) => {
+            mapping.file_offset().map(|f| (f.file().as_fd(), f.start()))
+        }
         _ => None,
     }
 }
@@ -198,9 +198,7 @@ impl Host {
                 .memory
                 .iter()
                 .find(|t| t.gpa == m.gpa && t.size == m.size)
-                .ok_or_else(|| {
-                    fail(SnapError::Layout(format!("no region at {:#x}", m.gpa)))
-                })?;
+                .ok_or_else(|| fail(SnapError::Layout(format!("no region at {:#x}", m.gpa))))?;
             let (fd, offset) = memory_fd(&self.state, now.id).ok_or_else(|| {
                 fail(SnapError::Layout(format!(
                     "the region at {:#x} has no descriptor",

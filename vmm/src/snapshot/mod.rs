@@ -254,7 +254,13 @@ pub fn read_msrs(vcpu: &impl Vcpu, indices: &[u32]) -> std::result::Result<Vec<(
 /// Captures `vcpuN.state` of a vcpu out of the guest.
 pub fn capture_vcpu(vcpu: &impl Vcpu, id: usize, msr_indices: &[u32]) -> Result<Records> {
     let mut r = Records::new();
-    let get = |what: &'static str| move |source| SnapError::GetVcpu { vcpu: id, what, source };
+    let get = |what: &'static str| {
+        move |source| SnapError::GetVcpu {
+            vcpu: id,
+            what,
+            source,
+        }
+    };
     for (name, kind) in VCPU_IMAGES {
         let image = vcpu.get_state(kind).map_err(get(name))?;
         push(&mut r, name, image)?;
@@ -295,14 +301,22 @@ fn bad(part: &str, record: &'static str, why: impl Into<String>) -> SnapError {
     }
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(r: &Records, part: &str, name: &'static str) -> Result<T> {
+fn parse_json<T: for<'de> Deserialize<'de>>(
+    r: &Records,
+    part: &str,
+    name: &'static str,
+) -> Result<T> {
     serde_json::from_slice(record(r, part, name)?).map_err(|e| bad(part, name, e.to_string()))
 }
 
 /// The `msrs` record.
 pub fn parse_msrs(bytes: &[u8], part: &str) -> Result<Vec<(u32, u64)>> {
     if bytes.len() % 12 != 0 {
-        return Err(bad(part, "msrs", format!("{} bytes, not a multiple of 12", bytes.len())));
+        return Err(bad(
+            part,
+            "msrs",
+            format!("{} bytes, not a multiple of 12", bytes.len()),
+        ));
     }
     Ok(bytes
         .chunks_exact(12)
@@ -320,7 +334,11 @@ pub fn parse_msrs(bytes: &[u8], part: &str) -> Result<Vec<(u32, u64)>> {
 pub fn parse_cpuid(bytes: &[u8], part: &str) -> Result<Vec<Cpuid>> {
     let size = std::mem::size_of::<Cpuid>();
     if bytes.len() % size != 0 || bytes.len() / size > crate::limits::MAX_CPUID_ENTRIES {
-        return Err(bad(part, "cpuid", format!("{} bytes is no list of entries", bytes.len())));
+        return Err(bad(
+            part,
+            "cpuid",
+            format!("{} bytes is no list of entries", bytes.len()),
+        ));
     }
     Ok(bytes
         .chunks_exact(size)
@@ -350,7 +368,13 @@ pub fn check_vcpu(r: &Records, part: &str) -> Result<()> {
 /// in [`VCPU_IMAGES`] order with the MSRs after the xcrs.
 pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
     let part = vcpu_part(id);
-    let set = |what: &'static str| move |source| SnapError::SetVcpu { vcpu: id, what, source };
+    let set = |what: &'static str| {
+        move |source| SnapError::SetVcpu {
+            vcpu: id,
+            what,
+            source,
+        }
+    };
     let cpuid = parse_cpuid(record(r, &part, "cpuid")?, &part)?;
     if !cpuid.is_empty() {
         vcpu.set_cpuid(&cpuid).map_err(set("cpuid"))?;
@@ -467,7 +491,9 @@ pub fn compare_layout(snap: &VmPart, now: &HostTables) -> Result<()> {
     r1.sort_by_key(order);
     r2.sort_by_key(order);
     if r1 != r2 {
-        warn!("restore: the plugin's reserved ranges differ from the snapshot's ({r2:?} vs {r1:?})");
+        warn!(
+            "restore: the plugin's reserved ranges differ from the snapshot's ({r2:?} vs {r1:?})"
+        );
     }
     let strip = |v: &[IoeventRecord]| {
         let mut v: Vec<_> = v
@@ -618,7 +644,12 @@ impl Restore {
     }
 
     /// Punches region `m`'s range of `fd` to zero and loads its image.
-    pub fn load_region(&self, m: &MemoryRecord, fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> Result<()> {
+    pub fn load_region(
+        &self,
+        m: &MemoryRecord,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<()> {
         let name = memory_part(m.id);
         let len = i64::try_from(m.size).map_err(|_| SnapError::Punch {
             name: name.clone(),
