@@ -311,7 +311,7 @@ fn parse_json<T: for<'de> Deserialize<'de>>(
 
 /// The `msrs` record.
 pub fn parse_msrs(bytes: &[u8], part: &str) -> Result<Vec<(u32, u64)>> {
-    if bytes.len() % 12 != 0 {
+    if !bytes.len().is_multiple_of(12) {
         return Err(bad(
             part,
             "msrs",
@@ -333,7 +333,7 @@ pub fn parse_msrs(bytes: &[u8], part: &str) -> Result<Vec<(u32, u64)>> {
 /// The `cpuid` record.
 pub fn parse_cpuid(bytes: &[u8], part: &str) -> Result<Vec<Cpuid>> {
     let size = std::mem::size_of::<Cpuid>();
-    if bytes.len() % size != 0 || bytes.len() / size > crate::limits::MAX_CPUID_ENTRIES {
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size > crate::limits::MAX_CPUID_ENTRIES {
         return Err(bad(
             part,
             "cpuid",
