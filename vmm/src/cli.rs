@@ -752,7 +752,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.plugin_argv(), vec!["A", "B", "-x", "--cpus", "run"]);
-        assert_eq!(a.cpus, None);
+        assert_eq!(a.cpus, Some(1));
         assert!(a.disable_sandbox);
         // A vmm option after the plugin's arguments is honoured, in both
         // spellings.
