@@ -418,3 +418,95 @@ fn snapshot_into_a_dir_vmm_cannot_create_is_a_clear_error_and_the_vm_runs_on() {
     assert_eq!(v["state"], "running", "{v}");
     vm.wait_line("result=");
 }
+
+// The `snap_dev` machine takes part in snapshots: its device state goes
+// into the snapshot and comes back on restore.
+
+const DEV_ROUNDS: &str = "400";
+
+fn dev_snapshot(dir: &TempDir, mode: &str) -> PathBuf {
+    let mut vm = Vm::start(&dir.0.join("vm.sock"), "snap_dev", &[mode, DEV_ROUNDS]);
+    vm.wait_line("progress 20");
+    let snap = dir.0.join("snap");
+    let v = vm.ctl_json(&["snapshot", snap.to_str().unwrap()]);
+    assert!(v["ms"].is_u64(), "{v}");
+    // The plugin heard that the snapshot is done, and the guest goes on.
+    vm.wait_line("snap_dev: resumed");
+    vm.wait_line("progress ");
+    drop(vm);
+    snap
+}
+
+fn dev_restores_to_the_uninterrupted_result(mode: &str) {
+    let dir = TempDir::new(&format!("snap-dev-{mode}"));
+    let reference = run_vmm(&[], &bin("snap_dev"), &[mode, DEV_ROUNDS]);
+    reference.assert_success();
+    let snap = dev_snapshot(&dir, mode);
+    let r = run_vmm(
+        &["--restore", snap.to_str().unwrap()],
+        &bin("snap_dev"),
+        &[mode, DEV_ROUNDS],
+    );
+    r.assert_success();
+    assert!(r.stdout.contains("snap_dev: restoring"), "{r:#?}");
+    let first = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("progress "))
+        .map(progress_of)
+        .unwrap_or_else(|| panic!("no progress after restore: {r:#?}"));
+    assert!(first > 20, "the restored guest restarted: {r:#?}");
+    assert_eq!(result_of(&r.stdout), result_of(&reference.stdout), "{r:#?}");
+}
+
+#[test]
+fn a_machine_with_device_state_restores_to_the_uninterrupted_result() {
+    dev_restores_to_the_uninterrupted_result("good");
+}
+
+#[test]
+fn a_device_state_bigger_than_any_other_control_packet_is_taken_whole() {
+    dev_restores_to_the_uninterrupted_result("big");
+}
+
+#[test]
+fn a_plugin_answering_save_state_badly_fails_the_snapshot_and_the_vm_runs_on() {
+    for (mode, needle) in [
+        ("refuse", "refused to hand over its device state"),
+        ("garbage", "did not hand over its device state within"),
+        ("never", "did not hand over its device state within"),
+    ] {
+        let dir = TempDir::new(&format!("snap-bad-{mode}"));
+        let mut vm = Vm::start(&dir.0.join("vm.sock"), "snap_dev", &[mode, "4000"]);
+        vm.wait_line("progress 5");
+        let snap = dir.0.join("snap");
+        let (code, out, err) = vm.ctl(&["snapshot", snap.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{mode}: {out}{err}");
+        assert!(err.contains(needle), "{mode}: {err}");
+        assert!(!snap.join("manifest.json").exists(), "{mode}");
+        // Unharmed: resumed, running, making progress.
+        vm.wait_line("snap_dev: resumed");
+        let v = vm.ctl_json(&["status"]);
+        assert_eq!(v["state"], "running", "{mode}: {v}");
+        let a = progress_of(&vm.wait_line("progress "));
+        let b = progress_of(&vm.wait_line("progress "));
+        assert!(b > a, "{mode}: {a} {b}");
+    }
+}
+
+#[test]
+fn restoring_device_state_into_a_plugin_that_never_asks_for_it_fails() {
+    let dir = TempDir::new("snap-noask");
+    let snap = dev_snapshot(&dir, "good");
+    let r = run_vmm(
+        &["--restore", snap.to_str().unwrap()],
+        &bin("snap_dev"),
+        &["noask", DEV_ROUNDS],
+    );
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains("never asked for it (GetRestoreState)"),
+        "{r:#?}"
+    );
+    assert!(!r.stdout.contains("progress"), "the guest ran: {r:#?}");
+}
