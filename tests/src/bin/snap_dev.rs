@@ -23,11 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use crosvm_plugin::{AddressSpace, Connection, ControlKind, Error, GuestRam, VcpuEvent};
 use iced_x86::code_asm::*;
-use nix::sys::socket::{send, MsgFlags};
+use std::io::IoSlice;
+
+use nix::sys::socket::{sendmsg, MsgFlags};
+use plugin_examples::assemble16;
 use plugin_proto::framing;
 use plugin_proto::protobuf::Message;
 use plugin_proto::{MainRequest, MainResponse};
-use plugin_examples::assemble16;
 
 const NAME: &str = "snap_dev";
 const CODE: u64 = 0x1000;
@@ -130,7 +132,11 @@ fn main() {
     std::thread::spawn(move || loop {
         let cmd = match control.recv() {
             Ok(Some(c)) => c,
-            Ok(None) | Err(_) => return,
+            Ok(None) => return,
+            Err(e) => {
+                eprintln!("{NAME}: control channel: {e}");
+                return;
+            }
         };
         let fd = control.fd();
         let bytes = match cmd.kind {
@@ -155,11 +161,9 @@ fn main() {
             }
             _ => errno_reply(cmd.id, libc::ENOTSUP),
         };
-        if let Err(e) = send(
-            fd.as_raw_fd(),
-            &bytes,
-            MsgFlags::MSG_NOSIGNAL,
-        ) {
+        // sendmsg, as the SDK: what the jail's policy allows.
+        let iov = [IoSlice::new(&bytes)];
+        if let Err(e) = sendmsg::<()>(fd.as_raw_fd(), &iov, &[], MsgFlags::MSG_NOSIGNAL, None) {
             eprintln!("{NAME}: sending the reply: {e}");
         }
     });
