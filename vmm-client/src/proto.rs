@@ -229,6 +229,9 @@ pub struct Event {
 /// - `stopping`: the VM is shutting down; `{"reason": "..."}`
 /// - `plugin-exited`: `{"pid": P, "status": S}` or `{"pid": P, "signal": "SIGKILL"}`
 /// - `error`: `{"message": "..."}` (a failure that ends or harms the run)
+/// - `snapshot-started`: `{"dir": "..."}`
+/// - `snapshot-done`: `{"dir", "bytes", "ms", "memory_pages"}` or
+///   `{"dir", "error"}`
 pub const EVENT_NAMES: &[&str] = &[
     "running",
     "paused",
@@ -237,6 +240,8 @@ pub const EVENT_NAMES: &[&str] = &[
     "stopping",
     "plugin-exited",
     "error",
+    "snapshot-started",
+    "snapshot-done",
 ];
 
 /// Any line the server sends.

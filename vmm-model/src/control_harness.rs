@@ -46,6 +46,17 @@ pub struct ModelVm {
     pub forwarded: BTreeMap<u64, Forward>,
     pub stopped: bool,
     pub killed: bool,
+    /// The snapshot being "written": its directory and device state; it is
+    /// done at the next tick.
+    pub snapshot: Option<(String, Option<Vec<u8>>)>,
+    /// Snapshots finished (directory, device state), in order.
+    pub snapshots: Vec<(String, Option<Vec<u8>>)>,
+    /// Whether every vcpu was paused when the last snapshot began.
+    pub snapshot_saw_all_paused: bool,
+    /// Snapshots whose result `snapshot_poll` handed out.
+    pub snapshots_answered: usize,
+    /// `RESUMED` commands the plugin got.
+    pub resumed: u64,
 }
 
 impl ModelVm {
@@ -62,6 +73,11 @@ impl ModelVm {
             forwarded: BTreeMap::new(),
             stopped: false,
             killed: false,
+            snapshot: None,
+            snapshots: Vec::new(),
+            snapshot_saw_all_paused: false,
+            snapshots_answered: 0,
+            resumed: 0,
         }
     }
 
@@ -69,6 +85,9 @@ impl ModelVm {
     /// ones leave the guest.
     pub fn tick(&mut self) {
         self.uptime += 1;
+        if let Some(s) = self.snapshot.take() {
+            self.snapshots.push(s);
+        }
         for i in 0..self.vcpus as usize {
             if self.paused[i] {
                 self.out[i] = true;
@@ -142,7 +161,33 @@ impl ControlTarget for ModelVm {
         self.killed = true;
         self.phase = Phase::Stopping;
     }
+    fn snapshot_begin(&mut self, dir: &str, device: Option<Vec<u8>>) -> Result<(), String> {
+        if self.snapshot.is_some() {
+            return Err("a snapshot is being written".into());
+        }
+        self.snapshot_saw_all_paused = (0..self.vcpus).all(|v| self.parked(v));
+        if dir.starts_with("/fail") {
+            return Err(format!("{dir}: cannot create the snapshot directory"));
+        }
+        self.snapshot = Some((dir.to_string(), device));
+        Ok(())
+    }
+    fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
+        if self.snapshot.is_some() || self.snapshots_answered >= self.snapshots.len() {
+            return None;
+        }
+        self.snapshots_answered += 1;
+        Some(Ok(json!({ "bytes": 4096, "ms": 0, "memory_pages": 1 })))
+    }
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
+        if what == Forward::Resumed {
+            // No reply is expected: it does not wait among the forwards.
+            self.resumed += 1;
+            return match self.plugin {
+                PluginMode::Old => Err(ForwardRefused::NotSupported("old plugin".into())),
+                PluginMode::Takes(_) => Ok(()),
+            };
+        }
         match self.plugin {
             PluginMode::Old => Err(ForwardRefused::NotSupported(
                 "the plugin does not take control commands".into(),
