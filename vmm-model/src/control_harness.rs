@@ -419,7 +419,8 @@ pub fn run_control_session(data: &[u8]) -> Result<(), ModelError> {
         match op & 0xf {
             0..=7 => h.line(client, rest, 0)?,
             8 => h.line(client, rest, 1)?,
-            9 | 10 => h.tick()?,
+            9 => h.tick()?,
+            10 => h.reply(PluginReply::State(rest.to_vec()))?,
             11 => h.start()?,
             12 => h.reply(PluginReply::Ok(json!({ "count": rest.len() })))?,
             13 => h.reply(PluginReply::Refused {
