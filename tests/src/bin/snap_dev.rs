@@ -4,7 +4,9 @@
 //! and, on restore, gets its state back with a raw `GetRestoreState` —
 //! without the SDK helpers, which another change brings.
 //!
-//! `snap_dev MODE ROUNDS`. The guest runs ROUNDS rounds of STEPS reads of
+//! `snap_dev MODE ROUNDS [EXTRA_MIB]`. With EXTRA_MIB, a second region of
+//! that many MiB at 1 MiB, every page of it non-zero, is part of the
+//! machine (for timing snapshots of real memory sizes). The guest runs ROUNDS rounds of STEPS reads of
 //! the device port; the device answers the low dword of a 64-bit LCG state
 //! `acc` and advances it; the guest mixes every answer into `ebx`, reports
 //! each finished round (`progress K`) and at the end `ebx`
@@ -100,13 +102,14 @@ fn restore_state(sock: &OwnedFd) -> Option<Vec<u8>> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mode, rounds) = match args.as_slice() {
-        [m, r] => (
-            m.clone(),
-            r.parse::<u32>()
-                .unwrap_or_else(|_| fail(format!("ROUNDS {r:?} is not a number"))),
-        ),
-        _ => fail("usage: snap_dev MODE ROUNDS".into()),
+    let number = |what: &str, s: &str| {
+        s.parse::<u32>()
+            .unwrap_or_else(|_| fail(format!("{what} {s:?} is not a number")))
+    };
+    let (mode, rounds, extra_mib) = match args.as_slice() {
+        [m, r] => (m.clone(), number("ROUNDS", r), 0),
+        [m, r, x] => (m.clone(), number("ROUNDS", r), number("EXTRA_MIB", x)),
+        _ => fail("usage: snap_dev MODE ROUNDS [EXTRA_MIB]".into()),
     };
     let fd: i32 = std::env::var("CROSVM_SOCKET")
         .ok()
@@ -197,6 +200,16 @@ fn main() {
     let ram = ok("guest RAM", GuestRam::new(0x10000));
     ok("loading code", ram.write(CODE, &code));
     let mem = ok("registering RAM", ram.register(&conn, 0));
+    let extra = (extra_mib > 0).then(|| {
+        let size = u64::from(extra_mib) << 20;
+        let big = ok("extra RAM", GuestRam::new(size));
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+        for off in (0..size).step_by(chunk.len()) {
+            ok("filling extra RAM", big.write(off, &chunk));
+        }
+        let m = ok("registering extra RAM", big.register(&conn, 0x10_0000));
+        (big, m)
+    });
     for port in [DEV_PORT, PROGRESS_PORT, RESULT_PORT] {
         ok(
             "reserve",
@@ -245,7 +258,7 @@ fn main() {
                 // Leave without destructors (see tests/src/plugin_boot.rs):
                 // `exit` runs none, so the memory slot stays while the
                 // guest goes on to `hlt`.
-                let _ = (&mem, &ram);
+                let _ = (&mem, &ram, &extra);
                 std::process::exit(0);
             }
             other => fail(format!("unexpected event {other:?}")),
