@@ -154,6 +154,25 @@ fn take_snapshot(dir: &TempDir) -> (PathBuf, u32, Value) {
         serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["vcpus"], 1, "{manifest}");
     assert_eq!(manifest["facts"]["plugin"], "longrun", "{manifest}");
+    // Every vcpu record is there, the XSAVE image and MSRs included.
+    let vcpu =
+        vmm_snapshot::Records::decode(&std::fs::read(snap.join("vcpu0.state")).unwrap()).unwrap();
+    for name in [
+        "regs",
+        "sregs",
+        "fpu",
+        "xcrs",
+        "debugregs",
+        "lapic",
+        "mp-state",
+        "events",
+        "msrs",
+        "cpuid",
+        "xsave",
+    ] {
+        assert!(vcpu.get(name).is_some(), "no {name} record");
+    }
+    assert!(vcpu.get("msrs").unwrap().len() >= 12 * 10, "few MSRs saved");
     (snap, later, v)
 }
 
@@ -441,6 +460,7 @@ fn dev_restores_to_the_uninterrupted_result(mode: &str) {
     let dir = TempDir::new(&format!("snap-dev-{mode}"));
     let reference = run_vmm(&[], &bin("snap_dev"), &[mode, DEV_ROUNDS]);
     reference.assert_success();
+    assert!(!reference.stdout.contains("restoring"), "{reference:#?}");
     let snap = dev_snapshot(&dir, mode);
     let r = run_vmm(
         &["--restore", snap.to_str().unwrap()],

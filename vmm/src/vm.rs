@@ -299,6 +299,16 @@ pub trait Vcpu {
     fn get_cpuid(&self) -> Result<Vec<Cpuid>> {
         Err(Errno::ENOTTY)
     }
+    /// The vcpu's whole XSAVE image (`KVM_GET_XSAVE`, 4096 bytes: x87,
+    /// SSE, AVX and the other enabled components), for a snapshot.
+    fn get_xsave(&self) -> Result<Vec<u8>> {
+        Err(Errno::ENOTTY)
+    }
+    /// Sets an image from [`Self::get_xsave`].
+    fn set_xsave(&self, image: &[u8]) -> Result<()> {
+        let _ = image;
+        Err(Errno::ENOTTY)
+    }
     /// `KVM_SET_MSRS`: how many of `entries` were set (it stops at the
     /// first one KVM refuses), for a restore.
     fn set_msrs_counted(&self, entries: &[(u32, u64)]) -> Result<usize> {
@@ -838,6 +848,18 @@ impl Vcpu for VcpuFd {
 
     fn get_cpuid(&self) -> Result<Vec<Cpuid>> {
         cpuid_list(self.get_cpuid2(MAX_KVM_LIST_ENTRIES))
+    }
+
+    fn get_xsave(&self) -> Result<Vec<u8>> {
+        Ok(self.get_xsave().map_err(errno)?.as_bytes().to_vec())
+    }
+
+    fn set_xsave(&self, image: &[u8]) -> Result<()> {
+        let xsave: kvm_bindings::kvm_xsave = parse(image)?;
+        // SAFETY: the host never enables dynamically sized XSTATE features
+        // for its guests (no ARCH_REQ_XCOMP_GUEST_PERM), so the vcpu's XSAVE
+        // image fits the 4096-byte `kvm_xsave` the kernel reads.
+        unsafe { VcpuFd::set_xsave(self, &xsave) }.map_err(errno)
     }
 
     fn set_msrs_counted(&self, entries: &[(u32, u64)]) -> Result<usize> {

@@ -23,6 +23,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::vm::{Cpuid, IrqRoute, Space, Vcpu, VcpuStateKind, Vm, VmStateKind};
 
+/// The size of a `kvm_xsave` image.
+pub const XSAVE_SIZE: usize = std::mem::size_of::<kvm_bindings::kvm_xsave>();
+
 /// Largest device-state blob a plugin may hand over (design: 16 MiB).
 pub const MAX_DEVICE_STATE: usize = 16 << 20;
 
@@ -274,6 +277,13 @@ pub fn capture_vcpu(vcpu: &impl Vcpu, id: usize, msr_indices: &[u32]) -> Result<
     push(&mut r, "msrs", bytes)?;
     let cpuid = vcpu.get_cpuid().map_err(get("cpuid"))?;
     push(&mut r, "cpuid", cpuid.as_bytes().to_vec())?;
+    // The whole FPU/vector state where KVM has XSAVE (`fpu` holds only
+    // x87/SSE).
+    match vcpu.get_xsave() {
+        Ok(image) => push(&mut r, "xsave", image)?,
+        Err(Errno::ENOTTY | Errno::EINVAL) => {}
+        Err(e) => return Err(get("xsave")(e)),
+    }
     Ok(r)
 }
 
@@ -361,11 +371,21 @@ pub fn check_vcpu(r: &Records, part: &str) -> Result<()> {
     }
     parse_msrs(record(r, part, "msrs")?, part)?;
     parse_cpuid(record(r, part, "cpuid")?, part)?;
+    if let Some(x) = r.get("xsave") {
+        if x.len() != XSAVE_SIZE {
+            return Err(bad(
+                part,
+                "xsave",
+                format!("{} bytes, expected {XSAVE_SIZE}", x.len()),
+            ));
+        }
+    }
     Ok(())
 }
 
 /// Applies a vcpu part (checked by [`check_vcpu`]): cpuid, then the images
-/// in [`VCPU_IMAGES`] order with the MSRs after the xcrs.
+/// in [`VCPU_IMAGES`] order with the XSAVE image and the MSRs after the
+/// xcrs.
 pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
     let part = vcpu_part(id);
     let set = |what: &'static str| {
@@ -383,6 +403,10 @@ pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
         vcpu.set_state(kind, record(r, &part, name)?)
             .map_err(set(name))?;
         if name == "xcrs" {
+            // XCR0 is set: the XSAVE image's components are valid now.
+            if let Some(x) = r.get("xsave") {
+                vcpu.set_xsave(x).map_err(set("xsave"))?;
+            }
             let msrs = parse_msrs(record(r, &part, "msrs")?, &part)?;
             write_msrs(vcpu, id, &msrs).map_err(set("msrs"))?;
         }
