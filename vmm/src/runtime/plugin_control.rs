@@ -749,4 +749,74 @@ mod tests {
         ));
         assert_eq!(c.pending(), 0);
     }
+
+    fn state_reply(id: u64, state: Vec<u8>) -> Vec<u8> {
+        ControlReply {
+            id,
+            state,
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .unwrap()
+    }
+
+    #[test]
+    fn save_state_gets_the_state_resumed_waits_for_nothing() {
+        let (mut c, plugin) = opened();
+        c.forward(Forward::SaveState, 1).unwrap();
+        let cmd = plugin.recv();
+        assert_eq!(cmd.kind.enum_value(), Ok(Kind::SAVE_STATE));
+        // Bigger than any other packet on the channel: read whole.
+        let big: Vec<u8> = (0..200 * 1024).map(|i| i as u8).collect();
+        plugin.send_raw(&state_reply(cmd.id, big.clone()));
+        assert_eq!(c.on_readable(), vec![(1, Reply::State(big))]);
+        c.forward(Forward::Resumed, 2).unwrap();
+        assert_eq!(plugin.recv().kind.enum_value(), Ok(Kind::RESUMED));
+        assert_eq!(c.pending(), 0, "RESUMED waits for no reply");
+        // A reply to it anyway is dropped.
+        plugin.reply(2, 0, b"", "");
+        assert!(c.on_readable().is_empty());
+        // An empty state is a state (the plugin has none).
+        c.forward(Forward::SaveState, 3).unwrap();
+        let cmd = plugin.recv();
+        plugin.send_raw(&state_reply(cmd.id, Vec::new()));
+        assert_eq!(c.on_readable(), vec![(3, Reply::State(Vec::new()))]);
+    }
+
+    #[test]
+    fn save_state_refusals_garbage_and_oversize_states() {
+        let (mut c, plugin) = opened();
+        c.forward(Forward::SaveState, 1).unwrap();
+        let cmd = plugin.recv();
+        plugin.send_raw(&[0xff; 40]);
+        plugin.reply(cmd.id, libc::EIO, b"", "disk on fire");
+        assert_eq!(
+            c.on_readable(),
+            vec![(
+                1,
+                Reply::Refused {
+                    errno: libc::EIO,
+                    message: "disk on fire".into()
+                }
+            )]
+        );
+        // Over the bound: refused by size, whatever the channel carried.
+        let r = ControlReply {
+            id: 9,
+            state: vec![0; crate::snapshot::MAX_DEVICE_STATE + 1],
+            ..Default::default()
+        };
+        match decode_state(r) {
+            Reply::Refused { errno, message } => {
+                assert_eq!(errno, libc::EMSGSIZE);
+                assert!(message.contains("device state"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A plugin that never answers: timed out.
+        c.forward(Forward::SaveState, 2).unwrap();
+        let _ = plugin.recv();
+        let later = Instant::now() + REPLY_TIMEOUT + Duration::from_millis(1);
+        assert_eq!(c.expire(later), vec![(2, Reply::TimedOut)]);
+    }
 }
