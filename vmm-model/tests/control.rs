@@ -451,3 +451,63 @@ fn snapshot_arguments_are_checked() {
     assert!(h.vm.paused.iter().all(|&p| !p));
     h.finish().unwrap();
 }
+
+/// A transport that host-pauses the vcpu while the plugin serves its exit
+/// (the pause arrives mid-exit, as a snapshot's does).
+struct PauseWhileServing {
+    io: ScriptedIo,
+    control: Arc<VcpuControl>,
+}
+
+impl vmm::runtime::vcpu::VcpuIo for PauseWhileServing {
+    fn read_request(&mut self) -> Result<&[u8], vmm::runtime::vcpu::ServiceError> {
+        self.control.host_pause();
+        self.io.read_request()
+    }
+    fn write_response(&mut self, body: &[u8]) -> Result<(), vmm::runtime::vcpu::ServiceError> {
+        self.io.write_response(body)
+    }
+}
+
+#[test]
+fn a_vcpu_parks_only_once_a_pending_read_is_in_its_registers() {
+    let control = Arc::new(VcpuControl::default());
+    let shared = {
+        let exit_config = Arc::new(SharedExitConfig::default());
+        let mut cfg = vmm::runtime::objects::ExitConfig::default();
+        cfg.reservations
+            .reserve(vmm::vm::Space::Ioport, 0x700, 4, false)
+            .unwrap();
+        exit_config.publish(cfg);
+        Arc::new(VcpuShared {
+            exit_config,
+            ..Arc::try_unwrap(shared()).ok().unwrap()
+        })
+    };
+    let c = Arc::clone(&control);
+    let sh = Arc::clone(&shared);
+    let t = std::thread::spawn(move || {
+        let mut run = ScriptedRun::new([Exit::IoIn(0x700, 4), Exit::Hlt]);
+        let io = PauseWhileServing {
+            io: ScriptedIo::new([resume(&[1, 2, 3, 4])]),
+            control: Arc::clone(&c),
+        };
+        let mut sv = Servicer::with_io(0, ModelVcpu::default(), io, c, sh);
+        let stop = run_loop(&mut run, &mut sv);
+        (stop, run)
+    });
+    wait_until("the vcpu parks", || control.is_parked());
+    // Stopped while parked: whatever the guest has now is what a snapshot
+    // taken at the park would hold.
+    shared.kill.store(true, Ordering::Release);
+    control.wake();
+    let (stop, run) = t.join().unwrap();
+    assert_eq!(stop, Stop::Killed);
+    assert_eq!(
+        run.completed,
+        [vmm_model::run::Completed::Read(vec![1, 2, 3, 4])],
+        "the read was completed (by a KVM_RUN cut short) before the vcpu parked"
+    );
+    assert_eq!(run.entries, 1, "the guest did not run again");
+    assert_eq!(run.interrupted, 1);
+}
