@@ -27,6 +27,9 @@ pub const MAX_VCPU_LIST: usize = 1024;
 /// Most bytes of a plugin command's name.
 pub const MAX_PLUGIN_NAME: usize = 64;
 
+/// Longest snapshot directory path (`snapshot`).
+pub const MAX_SNAPSHOT_DIR: usize = 4096;
+
 /// The first line the server sends: `{"greeting": {...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Greeting {
@@ -79,6 +82,12 @@ pub enum Command {
     SleepButton,
     /// A command of the plugin's own, with its JSON arguments.
     Plugin { name: String, args: Value },
+    /// Snapshot the machine into directory `dir` (docs/snapshot-format.md);
+    /// `without_device_state`: without asking the plugin for its state.
+    Snapshot {
+        dir: String,
+        without_device_state: bool,
+    },
 }
 
 impl Command {
@@ -96,6 +105,7 @@ impl Command {
             Command::PowerButton => "powerbtn",
             Command::SleepButton => "sleepbtn",
             Command::Plugin { .. } => "plugin",
+            Command::Snapshot { .. } => "snapshot",
         }
     }
 
@@ -107,6 +117,10 @@ impl Command {
             }
             Command::Events { subscribe: false } => serde_json::json!({ "subscribe": false }),
             Command::Plugin { name, args } => serde_json::json!({ "name": name, "args": args }),
+            Command::Snapshot {
+                dir,
+                without_device_state,
+            } => serde_json::json!({ "dir": dir, "without_device_state": without_device_state }),
             _ => Value::Null,
         };
         Request {
@@ -215,6 +229,9 @@ pub struct Event {
 /// - `stopping`: the VM is shutting down; `{"reason": "..."}`
 /// - `plugin-exited`: `{"pid": P, "status": S}` or `{"pid": P, "signal": "SIGKILL"}`
 /// - `error`: `{"message": "..."}` (a failure that ends or harms the run)
+/// - `snapshot-started`: `{"dir": "..."}`
+/// - `snapshot-done`: `{"dir", "bytes", "ms", "memory_pages"}` or
+///   `{"dir", "error"}`
 pub const EVENT_NAMES: &[&str] = &[
     "running",
     "paused",
@@ -223,6 +240,8 @@ pub const EVENT_NAMES: &[&str] = &[
     "stopping",
     "plugin-exited",
     "error",
+    "snapshot-started",
+    "snapshot-done",
 ];
 
 /// Any line the server sends.
@@ -495,6 +514,37 @@ pub fn parse_command(command: &str, args: Value) -> Result<Command, (ErrorCode, 
             }
             let args = obj.remove("args").unwrap_or(Value::Null);
             Ok(Command::Plugin { name, args })
+        }
+        "snapshot" => {
+            let mut obj = args_object(command, args, &["dir", "without_device_state"])?;
+            let dir = match obj.remove("dir") {
+                Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SNAPSHOT_DIR => s,
+                Some(Value::String(_)) => {
+                    return Err(bad(
+                        command,
+                        format!("\"dir\" is 1 to {MAX_SNAPSHOT_DIR} bytes"),
+                    ))
+                }
+                Some(_) => return Err(bad(command, "\"dir\" must be a string")),
+                None => return Err(bad(command, "needs \"dir\", the snapshot directory")),
+            };
+            if dir.contains('\0') {
+                return Err(bad(command, "\"dir\" contains a NUL byte"));
+            }
+            let without_device_state = match obj.remove("without_device_state") {
+                None => false,
+                Some(Value::Bool(b)) => b,
+                Some(_) => {
+                    return Err(bad(
+                        command,
+                        "\"without_device_state\" must be true or false",
+                    ))
+                }
+            };
+            Ok(Command::Snapshot {
+                dir,
+                without_device_state,
+            })
         }
         other => Err((
             ErrorCode::UnknownCommand,

@@ -46,6 +46,17 @@ pub struct ModelVm {
     pub forwarded: BTreeMap<u64, Forward>,
     pub stopped: bool,
     pub killed: bool,
+    /// The snapshot being "written": its directory and device state; it is
+    /// done at the next tick.
+    pub snapshot: Option<(String, Option<Vec<u8>>)>,
+    /// Snapshots finished (directory, device state), in order.
+    pub snapshots: Vec<(String, Option<Vec<u8>>)>,
+    /// Whether every vcpu was paused when the last snapshot began.
+    pub snapshot_saw_all_paused: bool,
+    /// Snapshots whose result `snapshot_poll` handed out.
+    pub snapshots_answered: usize,
+    /// `RESUMED` commands the plugin got.
+    pub resumed: u64,
 }
 
 impl ModelVm {
@@ -62,6 +73,11 @@ impl ModelVm {
             forwarded: BTreeMap::new(),
             stopped: false,
             killed: false,
+            snapshot: None,
+            snapshots: Vec::new(),
+            snapshot_saw_all_paused: false,
+            snapshots_answered: 0,
+            resumed: 0,
         }
     }
 
@@ -69,6 +85,9 @@ impl ModelVm {
     /// ones leave the guest.
     pub fn tick(&mut self) {
         self.uptime += 1;
+        if let Some(s) = self.snapshot.take() {
+            self.snapshots.push(s);
+        }
         for i in 0..self.vcpus as usize {
             if self.paused[i] {
                 self.out[i] = true;
@@ -142,7 +161,33 @@ impl ControlTarget for ModelVm {
         self.killed = true;
         self.phase = Phase::Stopping;
     }
+    fn snapshot_begin(&mut self, dir: &str, device: Option<Vec<u8>>) -> Result<(), String> {
+        if self.snapshot.is_some() {
+            return Err("a snapshot is being written".into());
+        }
+        self.snapshot_saw_all_paused = (0..self.vcpus).all(|v| self.parked(v));
+        if dir.starts_with("/fail") {
+            return Err(format!("{dir}: cannot create the snapshot directory"));
+        }
+        self.snapshot = Some((dir.to_string(), device));
+        Ok(())
+    }
+    fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
+        if self.snapshot.is_some() || self.snapshots_answered >= self.snapshots.len() {
+            return None;
+        }
+        self.snapshots_answered += 1;
+        Some(Ok(json!({ "bytes": 4096, "ms": 0, "memory_pages": 1 })))
+    }
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
+        if what == Forward::Resumed {
+            // No reply is expected: it does not wait among the forwards.
+            self.resumed += 1;
+            return match self.plugin {
+                PluginMode::Old => Err(ForwardRefused::NotSupported("old plugin".into())),
+                PluginMode::Takes(_) => Ok(()),
+            };
+        }
         match self.plugin {
             PluginMode::Old => Err(ForwardRefused::NotSupported(
                 "the plugin does not take control commands".into(),
@@ -235,7 +280,7 @@ impl ControlHarness {
     pub fn reply(&mut self, reply: PluginReply) -> Result<(), ModelError> {
         if let Some((&tag, _)) = self.vm.forwarded.iter().next() {
             self.vm.forwarded.remove(&tag);
-            self.dispatcher.replies(vec![(tag, reply)]);
+            self.dispatcher.replies(&mut self.vm, vec![(tag, reply)]);
         }
         self.check()
     }
@@ -258,8 +303,10 @@ impl ControlHarness {
         self.dispatcher.poll(&mut self.vm);
         let tags: Vec<u64> = self.vm.forwarded.keys().copied().collect();
         self.vm.forwarded.clear();
-        self.dispatcher
-            .replies(tags.into_iter().map(|t| (t, PluginReply::Closed)).collect());
+        self.dispatcher.replies(
+            &mut self.vm,
+            tags.into_iter().map(|t| (t, PluginReply::Closed)).collect(),
+        );
         self.check()?;
         if let Some((client, n)) = self.outstanding.iter().find(|(_, n)| **n > 0) {
             return Err(invariant(format!(
@@ -372,7 +419,8 @@ pub fn run_control_session(data: &[u8]) -> Result<(), ModelError> {
         match op & 0xf {
             0..=7 => h.line(client, rest, 0)?,
             8 => h.line(client, rest, 1)?,
-            9 | 10 => h.tick()?,
+            9 => h.tick()?,
+            10 => h.reply(PluginReply::State(rest.to_vec()))?,
             11 => h.start()?,
             12 => h.reply(PluginReply::Ok(json!({ "count": rest.len() })))?,
             13 => h.reply(PluginReply::Refused {

@@ -293,3 +293,221 @@ fn a_plugin_pause_during_a_host_pause_is_delivered_after_the_resume() {
     assert_eq!(rs[0].wait().user().user, 0x5a);
     assert_eq!(run.interrupted, 1);
 }
+
+// `snapshot` (issue 12): the dispatcher pauses every vcpu, asks the plugin
+// for its state once all are parked, has the host write, resumes, and
+// tells the plugin.
+
+#[test]
+fn snapshot_parks_asks_the_plugin_writes_and_resumes() {
+    let mut h = running(2, PluginMode::Takes(4));
+    h.line(
+        1,
+        br#"{"id":1,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    assert!(h.vm.paused.iter().all(|&p| p));
+    // Nothing is asked before every vcpu left the guest.
+    assert!(h.vm.forwarded.is_empty());
+    h.tick().unwrap();
+    assert_eq!(
+        h.vm.forwarded.values().collect::<Vec<_>>(),
+        [&vmm::control::dispatch::Forward::SaveState]
+    );
+    // A second snapshot meanwhile is busy.
+    h.line(
+        2,
+        br#"{"id":2,"command":"snapshot","args":{"dir":"/t"}}"#,
+        0,
+    )
+    .unwrap();
+    assert_eq!(code(h.responses()[0].1), Some(ErrorCode::Busy));
+    h.reply(PluginReply::State(vec![1, 2, 3])).unwrap();
+    assert!(h.vm.snapshot_saw_all_paused);
+    assert_eq!(h.vm.snapshot, Some(("/s".into(), Some(vec![1, 2, 3]))));
+    h.tick().unwrap();
+    let rs = h.responses();
+    let r = rs.iter().find(|(_, r)| r.id == json!(1)).unwrap().1;
+    assert_eq!(r.ok.as_ref().unwrap()["dir"], "/s", "{r:?}");
+    assert!(
+        h.vm.paused.iter().all(|&p| !p),
+        "resumed after the snapshot"
+    );
+    assert_eq!(h.vm.resumed, 1, "the plugin heard RESUMED");
+    let names: Vec<&str> = h.events().iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["running", "snapshot-started", "snapshot-done"]);
+    h.finish().unwrap();
+}
+
+#[test]
+fn snapshot_errors_leave_the_vm_as_it_was() {
+    // An old plugin: not-supported, unless without device state.
+    let mut h = running(1, PluginMode::Old);
+    h.line(
+        1,
+        br#"{"id":1,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    h.tick().unwrap();
+    let rs = h.responses();
+    assert_eq!(code(rs[0].1), Some(ErrorCode::NotSupported));
+    assert!(rs[0]
+        .1
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("does not take part in snapshots"));
+    assert!(!h.vm.paused[0]);
+    h.line(
+        1,
+        br#"{"id":2,"command":"snapshot","args":{"dir":"/s","without_device_state":true}}"#,
+        0,
+    )
+    .unwrap();
+    h.tick().unwrap();
+    h.tick().unwrap();
+    assert_eq!(h.vm.snapshots, [("/s".to_string(), None)]);
+    assert!(h.responses()[1].1.ok.is_some());
+    h.finish().unwrap();
+
+    // A paused VM stays paused; the plugin's refusal and a failed write
+    // are errors; starting is invalid-state.
+    let mut h = ControlHarness::new(ModelVm::new(2, PluginMode::Takes(4)));
+    h.line(
+        1,
+        br#"{"id":1,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    assert_eq!(code(h.responses()[0].1), Some(ErrorCode::InvalidState));
+    h.start().unwrap();
+    h.line(1, br#"{"id":2,"command":"pause","args":{"vcpus":[1]}}"#, 0)
+        .unwrap();
+    h.tick().unwrap();
+    h.line(
+        1,
+        br#"{"id":3,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    h.tick().unwrap();
+    h.reply(PluginReply::Refused {
+        errno: 5,
+        message: "no".into(),
+    })
+    .unwrap();
+    let rs = h.responses();
+    let r = rs.iter().find(|(_, r)| r.id == json!(3)).unwrap().1;
+    assert_eq!(code(r), Some(ErrorCode::PluginError));
+    assert_eq!(h.vm.paused, [false, true], "vcpu 1 stays paused");
+    h.line(
+        1,
+        br#"{"id":4,"command":"snapshot","args":{"dir":"/fail"}}"#,
+        0,
+    )
+    .unwrap();
+    h.tick().unwrap();
+    h.reply(PluginReply::State(Vec::new())).unwrap();
+    let rs = h.responses();
+    let r = rs.iter().find(|(_, r)| r.id == json!(4)).unwrap().1;
+    assert_eq!(code(r), Some(ErrorCode::Internal));
+    assert!(r.error.as_ref().unwrap().message.contains("/fail"));
+    h.line(
+        1,
+        br#"{"id":5,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    h.tick().unwrap();
+    h.reply(PluginReply::TimedOut(Duration::from_secs(5)))
+        .unwrap();
+    let rs = h.responses();
+    let r = rs.iter().find(|(_, r)| r.id == json!(5)).unwrap().1;
+    assert_eq!(code(r), Some(ErrorCode::Timeout));
+    assert_eq!(h.vm.paused, [false, true]);
+    assert!(h.vm.snapshots.is_empty());
+    h.finish().unwrap();
+}
+
+#[test]
+fn snapshot_arguments_are_checked() {
+    let mut h = running(1, PluginMode::Takes(4));
+    for (i, args) in [
+        r#"{}"#,
+        r#"{"dir":""}"#,
+        r#"{"dir":3}"#,
+        r#"{"dir":"/s","without_device_state":"yes"}"#,
+        r#"{"dir":"/s","other":1}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let line = format!(r#"{{"id":{i},"command":"snapshot","args":{args}}}"#);
+        h.line(1, line.as_bytes(), 0).unwrap();
+    }
+    assert!(h.vm.paused.iter().all(|&p| !p));
+    h.finish().unwrap();
+}
+
+/// A transport that host-pauses the vcpu while the plugin serves its exit
+/// (the pause arrives mid-exit, as a snapshot's does).
+struct PauseWhileServing {
+    io: ScriptedIo,
+    control: Arc<VcpuControl>,
+}
+
+impl vmm::runtime::vcpu::VcpuIo for PauseWhileServing {
+    fn read_request(&mut self) -> Result<&[u8], vmm::runtime::vcpu::ServiceError> {
+        self.control.host_pause();
+        self.io.read_request()
+    }
+    fn write_response(&mut self, body: &[u8]) -> Result<(), vmm::runtime::vcpu::ServiceError> {
+        self.io.write_response(body)
+    }
+}
+
+#[test]
+fn a_vcpu_parks_only_once_a_pending_read_is_in_its_registers() {
+    let control = Arc::new(VcpuControl::default());
+    let shared = {
+        let exit_config = Arc::new(SharedExitConfig::default());
+        let mut cfg = vmm::runtime::objects::ExitConfig::default();
+        cfg.reservations
+            .reserve(vmm::vm::Space::Ioport, 0x700, 4, false)
+            .unwrap();
+        exit_config.publish(cfg);
+        Arc::new(VcpuShared {
+            exit_config,
+            ..Arc::try_unwrap(shared()).ok().unwrap()
+        })
+    };
+    let c = Arc::clone(&control);
+    let sh = Arc::clone(&shared);
+    let t = std::thread::spawn(move || {
+        let mut run = ScriptedRun::new([Exit::IoIn(0x700, 4), Exit::Hlt]);
+        let io = PauseWhileServing {
+            io: ScriptedIo::new([resume(&[1, 2, 3, 4])]),
+            control: Arc::clone(&c),
+        };
+        let mut sv = Servicer::with_io(0, ModelVcpu::default(), io, c, sh);
+        let stop = run_loop(&mut run, &mut sv);
+        (stop, run)
+    });
+    wait_until("the vcpu parks", || control.is_parked());
+    // Stopped while parked: whatever the guest has now is what a snapshot
+    // taken at the park would hold.
+    shared.kill.store(true, Ordering::Release);
+    control.wake();
+    let (stop, run) = t.join().unwrap();
+    assert_eq!(stop, Stop::Killed);
+    assert_eq!(
+        run.completed,
+        [vmm_model::run::Completed::Read(vec![1, 2, 3, 4])],
+        "the read was completed (by a KVM_RUN cut short) before the vcpu parked"
+    );
+    assert_eq!(run.entries, 1, "the guest did not run again");
+    assert_eq!(run.interrupted, 1);
+}

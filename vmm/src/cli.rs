@@ -40,9 +40,10 @@ pub struct Args {
     #[arg(short = 'p', long = "params", value_name = "STR")]
     pub params: Vec<String>,
 
-    /// Number of vcpus: N or num-cores=N.
-    #[arg(short = 'c', long = "cpus", value_name = "SPEC", value_parser = parse_cpus, default_value = "1")]
-    pub cpus: usize,
+    /// Number of vcpus: N or num-cores=N (default 1; with --restore, the
+    /// snapshot's, which a different N contradicts).
+    #[arg(short = 'c', long = "cpus", value_name = "SPEC", value_parser = parse_cpus)]
+    pub cpus: Option<usize>,
 
     /// Accepted for crosvm compatibility and ignored: all guest memory comes
     /// from the plugin.
@@ -182,6 +183,12 @@ pub struct Args {
     /// the plugin. Removed when vmm exits. Also spelled `--socket`.
     #[arg(long, visible_alias = "socket", value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Restore the snapshot in DIR (taken with `vmm ctl PATH snapshot
+    /// DIR`; docs/snapshot-format.md): the plugin sets up its machine as
+    /// usual, and at Start guest memory, VM and vcpu state come from DIR.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
 }
 
 const LEVELS: &str = "error, warn, info, debug, trace";
@@ -625,7 +632,9 @@ impl Args {
             plugin: self.plugin.clone(),
             args: self.plugin_argv(),
             env: self.plugin_environment(host),
-            vcpus: self.cpus,
+            vcpus: self.cpus.unwrap_or(1),
+            vcpus_given: self.cpus.is_some(),
+            restore: self.restore.clone(),
             kvm_path: self.kvm_path(),
             vcpu_cgroup_path: self.vcpu_cgroup_path.clone(),
             nets: self.all_nets()?,
@@ -718,7 +727,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.plugin_argv(), vec!["one two", "--x", "three four"]);
-        assert_eq!(a.cpus, 2);
+        assert_eq!(a.cpus, Some(2));
     }
 
     #[test]
@@ -743,7 +752,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.plugin_argv(), vec!["A", "B", "-x", "--cpus", "run"]);
-        assert_eq!(a.cpus, 1);
+        assert_eq!(a.cpus, Some(1));
         assert!(a.disable_sandbox);
         // A vmm option after the plugin's arguments is honoured, in both
         // spellings.

@@ -34,6 +34,10 @@ pub struct VmConfig {
     pub plugin_stderr_level: log::Level,
     /// The control socket (`--api-socket`), docs/control-api.md.
     pub api_socket: Option<PathBuf>,
+    /// `--cpus` was given (with `--restore` it must match the snapshot).
+    pub vcpus_given: bool,
+    /// `--restore DIR`.
+    pub restore: Option<PathBuf>,
 }
 
 /// How to jail the plugin.

@@ -101,6 +101,16 @@ pub enum CtlCommand {
         #[arg(value_name = "JSON")]
         args: Option<String>,
     },
+    /// Snapshot the machine into DIR (docs/snapshot-format.md); restore it
+    /// with `vmm --restore DIR --plugin P`.
+    Snapshot {
+        /// The snapshot directory (created; must not hold a snapshot).
+        dir: PathBuf,
+        /// `without_device_state`: do not ask the plugin for its device
+        /// state (for plugins that do not take part in snapshots).
+        #[arg(value_name = "without_device_state", value_parser = ["without_device_state"])]
+        mode: Option<String>,
+    },
 }
 
 impl CtlCommand {
@@ -127,6 +137,15 @@ impl CtlCommand {
                         source,
                     })?,
                 },
+            },
+            CtlCommand::Snapshot { dir, mode } => Command::Snapshot {
+                // vmm resolves a relative path against its own directory:
+                // send the one this command names.
+                dir: std::path::absolute(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .to_string_lossy()
+                    .into_owned(),
+                without_device_state: mode.is_some(),
             },
         })
     }

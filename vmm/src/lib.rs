@@ -19,6 +19,7 @@ pub mod net;
 pub mod record;
 pub mod replay;
 pub mod runtime;
+pub mod snapshot;
 pub mod stats;
 pub mod trace;
 pub mod vm;

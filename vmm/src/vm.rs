@@ -294,6 +294,26 @@ pub trait Vcpu {
     fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>>;
     fn set_msrs(&self, entries: &[(u32, u64)]) -> Result<()>;
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()>;
+    /// The CPUID entries set on the vcpu (none if never set), for a
+    /// snapshot.
+    fn get_cpuid(&self) -> Result<Vec<Cpuid>> {
+        Err(Errno::ENOTTY)
+    }
+    /// The vcpu's whole XSAVE image (`KVM_GET_XSAVE`, 4096 bytes: x87,
+    /// SSE, AVX and the other enabled components), for a snapshot.
+    fn get_xsave(&self) -> Result<Vec<u8>> {
+        Err(Errno::ENOTTY)
+    }
+    /// Sets an image from [`Self::get_xsave`].
+    fn set_xsave(&self, image: &[u8]) -> Result<()> {
+        let _ = image;
+        Err(Errno::ENOTTY)
+    }
+    /// `KVM_SET_MSRS`: how many of `entries` were set (it stops at the
+    /// first one KVM refuses), for a restore.
+    fn set_msrs_counted(&self, entries: &[(u32, u64)]) -> Result<usize> {
+        self.set_msrs(entries).map(|()| entries.len())
+    }
     fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>>;
     fn enable_capability(&self, cap: u32) -> Result<()>;
 }
@@ -419,6 +439,23 @@ impl KvmVm {
         }
         .map_err(|source| VmError::CreateVcpu { id, source })?;
         Ok((run, control))
+    }
+
+    /// Another handle on vcpu `id` (a snapshot reads its state through it
+    /// while the vcpu is parked).
+    pub fn vcpu_handle(&self, id: u32, vcpu: &VcpuFd) -> std::result::Result<VcpuFd, VmError> {
+        let fail = |e: Errno| VmError::CreateVcpu {
+            id,
+            source: kvm_ioctls::Error::new(e as i32),
+        };
+        let dup = nix::unistd::dup(borrow_fd(vcpu)).map_err(fail)?;
+        // SAFETY: `dup` is a fresh descriptor of an existing vcpu of this VM;
+        // ownership passes to the new VcpuFd.
+        unsafe {
+            self.vm
+                .create_vcpu_from_rawfd(std::os::fd::IntoRawFd::into_raw_fd(dup))
+        }
+        .map_err(|source| VmError::CreateVcpu { id, source })
     }
 
     /// Maps the VM's coalesced ring through a new handle on vcpu `id`
@@ -807,6 +844,35 @@ impl Vcpu for VcpuFd {
     fn set_cpuid(&self, entries: &[Cpuid]) -> Result<()> {
         let cpuid = CpuId::from_entries(entries).map_err(|_| Errno::E2BIG)?;
         self.set_cpuid2(&cpuid).map_err(errno)
+    }
+
+    fn get_cpuid(&self) -> Result<Vec<Cpuid>> {
+        cpuid_list(self.get_cpuid2(MAX_KVM_LIST_ENTRIES))
+    }
+
+    fn get_xsave(&self) -> Result<Vec<u8>> {
+        Ok(self.get_xsave().map_err(errno)?.as_bytes().to_vec())
+    }
+
+    fn set_xsave(&self, image: &[u8]) -> Result<()> {
+        let xsave: kvm_bindings::kvm_xsave = parse(image)?;
+        // SAFETY: the host never enables dynamically sized XSTATE features
+        // for its guests (no ARCH_REQ_XCOMP_GUEST_PERM), so the vcpu's XSAVE
+        // image fits the 4096-byte `kvm_xsave` the kernel reads.
+        unsafe { VcpuFd::set_xsave(self, &xsave) }.map_err(errno)
+    }
+
+    fn set_msrs_counted(&self, entries: &[(u32, u64)]) -> Result<usize> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = entries
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Errno::E2BIG)?;
+        VcpuFd::set_msrs(self, &msrs).map_err(errno)
     }
 
     fn get_hyperv_cpuid(&self) -> Result<Vec<Cpuid>> {

@@ -20,7 +20,14 @@ use super::{ApiRequest, ToServer};
 pub enum Forward {
     PowerButton,
     SleepButton,
-    Plugin { name: String, args: Value },
+    Plugin {
+        name: String,
+        args: Value,
+    },
+    /// `SAVE_STATE`: the plugin's device state for a snapshot.
+    SaveState,
+    /// `RESUMED`: the snapshot is done (no reply expected).
+    Resumed,
 }
 
 /// Why a command could not be forwarded; the message names the cause.
@@ -38,6 +45,8 @@ pub enum ForwardRefused {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PluginReply {
     Ok(Value),
+    /// The device state, answering `SaveState`.
+    State(Vec<u8>),
     Refused {
         errno: i32,
         message: String,
@@ -96,6 +105,47 @@ pub trait ControlTarget {
     /// Ends the VM at once.
     fn kill(&mut self);
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused>;
+    /// Whether vcpu `id` is parked where its state is complete (after a
+    /// `KVM_RUN` with `immediate_exit` returned), or ended.
+    fn parked(&self, id: u32) -> bool {
+        self.out_of_guest(id)
+    }
+    /// With every vcpu parked: captures the machine's state and starts
+    /// writing the snapshot to `dir` (`device`: the plugin's blob, `None`
+    /// without device state). Returns at once; [`Self::snapshot_poll`]
+    /// tells when it is done.
+    fn snapshot_begin(&mut self, dir: &str, device: Option<Vec<u8>>) -> Result<(), String> {
+        let _ = (dir, device);
+        Err("this VM cannot be snapshotted".into())
+    }
+    /// The snapshot's result once written: `{"bytes", "memory_pages",
+    /// "ms"}` or why it failed.
+    fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
+        None
+    }
+}
+
+/// Where a snapshot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapStage {
+    /// Waiting for every vcpu to park.
+    Parking,
+    /// Waiting for the plugin's device state (the forward's tag).
+    Device(u64),
+    /// The host writes it.
+    Writing,
+}
+
+struct PendingSnapshot {
+    client: u64,
+    id: Id,
+    dir: String,
+    without_device_state: bool,
+    /// Vcpus host-paused before the snapshot (they stay paused).
+    was_paused: Vec<u32>,
+    stage: SnapStage,
+    /// SAVE_STATE went out: RESUMED follows.
+    asked_plugin: bool,
 }
 
 struct PendingPause {
@@ -113,6 +163,7 @@ pub struct Dispatcher {
     pauses: Vec<PendingPause>,
     forwards: BTreeMap<u64, (u64, Id, &'static str)>,
     next_tag: u64,
+    snapshot: Option<PendingSnapshot>,
 }
 
 fn error(client: u64, id: Id, code: ErrorCode, message: impl Into<String>) -> ToServer {
@@ -148,7 +199,7 @@ impl Dispatcher {
     /// Pauses are waiting for their vcpus to leave the guest (the main
     /// loop polls often then).
     pub fn waiting(&self) -> bool {
-        !self.pauses.is_empty()
+        !self.pauses.is_empty() || self.snapshot.is_some()
     }
 
     /// The last event's sequence number (0 before the first).
@@ -339,12 +390,199 @@ impl Dispatcher {
                     }
                 }
             }
+            Command::Snapshot {
+                dir,
+                without_device_state,
+            } => {
+                if phase != Phase::Running {
+                    let what = if phase == Phase::Starting {
+                        "starting (only a running or paused VM can be snapshotted)"
+                    } else {
+                        "stopping"
+                    };
+                    self.out.push(error(
+                        client,
+                        id,
+                        ErrorCode::InvalidState,
+                        format!("snapshot: the VM is {what}"),
+                    ));
+                    return;
+                }
+                if let Some(s) = &self.snapshot {
+                    let dir = s.dir.clone();
+                    self.out.push(error(
+                        client,
+                        id,
+                        ErrorCode::Busy,
+                        format!("snapshot: a snapshot into {dir} is being taken"),
+                    ));
+                    return;
+                }
+                let was_paused: Vec<u32> = (0..n).filter(|&i| vm.is_paused(i)).collect();
+                let all: Vec<u32> = (0..n).collect();
+                vm.pause(&all);
+                self.event(
+                    vm.uptime_ms(),
+                    "snapshot-started",
+                    json!({ "dir": dir.clone() }),
+                );
+                self.snapshot = Some(PendingSnapshot {
+                    client,
+                    id,
+                    dir,
+                    without_device_state,
+                    was_paused,
+                    stage: SnapStage::Parking,
+                    asked_plugin: false,
+                });
+                self.poll(vm);
+            }
         }
+    }
+
+    /// Ends the snapshot: the vcpus that were not paused before go again,
+    /// the plugin hears `RESUMED` if it was asked for its state, the client
+    /// gets its answer.
+    fn snapshot_end(
+        &mut self,
+        vm: &mut impl ControlTarget,
+        result: Result<Value, (ErrorCode, String)>,
+    ) {
+        let Some(s) = self.snapshot.take() else {
+            return;
+        };
+        if vm.phase() != Phase::Stopping {
+            let resume: Vec<u32> = (0..vm.vcpu_count())
+                .filter(|v| !s.was_paused.contains(v))
+                .collect();
+            vm.resume(&resume);
+        }
+        if s.asked_plugin {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            // No reply is expected; a plugin that is gone cannot hear it.
+            let _ = vm.forward(Forward::Resumed, tag);
+        }
+        match result {
+            Ok(mut v) => {
+                if let Value::Object(o) = &mut v {
+                    o.insert("dir".into(), Value::from(s.dir.clone()));
+                }
+                self.event(vm.uptime_ms(), "snapshot-done", v.clone());
+                self.out.push(ok(s.client, s.id, v));
+            }
+            Err((code, why)) => {
+                self.event(
+                    vm.uptime_ms(),
+                    "snapshot-done",
+                    json!({ "dir": s.dir, "error": why.clone() }),
+                );
+                self.out
+                    .push(error(s.client, s.id, code, format!("snapshot: {why}")));
+            }
+        }
+    }
+
+    /// Moves the snapshot on (called from [`Self::poll`] and when the
+    /// plugin's state arrived).
+    fn snapshot_poll(&mut self, vm: &mut impl ControlTarget) {
+        let Some(s) = &mut self.snapshot else {
+            return;
+        };
+        if vm.phase() == Phase::Stopping {
+            self.snapshot_end(
+                vm,
+                Err((ErrorCode::InvalidState, "the VM is stopping".into())),
+            );
+            return;
+        }
+        match s.stage {
+            SnapStage::Parking => {
+                if !(0..vm.vcpu_count()).all(|v| vm.parked(v)) {
+                    return;
+                }
+                if s.without_device_state {
+                    s.stage = SnapStage::Writing;
+                    let dir = s.dir.clone();
+                    if let Err(why) = vm.snapshot_begin(&dir, None) {
+                        self.snapshot_end(vm, Err((ErrorCode::Internal, why)));
+                    }
+                    return;
+                }
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                match vm.forward(Forward::SaveState, tag) {
+                    Ok(()) => {
+                        s.stage = SnapStage::Device(tag);
+                        s.asked_plugin = true;
+                    }
+                    Err(ForwardRefused::NotSupported(_)) => self.snapshot_end(
+                        vm,
+                        Err((ErrorCode::NotSupported, "the plugin does not take part in snapshots (it never opened its                              control channel); add without_device_state to snapshot without                              its device state"
+                            .into())),
+                    ),
+                    Err(
+                        ForwardRefused::Busy(m) | ForwardRefused::Failed(m),
+                    ) => self.snapshot_end(
+                        vm,
+                        Err((
+                            ErrorCode::PluginError,
+                            format!("cannot ask the plugin for its device state: {m}"),
+                        )),
+                    ),
+                }
+            }
+            SnapStage::Device(_) => {}
+            SnapStage::Writing => {
+                if let Some(r) = vm.snapshot_poll() {
+                    self.snapshot_end(vm, r.map_err(|why| (ErrorCode::Internal, why)));
+                }
+            }
+        }
+    }
+
+    /// The plugin's answer to SAVE_STATE.
+    fn snapshot_state(&mut self, vm: &mut impl ControlTarget, reply: PluginReply) {
+        let Some(s) = &mut self.snapshot else {
+            return;
+        };
+        let plugin = ErrorCode::PluginError;
+        let why = match reply {
+            PluginReply::State(blob) => {
+                s.stage = SnapStage::Writing;
+                let dir = s.dir.clone();
+                match vm.snapshot_begin(&dir, Some(blob)) {
+                    Ok(()) => return,
+                    Err(why) => (ErrorCode::Internal, why),
+                }
+            }
+            PluginReply::Ok(_) => (
+                plugin,
+                "the plugin answered SAVE_STATE without a device state".into(),
+            ),
+            PluginReply::Refused { errno, message } => (
+                plugin,
+                format!(
+                "the plugin refused to hand over its device state: {message} ({}, errno {errno})",
+                nix::errno::Errno::from_raw(errno).desc()
+            ),
+            ),
+            PluginReply::TimedOut(after) => (
+                ErrorCode::Timeout,
+                format!("the plugin did not hand over its device state within {after:?}"),
+            ),
+            PluginReply::Closed => (
+                plugin,
+                "the plugin closed its control channel before handing over its device state".into(),
+            ),
+        };
+        self.snapshot_end(vm, Err(why));
     }
 
     /// Answers the pauses whose vcpus all left the guest, and fails those
     /// the VM's end overtook.
     pub fn poll(&mut self, vm: &mut impl ControlTarget) {
+        self.snapshot_poll(vm);
         let phase = vm.phase();
         let mut i = 0;
         while i < self.pauses.len() {
@@ -371,13 +609,22 @@ impl Dispatcher {
     }
 
     /// The plugin's replies to forwarded commands (and timeouts).
-    pub fn replies(&mut self, replies: Vec<(u64, PluginReply)>) {
+    pub fn replies(&mut self, vm: &mut impl ControlTarget, replies: Vec<(u64, PluginReply)>) {
         for (tag, reply) in replies {
+            if self
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.stage == SnapStage::Device(tag))
+            {
+                self.snapshot_state(vm, reply);
+                continue;
+            }
             let Some((client, id, name)) = self.forwards.remove(&tag) else {
                 continue;
             };
             self.out.push(match reply {
                 PluginReply::Ok(v) => ok(client, id, v),
+                PluginReply::State(_) => ok(client, id, Value::Null),
                 PluginReply::Refused { errno, message } => error(
                     client,
                     id,

@@ -92,6 +92,7 @@ impl Api {
 fn reply(r: Reply) -> PluginReply {
     match r {
         Reply::Ok(v) => PluginReply::Ok(v),
+        Reply::State(b) => PluginReply::State(b),
         Reply::Refused { errno, message } => PluginReply::Refused { errno, message },
         Reply::TimedOut => PluginReply::TimedOut(super::plugin_control::REPLY_TIMEOUT),
         Reply::Closed => PluginReply::Closed,
@@ -158,9 +159,12 @@ impl Host {
     /// The plugin's control channel is readable.
     pub(super) fn on_plugin_control(&mut self) {
         let replies = self.api.plugin_control.on_readable();
-        self.api
-            .dispatcher
-            .replies(replies.into_iter().map(|(t, r)| (t, reply(r))).collect());
+        let mut d = std::mem::take(&mut self.api.dispatcher);
+        d.replies(
+            self,
+            replies.into_iter().map(|(t, r)| (t, reply(r))).collect(),
+        );
+        self.api.dispatcher = d;
     }
 
     /// After every round of the main loop: overdue replies, pauses whose vcpus left the guest,
@@ -171,9 +175,12 @@ impl Host {
         }
         let expired = self.api.plugin_control.expire(Instant::now());
         if !expired.is_empty() {
-            self.api
-                .dispatcher
-                .replies(expired.into_iter().map(|(t, r)| (t, reply(r))).collect());
+            let mut d = std::mem::take(&mut self.api.dispatcher);
+            d.replies(
+                self,
+                expired.into_iter().map(|(t, r)| (t, reply(r))).collect(),
+            );
+            self.api.dispatcher = d;
         }
         self.drain_events();
         if self.api.dispatcher.waiting() {
@@ -330,11 +337,29 @@ impl ControlTarget for Host {
         self.enter_dying("killed over the control socket");
     }
 
+    fn parked(&self, id: u32) -> bool {
+        let id = id as usize;
+        let (Some(c), Some(t)) = (self.controls.get(id), self.threads.get(id)) else {
+            return true;
+        };
+        t.is_finished() || c.is_parked()
+    }
+
+    fn snapshot_begin(&mut self, dir: &str, device: Option<Vec<u8>>) -> Result<(), String> {
+        self.begin_snapshot(dir, device)
+    }
+
+    fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
+        self.poll_snapshot()
+    }
+
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
         let what = match what {
             Forward::PowerButton => PluginForward::PowerButton,
             Forward::SleepButton => PluginForward::SleepButton,
             Forward::Plugin { name, args } => PluginForward::Plugin { name, args },
+            Forward::SaveState => PluginForward::SaveState,
+            Forward::Resumed => PluginForward::Resumed,
         };
         self.api.plugin_control.forward(what, tag).map_err(|e| {
             let m = crate::error_chain(&e);

@@ -85,6 +85,22 @@ pub struct MainState {
     /// Coalesced ranges reserved now (bounded by
     /// [`limits::MAX_COALESCED_RANGES`]).
     pub coalesced_ranges: usize,
+    /// The routing table the plugin set (`None`: KVM's default), for a
+    /// snapshot.
+    pub irq_routes: Option<Vec<IrqRoute>>,
+    /// The identity-map address the plugin set, for a snapshot.
+    pub identity_map: Option<u64>,
+    /// `--restore`: what `GetRestoreState` answers.
+    pub restore: Option<RestoreOffer>,
+}
+
+/// What a restoring host offers the plugin (`GetRestoreState`).
+#[derive(Debug, Default)]
+pub struct RestoreOffer {
+    /// The plugin's device state from the snapshot (empty: taken without).
+    pub device: Vec<u8>,
+    /// The plugin asked for it.
+    pub asked: bool,
 }
 
 /// GSIs of KVM's default routing table with the in-kernel irqchip.
@@ -102,6 +118,9 @@ impl MainState {
             guest_memory: 0,
             memory_limits: limits::GuestMemoryLimits::from_host(),
             coalesced_ranges: 0,
+            irq_routes: None,
+            identity_map: None,
+            restore: None,
         }
     }
 
@@ -201,6 +220,7 @@ fn response_for(req: &main_request::Message) -> MainResponse {
         Q::SetCallHint(_) => r.set_set_call_hint(Default::default()),
         Q::DirtyLog(_) => r.set_dirty_log(Default::default()),
         Q::GetControlSocket(_) => r.set_get_control_socket(Default::default()),
+        Q::GetRestoreState(_) => r.set_get_restore_state(Default::default()),
         _ => {}
     }
     r
@@ -349,7 +369,9 @@ fn dispatch(
             ok(base.clone())
         }
         Q::SetIrqRouting(s) => {
-            state.routed_gsis = set_irq_routing(vm, s)?;
+            let (gsis, routes) = set_irq_routing(vm, s)?;
+            state.routed_gsis = gsis;
+            state.irq_routes = Some(routes);
             ok(base.clone())
         }
         Q::GetState(g) => {
@@ -372,6 +394,7 @@ fn dispatch(
         }
         Q::SetIdentityMapAddr(s) => {
             vm.set_identity_map_addr(u64::from(s.address))?;
+            state.identity_map = Some(u64::from(s.address));
             ok(base.clone())
         }
         Q::PauseVcpus(p) => {
@@ -391,6 +414,16 @@ fn dispatch(
         Q::DirtyLog(d) => {
             let mut r = base.clone();
             r.mut_dirty_log().bitmap = dirty_log(state, vm, d.id)?;
+            ok(r)
+        }
+        Q::GetRestoreState(_) => {
+            let mut r = base.clone();
+            if let Some(offer) = &mut state.restore {
+                offer.asked = true;
+                let g = r.mut_get_restore_state();
+                g.restoring = true;
+                g.state = offer.device.clone();
+            }
             ok(r)
         }
         Q::GetControlSocket(_) => {
@@ -809,7 +842,7 @@ fn reserve_coalesced(
 fn set_irq_routing(
     vm: &impl Vm,
     s: main_request::SetIrqRouting,
-) -> Result<std::collections::BTreeSet<u32>, Refused> {
+) -> Result<(std::collections::BTreeSet<u32>, Vec<IrqRoute>), Refused> {
     use main_request::set_irq_routing::route::Route as R;
     if s.routes.len() > limits::MAX_IRQ_ROUTES {
         return refuse(
@@ -842,7 +875,7 @@ fn set_irq_routing(
         })
         .collect::<Result<Vec<_>, _>>()?;
     vm.set_gsi_routing(&routes)?;
-    Ok(s.routes.iter().map(|r| r.irq_id).collect())
+    Ok((s.routes.iter().map(|r| r.irq_id).collect(), routes))
 }
 
 fn set_state(vm: &impl Vm, s: main_request::SetState) -> Result<(), Refused> {

@@ -13,6 +13,7 @@ pub mod panic;
 pub mod plugin_control;
 pub mod process;
 mod services;
+mod snapshot;
 mod teardown;
 pub mod vcpu;
 
@@ -127,6 +128,8 @@ pub enum RunError {
     VcpuFailed { id: u32, message: String },
     #[error("cannot serve the control socket")]
     Control(#[source] crate::control::ControlError),
+    #[error("cannot restore the snapshot")]
+    Restore(#[source] crate::snapshot::SnapError),
 }
 
 fn resource(what: &'static str) -> impl FnOnce(Errno) -> RunError {
@@ -212,6 +215,12 @@ struct Host {
     send_buf: Vec<u8>,
     /// The control socket's side of the main loop (`control.rs`).
     api: control::Api,
+    /// A third handle on each vcpu, for a snapshot's state reads.
+    snap_vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The snapshot being written (`snapshot.rs`).
+    snapshot_writer: Option<snapshot::Writer>,
+    /// `--restore`: the opened, verified snapshot.
+    restore: Option<crate::snapshot::Restore>,
 }
 
 /// Runs the VM until the plugin exits; `Ok` only for a clean run with plugin
@@ -231,8 +240,19 @@ pub fn run(config: VmConfig) -> Result<(), RunError> {
     result
 }
 
-fn run_vm(config: VmConfig, api: control::Api) -> Result<(), RunError> {
+fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
     crate::record::init_from_env();
+    // A snapshot to restore is opened and verified before anything starts.
+    let restore = match &config.restore {
+        Some(dir) => {
+            let r = crate::snapshot::Restore::open(dir, config.vcpus_given.then_some(config.vcpus))
+                .map_err(RunError::Restore)?;
+            config.vcpus = r.vcpu_count();
+            info!("restoring {} ({} vcpus)", dir.display(), config.vcpus);
+            Some(r)
+        }
+        None => None,
+    };
     // 1. Signals: SIGCHLD (plugin exit) and SIGINT/SIGTERM (user stop) are
     // read from a signalfd; blocking them here also keeps them off the vcpu
     // threads created later.
@@ -339,6 +359,10 @@ fn run_vm(config: VmConfig, api: control::Api) -> Result<(), RunError> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(resource("the epoll set"))?;
     let mut state = MainState::new(exit_config);
     state.memory_limits = config.memory_limits;
+    state.restore = restore.as_ref().map(|r| main_handler::RestoreOffer {
+        device: r.device.clone(),
+        asked: false,
+    });
     let in_flight = InFlight::new(limits::fds_in_flight_budget(config.vcpus));
     let stderr_level = config.plugin_stderr_level;
     let mut host = Host {
@@ -377,6 +401,9 @@ fn run_vm(config: VmConfig, api: control::Api) -> Result<(), RunError> {
         cmsg_buf: vec![0; framing::full_cmsg_space()],
         send_buf: Vec::with_capacity(4096),
         api,
+        snap_vcpus: Vec::new(),
+        snapshot_writer: None,
+        restore,
     };
     host.watch(host.signals.as_fd(), TOKEN_SIGNAL)?;
     host.watch(host.stderr.fd.as_fd(), TOKEN_STDERR)?;
@@ -770,10 +797,20 @@ impl Host {
                 source,
             })?;
         }
+        self.restore_machine()?;
         let mut pairs = Vec::with_capacity(self.channels.len());
         for id in 0..self.channels.len() as u32 {
-            pairs.push(self.vm.create_vcpu_pair(id).map_err(RunError::Vm)?);
+            let pair = self.vm.create_vcpu_pair(id).map_err(RunError::Vm)?;
+            self.snap_vcpus
+                .push(self.vm.vcpu_handle(id, &pair.0).map_err(RunError::Vm)?);
+            pairs.push(pair);
         }
+        let mut restore_parts = self
+            .restore
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.vcpus))
+            .unwrap_or_default()
+            .into_iter();
         if let Some((run, _)) = pairs.first() {
             let ring = self.vm.coalesced_ring(0, run).map_err(RunError::Vm)?;
             *self
@@ -803,13 +840,14 @@ impl Host {
             });
         }
         for (id, ((run, control_fd), transport)) in pairs.into_iter().zip(transports).enumerate() {
-            let servicer = Servicer::new(
+            let mut servicer = Servicer::new(
                 id as u32,
                 control_fd,
                 transport,
                 Arc::clone(&self.controls[id]),
                 Arc::clone(&self.shared),
             );
+            servicer.restore = restore_parts.next();
             let cgroup = self.config.vcpu_cgroup_path.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vmm_vcpu{id}"))

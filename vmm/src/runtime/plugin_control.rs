@@ -57,7 +57,14 @@ pub const MAX_PACKETS_PER_CALL: usize = 128;
 pub enum Forward {
     PowerButton,
     SleepButton,
-    Plugin { name: String, args: Value },
+    Plugin {
+        name: String,
+        args: Value,
+    },
+    /// `SAVE_STATE` (§6): the reply carries the device state.
+    SaveState,
+    /// `RESUMED` (§6): no reply is waited for.
+    Resumed,
 }
 
 /// The plugin's answer to a forwarded command.
@@ -65,6 +72,9 @@ pub enum Forward {
 pub enum Reply {
     /// Success, with the plugin's JSON result (`null` when it sent none).
     Ok(Value),
+    /// The device state answering `SaveState` (at most
+    /// [`crate::snapshot::MAX_DEVICE_STATE`] bytes).
+    State(Vec<u8>),
     /// The plugin refused it: its errno and message.
     Refused { errno: i32, message: String },
     /// No reply within [`REPLY_TIMEOUT`].
@@ -91,7 +101,13 @@ pub enum ForwardError {
 struct Pending {
     tag: u64,
     deadline: Instant,
+    /// It is a `SaveState`: the reply's `state` is what counts.
+    save_state: bool,
 }
+
+/// Largest packet while a `SaveState` waits: the device state and the
+/// reply's other fields.
+pub const MAX_STATE_PACKET: usize = crate::snapshot::MAX_DEVICE_STATE + 4096;
 
 /// The host's side of the channel.
 #[derive(Default)]
@@ -184,7 +200,17 @@ impl PluginControl {
             id,
             ..Default::default()
         };
+        let save_state = what == Forward::SaveState;
+        let wait = what != Forward::Resumed;
         match what {
+            Forward::SaveState => {
+                cmd.kind = EnumOrUnknown::new(Kind::SAVE_STATE);
+                cmd.json = b"null".to_vec();
+            }
+            Forward::Resumed => {
+                cmd.kind = EnumOrUnknown::new(Kind::RESUMED);
+                cmd.json = b"null".to_vec();
+            }
             Forward::PowerButton => {
                 cmd.kind = EnumOrUnknown::new(Kind::POWER_BUTTON);
                 cmd.json = b"null".to_vec();
@@ -222,13 +248,16 @@ impl PluginControl {
             Err(e) => return Err(ForwardError::Send(e)),
         }
         self.last_id = id;
-        self.pending.insert(
-            id,
-            Pending {
-                tag,
-                deadline: Instant::now() + REPLY_TIMEOUT,
-            },
-        );
+        if wait {
+            self.pending.insert(
+                id,
+                Pending {
+                    tag,
+                    deadline: Instant::now() + REPLY_TIMEOUT,
+                    save_state,
+                },
+            );
+        }
         Ok(())
     }
 
@@ -248,6 +277,16 @@ impl PluginControl {
             // packet are closed by the kernel, since no control buffer is
             // given.
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
+            if self.pending.values().any(|p| p.save_state) {
+                // A device state may be bigger than any other packet: the
+                // buffer grows to the packet's size (bounded), for as long
+                // as it is needed.
+                if let Ok(n) = recv(sock.as_raw_fd(), &mut [0u8; 1], flags | MsgFlags::MSG_PEEK) {
+                    if n > self.recv_buf.len() && n <= MAX_STATE_PACKET {
+                        self.recv_buf = vec![0; n];
+                    }
+                }
+            }
             match recv(sock.as_raw_fd(), &mut self.recv_buf, flags) {
                 // End of file, or an empty packet (which no reply is: ids
                 // start at 1, so a reply always has a non-empty encoding).
@@ -260,7 +299,8 @@ impl PluginControl {
                 }
                 Ok(n) if n > self.recv_buf.len() => {
                     self.dropped(format_args!(
-                        "dropping a {n}-byte packet from the plugin (at most {MAX_PACKET})"
+                        "dropping a {n}-byte packet from the plugin (at most {MAX_PACKET}, \
+                         {MAX_STATE_PACKET} for a device state)"
                     ));
                 }
                 Ok(n) => {
@@ -302,6 +342,12 @@ impl PluginControl {
             );
             return None;
         };
+        if self.recv_buf.len() > MAX_PACKET && !self.pending.values().any(|p| p.save_state) {
+            self.recv_buf = vec![0; MAX_PACKET];
+        }
+        if p.save_state {
+            return Some((p.tag, decode_state(reply)));
+        }
         Some((p.tag, decode_reply(reply)))
     }
 
@@ -358,6 +404,24 @@ fn hung_up(fd: BorrowedFd<'_>) -> bool {
             .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
         Err(_) => true,
     }
+}
+
+/// A reply to `SaveState`: its device state, or why there is none.
+fn decode_state(r: ControlReply) -> Reply {
+    if r.errno != 0 {
+        return decode_reply(r);
+    }
+    if r.state.len() > crate::snapshot::MAX_DEVICE_STATE {
+        return Reply::Refused {
+            errno: libc::EMSGSIZE,
+            message: format!(
+                "the device state is {} bytes, more than {}",
+                r.state.len(),
+                crate::snapshot::MAX_DEVICE_STATE
+            ),
+        };
+    }
+    Reply::State(r.state)
 }
 
 /// What a reply means for the control client.
@@ -684,5 +748,75 @@ mod tests {
             Err(ForwardError::Send(Errno::EMSGSIZE))
         ));
         assert_eq!(c.pending(), 0);
+    }
+
+    fn state_reply(id: u64, state: Vec<u8>) -> Vec<u8> {
+        ControlReply {
+            id,
+            state,
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .unwrap()
+    }
+
+    #[test]
+    fn save_state_gets_the_state_resumed_waits_for_nothing() {
+        let (mut c, plugin) = opened();
+        c.forward(Forward::SaveState, 1).unwrap();
+        let cmd = plugin.recv();
+        assert_eq!(cmd.kind.enum_value(), Ok(Kind::SAVE_STATE));
+        // Bigger than any other packet on the channel: read whole.
+        let big: Vec<u8> = (0..200 * 1024).map(|i| i as u8).collect();
+        plugin.send_raw(&state_reply(cmd.id, big.clone()));
+        assert_eq!(c.on_readable(), vec![(1, Reply::State(big))]);
+        c.forward(Forward::Resumed, 2).unwrap();
+        assert_eq!(plugin.recv().kind.enum_value(), Ok(Kind::RESUMED));
+        assert_eq!(c.pending(), 0, "RESUMED waits for no reply");
+        // A reply to it anyway is dropped.
+        plugin.reply(2, 0, b"", "");
+        assert!(c.on_readable().is_empty());
+        // An empty state is a state (the plugin has none).
+        c.forward(Forward::SaveState, 3).unwrap();
+        let cmd = plugin.recv();
+        plugin.send_raw(&state_reply(cmd.id, Vec::new()));
+        assert_eq!(c.on_readable(), vec![(3, Reply::State(Vec::new()))]);
+    }
+
+    #[test]
+    fn save_state_refusals_garbage_and_oversize_states() {
+        let (mut c, plugin) = opened();
+        c.forward(Forward::SaveState, 1).unwrap();
+        let cmd = plugin.recv();
+        plugin.send_raw(&[0xff; 40]);
+        plugin.reply(cmd.id, libc::EIO, b"", "disk on fire");
+        assert_eq!(
+            c.on_readable(),
+            vec![(
+                1,
+                Reply::Refused {
+                    errno: libc::EIO,
+                    message: "disk on fire".into()
+                }
+            )]
+        );
+        // Over the bound: refused by size, whatever the channel carried.
+        let r = ControlReply {
+            id: 9,
+            state: vec![0; crate::snapshot::MAX_DEVICE_STATE + 1],
+            ..Default::default()
+        };
+        match decode_state(r) {
+            Reply::Refused { errno, message } => {
+                assert_eq!(errno, libc::EMSGSIZE);
+                assert!(message.contains("device state"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A plugin that never answers: timed out.
+        c.forward(Forward::SaveState, 2).unwrap();
+        let _ = plugin.recv();
+        let later = Instant::now() + REPLY_TIMEOUT + Duration::from_millis(1);
+        assert_eq!(c.expire(later), vec![(2, Reply::TimedOut)]);
     }
 }

@@ -45,6 +45,9 @@ pub struct Servicer<V: Vcpu, I: VcpuIo = ChannelIo> {
     /// Coalesced writes taken from the ring and not delivered yet, as wire
     /// records (capacity for a whole batch: no allocation on the exit path).
     batch: Vec<u8>,
+    /// `--restore`: this vcpu's snapshot state, applied after Init
+    /// servicing and before the start barrier.
+    pub restore: Option<vmm_snapshot::Records>,
 }
 
 /// Most writes in one `CoalescedWrites` batch (a bit more than KVM's ring
@@ -97,6 +100,7 @@ impl<V: Vcpu, I: VcpuIo> Servicer<V, I> {
             resume_data: Vec::with_capacity(MAX_IO_READ),
             failed: false,
             batch: Vec::with_capacity(MAX_COALESCED_BATCH * COALESCED_RECORD),
+            restore: None,
         }
     }
 
@@ -438,6 +442,21 @@ pub fn run_thread<R: VcpuRun, V: Vcpu, I: VcpuIo>(
         sv.log_service_error("init", e);
     }
     sv.control.watch.set_init_done();
+    if init.is_ok() {
+        if let Some(r) = sv.restore.take() {
+            // The plugin's Init handler set fresh registers; the snapshot's
+            // state replaces them, so the first KVM_RUN continues the guest
+            // where it stopped. A failure stops the VM before any guest
+            // instruction runs.
+            if let Err(e) = crate::snapshot::apply_vcpu(&sv.vcpu, sv.id as usize, &r) {
+                let message = crate::error_chain(&e);
+                error!("vcpu {}: {message}", sv.id);
+                sv.set_failure(message);
+                sv.shared.barrier.cancel();
+                return None;
+            }
+        }
+    }
     let go = sv.shared.barrier.wait();
     (init.is_ok() && go).then(|| run_loop(run, sv))
 }
@@ -488,6 +507,10 @@ enum Next {
 pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V, I>) -> Stop {
     let id = sv.id;
     let mut unknown_exits = 0u32;
+    // The last KVM_RUN returned without an exit to complete: a port or MMIO
+    // read's data is in the registers (KVM completes it at the next
+    // KVM_RUN), so the vcpu's state is complete and it may park.
+    let mut complete = false;
     loop {
         if sv.killed() {
             return Stop::Killed;
@@ -497,14 +520,16 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
         }
         // One acquire load per KVM_RUN covers both kinds of pause.
         if sv.control.has_pending() {
-            if sv.control.park(&sv.shared.kill) {
+            if complete && sv.control.park(&sv.shared.kill) {
                 // Resumed (or killed): look at everything again.
+                complete = false;
                 continue;
             }
             run.set_immediate_exit(true);
         }
         let exit = match run.run() {
             Ok(VmExit::Interrupted) => {
+                complete = true;
                 run.set_immediate_exit(false);
                 if sv.killed() {
                     return Stop::Killed;
@@ -522,6 +547,7 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
                 continue;
             }
             Ok(exit) => {
+                complete = false;
                 sv.control.count_exit();
                 exit
             }
