@@ -309,7 +309,10 @@ int main(int argc, char **argv) {
   ret = crosvm_get_restore_state(crosvm, blob, sizeof(blob), &blob_len);
   if (ret < 0)
     return fail("crosvm_get_restore_state", ret);
-  if (ret == 1) {
+  if (ret == 1 && blob_len == 0) {
+    /* A snapshot taken without device state: the device starts afresh. */
+    fprintf(stderr, "longrun_c: restoring a snapshot without device state\n");
+  } else if (ret == 1) {
     if (restore_state(blob, blob_len))
       return 1;
     char json[128];

@@ -3,11 +3,10 @@
 //! mid-run with the real `vmm ctl S snapshot DIR`, restored with `vmm
 //! --restore DIR`, and the bad-input list for snapshots.
 //!
-//! Until `longrun` hands over its device state (SAVE_STATE), the snapshots
-//! here are taken `without_device_state`: the restored guest continues
-//! where it stopped (its progress goes on from the snapshot's round) but
-//! the device's accumulator starts afresh, so the result differs from an
-//! uninterrupted run — which shows that the device state matters.
+//! `longrun` and `longrun_c` hand over their device state (SAVE_STATE) and
+//! restore to the uninterrupted result; taken `without_device_state`, the
+//! restored guest continues where it stopped but the device's accumulator
+//! starts afresh, so the result differs — the device state matters.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -213,9 +212,11 @@ fn longrun_snapshotted_mid_run_continues_after_restore_and_lost_device_state_sho
 
 #[test]
 fn snapshot_without_a_control_channel_is_refused_and_the_vm_keeps_running() {
+    // ctl_spin never opens the plugin's control channel (a crosvm-era
+    // plugin would not either): it cannot hand over its device state.
     let dir = TempDir::new("snap-refused");
-    let mut vm = Vm::start(&dir.0.join("vm.sock"), "longrun", &[ROUNDS]);
-    vm.wait_line("progress 1");
+    let mut vm = Vm::start(&dir.0.join("vm.sock"), "ctl_spin", &["0"]);
+    vm.wait_line("ctl_spin: running");
     let snap = dir.0.join("snap");
     let (code, out, err) = vm.ctl(&["snapshot", snap.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{out}{err}");
@@ -224,11 +225,21 @@ fn snapshot_without_a_control_channel_is_refused_and_the_vm_keeps_running() {
         "{out}{err}"
     );
     assert!(!snap.join("manifest.json").exists());
-    // Unharmed: it runs on, and to its end.
-    let v = vm.ctl_json(&["status"]);
-    assert_eq!(v["state"], "running", "{v}");
-    vm.wait_line(&format!("progress {ROUNDS}"));
-    vm.wait_line("result=");
+    // Unharmed: it runs on.
+    let exits = |vm: &Vm| {
+        let v = vm.ctl_json(&["status"]);
+        assert_eq!(v["state"], "running", "{v}");
+        v["exits"][0].as_u64().expect("exits")
+    };
+    let before = exits(&vm);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        exits(&vm) > before,
+        "the guest makes progress after the refusal"
+    );
+    // Taken without device state, the same machine snapshots fine.
+    let v = vm.ctl_json(&["snapshot", snap.to_str().unwrap(), "without_device_state"]);
+    assert!(v["memory_pages"].as_u64().unwrap() > 0, "{v}");
 }
 
 #[test]
@@ -529,4 +540,53 @@ fn restoring_device_state_into_a_plugin_that_never_asks_for_it_fails() {
         "{r:#?}"
     );
     assert!(!r.stdout.contains("progress"), "the guest ran: {r:#?}");
+}
+
+/// Issue 12's first "done when": `longrun` snapshotted mid-run (device
+/// state included) and restored in a new `vmm` prints the same `result=`
+/// as an uninterrupted run; the original is killed after the snapshot.
+fn same_result_after_restore(plugin: &str) {
+    let dir = TempDir::new(&format!("snap-same-{plugin}"));
+    let reference = run_vmm(&[], &bin(plugin), &[ROUNDS]);
+    reference.assert_success();
+    let expected = result_of(&reference.stdout);
+
+    let mut vm = Vm::start(&dir.0.join("vm.sock"), plugin, &[ROUNDS]);
+    vm.wait_line("progress 5");
+    let snap = dir.0.join("snap");
+    let reply = vm.ctl_json(&["snapshot", snap.to_str().unwrap()]);
+    assert!(reply["memory_pages"].as_u64().unwrap() > 0, "{reply}");
+    // Killed mid-run: only the snapshot carries the machine on.
+    let (code, _, err) = vm.ctl(&["kill"]);
+    assert_eq!(code, Some(0), "{err}");
+    drop(vm);
+
+    let restored = run_vmm(
+        &["--restore", snap.to_str().unwrap()],
+        &bin(plugin),
+        &[ROUNDS],
+    );
+    restored.assert_success();
+    let first = restored
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("progress "))
+        .map(progress_of)
+        .unwrap_or_else(|| panic!("no progress after restore: {restored:#?}"));
+    assert!(first > 5, "the restored guest restarted: {restored:#?}");
+    assert_eq!(result_of(&restored.stdout), expected, "{restored:#?}");
+    assert!(
+        restored.stderr.contains("restoring a snapshot"),
+        "the plugin learned it was restoring: {restored:#?}"
+    );
+}
+
+#[test]
+fn longrun_snapshotted_and_restored_prints_the_uninterrupted_result() {
+    same_result_after_restore("longrun");
+}
+
+#[test]
+fn longrun_c_snapshotted_and_restored_prints_the_uninterrupted_result() {
+    same_result_after_restore("longrun_c");
 }

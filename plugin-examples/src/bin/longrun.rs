@@ -91,12 +91,19 @@ fn run(rounds: u32) -> Result<u64> {
     conn.set_irq_routing(&pc_irq_routes())?;
 
     let device = Arc::new(Mutex::new(Device::default()));
-    if let Some(blob) = conn.restore_state()? {
-        lock(&device).restore(&blob)?;
-        eprintln!(
-            "longrun: restoring a snapshot, device state {}",
-            lock(&device).to_json()
-        );
+    match conn.restore_state()? {
+        // A snapshot taken without device state: the device starts afresh.
+        Some(blob) if blob.is_empty() => {
+            eprintln!("longrun: restoring a snapshot without device state")
+        }
+        Some(blob) => {
+            lock(&device).restore(&blob)?;
+            eprintln!(
+                "longrun: restoring a snapshot, device state {}",
+                lock(&device).to_json()
+            );
+        }
+        None => {}
     }
     serve_control(&conn, &device);
 

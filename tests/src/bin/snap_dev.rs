@@ -143,7 +143,7 @@ fn main() {
         };
         let fd = control.fd();
         let bytes = match cmd.kind {
-            ControlKind::Unknown(3) => {
+            ControlKind::SaveState => {
                 let acc = *shared.lock().unwrap_or_else(|p| p.into_inner());
                 match mode.as_str() {
                     "good" | "noask" => state_reply(cmd.id, &acc.to_le_bytes()),
@@ -157,7 +157,7 @@ fn main() {
                     _ => continue,
                 }
             }
-            ControlKind::Unknown(4) => {
+            ControlKind::Resumed => {
                 println!("{NAME}: resumed");
                 let _ = std::io::stdout().flush();
                 continue;
