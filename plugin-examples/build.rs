@@ -8,6 +8,7 @@ const C_EXAMPLES: &[(&str, &str)] = &[
     ("adder_c", "adder_c"),
     ("tutorial_c", "tutorial"),
     ("counter_c", "counter_c"),
+    ("longrun_c", "longrun"),
 ];
 
 fn main() {

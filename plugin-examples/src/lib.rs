@@ -2,6 +2,8 @@
 //! real-mode vcpu setup, a runtime x86 assembler, argument and vcpu-count
 //! checks, and (for test plugins) a shutdown watcher.
 
+pub mod longrun;
+
 use std::ffi::{c_char, c_int, CString};
 use std::os::fd::BorrowedFd;
 

@@ -3,11 +3,13 @@
  * crosvm.h stays source-compatible with crosvm's plugin API 0.22; what is
  * declared here exists only in vmm's libcrosvm_plugin. A plugin that uses
  * none of it never sees an extension event. See docs/protocol-extensions.md
- * §4 (coalesced write ranges), §5 (the control channel) and docs/c-api.md.
+ * §4 (coalesced write ranges), §5 (the control channel), §6 (snapshots)
+ * and docs/c-api.md.
  */
 #ifndef CROSVM_EXT_H
 #define CROSVM_EXT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "crosvm.h"
@@ -69,6 +71,8 @@ struct crosvm_control;
 #define CROSVM_CONTROL_CUSTOM 0u          /* plugin NAME [JSON] */
 #define CROSVM_CONTROL_POWER_BUTTON 1u    /* powerbtn */
 #define CROSVM_CONTROL_SLEEP_BUTTON 2u    /* sleepbtn */
+#define CROSVM_CONTROL_SAVE_STATE 3u      /* snapshot: reply_state (§6) */
+#define CROSVM_CONTROL_RESUMED 4u         /* snapshot done: no reply (§6) */
 #define CROSVM_CONTROL_UNKNOWN 0xffffffffu /* newer host: reply -ENOTSUP */
 
 struct crosvm_control_command {
@@ -103,6 +107,28 @@ int crosvm_control_reply(struct crosvm_control *self, uint64_t id,
 /* Refuses command id with a positive errno and a message for the client. */
 int crosvm_control_reply_error(struct crosvm_control *self, uint64_t id,
                                int errno_value, const char *message);
+
+/* ---- Snapshots (§6) ------------------------------------------------ */
+
+/* Largest device state a snapshot takes. */
+#define CROSVM_DEVICE_STATE_MAX (16u << 20)
+
+/* Answers CROSVM_CONTROL_SAVE_STATE command id with the plugin's device
+ * state: len bytes at state (NULL if len is 0), at most
+ * CROSVM_DEVICE_STATE_MAX (-EINVAL) and at most what the channel's socket
+ * buffer takes in one packet (-EMSGSIZE). The vcpus are paused; until
+ * CROSVM_CONTROL_RESUMED the plugin must not write guest memory. */
+int crosvm_control_reply_state(struct crosvm_control *self, uint64_t id,
+                               const void *state, size_t len);
+
+/* Is vmm restoring a snapshot (vmm --restore)? Ask before crosvm_start.
+ * Returns 0 with *out_len = 0 on a fresh boot (also from a host without
+ * the extension); 1 when restoring, with the device state saved in the
+ * snapshot copied to buf and its size in *out_len (0: the snapshot has no
+ * device state); -E2BIG if len is too small (*out_len is the size needed;
+ * buf may be NULL with len 0 to ask the size); other -errno on failure. */
+int crosvm_get_restore_state(struct crosvm *self, void *buf, size_t len,
+                             size_t *out_len);
 
 /* Closes the channel (the host answers what is still waiting as failed)
  * and frees the handle; sets *self to NULL. */

@@ -1288,6 +1288,10 @@ pub unsafe extern "C" fn crosvm_vcpu_enable_capability(
 pub const CROSVM_CONTROL_CUSTOM: u32 = 0;
 pub const CROSVM_CONTROL_POWER_BUTTON: u32 = 1;
 pub const CROSVM_CONTROL_SLEEP_BUTTON: u32 = 2;
+/// §6: reply with the device state (`crosvm_control_reply_state`).
+pub const CROSVM_CONTROL_SAVE_STATE: u32 = 3;
+/// §6: the snapshot is done, the vcpus run again (no reply).
+pub const CROSVM_CONTROL_RESUMED: u32 = 4;
 /// A kind this library does not know (a newer host): refuse it `-ENOTSUP`.
 pub const CROSVM_CONTROL_UNKNOWN: u32 = 0xffff_ffff;
 
@@ -1358,6 +1362,8 @@ pub unsafe extern "C" fn crosvm_control_recv(
             crate::ControlKind::PowerButton => (CROSVM_CONTROL_POWER_BUTTON, Vec::new()),
             crate::ControlKind::SleepButton => (CROSVM_CONTROL_SLEEP_BUTTON, Vec::new()),
             crate::ControlKind::Custom(n) => (CROSVM_CONTROL_CUSTOM, n.into_bytes()),
+            crate::ControlKind::SaveState => (CROSVM_CONTROL_SAVE_STATE, Vec::new()),
+            crate::ControlKind::Resumed => (CROSVM_CONTROL_RESUMED, Vec::new()),
             _ => (CROSVM_CONTROL_UNKNOWN, Vec::new()),
         };
         let mut last = ctl.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -1407,6 +1413,66 @@ pub unsafe extern "C" fn crosvm_control_reply_error(
             std::ffi::CStr::from_ptr(message).to_string_lossy()
         };
         status((*self_).chan.reply_error(id, errno_value, &text))
+    })
+}
+
+/// Extension (§6): answers `SAVE_STATE` command `id` with `len` bytes of
+/// device state at `state` (NULL allowed when `len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_reply_state(
+    self_: *mut crosvm_control,
+    id: u64,
+    state: *const std::ffi::c_void,
+    len: usize,
+) -> c_int {
+    if len > crate::DEVICE_STATE_MAX {
+        return -libc::EINVAL;
+    }
+    // SAFETY: live handle, and `state` points to `len` readable bytes (C
+    // API contract; checked bounded above).
+    ffi(|| unsafe {
+        let blob = c_slice(state.cast::<u8>(), len);
+        status((*self_).chan.reply_state(id, blob))
+    })
+}
+
+/// Extension (§6): `GetRestoreState`. 0 and `*out_len = 0` on a fresh boot
+/// (or from a host without the extension); 1 when restoring, with
+/// `*out_len` the blob's size and the blob copied to `buf` if `len` is
+/// enough, else `-E2BIG` (`*out_len` still says how much is needed; `buf`
+/// may be NULL to ask only). `*out_len` is 0 after any other failure.
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_get_restore_state(
+    self_: *mut crosvm,
+    buf: *mut std::ffi::c_void,
+    len: usize,
+    out_len: *mut usize,
+) -> c_int {
+    // SAFETY: live handle, `out_len` writable and `buf` writable for `len`
+    // bytes (C API contract).
+    ffi(|| unsafe {
+        match conn(self_).restore_state() {
+            Err(e) => {
+                out_len.write(0);
+                fail(&e)
+            }
+            Ok(None) => {
+                out_len.write(0);
+                0
+            }
+            Ok(Some(blob)) => {
+                out_len.write(blob.len());
+                if blob.len() > len {
+                    return -libc::E2BIG;
+                }
+                if !blob.is_empty() {
+                    // SAFETY: `buf` has room for `len` >= `blob.len()` bytes
+                    // and cannot overlap our Vec.
+                    std::ptr::copy_nonoverlapping(blob.as_ptr(), buf.cast::<u8>(), blob.len());
+                }
+                1
+            }
+        }
     })
 }
 
@@ -1536,6 +1602,27 @@ mod control_tests {
             .unwrap();
             assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
             assert_eq!(cmd.kind, CROSVM_CONTROL_UNKNOWN);
+
+            // Snapshot kinds (§6): SAVE_STATE answered with the state.
+            host_send(&host, 20, Kind::SAVE_STATE, "", b"");
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!((cmd.id, cmd.kind), (20, CROSVM_CONTROL_SAVE_STATE));
+            let state = [1u8, 2, 3, 0, 5];
+            assert_eq!(
+                crosvm_control_reply_state(ctl, 20, state.as_ptr().cast(), state.len()),
+                0
+            );
+            let r = host_recv(&host);
+            assert_eq!((r.id, r.errno, &r.state[..]), (20, 0, &state[..]));
+            assert_eq!(crosvm_control_reply_state(ctl, 20, std::ptr::null(), 0), 0);
+            assert!(host_recv(&host).state.is_empty());
+            assert_eq!(
+                crosvm_control_reply_state(ctl, 20, std::ptr::null(), crate::DEVICE_STATE_MAX + 1),
+                -libc::EINVAL
+            );
+            host_send(&host, 21, Kind::RESUMED, "", b"");
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!((cmd.id, cmd.kind), (21, CROSVM_CONTROL_RESUMED));
 
             // Garbage from the host is an error, not a crash.
             send(host.as_raw_fd(), &[0x0a, 0x7f], MsgFlags::empty()).unwrap();

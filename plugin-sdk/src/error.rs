@@ -79,6 +79,10 @@ pub enum Error {
         expected: usize,
         got: usize,
     },
+    /// A device-state blob (from a snapshot) that
+    /// [`crate::DeviceState::restore`] cannot use, and why.
+    #[error("the saved device state cannot be restored: {0}")]
+    BadDeviceState(String),
     /// An argument was rejected before anything was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
@@ -115,7 +119,7 @@ impl Error {
             Error::Transport { source, .. } => source.errno() as i32,
             Error::Decode { .. } | Error::Encode { .. } => libc::EINVAL,
             Error::Protocol(_) | Error::BadLength { .. } => libc::EPROTO,
-            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::InvalidArgument(_) | Error::BadDeviceState(_) => libc::EINVAL,
             Error::NoSuchVcpu(_) => libc::ENOENT,
             Error::IdsExhausted => libc::ENOSPC,
             Error::TooMany { .. } => libc::E2BIG,

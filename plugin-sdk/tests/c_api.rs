@@ -65,6 +65,22 @@ fn handler(fail_destroy: Arc<Mutex<bool>>) -> MainHandler {
             Some(Rq::DirtyLog(_)) => {
                 resp.mut_dirty_log().bitmap = vec![0xf0, 0x01];
             }
+            // The first ask is answered as by a host without the extension,
+            // the second as a fresh boot, the later ones as a restore.
+            Some(Rq::GetRestoreState(_)) => {
+                static ASKED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                match ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                    0 => return (errno_response(libc::ENOTTY), vec![]),
+                    1 => {
+                        resp.mut_get_restore_state().restoring = false;
+                    }
+                    _ => {
+                        let r = resp.mut_get_restore_state();
+                        r.restoring = true;
+                        r.state = b"dev-state".to_vec();
+                    }
+                }
+            }
             _ => {}
         }
         (resp, out_fds)
@@ -584,6 +600,39 @@ fn c_api_against_fake_host() {
         assert_eq!(event.kind, CROSVM_VCPU_EVENT_KIND_INIT);
         // INIT leaves the union untouched.
         assert_eq!(event.event._reserved, [0xaa; 64]);
+
+        // -- Restore state (§6) ---------------------------------------------
+        let mut blob = [0u8; 16];
+        let mut n = 99usize;
+        // An old host, then a fresh boot: 0, nothing.
+        for _ in 0..2 {
+            n = 99;
+            assert_eq!(
+                crosvm_get_restore_state(crosvm, blob.as_mut_ptr().cast(), blob.len(), &mut n),
+                0
+            );
+            assert_eq!(n, 0);
+        }
+        // Restoring: the size alone, too small a buffer, then the blob.
+        assert_eq!(
+            crosvm_get_restore_state(crosvm, null_mut(), 0, &mut n),
+            -libc::E2BIG
+        );
+        assert_eq!(n, 9);
+        assert_eq!(
+            crosvm_get_restore_state(crosvm, blob.as_mut_ptr().cast(), 8, &mut n),
+            -libc::E2BIG
+        );
+        assert_eq!(blob, [0; 16], "nothing copied");
+        assert_eq!(
+            crosvm_get_restore_state(crosvm, blob.as_mut_ptr().cast(), blob.len(), &mut n),
+            1
+        );
+        assert_eq!(&blob[..n], b"dev-state");
+        assert!(matches!(
+            last(&log),
+            main_request::Message::GetRestoreState(_)
+        ));
 
         // -- Teardown -----------------------------------------------------------
         assert_eq!(crosvm_destroy_io_event(crosvm, &mut io3), 0);

@@ -168,7 +168,7 @@ fn library_exports_exactly_the_api() {
 }
 
 /// The extension functions, declared in `crosvm_ext.h` only.
-const EXT_API: [&str; 7] = [
+const EXT_API: [&str; 9] = [
     "crosvm_reserve_coalesced_range",
     "crosvm_control_open",
     "crosvm_control_fd",
@@ -176,6 +176,8 @@ const EXT_API: [&str; 7] = [
     "crosvm_control_reply",
     "crosvm_control_reply_error",
     "crosvm_control_close",
+    "crosvm_control_reply_state",
+    "crosvm_get_restore_state",
 ];
 
 #[test]
@@ -199,7 +201,13 @@ fn extension_header_compiles_and_declares_the_extensions() {
            struct crosvm_control_command cmd;\n\
            if (crosvm_control_recv(c, &cmd)) return -1;\n\
            return cmd.kind == CROSVM_CONTROL_POWER_BUTTON ? crosvm_control_reply(c, cmd.id, NULL) : \
-                  crosvm_control_reply_error(c, cmd.id, 95, cmd.name);\n}\n",
+                  crosvm_control_reply_error(c, cmd.id, 95, cmd.name);\n}\n\
+         int h(struct crosvm *vm, struct crosvm_control *c, uint64_t id) {\n\
+           unsigned char blob[64]; size_t n = 0;\n\
+           int r = crosvm_get_restore_state(vm, blob, sizeof blob, &n);\n\
+           if (r < 0) return r;\n\
+           _Static_assert(CROSVM_CONTROL_SAVE_STATE == 3u && CROSVM_CONTROL_RESUMED == 4u, \"kinds\");\n\
+           return crosvm_control_reply_state(c, id, blob, n);\n}\n",
     )
     .unwrap();
     run(Command::new("gcc")

@@ -1549,3 +1549,75 @@ fn wait_while_a_resume_is_owed_names_the_pending_event() {
     drop((vcpu, conn));
     drop(t);
 }
+
+// ---------------------------------------------------------------------------
+// Restore (docs/protocol-extensions.md §6).
+
+fn restore_host(restoring: bool, state: &'static [u8], errno: i32) -> (Connection, FakeHost) {
+    let handler: MainHandler = Arc::new(move |req, _| match &req.message {
+        Some(main_request::Message::GetRestoreState(_)) if errno != 0 => {
+            (errno_response(errno), vec![])
+        }
+        Some(main_request::Message::GetRestoreState(_)) => {
+            let mut r = MainResponse::new();
+            let s = r.mut_get_restore_state();
+            s.restoring = restoring;
+            s.state = state.to_vec();
+            (r, vec![])
+        }
+        _ => (ok_response(req), vec![]),
+    });
+    connect(1, Delivery::Single, handler)
+}
+
+#[test]
+fn restore_state_is_none_on_a_fresh_boot_and_from_an_old_host() {
+    assert_eq!(restore_host(false, b"", 0).0.restore_state().unwrap(), None);
+    // A host without the extension: "unknown request".
+    for errno in [libc::ENOTTY, libc::ENOTSUP, libc::ENOSYS] {
+        assert_eq!(
+            restore_host(false, b"", errno).0.restore_state().unwrap(),
+            None
+        );
+    }
+    // Any other refusal is an error naming the request.
+    let err = restore_host(false, b"", libc::EBUSY)
+        .0
+        .restore_state()
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY);
+    assert!(err.to_string().starts_with("get_restore_state"), "{err}");
+}
+
+#[test]
+fn restore_state_returns_the_blob_when_restoring() {
+    let (conn, _host) = restore_host(true, b"\x00device\xff", 0);
+    assert_eq!(
+        conn.restore_state().unwrap().as_deref(),
+        Some(&b"\x00device\xff"[..])
+    );
+    // A snapshot taken without device state.
+    assert_eq!(
+        restore_host(true, b"", 0).0.restore_state().unwrap(),
+        Some(vec![])
+    );
+    // State without restoring is a confused host.
+    let err = restore_host(false, b"x", 0).0.restore_state().unwrap_err();
+    assert_eq!(err.errno(), libc::EPROTO, "{err}");
+}
+
+#[test]
+fn restore_state_reply_without_its_member_is_eproto() {
+    let handler: MainHandler = Arc::new(|req, _| {
+        let mut wrong = MainResponse::new();
+        wrong.mut_start();
+        let _ = req;
+        (wrong, vec![])
+    });
+    let (conn, _host) = connect(1, Delivery::Single, handler);
+    assert_eq!(conn.restore_state().unwrap_err().errno(), libc::EPROTO);
+    assert!(matches!(
+        last_request(&_host).message,
+        Some(main_request::Message::GetRestoreState(_))
+    ));
+}

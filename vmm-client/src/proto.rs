@@ -600,6 +600,13 @@ pub struct VcpuTids {
 pub struct StatsReport {
     pub requests: Vec<StatsRequest>,
     pub vcpus: Vec<StatsVcpu>,
+    /// False when vmm runs without `--stats` (nothing is counted); absent
+    /// in `--stats`' own report at exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collecting: Option<bool>,
+    /// Why nothing is counted, when `collecting` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One request type of a [`StatsReport`].

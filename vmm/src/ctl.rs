@@ -341,6 +341,14 @@ pub fn format_vcpu_tids(t: &VcpuTids) -> String {
 }
 
 pub fn format_stats(r: &StatsReport) -> String {
+    if r.collecting == Some(false) {
+        return format!(
+            "{}\n",
+            r.note
+                .as_deref()
+                .unwrap_or("vmm does not collect statistics (run it with --stats)")
+        );
+    }
     let mut s = format!(
         "{:<7} {:<24} {:>9} {:>7} {:>9} {:>9} {:>9}\n",
         "channel", "request", "count", "errors", "p50", "p99", "max"

@@ -1,0 +1,394 @@
+/*
+ * longrun_c: the longrun machine (src/bin/longrun.rs) written in C against
+ * crosvm.h and the extensions of crosvm_ext.h: the same guest bytes (the
+ * test longrun_c_guest_bytes_equal_the_assembler_output checks them
+ * against the Rust assembler's), the same accumulator device, the same
+ * output lines, and the same part in snapshots (docs/protocol-extensions.md
+ * section 6): a control thread answers SAVE_STATE with the device state
+ * (acc, fold, x; the same 19-byte layout as the Rust plugin's) and the
+ * custom command `state` with it as JSON; under vmm --restore the device
+ * state from the snapshot is loaded before crosvm_start.
+ *
+ * longrun_c [N]: N rounds of 4,096 steps (1..=100000, default 20).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "crosvm.h"
+#include "crosvm_ext.h"
+
+#define ACC_PORT 0x620
+#define PROGRESS_PORT 0x624
+#define RESULT_PORT 0x628
+#define SHUTDOWN_PORT 0x501
+#define MEM_SIZE 0x10000
+#define CODE 0x1000
+#define HANDLER 0x1800
+#define TICKS 0x3000
+#define ROUNDS 0x3014
+#define STACK 0xfff0
+#define APIC_LVT0 0x350
+#define LVT_EXTINT 0x700u
+#define STATE_VERSION 1
+#define STATE_LEN 19
+
+/* The guest's main program (real mode, at CODE): the output of
+ * plugin_examples::longrun::guest_main(). */
+static const uint8_t guest_main[] = {
+  0xfa, 0xc7, 0x06, 0x20, 0x00, 0x00, 0x18, 0xc7, 0x06, 0x22, 0x00, 0x00,
+  0x00, 0xb0, 0x11, 0xe6, 0x20, 0xb0, 0x08, 0xe6, 0x21, 0xb0, 0x04, 0xe6,
+  0x21, 0xb0, 0x01, 0xe6, 0x21, 0xb0, 0xfe, 0xe6, 0x21, 0xb0, 0x11, 0xe6,
+  0xa0, 0xb0, 0x70, 0xe6, 0xa1, 0xb0, 0x02, 0xe6, 0xa1, 0xb0, 0x01, 0xe6,
+  0xa1, 0xb0, 0xff, 0xe6, 0xa1, 0xb0, 0x34, 0xe6, 0x43, 0xb0, 0xa9, 0xe6,
+  0x40, 0xb0, 0x04, 0xe6, 0x40, 0xfb, 0x66, 0x31, 0xdb, 0x66, 0x69, 0xc3,
+  0xb9, 0x79, 0x37, 0x9e, 0x66, 0x67, 0x89, 0x04, 0x9d, 0x00, 0x40, 0x00,
+  0x00, 0x66, 0x43, 0x66, 0x81, 0xfb, 0x00, 0x10, 0x00, 0x00, 0x72, 0xe5,
+  0x66, 0xbe, 0x78, 0x56, 0x34, 0x12, 0x66, 0x31, 0xff, 0x66, 0xc7, 0x06,
+  0x10, 0x30, 0x00, 0x00, 0x00, 0x00, 0x66, 0xb9, 0x00, 0x10, 0x00, 0x00,
+  0x66, 0x89, 0xf0, 0x66, 0xc1, 0xe0, 0x0d, 0x66, 0x31, 0xc6, 0x66, 0x89,
+  0xf0, 0x66, 0xc1, 0xe8, 0x11, 0x66, 0x31, 0xc6, 0x66, 0x89, 0xf0, 0x66,
+  0xc1, 0xe0, 0x05, 0x66, 0x31, 0xc6, 0x66, 0x89, 0xf3, 0x66, 0x81, 0xe3,
+  0xff, 0x0f, 0x00, 0x00, 0x66, 0x89, 0xf0, 0x66, 0x01, 0xf8, 0x66, 0x67,
+  0x31, 0x04, 0x9d, 0x00, 0x40, 0x00, 0x00, 0x66, 0x47, 0x66, 0xf7, 0xc7,
+  0x3f, 0x00, 0x00, 0x00, 0x75, 0x1b, 0x66, 0x67, 0x8b, 0x04, 0x9d, 0x00,
+  0x40, 0x00, 0x00, 0xba, 0x20, 0x06, 0x66, 0xef, 0x66, 0xed, 0x66, 0x31,
+  0xc6, 0x75, 0x06, 0x66, 0xbe, 0x01, 0x00, 0x00, 0x00, 0x66, 0x49, 0x75,
+  0x9f, 0x66, 0xa1, 0x10, 0x30, 0x66, 0x40, 0x66, 0xa3, 0x10, 0x30, 0xba,
+  0x24, 0x06, 0x66, 0xef, 0x66, 0x3b, 0x06, 0x14, 0x30, 0x72, 0x83, 0x66,
+  0x31, 0xc0, 0x66, 0x31, 0xdb, 0x66, 0xc1, 0xc0, 0x05, 0x66, 0x67, 0x03,
+  0x04, 0x9d, 0x00, 0x40, 0x00, 0x00, 0x66, 0x43, 0x66, 0x81, 0xfb, 0x00,
+  0x10, 0x00, 0x00, 0x72, 0xe8, 0xba, 0x28, 0x06, 0x66, 0xef, 0x66, 0x89,
+  0xf0, 0xba, 0x2c, 0x06, 0x66, 0xef, 0xfa, 0xba, 0x01, 0x05, 0xee, 0xf4,
+};
+
+/* The IRQ0 handler (at HANDLER): plugin_examples::longrun::guest_handler(). */
+static const uint8_t guest_handler[] = {
+  0x50, 0x66, 0xff, 0x06, 0x00, 0x30, 0xb0, 0x20, 0xe6, 0x20, 0x58, 0xcf,
+};
+
+/* The accumulator device and the result pieces seen so far, shared by the
+ * vcpu thread and the control thread. */
+static struct {
+  pthread_mutex_t lock;
+  uint64_t acc;
+  int has_fold, has_x;
+  uint32_t fold, x;
+} dev = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0};
+
+static int fail(const char *what, int ret) {
+  fprintf(stderr, "longrun_c: %s failed: %s\n", what, strerror(-ret));
+  return 1;
+}
+
+static uint32_t dword(const uint8_t *data, uint32_t len) {
+  uint8_t b[4] = {0};
+  memcpy(b, data, len < 4 ? len : 4);
+  return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+static void put32(uint8_t *p, uint32_t v) {
+  for (int i = 0; i < 4; i++)
+    p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* The blob: version, acc (LE), then fold and x as a presence byte and a
+ * little-endian dword. Called with dev.lock held. */
+static void save_state(uint8_t out[STATE_LEN]) {
+  out[0] = STATE_VERSION;
+  for (int i = 0; i < 8; i++)
+    out[1 + i] = (uint8_t)(dev.acc >> (8 * i));
+  out[9] = (uint8_t)dev.has_fold;
+  put32(out + 10, dev.has_fold ? dev.fold : 0);
+  out[14] = (uint8_t)dev.has_x;
+  put32(out + 15, dev.has_x ? dev.x : 0);
+}
+
+/* Loads a blob save_state made; 0, or -1 naming the problem. */
+static int restore_state(const uint8_t *blob, size_t len) {
+  if (len != STATE_LEN) {
+    fprintf(stderr, "longrun_c: the saved device state is %zu bytes, expected %d\n", len,
+            STATE_LEN);
+    return -1;
+  }
+  if (blob[0] != STATE_VERSION) {
+    fprintf(stderr, "longrun_c: the saved device state has version %u, this plugin reads %d\n",
+            blob[0], STATE_VERSION);
+    return -1;
+  }
+  uint32_t fold = dword(blob + 10, 4), x = dword(blob + 15, 4);
+  if (blob[9] > 1 || blob[14] > 1 || (!blob[9] && fold) || (!blob[14] && x)) {
+    fprintf(stderr, "longrun_c: the saved device state has bad presence bytes\n");
+    return -1;
+  }
+  uint64_t acc = 0;
+  for (int i = 0; i < 8; i++)
+    acc |= (uint64_t)blob[1 + i] << (8 * i);
+  dev.acc = acc;
+  dev.has_fold = blob[9];
+  dev.fold = fold;
+  dev.has_x = blob[14];
+  dev.x = x;
+  return 0;
+}
+
+/* The `state` command's answer. Called with dev.lock held. */
+static void state_json(char *out, size_t len) {
+  char fold[16] = "null", x[16] = "null";
+  if (dev.has_fold)
+    snprintf(fold, sizeof(fold), "%" PRIu32, dev.fold);
+  if (dev.has_x)
+    snprintf(x, sizeof(x), "%" PRIu32, dev.x);
+  snprintf(out, len, "{\"acc\": \"0x%016" PRIx64 "\", \"fold\": %s, \"x\": %s}", dev.acc, fold,
+           x);
+}
+
+static void *control_loop(void *arg) {
+  struct crosvm_control *ctl = arg;
+  for (;;) {
+    struct crosvm_control_command cmd;
+    int ret = crosvm_control_recv(ctl, &cmd);
+    if (ret == -ESHUTDOWN)
+      break;
+    if (ret) {
+      fail("crosvm_control_recv", ret);
+      break;
+    }
+    if (cmd.kind == CROSVM_CONTROL_SAVE_STATE) {
+      uint8_t blob[STATE_LEN];
+      pthread_mutex_lock(&dev.lock);
+      save_state(blob);
+      pthread_mutex_unlock(&dev.lock);
+      ret = crosvm_control_reply_state(ctl, cmd.id, blob, sizeof(blob));
+    } else if (cmd.kind == CROSVM_CONTROL_RESUMED) {
+      continue; /* no reply expected */
+    } else if (cmd.kind == CROSVM_CONTROL_CUSTOM && strcmp(cmd.name, "state") == 0) {
+      char json[128];
+      pthread_mutex_lock(&dev.lock);
+      state_json(json, sizeof(json));
+      pthread_mutex_unlock(&dev.lock);
+      ret = crosvm_control_reply(ctl, cmd.id, json);
+    } else {
+      ret = crosvm_control_reply_error(ctl, cmd.id, ENOTSUP,
+                                       "longrun knows only the command `state`");
+    }
+    if (ret) {
+      fail("crosvm_control_reply", ret);
+      break;
+    }
+  }
+  crosvm_control_close(&ctl);
+  return NULL;
+}
+
+/* Real mode at 0:CODE with the stack at 0:STACK, runnable, and LINT0 in
+ * ExtINT mode so the PIC's interrupts reach the vcpu. */
+static int init_vcpu(struct crosvm_vcpu *vcpu) {
+  struct kvm_mp_state mp = {.mp_state = KVM_MP_STATE_RUNNABLE};
+  int ret = crosvm_vcpu_set_mp_state(vcpu, &mp);
+  if (ret)
+    return fail("crosvm_vcpu_set_mp_state", ret);
+  struct kvm_sregs sregs;
+  ret = crosvm_vcpu_get_sregs(vcpu, &sregs);
+  if (ret)
+    return fail("crosvm_vcpu_get_sregs", ret);
+  struct kvm_segment *segs[] = {&sregs.cs, &sregs.ds, &sregs.es, &sregs.ss, &sregs.fs, &sregs.gs};
+  for (size_t i = 0; i < sizeof(segs) / sizeof(segs[0]); i++) {
+    segs[i]->base = 0;
+    segs[i]->selector = 0;
+  }
+  ret = crosvm_vcpu_set_sregs(vcpu, &sregs);
+  if (ret)
+    return fail("crosvm_vcpu_set_sregs", ret);
+  struct kvm_regs regs;
+  ret = crosvm_vcpu_get_regs(vcpu, &regs);
+  if (ret)
+    return fail("crosvm_vcpu_get_regs", ret);
+  regs.rip = CODE;
+  regs.rsp = STACK;
+  regs.rflags = 2;
+  ret = crosvm_vcpu_set_regs(vcpu, &regs);
+  if (ret)
+    return fail("crosvm_vcpu_set_regs", ret);
+  struct kvm_lapic_state lapic;
+  ret = crosvm_vcpu_get_lapic_state(vcpu, &lapic);
+  if (ret)
+    return fail("crosvm_vcpu_get_lapic_state", ret);
+  for (int i = 0; i < 4; i++)
+    lapic.regs[APIC_LVT0 + i] = (char)(uint8_t)(LVT_EXTINT >> (8 * i));
+  ret = crosvm_vcpu_set_lapic_state(vcpu, &lapic);
+  if (ret)
+    return fail("crosvm_vcpu_set_lapic_state", ret);
+  return 0;
+}
+
+static int usage(const char *problem) {
+  fprintf(stderr,
+          "longrun_c: %s\nusage: vmm --plugin longrun_c [--plugin-args N]"
+          "   (rounds of 4,096 steps, 1..=100000; default 20)\n",
+          problem);
+  return 2;
+}
+
+int main(int argc, char **argv) {
+  unsigned long rounds = 20;
+  if (argc > 2)
+    return usage("expected at most one argument");
+  if (argc == 2) {
+    char *end;
+    errno = 0;
+    rounds = strtoul(argv[1], &end, 10);
+    if (errno || end == argv[1] || *end || argv[1][0] == '-' || rounds < 1 || rounds > 100000)
+      return usage("N must be 1..=100000");
+  }
+  struct crosvm *crosvm;
+  int ret = crosvm_connect(&crosvm);
+  if (ret)
+    return fail("crosvm_connect", ret);
+  struct crosvm_vcpu *extra;
+  if (crosvm_get_vcpu(crosvm, 1, &extra) == 0) {
+    fprintf(stderr, "longrun_c: this machine drives 1 vcpu; run vmm without --cpus\n");
+    return 2;
+  }
+
+  int mem_fd = memfd_create("guest_mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (mem_fd < 0 || ftruncate(mem_fd, MEM_SIZE) ||
+      fcntl(mem_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)) {
+    perror("longrun_c: memfd");
+    return 1;
+  }
+  uint8_t *mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, mem_fd, 0);
+  if (mem == MAP_FAILED) {
+    perror("longrun_c: mmap");
+    return 1;
+  }
+  memcpy(mem + CODE, guest_main, sizeof(guest_main));
+  memcpy(mem + HANDLER, guest_handler, sizeof(guest_handler));
+  put32(mem + ROUNDS, (uint32_t)rounds);
+
+  struct crosvm_memory *mem_obj;
+  ret = crosvm_create_memory(crosvm, mem_fd, 0, MEM_SIZE, 0, false, false, &mem_obj);
+  if (ret)
+    return fail("crosvm_create_memory", ret);
+  static const struct {
+    uint64_t start, length;
+  } ranges[] = {{ACC_PORT, 4}, {PROGRESS_PORT, 4}, {RESULT_PORT, 8}, {SHUTDOWN_PORT, 1}};
+  for (size_t i = 0; i < sizeof(ranges) / sizeof(ranges[0]); i++) {
+    ret = crosvm_reserve_range(crosvm, CROSVM_ADDRESS_SPACE_IOPORT, ranges[i].start,
+                               ranges[i].length);
+    if (ret)
+      return fail("crosvm_reserve_range", ret);
+  }
+  /* The PC's wiring: ISA IRQs on the PICs and the IOAPIC, IRQ 0 on pin 2. */
+  struct crosvm_irq_route routes[32];
+  memset(routes, 0, sizeof(routes));
+  for (uint32_t irq = 0; irq < 16; irq++) {
+    routes[2 * irq].irq_id = irq;
+    routes[2 * irq].kind = CROSVM_IRQ_ROUTE_IRQCHIP;
+    routes[2 * irq].irqchip.irqchip = irq < 8 ? KVM_IRQCHIP_PIC_MASTER : KVM_IRQCHIP_PIC_SLAVE;
+    routes[2 * irq].irqchip.pin = irq & 7;
+    routes[2 * irq + 1].irq_id = irq;
+    routes[2 * irq + 1].kind = CROSVM_IRQ_ROUTE_IRQCHIP;
+    routes[2 * irq + 1].irqchip.irqchip = KVM_IRQCHIP_IOAPIC;
+    routes[2 * irq + 1].irqchip.pin = irq == 0 ? 2 : irq;
+  }
+  ret = crosvm_set_irq_routing(crosvm, 32, routes);
+  if (ret)
+    return fail("crosvm_set_irq_routing", ret);
+
+  /* Restoring a snapshot? Then the device continues from its state. */
+  uint8_t blob[64];
+  size_t blob_len = 0;
+  ret = crosvm_get_restore_state(crosvm, blob, sizeof(blob), &blob_len);
+  if (ret < 0)
+    return fail("crosvm_get_restore_state", ret);
+  if (ret == 1) {
+    if (restore_state(blob, blob_len))
+      return 1;
+    char json[128];
+    state_json(json, sizeof(json));
+    fprintf(stderr, "longrun_c: restoring a snapshot, device state %s\n", json);
+  }
+
+  struct crosvm_control *ctl;
+  pthread_t thread;
+  ret = crosvm_control_open(crosvm, &ctl);
+  if (ret) {
+    fprintf(stderr, "longrun_c: no control channel (%s): snapshots are not possible\n",
+            strerror(-ret));
+  } else if (pthread_create(&thread, NULL, control_loop, ctl)) {
+    fprintf(stderr, "longrun_c: cannot start the control thread\n");
+    return 1;
+  }
+
+  struct crosvm_vcpu *vcpu;
+  ret = crosvm_get_vcpu(crosvm, 0, &vcpu);
+  if (ret)
+    return fail("crosvm_get_vcpu", ret);
+  ret = crosvm_start(crosvm);
+  if (ret)
+    return fail("crosvm_start", ret);
+
+  for (;;) {
+    struct crosvm_vcpu_event evt;
+    ret = crosvm_vcpu_wait(vcpu, &evt);
+    if (ret == -ESHUTDOWN) {
+      fprintf(stderr, "longrun_c: the host stopped the VM before the guest finished\n");
+      exit(1);
+    }
+    if (ret)
+      return fail("crosvm_vcpu_wait", ret);
+    if (evt.kind == CROSVM_VCPU_EVENT_KIND_INIT) {
+      if (init_vcpu(vcpu))
+        return 1;
+    } else if (evt.kind == CROSVM_VCPU_EVENT_KIND_IO_ACCESS &&
+               evt.io_access.address_space == CROSVM_ADDRESS_SPACE_IOPORT) {
+      uint64_t port = evt.io_access.address;
+      uint32_t value = dword(evt.io_access.data, evt.io_access.length);
+      if (port == SHUTDOWN_PORT)
+        break;
+      pthread_mutex_lock(&dev.lock);
+      if (port == ACC_PORT && evt.io_access.is_write) {
+        dev.acc = ((dev.acc << 7 | dev.acc >> 57) ^ value) * 0x00000100000001b3ull;
+      } else if (port == ACC_PORT) {
+        uint32_t answer = (uint32_t)(dev.acc >> 16);
+        uint8_t b[4];
+        put32(b, answer);
+        memcpy(evt.io_access.data, b, evt.io_access.length < 4 ? evt.io_access.length : 4);
+      } else if (port == PROGRESS_PORT) {
+        printf("progress %" PRIu32 "\n", value);
+        fflush(stdout);
+      } else if (port == RESULT_PORT) {
+        dev.has_fold = 1;
+        dev.fold = value;
+      } else if (port == RESULT_PORT + 4) {
+        dev.has_x = 1;
+        dev.x = value;
+      }
+      pthread_mutex_unlock(&dev.lock);
+    }
+    ret = crosvm_vcpu_resume(vcpu);
+    if (ret)
+      return fail("crosvm_vcpu_resume", ret);
+  }
+  uint32_t ticks = dword(mem + TICKS, 4);
+  fprintf(stderr, "longrun_c: %" PRIu32 " timer interrupts arrived during the run\n", ticks);
+  pthread_mutex_lock(&dev.lock);
+  if (!dev.has_fold || !dev.has_x) {
+    fprintf(stderr, "longrun_c: the guest stopped without reporting its result\n");
+    exit(1);
+  }
+  uint64_t result = dev.acc ^ ((uint64_t)dev.fold << 32 | dev.x);
+  pthread_mutex_unlock(&dev.lock);
+  printf("result=0x%016" PRIx64 "\n", result);
+  fflush(stdout);
+  /* exit, not return: the control thread keeps running. */
+  exit(0);
+}
