@@ -119,7 +119,7 @@ fn write_input(ram: &GuestRam, dirty: &mut DirtyPages, input: &[u32; INPUT_DWORD
     Ok(dirty.write(ram, 0, INPUT_DATA, &bytes)?)
 }
 
-fn run(iterations: u64, pages: u32) -> Result<(u64, f64)> {
+fn run(iterations: u64, pages: u32) -> Result<(u64, u64, f64)> {
     let conn = Connection::from_env()?;
     require_vcpus(&conn, "fuzz-reset", 1);
     let ram = GuestRam::new(MEM_SIZE)?;
@@ -139,6 +139,8 @@ fn run(iterations: u64, pages: u32) -> Result<(u64, f64)> {
     let mut input = [0u32; INPUT_DWORDS];
     let mut snapshot_regs = None;
     let mut done = 0u64;
+    // READY exits after a reset (the guest re-ran the snapshot's `out`).
+    let mut replays = 0u64;
     let mut started = Instant::now();
     loop {
         match v.wait()? {
@@ -153,7 +155,9 @@ fn run(iterations: u64, pages: u32) -> Result<(u64, f64)> {
                 // The first time: the snapshot point. Later (a kernel that
                 // completes the `out` only at the next entry re-runs it
                 // after a reset): the input is already there.
-                if snapshot_regs.is_none() {
+                if snapshot_regs.is_some() {
+                    replays += 1;
+                } else {
                     snapshot_regs = Some(v.get_regs()?);
                     conn.snapshot_in_memory()?;
                     input = inputs.next();
@@ -238,7 +242,7 @@ fn run(iterations: u64, pages: u32) -> Result<(u64, f64)> {
         }
         v.resume()?;
     }
-    Ok((done - 1, started.elapsed().as_secs_f64()))
+    Ok((done - 1, replays, started.elapsed().as_secs_f64()))
 }
 
 fn main() {
@@ -264,8 +268,8 @@ fn main() {
         plugin_examples::usage_error("fuzz-reset", usage, "PAGES must be 1..=256");
     }
     match run(iterations, pages as u32) {
-        Ok((resets, secs)) => println!(
-            "resets={resets} pages={pages} seconds={secs:.3} resets_per_s={:.0}",
+        Ok((resets, replays, secs)) => println!(
+            "resets={resets} pages={pages} replays={replays} seconds={secs:.3} resets_per_s={:.0}",
             resets as f64 / secs.max(1e-9)
         ),
         Err(e) => exit_with(&e),

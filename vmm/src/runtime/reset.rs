@@ -17,7 +17,7 @@ use vmm_snapshot::Records;
 use super::main_handler::dirty_bitmap_len;
 use super::objects::Refused;
 use crate::snapshot::{self as snap, HostTables, VmPart};
-use crate::vm::{Vcpu, Vm};
+use crate::vm::{Vcpu, Vm, VmStateKind};
 
 /// Guest page size of the dirty log.
 pub const PAGE: u64 = 4096;
@@ -242,11 +242,40 @@ pub fn reset<V: Vm, C: Vcpu>(
             }
         }
     }
-    snap::apply_vm(vm, &point.vm).map_err(|e| chain("VM state", e))?;
+    set_vm_state(vm, &point.vm)?;
     for (i, (v, r)) in vcpus.iter().zip(&point.vcpus).enumerate() {
         snap::apply_vcpu(v, i, r).map_err(|e| chain("vcpu state", e))?;
     }
     Ok(pages)
+}
+
+/// The VM images a reset puts back. The irqchips' and the PIT's are read
+/// first and set only when they differ (a VM ioctl, cheap next to setting
+/// them: setting the IOAPIC makes every vcpu rescan it, setting the PIT
+/// restarts its timer); the clock always moves, so it is always set.
+const VM_IMAGES: [(&str, VmStateKind, bool); 5] = [
+    ("pic-master", VmStateKind::Pic0, true),
+    ("pic-slave", VmStateKind::Pic1, true),
+    ("ioapic", VmStateKind::Ioapic, true),
+    ("pit", VmStateKind::Pit, true),
+    ("clock", VmStateKind::Clock, false),
+];
+
+fn set_vm_state<V: Vm>(vm: &V, part: &VmPart) -> Result<(), Refused> {
+    for (name, kind, compare) in VM_IMAGES {
+        let Some(image) = part.records.get(name) else {
+            return Err(Refused::new(
+                Errno::EIO,
+                format!("the in-memory snapshot lacks the VM's {name}"),
+            ));
+        };
+        if compare && vm.get_state(kind).is_ok_and(|now| now == image) {
+            continue;
+        }
+        vm.set_state(kind, image)
+            .map_err(|e| Refused::new(e, format!("cannot set the VM's {name}")))?;
+    }
+    Ok(())
 }
 
 /// Copies a saved page back: through the host's mapping, or (a mapping
