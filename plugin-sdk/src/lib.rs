@@ -68,7 +68,7 @@ pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
-pub use reset::DirtyPages;
+pub use reset::{DirtyPages, RESET_MAX_PAGES};
 pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,

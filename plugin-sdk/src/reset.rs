@@ -13,6 +13,10 @@ use crate::machine::GuestRam;
 use crate::objects::PAGE_SIZE;
 use crate::{Connection, Error, Result};
 
+/// Most plugin-written pages one reset names: the request must fit one
+/// main-socket packet (a packed page address takes at most 10 bytes).
+pub const RESET_MAX_PAGES: usize = 20_000;
+
 impl Connection {
     /// `SnapshotInMemory`: the host captures VM and vcpu state and a
     /// private copy of all guest memory, and turns dirty logging on for
@@ -34,9 +38,15 @@ impl Connection {
     /// itself), VM and vcpu state back as [`Connection::snapshot_in_memory`]
     /// found them. Returns the pages copied back. `ENOENT` without a
     /// snapshot, `EBUSY` when a vcpu is running, `EINVAL` for an address
-    /// in no region (nothing is changed then).
+    /// in no region (nothing is changed then); more than [`RESET_MAX_PAGES`]
+    /// pages: [`Error::InvalidArgument`].
     pub fn reset(&self, plugin_pages: &[u64]) -> Result<u64> {
         const OP: &str = "reset_to_snapshot";
+        if plugin_pages.len() > RESET_MAX_PAGES {
+            return Err(Error::InvalidArgument(
+                "reset: more plugin-written pages than RESET_MAX_PAGES",
+            ));
+        }
         let mut req = MainRequest::new();
         req.mut_reset_to_snapshot().plugin_dirty_pages = plugin_pages.to_vec();
         let (resp, _) = self.transact(OP, &req, &[])?;
