@@ -130,6 +130,6 @@ mod tests {
         assert_eq!(d.take(), vec![0x1000, 0x2000, 0x9000, 0xa000, 0xb000]);
         assert!(d.is_empty());
         d.mark(u64::MAX - 1, 8);
-        assert_eq!(d.take(), vec![u64::MAX & !0xfff]);
+        assert_eq!(d.take(), vec![!0xfffu64]);
     }
 }

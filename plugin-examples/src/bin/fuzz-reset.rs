@@ -40,6 +40,8 @@ const STACK: u32 = 0x1_0000;
 const SCRATCH: u64 = 0x10_0000;
 const PAGE: u64 = 0x1000;
 const MAX_PAGES: u32 = 256;
+// The system tables end before the input page.
+const _: () = assert!(TABLES + SYSTEM_TABLES_SIZE <= INPUT);
 
 /// The guest's computation, in Rust.
 fn model(input: &[u32; INPUT_DWORDS]) -> u32 {
@@ -145,7 +147,6 @@ fn run(iterations: u64, pages: u32) -> Result<(u64, u64, f64)> {
     loop {
         match v.wait()? {
             VcpuEvent::Init => {
-                assert!(SYSTEM_TABLES_SIZE <= INPUT - TABLES);
                 enter_protected_mode(&mut v, &ram, 0, TABLES, CODE as u32, STACK)?;
             }
             VcpuEvent::Io {
