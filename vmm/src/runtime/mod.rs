@@ -12,7 +12,7 @@ pub mod output;
 pub mod panic;
 pub mod plugin_control;
 pub mod process;
-mod reset;
+pub mod reset;
 mod services;
 mod snapshot;
 mod teardown;
