@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -12,6 +12,7 @@ use std::time::Instant;
 use vmm_bench::floor::{self, Floor};
 use vmm_bench::guest::{loop_code, Access};
 
+mod reset;
 mod startup;
 
 struct Options {
@@ -24,6 +25,8 @@ struct Options {
     trace_only: bool,
     /// `--only startup`: just the start-up, density and memory tables.
     startup_only: bool,
+    /// `--only reset`: just the fast-reset table (`reset.rs`).
+    reset_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -231,6 +234,7 @@ fn main() {
         reserve_only: false,
         trace_only: false,
         startup_only: false,
+        reset_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -255,12 +259,13 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace|startup");
+                let what = args.next().expect("--only reserve|trace|startup|reset");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
                     "startup" => opts.startup_only = true,
-                    _ => panic!("--only takes `reserve`, `trace` or `startup`"),
+                    "reset" => opts.reset_only = true,
+                    _ => panic!("--only takes `reserve`, `trace`, `startup` or `reset`"),
                 }
             }
             other => panic!("unknown argument {other}"),
@@ -275,6 +280,10 @@ fn main() {
     }
     if opts.trace_only {
         trace_table(&opts, &rust_plugin);
+        return;
+    }
+    if opts.reset_only {
+        reset::run(&target_dir(), opts.runs);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);
@@ -438,6 +447,7 @@ fn main() {
         (big.rss_anon_kb + big.rss_file_kb) as f64 / 1024.0
     );
     startup::run(&c_plugin, opts.life_runs);
+    reset::run(&target_dir(), opts.runs);
     reserve_table(&opts, &rust_plugin);
     trace_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);

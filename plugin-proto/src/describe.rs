@@ -116,6 +116,13 @@ pub fn main_request(request: &MainRequest) -> String {
         Some(M::Start(_)) => "start".into(),
         Some(M::GetControlSocket(_)) => "get_control_socket".into(),
         Some(M::GetRestoreState(_)) => "get_restore_state".into(),
+        Some(M::SnapshotInMemory(_)) => "snapshot_in_memory".into(),
+        Some(M::ResetToSnapshot(r)) => {
+            format!(
+                "reset_to_snapshot ({} plugin pages)",
+                r.plugin_dirty_pages.len()
+            )
+        }
         None => "an empty main request".into(),
     }
 }

@@ -130,6 +130,20 @@ int crosvm_control_reply_state(struct crosvm_control *self, uint64_t id,
 int crosvm_get_restore_state(struct crosvm *self, void *buf, size_t len,
                              size_t *out_len);
 
+/* Fast reset (protocol extension 7), only while every vcpu is stopped in
+ * the plugin's hands (waiting in an exit for its resume, or paused):
+ * crosvm_snapshot_in_memory has the host capture VM and vcpu state and a
+ * private copy of guest memory and turn dirty logging on (*out_bytes, if
+ * not NULL: the bytes copied); crosvm_reset_to_snapshot puts the machine
+ * back, rewriting the pages KVM logged dirty plus the `count` guest-physical
+ * page addresses at `pages` the plugin wrote itself (at most 20,000;
+ * *out_pages, if not NULL: the pages copied back). 0 or -errno: -EBUSY a
+ * vcpu runs, -ENOENT no snapshot, -EINVAL an address in no region (nothing
+ * changed), -ENOTSUP a host without the extension. */
+int crosvm_snapshot_in_memory(struct crosvm *self, uint64_t *out_bytes);
+int crosvm_reset_to_snapshot(struct crosvm *self, const uint64_t *pages,
+                             size_t count, uint64_t *out_pages);
+
 /* Closes the channel (the host answers what is still waiting as failed)
  * and frees the handle; sets *self to NULL. */
 int crosvm_control_close(struct crosvm_control **self);

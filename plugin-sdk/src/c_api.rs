@@ -1493,6 +1493,57 @@ pub unsafe extern "C" fn crosvm_control_close(self_: *mut *mut crosvm_control) -
 
 const _: () = assert!(std::mem::size_of::<crosvm_control_command>() == 32);
 
+/// Extension (§7): `SnapshotInMemory`. 0 with `*out_bytes` (if not NULL)
+/// the bytes of guest memory copied, or `-errno` (`-EBUSY`: a vcpu runs).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_snapshot_in_memory(
+    self_: *mut crosvm,
+    out_bytes: *mut u64,
+) -> c_int {
+    // SAFETY: live handle; `out_bytes` NULL or writable (C API contract).
+    ffi(|| unsafe {
+        match conn(self_).snapshot_in_memory() {
+            Ok(n) => {
+                if !out_bytes.is_null() {
+                    out_bytes.write(n);
+                }
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Extension (§7): `ResetToSnapshot` with the `count` guest-physical page
+/// addresses at `pages` the plugin wrote itself (NULL with 0: none). 0
+/// with `*out_pages` (if not NULL) the pages copied back, or `-errno`
+/// (`-ENOENT`: no snapshot; `-EINVAL`: an address in no region, or more
+/// than 20,000 pages).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_reset_to_snapshot(
+    self_: *mut crosvm,
+    pages: *const u64,
+    count: usize,
+    out_pages: *mut u64,
+) -> c_int {
+    if count > crate::RESET_MAX_PAGES {
+        return -libc::EINVAL;
+    }
+    // SAFETY: live handle; `pages` points to `count` readable addresses
+    // (bounded above) and `out_pages` is NULL or writable (C API contract).
+    ffi(|| unsafe {
+        match conn(self_).reset(c_slice(pages, count)) {
+            Ok(n) => {
+                if !out_pages.is_null() {
+                    out_pages.write(n);
+                }
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
 #[cfg(test)]
 mod control_tests {
     use std::ffi::CStr;

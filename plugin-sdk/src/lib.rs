@@ -54,6 +54,7 @@ mod error;
 mod image;
 pub mod machine;
 mod objects;
+mod reset;
 mod state;
 mod transport;
 mod types;
@@ -67,6 +68,7 @@ pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
+pub use reset::{DirtyPages, RESET_MAX_PAGES};
 pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,

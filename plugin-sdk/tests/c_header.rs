@@ -168,7 +168,7 @@ fn library_exports_exactly_the_api() {
 }
 
 /// The extension functions, declared in `crosvm_ext.h` only.
-const EXT_API: [&str; 9] = [
+const EXT_API: [&str; 11] = [
     "crosvm_reserve_coalesced_range",
     "crosvm_control_open",
     "crosvm_control_fd",
@@ -178,6 +178,8 @@ const EXT_API: [&str; 9] = [
     "crosvm_control_close",
     "crosvm_control_reply_state",
     "crosvm_get_restore_state",
+    "crosvm_snapshot_in_memory",
+    "crosvm_reset_to_snapshot",
 ];
 
 #[test]
@@ -207,7 +209,11 @@ fn extension_header_compiles_and_declares_the_extensions() {
            int r = crosvm_get_restore_state(vm, blob, sizeof blob, &n);\n\
            if (r < 0) return r;\n\
            _Static_assert(CROSVM_CONTROL_SAVE_STATE == 3u && CROSVM_CONTROL_RESUMED == 4u, \"kinds\");\n\
-           return crosvm_control_reply_state(c, id, blob, n);\n}\n",
+           return crosvm_control_reply_state(c, id, blob, n);\n}\n\
+         int k(struct crosvm *vm) {\n\
+           uint64_t bytes = 0, copied = 0, pages[1] = {0x1000};\n\
+           int r = crosvm_snapshot_in_memory(vm, &bytes);\n\
+           return r ? r : crosvm_reset_to_snapshot(vm, pages, 1, &copied);\n}\n",
     )
     .unwrap();
     run(Command::new("gcc")

@@ -61,6 +61,25 @@ pub trait HostServices {
     fn open_control_channel(&self) -> Result<OwnedFd, Errno> {
         Err(Errno::ENOTSUP)
     }
+    /// Fast reset (docs/protocol-extensions.md §7): takes the in-memory
+    /// snapshot (returns the bytes of guest memory copied) or resets to it
+    /// (returns the pages copied back). A host without it: `ENOTSUP`.
+    fn fast_reset(&self, state: &MainState, op: FastReset<'_>) -> Result<u64, Refused> {
+        let _ = (state, op);
+        Err(Refused::new(
+            Errno::ENOTSUP,
+            "this host does not offer fast reset",
+        ))
+    }
+}
+
+/// The fast-reset requests (docs/protocol-extensions.md §7).
+#[derive(Debug, Clone, Copy)]
+pub enum FastReset<'a> {
+    /// `SnapshotInMemory`.
+    Snapshot,
+    /// `ResetToSnapshot` with the pages the plugin wrote itself.
+    Reset(&'a [u64]),
 }
 
 /// State owned by the main loop and changed only by main requests.
@@ -221,6 +240,8 @@ fn response_for(req: &main_request::Message) -> MainResponse {
         Q::DirtyLog(_) => r.set_dirty_log(Default::default()),
         Q::GetControlSocket(_) => r.set_get_control_socket(Default::default()),
         Q::GetRestoreState(_) => r.set_get_restore_state(Default::default()),
+        Q::SnapshotInMemory(_) => r.set_snapshot_in_memory(Default::default()),
+        Q::ResetToSnapshot(_) => r.set_reset_to_snapshot(Default::default()),
         _ => {}
     }
     r
@@ -424,6 +445,17 @@ fn dispatch(
                 g.restoring = true;
                 g.state = offer.device.clone();
             }
+            ok(r)
+        }
+        Q::SnapshotInMemory(_) => {
+            let mut r = base.clone();
+            r.mut_snapshot_in_memory().bytes = services.fast_reset(state, FastReset::Snapshot)?;
+            ok(r)
+        }
+        Q::ResetToSnapshot(q) => {
+            let mut r = base.clone();
+            r.mut_reset_to_snapshot().pages =
+                services.fast_reset(state, FastReset::Reset(&q.plugin_dirty_pages))?;
             ok(r)
         }
         Q::GetControlSocket(_) => {

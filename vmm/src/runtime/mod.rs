@@ -12,6 +12,7 @@ pub mod output;
 pub mod panic;
 pub mod plugin_control;
 pub mod process;
+pub mod reset;
 mod services;
 mod snapshot;
 mod teardown;
@@ -217,6 +218,8 @@ struct Host {
     api: control::Api,
     /// A third handle on each vcpu, for a snapshot's state reads.
     snap_vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The in-memory snapshot of fast reset (`reset.rs`).
+    reset_point: Option<reset::ResetPoint>,
     /// The snapshot being written (`snapshot.rs`).
     snapshot_writer: Option<snapshot::Writer>,
     /// `--restore`: the opened, verified snapshot.
@@ -402,6 +405,7 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
         send_buf: Vec::with_capacity(4096),
         api,
         snap_vcpus: Vec::new(),
+        reset_point: None,
         snapshot_writer: None,
         restore,
     };
@@ -714,6 +718,9 @@ impl Host {
             connections: self.connections.len(),
             in_flight: &self.in_flight,
             control: std::cell::RefCell::new(&mut self.api.plugin_control),
+            vm: &self.vm,
+            vcpus: &self.snap_vcpus,
+            reset_point: std::cell::RefCell::new(&mut self.reset_point),
         };
         let (conn, traced) = (token - FIRST_CONNECTION_TOKEN, crate::trace::main_begin());
         let reply = match main_handler::handle(
