@@ -14,7 +14,7 @@ use nix::sys::epoll::EpollTimeout;
 use serde_json::Value;
 use vmm_client::proto::VcpuTid;
 
-use super::plugin_control::{Forward as PluginForward, ForwardError, PluginControl, Reply};
+use super::plugin_control::{ForwardError, PluginControl, Reply};
 use super::{vcpu, Host, RunError};
 use crate::control::dispatch::{
     ControlTarget, Dispatcher, Forward, ForwardRefused, HostStatus, Phase, PluginReply,
@@ -354,13 +354,6 @@ impl ControlTarget for Host {
     }
 
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
-        let what = match what {
-            Forward::PowerButton => PluginForward::PowerButton,
-            Forward::SleepButton => PluginForward::SleepButton,
-            Forward::Plugin { name, args } => PluginForward::Plugin { name, args },
-            Forward::SaveState => PluginForward::SaveState,
-            Forward::Resumed => PluginForward::Resumed,
-        };
         self.api.plugin_control.forward(what, tag).map_err(|e| {
             let m = crate::error_chain(&e);
             match e {

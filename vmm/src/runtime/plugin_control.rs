@@ -52,20 +52,8 @@ pub const MAX_PACKET: usize = MAX_JSON + 4096;
 /// Most packets one [`PluginControl::on_readable`] call reads.
 pub const MAX_PACKETS_PER_CALL: usize = 128;
 
-/// What is forwarded.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Forward {
-    PowerButton,
-    SleepButton,
-    Plugin {
-        name: String,
-        args: Value,
-    },
-    /// `SAVE_STATE` (§6): the reply carries the device state.
-    SaveState,
-    /// `RESUMED` (§6): no reply is waited for.
-    Resumed,
-}
+/// What is forwarded: the dispatcher's commands for the plugin.
+pub use crate::control::dispatch::Forward;
 
 /// The plugin's answer to a forwarded command.
 #[derive(Debug, Clone, PartialEq)]
