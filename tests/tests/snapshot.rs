@@ -590,3 +590,61 @@ fn longrun_snapshotted_and_restored_prints_the_uninterrupted_result() {
 fn longrun_c_snapshotted_and_restored_prints_the_uninterrupted_result() {
     same_result_after_restore("longrun_c");
 }
+
+/// A snapshot whose guest ran with a CPUID this host cannot offer (another
+/// CPU vendor; a feature bit KVM does not support) is refused before any
+/// guest instruction runs, naming the vcpu and the leaf.
+#[test]
+fn restore_refuses_a_snapshot_from_another_cpu() {
+    let dir = TempDir::new("snap-cpu");
+    let (snap, _, _) = take_snapshot(&dir);
+    // One kvm_cpuid_entry2 image: function, index, flags, eax, ebx, ecx,
+    // edx, 3 x padding (40 bytes).
+    let entry = |function: u32, regs: [u32; 4]| {
+        let mut e = Vec::with_capacity(40);
+        for w in [function, 0, 0, regs[0], regs[1], regs[2], regs[3], 0, 0, 0] {
+            e.extend_from_slice(&w.to_le_bytes());
+        }
+        e
+    };
+    let with_cpuid = |name: &str, extra: Vec<u8>| -> PathBuf {
+        let d = dir.0.join(name);
+        copy(&snap, &d);
+        let state = d.join("vcpu0.state");
+        let records = vmm_snapshot::Records::decode(&std::fs::read(&state).unwrap()).unwrap();
+        let mut out = vmm_snapshot::Records::new();
+        for (n, data) in records.iter() {
+            let mut data = data.to_vec();
+            if n == "cpuid" {
+                data.extend_from_slice(&extra);
+            }
+            out.push(n, data).unwrap();
+        }
+        let bytes = out.encode();
+        std::fs::write(&state, &bytes).unwrap();
+        let mpath = d.join("manifest.json");
+        let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+        for p in m["parts"].as_array_mut().unwrap() {
+            if p["name"] == "vcpu0" {
+                p["bytes"] = Value::from(bytes.len() as u64);
+                p["crc32"] = Value::from(crc32(&bytes));
+            }
+        }
+        std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+        d
+    };
+    // "FakeVendorXY" is no CPU's vendor string.
+    let vendor = |s: &[u8; 12]| {
+        let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+        [0x10, w(0), w(8), w(4)]
+    };
+    let d = with_cpuid("vendor", entry(0, vendor(b"FakeVendorXY")));
+    restore_fails(
+        &d,
+        &[],
+        "the snapshot comes from another CPU: vcpu 0's CPU vendor is \"FakeVendorXY\"",
+    );
+    // Every feature bit of leaf 0x80000001: no KVM supports them all.
+    let d = with_cpuid("features", entry(0x8000_0001, [0, 0, u32::MAX, u32::MAX]));
+    restore_fails(&d, &[], "CPUID leaf 0x80000001");
+}

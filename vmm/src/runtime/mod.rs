@@ -282,6 +282,9 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
     }
     let kvm_path = config.kvm_path.to_string_lossy().into_owned();
     let vm = KvmVm::new(&kvm_path).map_err(RunError::Vm)?;
+    if let Some(r) = &restore {
+        r.check_cpu(&vm).map_err(RunError::Restore)?;
+    }
     let max = vm.max_vcpus();
     if config.vcpus > max {
         return Err(RunError::TooManyVcpus {

@@ -96,6 +96,84 @@ pub enum SnapError {
     },
     #[error("cannot duplicate the descriptor of memory object {0}")]
     Dup(u32, #[source] Errno),
+    #[error("the snapshot comes from another CPU: {0}")]
+    OtherCpu(String),
+    #[error("cannot read the CPUID this host's KVM supports")]
+    SupportedCpuid(#[source] Errno),
+}
+
+/// The CPUID feature words a snapshot's guest may rely on: (leaf, subleaf,
+/// register name, register). A bit set there in the snapshot must be one
+/// this host's KVM supports, or the restored guest would use an instruction
+/// or feature the CPU lacks.
+const FEATURE_WORDS: &[(u32, u32, &str)] = &[
+    (1, 0, "ecx"),
+    (1, 0, "edx"),
+    (7, 0, "ebx"),
+    (7, 0, "ecx"),
+    (7, 0, "edx"),
+    (0x8000_0001, 0, "ecx"),
+    (0x8000_0001, 0, "edx"),
+];
+
+fn cpuid_reg(e: &Cpuid, reg: &str) -> u32 {
+    match reg {
+        "eax" => e.eax,
+        "ebx" => e.ebx,
+        "ecx" => e.ecx,
+        "edx" => e.edx,
+        _ => 0,
+    }
+}
+
+fn vendor(e: &Cpuid) -> String {
+    let mut b = Vec::with_capacity(12);
+    for r in [e.ebx, e.edx, e.ecx] {
+        b.extend_from_slice(&r.to_le_bytes());
+    }
+    String::from_utf8_lossy(&b).escape_debug().to_string()
+}
+
+/// Checks that a guest that ran with `snapshot` (the CPUID set on one of
+/// its vcpus) can run on a host whose KVM supports `supported`: the same
+/// CPU vendor, and no feature bit the host lacks. An empty snapshot CPUID
+/// (the plugin never set one) asks for nothing.
+pub fn check_cpu_compatible(vcpu: usize, snapshot: &[Cpuid], supported: &[Cpuid]) -> Result<()> {
+    let find = |list: &[Cpuid], leaf: u32, sub: u32| {
+        list.iter()
+            .find(|e| e.function == leaf && (e.index == sub || e.flags & 1 == 0))
+            .copied()
+    };
+    if let (Some(a), Some(b)) = (find(snapshot, 0, 0), find(supported, 0, 0)) {
+        if (a.ebx, a.ecx, a.edx) != (b.ebx, b.ecx, b.edx) {
+            return Err(SnapError::OtherCpu(format!(
+                "vcpu {vcpu}'s CPU vendor is \"{}\", this host's is \"{}\"",
+                vendor(&a),
+                vendor(&b)
+            )));
+        }
+    }
+    for &(leaf, sub, reg) in FEATURE_WORDS {
+        let Some(want) = find(snapshot, leaf, sub) else {
+            continue;
+        };
+        let have = find(supported, leaf, sub).map_or(0, |e| cpuid_reg(&e, reg));
+        let missing = cpuid_reg(&want, reg) & !have;
+        // Leaf 1 ecx bit 27 (OSXSAVE) and edx bit 9 (APIC) follow guest and
+        // APIC state rather than the CPU; KVM reports them per vcpu.
+        let missing = match (leaf, reg) {
+            (1, "ecx") => missing & !(1 << 27),
+            (1, "edx") => missing & !(1 << 9),
+            _ => missing,
+        };
+        if missing != 0 {
+            return Err(SnapError::OtherCpu(format!(
+                "vcpu {vcpu}'s CPUID leaf {leaf:#x} {reg} has feature bits {missing:#010x} \
+                 that this host's KVM does not support"
+            )));
+        }
+    }
+    Ok(())
 }
 
 type Result<T> = std::result::Result<T, SnapError>;
@@ -613,6 +691,17 @@ pub struct Restore {
 }
 
 impl Restore {
+    /// Refuses a snapshot whose guest relied on a CPU vendor or features
+    /// this host's KVM does not offer (before anything runs).
+    pub fn check_cpu(&self, vm: &impl Vm) -> Result<()> {
+        let supported = vm.supported_cpuid().map_err(SnapError::SupportedCpuid)?;
+        for (i, r) in self.vcpus.iter().enumerate() {
+            let cpuid = parse_cpuid(record(r, &vcpu_part(i), "cpuid")?, &vcpu_part(i))?;
+            check_cpu_compatible(i, &cpuid, &supported)?;
+        }
+        Ok(())
+    }
+
     /// Opens `dir`, verifies every checksum and checks every state record;
     /// `vcpus` is `--cpus` when it was given.
     pub fn open(dir: &Path, vcpus: Option<usize>) -> Result<Restore> {
@@ -704,6 +793,51 @@ impl Restore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn leaf(function: u32, ebx: u32, ecx: u32, edx: u32) -> Cpuid {
+        Cpuid {
+            function,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpu_compatibility_is_vendor_and_a_feature_subset() {
+        // "GenuineIntel" as ebx, edx, ecx.
+        let intel = leaf(0, 0x756e_6547, 0x6c65_746e, 0x4965_6e69);
+        let amd = leaf(0, 0x6874_7541, 0x444d_4163, 0x6974_6e65);
+        let host = [intel, leaf(1, 0, 0b1011, 0b1), leaf(7, 0b110, 0, 0)];
+        // Nothing set, or a subset: fine.
+        check_cpu_compatible(0, &[], &host).unwrap();
+        check_cpu_compatible(
+            0,
+            &[intel, leaf(1, 0, 0b0011, 0b1), leaf(7, 0b100, 0, 0)],
+            &host,
+        )
+        .unwrap();
+        // OSXSAVE follows the guest, not the CPU.
+        check_cpu_compatible(0, &[leaf(1, 0, 1 << 27, 0)], &host).unwrap();
+        let e = check_cpu_compatible(1, &[amd], &host)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vcpu 1's CPU vendor is \"AuthenticAMD\""), "{e}");
+        assert!(e.contains("\"GenuineIntel\""), "{e}");
+        let e = check_cpu_compatible(0, &[leaf(7, 0b0011, 0, 0)], &host)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("leaf 0x7 ebx has feature bits 0x00000001"),
+            "{e}"
+        );
+        // A leaf the host does not report at all offers no features.
+        let e = check_cpu_compatible(0, &[leaf(0x8000_0001, 0, 0, 1 << 29)], &host)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leaf 0x80000001 edx"), "{e}");
+    }
 
     #[test]
     fn crc_matches_the_ieee_check_value() {
