@@ -137,6 +137,24 @@ fn result_of(stdout: &str) -> String {
         .to_string()
 }
 
+/// Restores `snap` into `plugin` (which must succeed); returns the run and
+/// the round of its first progress line.
+fn restore(snap: &Path, plugin: &str) -> (e2e_tests::VmmRun, u32) {
+    let restored = run_vmm(
+        &["--restore", snap.to_str().unwrap()],
+        &bin(plugin),
+        &[ROUNDS],
+    );
+    restored.assert_success();
+    let first = restored
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("progress "))
+        .map(progress_of)
+        .unwrap_or_else(|| panic!("no progress after restore: {restored:#?}"));
+    (restored, first)
+}
+
 /// Takes a `longrun` snapshot after `progress 3` into `dir/snap`; the
 /// original vmm is killed. Returns the snapshot's round and the reply.
 fn take_snapshot(dir: &TempDir) -> (PathBuf, u32, Value) {
@@ -187,20 +205,9 @@ fn longrun_snapshotted_mid_run_continues_after_restore_and_lost_device_state_sho
     assert!(reply["bytes"].as_u64().unwrap() > 0, "{reply}");
     assert_eq!(reply["dir"], snap.to_str().unwrap(), "{reply}");
 
-    let restored = run_vmm(
-        &["--restore", snap.to_str().unwrap()],
-        &bin("longrun"),
-        &[ROUNDS],
-    );
-    restored.assert_success();
+    let (restored, first) = restore(&snap, "longrun");
     // The guest continued where it stopped: its first progress line is past
     // the rounds done before the snapshot, not round 1.
-    let first = restored
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("progress "))
-        .map(progress_of)
-        .unwrap_or_else(|| panic!("no progress after restore: {restored:#?}"));
     assert!(first > 3, "the restored guest restarted: {restored:#?}");
     assert!(
         restored.stdout.contains(&format!("progress {ROUNDS}")),
@@ -561,18 +568,7 @@ fn same_result_after_restore(plugin: &str) {
     assert_eq!(code, Some(0), "{err}");
     drop(vm);
 
-    let restored = run_vmm(
-        &["--restore", snap.to_str().unwrap()],
-        &bin(plugin),
-        &[ROUNDS],
-    );
-    restored.assert_success();
-    let first = restored
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("progress "))
-        .map(progress_of)
-        .unwrap_or_else(|| panic!("no progress after restore: {restored:#?}"));
+    let (restored, first) = restore(&snap, plugin);
     assert!(first > 5, "the restored guest restarted: {restored:#?}");
     assert_eq!(result_of(&restored.stdout), expected, "{restored:#?}");
     assert!(
