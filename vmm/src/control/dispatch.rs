@@ -173,6 +173,28 @@ fn error(client: u64, id: Id, code: ErrorCode, message: impl Into<String>) -> To
     }
 }
 
+/// The `invalid-state` refusal of `command` outside `Running`: "the VM is
+/// starting (`why_starting`)" or "the VM is stopping".
+fn not_running(
+    phase: Phase,
+    client: u64,
+    id: &Id,
+    command: &str,
+    why_starting: &str,
+) -> Option<ToServer> {
+    let what = match phase {
+        Phase::Running => return None,
+        Phase::Starting => format!("starting ({why_starting})"),
+        Phase::Stopping => "stopping".to_string(),
+    };
+    Some(error(
+        client,
+        id.clone(),
+        ErrorCode::InvalidState,
+        format!("{command}: the VM is {what}"),
+    ))
+}
+
 fn ok(client: u64, id: Id, value: Value) -> ToServer {
     ToServer::Response {
         client,
@@ -262,18 +284,8 @@ impl Dispatcher {
             }
             Command::Pause { vcpus } | Command::Resume { vcpus } => {
                 let pause = name == "pause";
-                if phase != Phase::Running {
-                    let what = if phase == Phase::Starting {
-                        "starting (its vcpus do not run yet)"
-                    } else {
-                        "stopping"
-                    };
-                    self.out.push(error(
-                        client,
-                        id,
-                        ErrorCode::InvalidState,
-                        format!("{name}: the VM is {what}"),
-                    ));
+                if let Some(e) = not_running(phase, client, &id, name, "its vcpus do not run yet") {
+                    self.out.push(e);
                     return;
                 }
                 let list: Vec<u32> = match vcpus {
@@ -394,18 +406,14 @@ impl Dispatcher {
                 dir,
                 without_device_state,
             } => {
-                if phase != Phase::Running {
-                    let what = if phase == Phase::Starting {
-                        "starting (only a running or paused VM can be snapshotted)"
-                    } else {
-                        "stopping"
-                    };
-                    self.out.push(error(
-                        client,
-                        id,
-                        ErrorCode::InvalidState,
-                        format!("snapshot: the VM is {what}"),
-                    ));
+                if let Some(e) = not_running(
+                    phase,
+                    client,
+                    &id,
+                    "snapshot",
+                    "only a running or paused VM can be snapshotted",
+                ) {
+                    self.out.push(e);
                     return;
                 }
                 if let Some(s) = &self.snapshot {
