@@ -370,6 +370,35 @@ fn restore_refuses_every_kind_of_bad_snapshot_before_anything_runs() {
     restore_fails(&snap, &["--cpus", "2"], "--cpus asks for 2");
 }
 
+/// Rewrites record `record` of state part `part` (file `PART.state`) with
+/// `edit`, and the part's size and checksum in the manifest, so that the
+/// snapshot stays consistent and only the edit is wrong with it.
+fn rewrite_record(snap: &Path, part: &str, record: &str, edit: impl FnOnce(&[u8]) -> Vec<u8>) {
+    let state = snap.join(format!("{part}.state"));
+    let records = vmm_snapshot::Records::decode(&std::fs::read(&state).unwrap()).unwrap();
+    let mut out = vmm_snapshot::Records::new();
+    let mut edit = Some(edit);
+    for (name, data) in records.iter() {
+        let data = match edit.take_if(|_| name == record) {
+            Some(f) => f(data),
+            None => data.to_vec(),
+        };
+        out.push(name, data).unwrap();
+    }
+    assert!(edit.is_none(), "no record {record} in {part}");
+    let bytes = out.encode();
+    std::fs::write(&state, &bytes).unwrap();
+    let mpath = snap.join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    for p in m["parts"].as_array_mut().unwrap() {
+        if p["name"] == part {
+            p["bytes"] = Value::from(bytes.len() as u64);
+            p["crc32"] = Value::from(crc32(&bytes));
+        }
+    }
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
 #[test]
 fn restore_into_a_machine_with_other_memory_names_the_region() {
     let dir = TempDir::new("snap-layout");
@@ -377,28 +406,14 @@ fn restore_into_a_machine_with_other_memory_names_the_region() {
     // A consistent snapshot of a machine with 128 KiB at 0 (the plugin sets
     // up 64 KiB): the memory record, the part and its image all grow; the
     // checksums are recomputed where they change.
-    let state = snap.join("vm.state");
-    let records = vmm_snapshot::Records::decode(&std::fs::read(&state).unwrap()).unwrap();
-    let mut out = vmm_snapshot::Records::new();
-    for (name, data) in records.iter() {
-        let data = if name == "memory" {
-            let mut v: Value = serde_json::from_slice(data).unwrap();
-            v[0]["size"] = Value::from(0x20000u64);
-            serde_json::to_vec(&v).unwrap()
-        } else {
-            data.to_vec()
-        };
-        out.push(name, data).unwrap();
-    }
-    let bytes = out.encode();
-    std::fs::write(&state, &bytes).unwrap();
+    rewrite_record(&snap, "vm", "memory", |data| {
+        let mut v: Value = serde_json::from_slice(data).unwrap();
+        v[0]["size"] = Value::from(0x20000u64);
+        serde_json::to_vec(&v).unwrap()
+    });
     let mpath = snap.join("manifest.json");
     let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
     for p in m["parts"].as_array_mut().unwrap() {
-        if p["name"] == "vm" {
-            p["bytes"] = Value::from(bytes.len() as u64);
-            p["crc32"] = Value::from(crc32(&bytes));
-        }
         if p["kind"] == "memory" {
             p["bytes"] = Value::from(0x20000u64);
             std::fs::OpenOptions::new()
@@ -606,27 +621,11 @@ fn restore_refuses_a_snapshot_from_another_cpu() {
     let with_cpuid = |name: &str, extra: Vec<u8>| -> PathBuf {
         let d = dir.0.join(name);
         copy(&snap, &d);
-        let state = d.join("vcpu0.state");
-        let records = vmm_snapshot::Records::decode(&std::fs::read(&state).unwrap()).unwrap();
-        let mut out = vmm_snapshot::Records::new();
-        for (n, data) in records.iter() {
+        rewrite_record(&d, "vcpu0", "cpuid", |data| {
             let mut data = data.to_vec();
-            if n == "cpuid" {
-                data.extend_from_slice(&extra);
-            }
-            out.push(n, data).unwrap();
-        }
-        let bytes = out.encode();
-        std::fs::write(&state, &bytes).unwrap();
-        let mpath = d.join("manifest.json");
-        let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
-        for p in m["parts"].as_array_mut().unwrap() {
-            if p["name"] == "vcpu0" {
-                p["bytes"] = Value::from(bytes.len() as u64);
-                p["crc32"] = Value::from(crc32(&bytes));
-            }
-        }
-        std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+            data.extend_from_slice(&extra);
+            data
+        });
         d
     };
     // "FakeVendorXY" is no CPU's vendor string.
