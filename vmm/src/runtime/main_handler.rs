@@ -758,13 +758,7 @@ fn new_connection(services: &impl HostServices, base: MainResponse) -> Outcome {
     // it). The plugin's end must block like the first connection's: the file
     // status flags travel with the descriptor, and a non-blocking plugin end
     // makes the client's receive race the reply (EAGAIN).
-    let (host, plugin) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
-    fcntl(&host, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    let (host, plugin) = seqpacket_pair()?;
     Ok(Reply {
         fds: vec![plugin],
         new_connection: Some(host),
@@ -1041,6 +1035,20 @@ fn dirty_log(state: &MainState, vm: &impl Vm, id: u32) -> Result<Vec<u8>, Refuse
         Some(_) => refuse(Errno::ENOENT, format!("object {id} is not a memory region")),
         None => refuse(Errno::ENOENT, format!("no object has id {id}")),
     }
+}
+
+/// A `SOCK_SEQPACKET` pair for a new channel to the plugin: the host's end
+/// non-blocking (the main loop never waits on the plugin), the plugin's end
+/// blocking (its status flags travel with the descriptor).
+pub(crate) fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), Errno> {
+    let (host, plugin) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    fcntl(&host, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((host, plugin))
 }
 
 #[cfg(test)]

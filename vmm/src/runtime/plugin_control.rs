@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::sys::socket::{recv, send, MsgFlags};
 use plugin_proto::control_command::Kind;
 use plugin_proto::protobuf::{EnumOrUnknown, Message};
 use plugin_proto::{ControlCommand, ControlReply};
@@ -143,13 +142,7 @@ impl PluginControl {
         if self.sock.is_some() {
             return Err(Errno::EEXIST);
         }
-        let (host, plugin) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
-        fcntl(&host, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        let (host, plugin) = super::main_handler::seqpacket_pair()?;
         self.sock = Some(host);
         self.ever_opened = true;
         self.unwatched = true;
@@ -462,6 +455,7 @@ fn decode_reply(r: ControlReply) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use serde_json::json;
 
     /// The plugin's end, read and written like a (possibly hostile) plugin.
