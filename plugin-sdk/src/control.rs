@@ -59,6 +59,9 @@ pub enum ControlKind {
     /// The snapshot is done and the vcpus run again. Needs no reply (the
     /// host ignores one).
     Resumed,
+    /// A live migration asks for the guest pages the plugin wrote itself
+    /// since the previous ask (protocol extension §8).
+    DirtyPages,
     /// A kind this SDK does not know (a newer host); answer it `ENOTSUP`.
     Unknown(i32),
 }
@@ -159,6 +162,7 @@ impl ControlChannel {
             Ok(Kind::CUSTOM) => ControlKind::Custom(wire.name),
             Ok(Kind::SAVE_STATE) => ControlKind::SaveState,
             Ok(Kind::RESUMED) => ControlKind::Resumed,
+            Ok(Kind::DIRTY_PAGES) => ControlKind::DirtyPages,
             Err(v) => ControlKind::Unknown(v),
         };
         let args = if wire.json.is_empty() {
