@@ -111,6 +111,16 @@ pub enum CtlCommand {
         #[arg(value_name = "without_device_state", value_parser = ["without_device_state"])]
         mode: Option<String>,
     },
+    /// Live-migrate the machine to ADDR (`unix:PATH` or `tcp:HOST:PORT`)
+    /// where `vmm --incoming ADDR --plugin P` waits; this VM ends when the
+    /// target runs (docs/migration-stream.md).
+    Migrate {
+        /// The target's address.
+        addr: String,
+        /// The downtime target in milliseconds (default 20).
+        #[arg(long = "downtime-ms", value_name = "N")]
+        downtime_ms: Option<u64>,
+    },
 }
 
 impl CtlCommand {
@@ -146,6 +156,18 @@ impl CtlCommand {
                     .to_string_lossy()
                     .into_owned(),
                 without_device_state: mode.is_some(),
+            },
+            CtlCommand::Migrate { addr, downtime_ms } => Command::Migrate {
+                // A relative unix path is this command's, not vmm's.
+                to: match addr.strip_prefix("unix:") {
+                    Some(p) => format!(
+                        "unix:{}",
+                        std::path::absolute(p)
+                            .map_or_else(|_| p.to_string(), |a| a.to_string_lossy().into_owned())
+                    ),
+                    None => addr.clone(),
+                },
+                downtime_ms: downtime_ms.unwrap_or(vmm_client::proto::DEFAULT_DOWNTIME_MS),
             },
         })
     }

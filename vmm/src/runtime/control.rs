@@ -93,6 +93,7 @@ fn reply(r: Reply) -> PluginReply {
     match r {
         Reply::Ok(v) => PluginReply::Ok(v),
         Reply::State(b) => PluginReply::State(b),
+        Reply::DirtyPages(p) => PluginReply::DirtyPages(p),
         Reply::Refused { errno, message } => PluginReply::Refused { errno, message },
         Reply::TimedOut => PluginReply::TimedOut(super::plugin_control::REPLY_TIMEOUT),
         Reply::Closed => PluginReply::Closed,
