@@ -354,6 +354,30 @@ impl ControlTarget for Host {
         self.poll_snapshot()
     }
 
+    fn migrate_begin(&mut self, to: &str, downtime_ms: u64) -> Result<(), String> {
+        Host::migrate_begin(self, to, downtime_ms)
+    }
+
+    fn migrate_poll(&mut self) -> Option<crate::control::dispatch::MigrateProgress> {
+        Host::migrate_poll(self)
+    }
+
+    fn migrate_round(&mut self, plugin_pages: &[u64]) -> Result<bool, String> {
+        Host::migrate_round(self, plugin_pages)
+    }
+
+    fn migrate_finish(&mut self, device: Vec<u8>, plugin_pages: &[u64]) -> Result<(), String> {
+        Host::migrate_finish(self, device, plugin_pages)
+    }
+
+    fn migrate_abort(&mut self) {
+        Host::migrate_abort(self)
+    }
+
+    fn migrated(&mut self, to: &str) {
+        Host::migrated(self, to)
+    }
+
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
         self.api.plugin_control.forward(what, tag).map_err(|e| {
             let m = crate::error_chain(&e);
