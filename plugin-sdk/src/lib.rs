@@ -53,6 +53,7 @@ mod decode;
 mod error;
 mod image;
 pub mod machine;
+mod migrate;
 mod objects;
 mod reset;
 mod state;
@@ -63,11 +64,12 @@ mod vcpu;
 pub mod c_api;
 
 pub use connection::{Connection, SOCKET_ENV};
-pub use control::{ControlChannel, ControlCommand, ControlKind, CONTROL_MAX_JSON};
+pub use control::{ControlChannel, ControlCommand, ControlKind, CONTROL_MAX_JSON, DIRTY_PAGES_MAX};
 pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
+pub use migrate::{WriteGuard, WriteTracker};
 pub use reset::{DirtyPages, RESET_MAX_PAGES};
 pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{
