@@ -144,8 +144,15 @@ fn worker(
 ) {
     let mut committed = false;
     let mut pages = 0u64;
+    let Ok(peer) = conn.try_clone() else {
+        let _ = news.send(News::Failed {
+            why: "cannot clone the connection".into(),
+            committed,
+        });
+        return;
+    };
+    let mut replies = BufReader::new(peer);
     let r = (|| -> Result<u64, String> {
-        let mut replies = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
         let mut w = Writer::new(BufWriter::with_capacity(1 << 20, conn)).map_err(stream_err)?;
         w.header(&header).map_err(stream_err)?;
         // Round 0: every non-zero page, holes skipped.
@@ -237,6 +244,20 @@ fn worker(
             }
         }
     })();
+    let r = r.map_err(|why| {
+        if committed {
+            return why;
+        }
+        // A target that gives up says why before it closes: a failed
+        // write is most likely its refusal.
+        let _ = replies
+            .get_ref()
+            .set_timeouts(Some(Duration::from_millis(500)));
+        match vmm_migration::read_reply(&mut replies) {
+            Ok(Reply::Error(m)) => format!("the target refused the machine: {m}"),
+            _ => why,
+        }
+    });
     let _ = news.send(match r {
         Ok(bytes) => News::Done { bytes, pages },
         Err(why) => News::Failed { why, committed },
