@@ -68,8 +68,8 @@ pub use control::{ControlChannel, ControlCommand, ControlKind, CONTROL_MAX_JSON,
 pub use error::{Error, Result};
 pub use image::StateImage;
 pub use machine::GuestRam;
-pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use migrate::{WriteGuard, WriteTracker};
+pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use reset::{DirtyPages, RESET_MAX_PAGES};
 pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{

@@ -185,7 +185,11 @@ mod tests {
         let marked = t.take().len() as u64;
         assert_eq!(marked, at_freeze, "every write before the freeze is marked");
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(writes.load(Ordering::SeqCst), at_freeze, "a write went through a freeze");
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            at_freeze,
+            "a write went through a freeze"
+        );
         assert!(t.is_frozen());
         t.thaw();
         writer.join().unwrap();

@@ -296,7 +296,7 @@ impl<W: Write> Writer<W> {
     pub fn pages(&mut self, region: u32, first_page: u64, data: &[u8]) -> Result<()> {
         let count = data.len() / PAGE;
         assert!(
-            data.len() % PAGE == 0 && count <= MAX_FRAME_PAGES as usize,
+            data.len().is_multiple_of(PAGE) && count <= MAX_FRAME_PAGES as usize,
             "a Pages frame carries whole pages, at most MAX_FRAME_PAGES"
         );
         let mut head = [0u8; PAGES_HEAD];
@@ -402,13 +402,21 @@ impl<R: Read> Reader<R> {
     /// Reads and checks the magic and the version.
     pub fn new(mut input: R) -> Result<Reader<R>> {
         let mut pre = [0u8; 12];
-        read_exact(&mut input, &mut pre[..8], "before sending the stream's magic")?;
+        read_exact(
+            &mut input,
+            &mut pre[..8],
+            "before sending the stream's magic",
+        )?;
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&pre[..8]);
         if &magic != MAGIC {
             return Err(StreamError::BadMagic(magic));
         }
-        read_exact(&mut input, &mut pre[8..], "before sending the stream's version")?;
+        read_exact(
+            &mut input,
+            &mut pre[8..],
+            "before sending the stream's version",
+        )?;
         let found = u32_at(&pre, 8);
         if found != VERSION {
             return Err(StreamError::Version { found });
@@ -456,7 +464,12 @@ impl<R: Read> Reader<R> {
         let len = u32_at(&head, 1) as usize;
         let name = match kind_name(k) {
             Some(n) if k < 0x80 => n,
-            _ => return Err(StreamError::UnknownFrame { kind: k, offset: at }),
+            _ => {
+                return Err(StreamError::UnknownFrame {
+                    kind: k,
+                    offset: at,
+                })
+            }
         };
         if len > max_len(k) {
             return Err(StreamError::TooLong {
@@ -591,7 +604,12 @@ impl<R: Read> Reader<R> {
                 self.stage = Stage::Finished;
                 Frame::End { crc }
             }
-            _ => return Err(StreamError::UnknownFrame { kind: k, offset: at }),
+            _ => {
+                return Err(StreamError::UnknownFrame {
+                    kind: k,
+                    offset: at,
+                })
+            }
         };
         Ok(frame)
     }
@@ -611,7 +629,10 @@ fn parse_header(b: &[u8]) -> std::result::Result<Header, String> {
     }
     let end = 8 + n * 16;
     if b.len() < end {
-        return Err(format!("{n} regions need {end} bytes, the frame has {}", b.len()));
+        return Err(format!(
+            "{n} regions need {end} bytes, the frame has {}",
+            b.len()
+        ));
     }
     let mut regions = Vec::with_capacity(n);
     for i in 0..n {
@@ -625,12 +646,13 @@ fn parse_header(b: &[u8]) -> std::result::Result<Header, String> {
                 r.gpa, r.size
             ));
         }
-        if r.gpa % PAGE as u64 != 0 {
+        if !r.gpa.is_multiple_of(PAGE as u64) {
             return Err(format!("region {i} at {:#x} is not page-aligned", r.gpa));
         }
-        if let Some(j) = regions.iter().position(|o: &Region| {
-            r.gpa < o.gpa + o.size && o.gpa < r.gpa + r.size
-        }) {
+        if let Some(j) = regions
+            .iter()
+            .position(|o: &Region| r.gpa < o.gpa + o.size && o.gpa < r.gpa + r.size)
+        {
             return Err(format!("region {i} overlaps region {j}"));
         }
         regions.push(r);

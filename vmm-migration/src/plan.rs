@@ -109,7 +109,10 @@ mod tests {
         let mut p = Planner::new(20 * MS);
         assert_eq!(p.after_round(1 << 30, 1000 * MS, 50_000), Decision::Round);
         assert_eq!(p.after_round(200 << 20, 200 * MS, 20_000), Decision::Round);
-        assert_eq!(p.after_round(80 << 20, 80 * MS, 4_000), Decision::StopAndCopy);
+        assert_eq!(
+            p.after_round(80 << 20, 80 * MS, 4_000),
+            Decision::StopAndCopy
+        );
         assert_eq!(p.rounds(), 3);
     }
 

@@ -105,7 +105,10 @@ fn a_flipped_byte_is_an_error() {
     for at in [12 + 5 + 30, 200, 5000, b.len() - 10] {
         let mut c = b.clone();
         c[at] ^= 0x40;
-        assert!(parse_stream(&c).is_err(), "flipping byte {at} went unnoticed");
+        assert!(
+            parse_stream(&c).is_err(),
+            "flipping byte {at} went unnoticed"
+        );
     }
 }
 
@@ -170,7 +173,10 @@ fn frames_out_of_order_are_refused() {
     s.vcpus.push(Records::new());
     w.state(&s).unwrap();
     let e = error(w.get_mut());
-    assert!(e.contains("state for 2 vcpus, the header announced 1"), "{e}");
+    assert!(
+        e.contains("state for 2 vcpus, the header announced 1"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -146,7 +146,12 @@ impl DeviceState for Machine {
 /// Serves the control channel: `SAVE_STATE` from the device, `state` as
 /// JSON, `DIRTY_PAGES` from the tracker. A host without the channel only
 /// means no snapshots.
-fn serve_control(conn: &Connection, device: &Arc<Mutex<Device>>, machine: Machine, tracker: Arc<WriteTracker>) {
+fn serve_control(
+    conn: &Connection,
+    device: &Arc<Mutex<Device>>,
+    machine: Machine,
+    tracker: Arc<WriteTracker>,
+) {
     let control = match conn.control_channel() {
         Ok(c) => c,
         Err(e) => {

@@ -61,7 +61,10 @@ impl Addr {
             }
         }
         if let Some(hp) = s.strip_prefix("tcp:") {
-            if hp.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+            if hp
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
                 return Ok(Addr::Tcp(hp.to_string()));
             }
         }
@@ -289,7 +292,14 @@ mod tests {
             Addr::parse("tcp:127.0.0.1:4444").unwrap(),
             Addr::Tcp("127.0.0.1:4444".into())
         );
-        for bad in ["unix:", "tcp:127.0.0.1", "tcp::5", "tcp:h:99999", "/tmp/x", ""] {
+        for bad in [
+            "unix:",
+            "tcp:127.0.0.1",
+            "tcp::5",
+            "tcp:h:99999",
+            "/tmp/x",
+            "",
+        ] {
             let e = Addr::parse(bad).unwrap_err().to_string();
             assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{bad}: {e}");
         }

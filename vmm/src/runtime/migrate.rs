@@ -48,9 +48,19 @@ enum Job {
 }
 
 enum News {
-    RoundSent { bytes: u64, pages: u64, took: Duration },
-    Done { bytes: u64, pages: u64 },
-    Failed { why: String, committed: bool },
+    RoundSent {
+        bytes: u64,
+        pages: u64,
+        took: Duration,
+    },
+    Done {
+        bytes: u64,
+        pages: u64,
+    },
+    Failed {
+        why: String,
+        committed: bool,
+    },
 }
 
 /// A region as the main loop tracks it.
@@ -126,8 +136,14 @@ fn read_run(src: &Source, r: Run, buf: &mut Vec<u8>) -> Result<(), String> {
     buf.resize(len, 0);
     let start = r.first * PAGE as u64;
     let n = (src.size.saturating_sub(start)).min(len as u64) as usize;
-    vmm_snapshot::memory::read_full(src.fd.as_fd(), &mut buf[..n], src.offset + start)
-        .map_err(|e| format!("cannot read guest memory at region {} page {}: {e}", r.region, r.first))
+    vmm_snapshot::memory::read_full(src.fd.as_fd(), &mut buf[..n], src.offset + start).map_err(
+        |e| {
+            format!(
+                "cannot read guest memory at region {} page {}: {e}",
+                r.region, r.first
+            )
+        },
+    )
 }
 
 fn stream_err(e: vmm_migration::StreamError) -> String {
@@ -162,9 +178,8 @@ fn worker(
         let mut n0 = 0u64;
         let chunk = vmm_migration::MAX_FRAME_PAGES as u64 * PAGE as u64;
         for (i, s) in sources.iter().enumerate() {
-            let extents =
-                vmm_snapshot::memory::extents(s.fd.as_fd(), s.offset, s.offset + s.size)
-                    .map_err(|e| format!("cannot find region {i}'s data: {e}"))?;
+            let extents = vmm_snapshot::memory::extents(s.fd.as_fd(), s.offset, s.offset + s.size)
+                .map_err(|e| format!("cannot find region {i}'s data: {e}"))?;
             for (a, b) in extents {
                 let mut at = a - s.offset;
                 let end = b - s.offset;
@@ -185,7 +200,9 @@ fn worker(
                             continue;
                         }
                         let q = (p..count as usize)
-                            .find(|&q| vmm_snapshot::memory::is_zero(&buf[q * PAGE..(q + 1) * PAGE]))
+                            .find(|&q| {
+                                vmm_snapshot::memory::is_zero(&buf[q * PAGE..(q + 1) * PAGE])
+                            })
                             .unwrap_or(count as usize);
                         w.pages(i as u32, run.first + p as u64, &buf[p * PAGE..q * PAGE])
                             .map_err(stream_err)?;
@@ -232,12 +249,16 @@ fn worker(
                     pages += send_runs(&mut w, &runs, &mut buf)?;
                     w.state(&state).map_err(stream_err)?;
                     w.end().map_err(stream_err)?;
-                    vmm_migration::expect_reply(&mut replies, Reply::Ready)
-                        .map_err(|e| format!("the target did not take the machine: {}", chain(&e)))?;
+                    vmm_migration::expect_reply(&mut replies, Reply::Ready).map_err(|e| {
+                        format!("the target did not take the machine: {}", chain(&e))
+                    })?;
                     vmm_migration::write_reply(w.get_mut(), &Reply::Commit).map_err(stream_err)?;
                     committed = true;
                     vmm_migration::expect_reply(&mut replies, Reply::Done).map_err(|e| {
-                        format!("the target did not confirm it runs the machine: {}", chain(&e))
+                        format!(
+                            "the target did not confirm it runs the machine: {}",
+                            chain(&e)
+                        )
                     })?;
                     return Ok(w.bytes());
                 }
@@ -351,7 +372,9 @@ impl Host {
         };
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (news_tx, news_rx) = mpsc::channel();
-        let handle = conn.try_clone().map_err(|e| format!("cannot clone the connection: {e}"))?;
+        let handle = conn
+            .try_clone()
+            .map_err(|e| format!("cannot clone the connection: {e}"))?;
         let worker = std::thread::Builder::new()
             .name("vmm_migrate".into())
             .spawn(move || worker(conn, header, sources, jobs_rx, news_tx))
@@ -460,7 +483,10 @@ impl Host {
         };
         let (bytes, took) = m.last_round.take().unwrap_or_default();
         let decision = m.planner.after_round(bytes, took, dirty);
-        debug!("migration: {dirty} pages dirty after round {}: {decision:?}", m.rounds);
+        debug!(
+            "migration: {dirty} pages dirty after round {}: {decision:?}",
+            m.rounds
+        );
         if decision == Decision::StopAndCopy {
             m.paused_at = Some(Instant::now());
             return Ok(true);
@@ -565,19 +591,36 @@ pub(super) fn accept(
     let listener = Listener::bind(&a).map_err(|e| fail(chain(&e)))?;
     info!("waiting for a migration source on {a}");
     let conn = listener.accept(timeout).map_err(|e| fail(chain(&e)))?;
-    let mut replies = conn.try_clone().map_err(|e| fail(format!("cannot clone the connection: {e}")))?;
+    let mut replies = conn
+        .try_clone()
+        .map_err(|e| fail(format!("cannot clone the connection: {e}")))?;
     let refuse = |replies: &mut Conn, why: String| {
         let _ = vmm_migration::write_reply(replies, &Reply::Error(why.clone()));
         fail(why)
     };
     let mut reader = match Reader::new(BufReader::with_capacity(1 << 20, conn)) {
         Ok(r) => r,
-        Err(e) => return Err(refuse(&mut replies, format!("the migration stream: {}", chain(&e)))),
+        Err(e) => {
+            return Err(refuse(
+                &mut replies,
+                format!("the migration stream: {}", chain(&e)),
+            ))
+        }
     };
     let header = match reader.next_frame() {
         Ok(Frame::Header(h)) => h,
-        Ok(f) => return Err(refuse(&mut replies, format!("the stream began with {}", f.name()))),
-        Err(e) => return Err(refuse(&mut replies, format!("the migration stream: {}", chain(&e)))),
+        Ok(f) => {
+            return Err(refuse(
+                &mut replies,
+                format!("the stream began with {}", f.name()),
+            ))
+        }
+        Err(e) => {
+            return Err(refuse(
+                &mut replies,
+                format!("the migration stream: {}", chain(&e)),
+            ))
+        }
     };
     if let Some(n) = vcpus {
         if n != header.vcpus as usize {
@@ -719,11 +762,12 @@ fn receive(
             .map_err(|e| format!("cannot duplicate memory object {}'s memfd: {e}", m.id))?;
         targets.push((fd, f.start(), r.size));
     }
-    if let Some(m) = tables
-        .memory
-        .iter()
-        .find(|m| !inc.header.regions.iter().any(|r| r.gpa == m.gpa && r.size == m.size))
-    {
+    if let Some(m) = tables.memory.iter().find(|m| {
+        !inc.header
+            .regions
+            .iter()
+            .any(|r| r.gpa == m.gpa && r.size == m.size)
+    }) {
         return Err(format!(
             "the plugin's region at {:#x} ({:#x} bytes) is not in the migrating machine",
             m.gpa, m.size
@@ -785,16 +829,44 @@ mod tests {
         assert_eq!(
             r[..3],
             [
-                Run { region: 3, first: 0, count: 1 },
-                Run { region: 3, first: 4, count: 2 },
-                Run { region: 3, first: 7, count: 1 },
+                Run {
+                    region: 3,
+                    first: 0,
+                    count: 1
+                },
+                Run {
+                    region: 3,
+                    first: 4,
+                    count: 2
+                },
+                Run {
+                    region: 3,
+                    first: 7,
+                    count: 1
+                },
             ]
         );
         // 320 pages from 64 on: one full frame and the rest.
-        assert_eq!(r[3], Run { region: 3, first: 64, count: 256 });
-        assert_eq!(r[4], Run { region: 3, first: 320, count: 64 });
+        assert_eq!(
+            r[3],
+            Run {
+                region: 3,
+                first: 64,
+                count: 256
+            }
+        );
+        assert_eq!(
+            r[4],
+            Run {
+                region: 3,
+                first: 320,
+                count: 64
+            }
+        );
         assert_eq!(r.len(), 5);
         // Bits past the region's pages are ignored.
-        assert!(runs(0, &[0xff], 3).iter().all(|r| r.first + u64::from(r.count) <= 3));
+        assert!(runs(0, &[0xff], 3)
+            .iter()
+            .all(|r| r.first + u64::from(r.count) <= 3));
     }
 }

@@ -334,7 +334,9 @@ impl PluginControl {
             );
             return None;
         };
-        if self.recv_buf.len() > MAX_PACKET && !self.pending.values().any(|p| p.save_state || p.dirty) {
+        if self.recv_buf.len() > MAX_PACKET
+            && !self.pending.values().any(|p| p.save_state || p.dirty)
+        {
             self.recv_buf = vec![0; MAX_PACKET];
         }
         if p.save_state {

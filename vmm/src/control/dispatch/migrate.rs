@@ -20,8 +20,8 @@
 use serde_json::{json, Value};
 use vmm_client::proto::{ErrorCode, Id};
 
-use super::{error, not_running, ok, ControlTarget, Dispatcher, Forward, ForwardRefused, Phase};
 use super::PluginReply;
+use super::{error, not_running, ok, ControlTarget, Dispatcher, Forward, ForwardRefused, Phase};
 
 /// What the host's migration reports when polled.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,7 +139,11 @@ impl Dispatcher {
         }
         let n = vm.vcpu_count();
         let was_paused = (0..n).filter(|&i| vm.is_paused(i)).collect();
-        self.event(vm.uptime_ms(), "migration-started", json!({ "to": to.clone() }));
+        self.event(
+            vm.uptime_ms(),
+            "migration-started",
+            json!({ "to": to.clone() }),
+        );
         self.migration = Some(PendingMigration {
             client,
             id,
@@ -222,13 +226,15 @@ impl Dispatcher {
                     m.stage = next(tag);
                 }
             }
-            Err(ForwardRefused::NotSupported(m) | ForwardRefused::Busy(m) | ForwardRefused::Failed(m)) => {
-                self.migration_fail(
-                    vm,
-                    ErrorCode::PluginError,
-                    format!("cannot ask the plugin for its written pages: {m}"),
-                )
-            }
+            Err(
+                ForwardRefused::NotSupported(m)
+                | ForwardRefused::Busy(m)
+                | ForwardRefused::Failed(m),
+            ) => self.migration_fail(
+                vm,
+                ErrorCode::PluginError,
+                format!("cannot ask the plugin for its written pages: {m}"),
+            ),
         }
     }
 
