@@ -10,6 +10,7 @@
 //! ```text
 //! source -> target:  "VMMMIGR\0" u32-version
 //!                    Header  (Pages* RoundEnd)*  Pages*  State  End
+//! target -> source:  Receiving (its plugin set up memory: pages go in)
 //! target -> source:  Ready | Error
 //! source -> target:  Commit
 //! target -> source:  Done | Error
@@ -58,6 +59,7 @@ pub mod kind {
     pub const ERROR: u8 = 0x82;
     pub const COMMIT: u8 = 0x83;
     pub const DONE: u8 = 0x84;
+    pub const RECEIVING: u8 = 0x85;
 }
 
 /// Why a stream or reply could not be read or written.
@@ -184,6 +186,8 @@ impl Frame {
 /// A reply (target to source, or the source's `Commit`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
+    /// The target's plugin set up its memory; the pages go straight in.
+    Receiving,
     Ready,
     Error(String),
     Commit,
@@ -193,6 +197,7 @@ pub enum Reply {
 impl Reply {
     pub fn name(&self) -> &'static str {
         match self {
+            Reply::Receiving => "Receiving",
             Reply::Ready => "Ready",
             Reply::Error(_) => "Error",
             Reply::Commit => "Commit",
@@ -212,6 +217,7 @@ fn kind_name(k: u8) -> Option<&'static str> {
         kind::ERROR => "Error",
         kind::COMMIT => "Commit",
         kind::DONE => "Done",
+        kind::RECEIVING => "Receiving",
         _ => return None,
     })
 }
@@ -705,6 +711,7 @@ fn parse_state(b: &[u8]) -> std::result::Result<State, String> {
 /// Writes a reply (or the source's `Commit`).
 pub fn write_reply(out: &mut impl Write, r: &Reply) -> Result<()> {
     let (k, payload): (u8, &[u8]) = match r {
+        Reply::Receiving => (kind::RECEIVING, &[]),
         Reply::Ready => (kind::READY, &[]),
         Reply::Commit => (kind::COMMIT, &[]),
         Reply::Done => (kind::DONE, &[]),
@@ -752,6 +759,7 @@ pub fn read_reply(input: &mut impl Read) -> Result<Reply> {
         kind::READY => Reply::Ready,
         kind::COMMIT => Reply::Commit,
         kind::DONE => Reply::Done,
+        kind::RECEIVING => Reply::Receiving,
         _ => Reply::Error(String::from_utf8_lossy(&payload).into_owned()),
     })
 }

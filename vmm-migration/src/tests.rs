@@ -183,6 +183,7 @@ fn frames_out_of_order_are_refused() {
 fn replies_round_trip_and_errors_carry_the_message() {
     let mut b = Vec::new();
     for r in [
+        Reply::Receiving,
         Reply::Ready,
         Reply::Commit,
         Reply::Done,
@@ -191,6 +192,7 @@ fn replies_round_trip_and_errors_carry_the_message() {
         write_reply(&mut b, &r).unwrap();
     }
     let mut s = &b[..];
+    expect_reply(&mut s, Reply::Receiving).unwrap();
     expect_reply(&mut s, Reply::Ready).unwrap();
     assert_eq!(read_reply(&mut s).unwrap(), Reply::Commit);
     let e = expect_reply(&mut s, Reply::Ready).unwrap_err().to_string();

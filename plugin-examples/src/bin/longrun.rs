@@ -201,7 +201,10 @@ fn spawn_load(
     })
 }
 
-fn run(rounds: u32, with_load: bool) -> Result<u64> {
+/// Guest-physical address of the `mem=MIB` region.
+const EXTRA_GPA: u64 = 0x1000_0000;
+
+fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
     let conn = Connection::from_env()?;
     require_vcpus(&conn, "longrun", 1);
     let ram = GuestRam::new(MEM_SIZE)?;
@@ -219,6 +222,20 @@ fn run(rounds: u32, with_load: bool) -> Result<u64> {
     let load_ram = if with_load {
         let r = Arc::new(crosvm_plugin::GuestRam::new((LOAD_PAGES * 4096) as u64)?);
         Some((r.register(&conn, LOAD_GPA)?, r))
+    } else {
+        None
+    };
+
+    // `mem=MIB`: memory the guest never reads, one word written per page
+    // (so each page is data a migration or snapshot must move).
+    let _extra = if extra_mib > 0 {
+        let r = crosvm_plugin::GuestRam::new(extra_mib << 20)?;
+        // Before the restore state is asked for: a restore or a migration
+        // writes every page of it again.
+        for page in 0..(extra_mib << 20) / 4096 {
+            r.write(page * 4096, &(page + 1).to_le_bytes())?;
+        }
+        Some((r.register(&conn, EXTRA_GPA)?, r))
     } else {
         None
     };
@@ -336,11 +353,20 @@ fn run(rounds: u32, with_load: bool) -> Result<u64> {
 }
 
 fn main() {
-    let usage = "[--plugin-args N [load]]   (rounds of 4,096 steps, 1..=100000; default 20; \
-                 load: a writing load of the plugin's own)";
+    let usage = "[--plugin-args N [load] [mem=MIB]]   (rounds of 4,096 steps, 1..=100000; \
+                 default 20; load: a writing load of the plugin's own; mem=MIB: that much more \
+                 guest memory, 1..=4096, filled before the start)";
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let with_load = args.len() == 2 && args[1] == "load";
-    let rounds = if with_load {
+    let mut with_load = false;
+    let mut extra_mib = 0u64;
+    for a in args.iter().skip(1) {
+        match a.strip_prefix("mem=").map(str::parse::<u64>) {
+            _ if a == "load" => with_load = true,
+            Some(Ok(m)) if (1..=4096).contains(&m) => extra_mib = m,
+            _ => plugin_examples::usage_error("longrun", usage, &format!("bad argument {a:?}")),
+        }
+    }
+    let rounds = if args.len() > 1 {
         args[0].parse::<u32>().unwrap_or_else(|_| {
             plugin_examples::usage_error("longrun", usage, &format!("bad argument {:?}", args[0]))
         })
@@ -350,7 +376,7 @@ fn main() {
     if !(1..=100_000).contains(&rounds) {
         plugin_examples::usage_error("longrun", usage, "N must be 1..=100000");
     }
-    match run(rounds, with_load) {
+    match run(rounds, with_load, extra_mib) {
         Ok(result) => println!("result={result:#018x}"),
         Err(e) => exit_with(&e),
     }

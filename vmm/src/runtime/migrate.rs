@@ -216,10 +216,16 @@ fn worker(
         w.round_end(0, n0).map_err(stream_err)?;
         w.flush().map_err(stream_err)?;
         pages += n0;
+        let took0 = started.elapsed();
+        // The guest is not stopped before the target takes pages (its
+        // plugin started and set up memory): its start-up is no downtime.
+        vmm_migration::expect_reply(&mut replies, Reply::Receiving).map_err(|e| {
+            format!("the target did not start receiving: {}", chain(&e))
+        })?;
         let _ = news.send(News::RoundSent {
             bytes: w.bytes() - before,
             pages: n0,
-            took: started.elapsed(),
+            took: took0,
         });
         let send_runs = |w: &mut Writer<BufWriter<Conn>>, runs: &[Run], buf: &mut Vec<u8>| {
             for r in runs {
@@ -411,7 +417,7 @@ impl Host {
             Ok(News::Done { bytes, pages }) => {
                 let downtime = m.paused_at.map_or(Duration::ZERO, |t| t.elapsed());
                 let v = json!({
-                    "downtime_ms": downtime.as_secs_f64() * 1000.0,
+                    "downtime_ms": (downtime.as_secs_f64() * 1e6).round() / 1e3,
                     "total_ms": m.started.elapsed().as_millis() as u64,
                     "rounds": m.rounds,
                     "pages": pages,
@@ -773,6 +779,8 @@ fn receive(
             m.gpa, m.size
         ));
     }
+    vmm_migration::write_reply(&mut inc.replies, &Reply::Receiving)
+        .map_err(|e| format!("cannot answer the source: {}", chain(&e)))?;
     let supported = vm
         .supported_cpuid()
         .map_err(|e| format!("cannot read this host's CPUID: {e}"))?;
