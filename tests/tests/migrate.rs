@@ -396,3 +396,44 @@ fn a_source_that_drops_mid_stream_makes_the_target_exit_1() {
     assert_eq!(t.code, Some(1), "{t:#?}");
     assert!(t.stderr.contains("closed the connection"), "{t:#?}");
 }
+
+/// A target that takes the whole machine, hears `Commit` and then drops
+/// the connection: it may be running the machine, so the source must not
+/// run it too. The source stays paused and says so; resumed by hand, it
+/// finishes with the right result (this target never ran it).
+#[test]
+fn a_drop_after_commit_leaves_the_source_paused() {
+    use vmm_migration::{Frame, Reader, Reply};
+    let dir = TempDir::new("mig-commit");
+    let args = [ROUNDS];
+    let reference = run_vmm(&[], &bin("longrun"), &args);
+    reference.assert_success();
+    let path = dir.0.join("peer.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (c, _) = listener.accept().unwrap();
+        let mut w = c.try_clone().unwrap();
+        let mut r = Reader::new(BufReader::new(c)).unwrap();
+        vmm_migration::write_reply(&mut w, &Reply::Receiving).unwrap();
+        while !matches!(r.next_frame().unwrap(), Frame::End { .. }) {}
+        vmm_migration::write_reply(&mut w, &Reply::Ready).unwrap();
+        assert_eq!(
+            vmm_migration::read_reply(r.get_mut()).unwrap(),
+            Reply::Commit
+        );
+        // Dropped without Done.
+    });
+    let (mut src, socket) = source(&dir.0, "longrun", &args);
+    let (code, out, err) = ctl(&socket, &["migrate", &format!("unix:{}", path.display())]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("the target may be running the machine"), "{err}");
+    peer.join().unwrap();
+    let (_, out, _) = ctl(&socket, &["status"]);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "paused", "{status}");
+    let (code, _, err) = ctl(&socket, &["resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    let s = src.finish();
+    assert_eq!(s.code, Some(0), "{s:#?}");
+    assert_eq!(result_of(&s.stdout), result_of(&reference.stdout));
+}
