@@ -263,7 +263,9 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace|startup|reset|migrate");
+                let what = args
+                    .next()
+                    .expect("--only reserve|trace|startup|reset|migrate");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
@@ -293,7 +295,7 @@ fn main() {
     }
     if opts.reset_only {
         reset::run(&target_dir(), opts.runs);
-    migrate::run(&target_dir(), opts.runs);
+        migrate::run(&target_dir(), opts.runs);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);

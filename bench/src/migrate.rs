@@ -40,7 +40,11 @@ fn vmm(dir: &Path, vmm_args: &[&str], plugin_args: &[&str]) -> Kill {
 fn wait_for(p: &Path) {
     let t = Instant::now();
     while !p.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "{} never appeared", p.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{} never appeared",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -60,7 +64,9 @@ fn migrate(dir: &Path, plugin_args: &[&str]) -> Value {
     let out = src.0.stdout.take().expect("stdout");
     let mut lines = BufReader::new(out).lines();
     for l in lines.by_ref() {
-        if l.expect("read the source's output").starts_with("progress 2") {
+        if l.expect("read the source's output")
+            .starts_with("progress 2")
+        {
             break;
         }
     }
@@ -84,7 +90,10 @@ pub fn run(dir: &Path, runs: usize) {
     println!("| guest | downtime | total | rounds | MiB sent |");
     println!("|---|---:|---:|---:|---:|");
     for (name, args) in [
-        ("idle (only its 16 KiB working set)", &["100000", "mem=256"][..]),
+        (
+            "idle (only its 16 KiB working set)",
+            &["100000", "mem=256"][..],
+        ),
         (
             "plugin writing ~5,000 pages/s",
             &["100000", "mem=256", "load"][..],
@@ -92,7 +101,8 @@ pub fn run(dir: &Path, runs: usize) {
     ] {
         let r: Vec<Value> = (0..runs.max(1)).map(|_| migrate(dir, args)).collect();
         let f = |k: &str| super::median(r.iter().map(|v| v[k].as_f64().unwrap_or(0.0)).collect());
-        let (down, total, rounds, bytes) = (f("downtime_ms"), f("total_ms"), f("rounds"), f("bytes"));
+        let (down, total, rounds, bytes) =
+            (f("downtime_ms"), f("total_ms"), f("rounds"), f("bytes"));
         eprintln!("migration, {name}: downtime {down:.1} ms, total {total:.0} ms");
         println!(
             "| {name} | {down:.1} ms | {total:.0} ms | {rounds:.0} | {:.1} |",

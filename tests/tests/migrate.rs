@@ -426,7 +426,10 @@ fn a_drop_after_commit_leaves_the_source_paused() {
     let (mut src, socket) = source(&dir.0, "longrun", &args);
     let (code, out, err) = ctl(&socket, &["migrate", &format!("unix:{}", path.display())]);
     assert_eq!(code, Some(1), "{out}\n{err}");
-    assert!(err.contains("the target may be running the machine"), "{err}");
+    assert!(
+        err.contains("the target may be running the machine"),
+        "{err}"
+    );
     peer.join().unwrap();
     let (_, out, _) = ctl(&socket, &["status"]);
     let status: Value = serde_json::from_str(&out).unwrap();

@@ -219,9 +219,8 @@ fn worker(
         let took0 = started.elapsed();
         // The guest is not stopped before the target takes pages (its
         // plugin started and set up memory): its start-up is no downtime.
-        vmm_migration::expect_reply(&mut replies, Reply::Receiving).map_err(|e| {
-            format!("the target did not start receiving: {}", chain(&e))
-        })?;
+        vmm_migration::expect_reply(&mut replies, Reply::Receiving)
+            .map_err(|e| format!("the target did not start receiving: {}", chain(&e)))?;
         let _ = news.send(News::RoundSent {
             bytes: w.bytes() - before,
             pages: n0,
