@@ -469,6 +469,62 @@ mod tests {
     }
 
     #[test]
+    fn migrate_takes_an_address_and_a_downtime_and_checks_them() {
+        let a = parse(&[
+            "/tmp/s",
+            "migrate",
+            "tcp:127.0.0.1:4000",
+            "--downtime-ms",
+            "5",
+        ])
+        .unwrap();
+        let c = a.command.to_command().unwrap();
+        assert_eq!(
+            c,
+            Command::Migrate {
+                to: "tcp:127.0.0.1:4000".into(),
+                downtime_ms: 5
+            }
+        );
+        let a = parse(&["/tmp/s", "migrate", "unix:/tmp/in.sock"]).unwrap();
+        let c = a.command.to_command().unwrap();
+        assert_eq!(
+            c,
+            Command::Migrate {
+                to: "unix:/tmp/in.sock".into(),
+                downtime_ms: 20
+            }
+        );
+        // The server side checks what any client sends.
+        let req = Command::Migrate {
+            to: "ftp:x".into(),
+            downtime_ms: 20,
+        }
+        .to_request(serde_json::json!(1));
+        let line = serde_json::to_vec(&req).unwrap();
+        let e = format!(
+            "{:?}",
+            vmm_client::proto::parse_request(&line)
+                .unwrap_err()
+                .into_response()
+        );
+        assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{e}");
+        let req = Command::Migrate {
+            to: "unix:/x".into(),
+            downtime_ms: 0,
+        }
+        .to_request(serde_json::json!(1));
+        let line = serde_json::to_vec(&req).unwrap();
+        let e = format!(
+            "{:?}",
+            vmm_client::proto::parse_request(&line)
+                .unwrap_err()
+                .into_response()
+        );
+        assert!(e.contains("downtime_ms"), "{e}");
+    }
+
+    #[test]
     fn command_lines_map_to_requests() {
         let a = parse(&["/tmp/s", "pause", "0", "2"]).unwrap();
         assert_eq!(
