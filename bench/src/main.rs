@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|migrate]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -12,6 +12,7 @@ use std::time::Instant;
 use vmm_bench::floor::{self, Floor};
 use vmm_bench::guest::{loop_code, Access};
 
+mod migrate;
 mod reset;
 mod startup;
 
@@ -27,6 +28,8 @@ struct Options {
     startup_only: bool,
     /// `--only reset`: just the fast-reset table (`reset.rs`).
     reset_only: bool,
+    /// `--only migrate`: just the live-migration table (`migrate.rs`).
+    migrate_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -235,6 +238,7 @@ fn main() {
         trace_only: false,
         startup_only: false,
         reset_only: false,
+        migrate_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -259,13 +263,16 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace|startup|reset");
+                let what = args
+                    .next()
+                    .expect("--only reserve|trace|startup|reset|migrate");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
                     "startup" => opts.startup_only = true,
                     "reset" => opts.reset_only = true,
-                    _ => panic!("--only takes `reserve`, `trace`, `startup` or `reset`"),
+                    "migrate" => opts.migrate_only = true,
+                    _ => panic!("--only takes `reserve`, `trace`, `startup`, `reset` or `migrate`"),
                 }
             }
             other => panic!("unknown argument {other}"),
@@ -282,8 +289,13 @@ fn main() {
         trace_table(&opts, &rust_plugin);
         return;
     }
+    if opts.migrate_only {
+        migrate::run(&target_dir(), opts.runs);
+        return;
+    }
     if opts.reset_only {
         reset::run(&target_dir(), opts.runs);
+        migrate::run(&target_dir(), opts.runs);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);

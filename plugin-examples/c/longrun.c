@@ -167,6 +167,9 @@ static void *control_loop(void *arg) {
       save_state(blob);
       pthread_mutex_unlock(&dev.lock);
       ret = crosvm_control_reply_state(ctl, cmd.id, blob, sizeof(blob));
+    } else if (cmd.kind == CROSVM_CONTROL_DIRTY_PAGES) {
+      /* Only the guest writes guest memory once the VM started. */
+      ret = crosvm_control_reply_dirty_pages(ctl, cmd.id, NULL, 0);
     } else if (cmd.kind == CROSVM_CONTROL_RESUMED) {
       continue; /* no reply expected */
     } else if (cmd.kind == CROSVM_CONTROL_CUSTOM && strcmp(cmd.name, "state") == 0) {

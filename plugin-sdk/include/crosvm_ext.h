@@ -73,6 +73,7 @@ struct crosvm_control;
 #define CROSVM_CONTROL_SLEEP_BUTTON 2u    /* sleepbtn */
 #define CROSVM_CONTROL_SAVE_STATE 3u      /* snapshot: reply_state (§6) */
 #define CROSVM_CONTROL_RESUMED 4u         /* snapshot done: no reply (§6) */
+#define CROSVM_CONTROL_DIRTY_PAGES 5u     /* migration: reply_dirty_pages (§8) */
 #define CROSVM_CONTROL_UNKNOWN 0xffffffffu /* newer host: reply -ENOTSUP */
 
 struct crosvm_control_command {
@@ -120,6 +121,17 @@ int crosvm_control_reply_error(struct crosvm_control *self, uint64_t id,
  * CROSVM_CONTROL_RESUMED the plugin must not write guest memory. */
 int crosvm_control_reply_state(struct crosvm_control *self, uint64_t id,
                                const void *state, size_t len);
+
+/* ---- Live migration (§8) ------------------------------------------- */
+
+/* Answers CROSVM_CONTROL_DIRTY_PAGES command id with the count
+ * guest-physical page addresses at pages (NULL if count is 0) the plugin
+ * wrote into guest memory itself since the previous DIRTY_PAGES (KVM's
+ * dirty log does not see them). A plugin that writes guest memory only
+ * before crosvm_start answers with none. Between SAVE_STATE and RESUMED
+ * the plugin must not write guest memory. */
+int crosvm_control_reply_dirty_pages(struct crosvm_control *self, uint64_t id,
+                                     const uint64_t *pages, size_t count);
 
 /* Is vmm restoring a snapshot (vmm --restore)? Ask before crosvm_start.
  * Returns 0 with *out_len = 0 on a fresh boot (also from a host without

@@ -1294,6 +1294,9 @@ pub const CROSVM_CONTROL_SAVE_STATE: u32 = 3;
 pub const CROSVM_CONTROL_RESUMED: u32 = 4;
 /// A kind this library does not know (a newer host): refuse it `-ENOTSUP`.
 pub const CROSVM_CONTROL_UNKNOWN: u32 = 0xffff_ffff;
+/// Extension (§8): `DIRTY_PAGES`, answered with
+/// `crosvm_control_reply_dirty_pages`.
+pub const CROSVM_CONTROL_DIRTY_PAGES: u32 = 5;
 
 /// `struct crosvm_control`: the plugin's end of the control channel and the
 /// strings of the last command received (the C caller's pointers point
@@ -1364,6 +1367,7 @@ pub unsafe extern "C" fn crosvm_control_recv(
             crate::ControlKind::Custom(n) => (CROSVM_CONTROL_CUSTOM, n.into_bytes()),
             crate::ControlKind::SaveState => (CROSVM_CONTROL_SAVE_STATE, Vec::new()),
             crate::ControlKind::Resumed => (CROSVM_CONTROL_RESUMED, Vec::new()),
+            crate::ControlKind::DirtyPages => (CROSVM_CONTROL_DIRTY_PAGES, Vec::new()),
             _ => (CROSVM_CONTROL_UNKNOWN, Vec::new()),
         };
         let mut last = ctl.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -1433,6 +1437,27 @@ pub unsafe extern "C" fn crosvm_control_reply_state(
     ffi(|| unsafe {
         let blob = c_slice(state.cast::<u8>(), len);
         status((*self_).chan.reply_state(id, blob))
+    })
+}
+
+/// Extension (§8): answers `DIRTY_PAGES` command `id` with `count`
+/// guest-physical page addresses at `pages` (NULL allowed when `count` is
+/// 0) the plugin wrote since the previous one.
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_control_reply_dirty_pages(
+    self_: *mut crosvm_control,
+    id: u64,
+    pages: *const u64,
+    count: usize,
+) -> c_int {
+    if count > crate::DIRTY_PAGES_MAX {
+        return -libc::EINVAL;
+    }
+    // SAFETY: live handle, and `pages` points to `count` readable u64s (C
+    // API contract; bounded above).
+    ffi(|| unsafe {
+        let p = c_slice(pages, count);
+        status((*self_).chan.reply_dirty_pages(id, p))
     })
 }
 

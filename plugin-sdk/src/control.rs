@@ -32,12 +32,17 @@ use plugin_proto::protobuf::Message;
 use plugin_proto::{ControlCommand as WireCommand, ControlReply};
 
 use crate::error::{Error, Result};
+use crate::migrate::WriteTracker;
 use crate::state::{DeviceState, DEVICE_STATE_MAX};
 use crate::Connection;
 
 /// Largest JSON document in a command or a reply (the host drops bigger
 /// replies).
 pub const CONTROL_MAX_JSON: usize = 60 * 1024;
+
+/// Most pages one `DIRTY_PAGES` reply names (its packet stays within the
+/// host's bound for a device state: 16 MiB, at most 10 bytes a page).
+pub const DIRTY_PAGES_MAX: usize = 1_500_000;
 
 /// Largest packet the host sends on the channel.
 const MAX_PACKET: usize = CONTROL_MAX_JSON + 4096;
@@ -265,6 +270,28 @@ impl ControlChannel {
     /// Answers `SAVE_STATE` command `id` from `device`: saves it under the
     /// lock and replies with the blob, or refuses the command `EMSGSIZE`
     /// if the blob is over [`DEVICE_STATE_MAX`]. Touches no guest memory.
+    /// Answers `DIRTY_PAGES` command `id` (§8) with the guest-physical
+    /// page addresses the plugin wrote since the previous one.
+    pub fn reply_dirty_pages(&self, id: u64, pages: &[u64]) -> Result<()> {
+        if pages.len() > DIRTY_PAGES_MAX {
+            return Err(Error::InvalidArgument(
+                "more written pages than DIRTY_PAGES_MAX in one reply",
+            ));
+        }
+        self.send_reply(ControlReply {
+            id,
+            dirty_pages: pages.to_vec(),
+            ..Default::default()
+        })
+        .map_err(|e| match e {
+            Error::Sys { source, .. } => Error::Sys {
+                op: "control channel reply with the written pages",
+                source,
+            },
+            e => e,
+        })
+    }
+
     pub fn serve_save_state<D: DeviceState + ?Sized>(
         &self,
         id: u64,
@@ -315,9 +342,41 @@ impl ControlChannel {
         self.spawn_serving(Some(device), handler)
     }
 
+    /// [`Self::spawn_handler_with_state`] for a plugin that writes guest
+    /// memory itself (§8): `DIRTY_PAGES` is answered from `tracker`,
+    /// `SAVE_STATE` freezes it before the state is taken and `RESUMED`
+    /// thaws it (after the handler saw it). Without a tracker the SDK
+    /// answers `DIRTY_PAGES` with no pages: a plugin whose only guest
+    /// writes are its set-up before `start` needs none.
+    pub fn spawn_handler_tracked<D, F>(
+        self,
+        device: Arc<Mutex<D>>,
+        tracker: Arc<WriteTracker>,
+        handler: F,
+    ) -> Result<JoinHandle<Result<()>>>
+    where
+        D: DeviceState + Send + 'static,
+        F: FnMut(&ControlCommand) -> std::result::Result<Vec<u8>, (i32, String)> + Send + 'static,
+    {
+        self.spawn_serving_tracked(Some(device), Some(tracker), handler)
+    }
+
     fn spawn_serving<D, F>(
         self,
         device: Option<Arc<Mutex<D>>>,
+        handler: F,
+    ) -> Result<JoinHandle<Result<()>>>
+    where
+        D: DeviceState + Send + 'static,
+        F: FnMut(&ControlCommand) -> std::result::Result<Vec<u8>, (i32, String)> + Send + 'static,
+    {
+        self.spawn_serving_tracked(device, None, handler)
+    }
+
+    fn spawn_serving_tracked<D, F>(
+        self,
+        device: Option<Arc<Mutex<D>>>,
+        tracker: Option<Arc<WriteTracker>>,
         mut handler: F,
     ) -> Result<JoinHandle<Result<()>>>
     where
@@ -338,7 +397,15 @@ impl ControlChannel {
                             continue;
                         }
                         (ControlKind::SaveState, Some(device)) => {
+                            if let Some(t) = &tracker {
+                                t.freeze();
+                            }
                             self.serve_save_state(cmd.id, device)?;
+                            continue;
+                        }
+                        (ControlKind::DirtyPages, _) => {
+                            let pages = tracker.as_ref().map(|t| t.take()).unwrap_or_default();
+                            self.reply_dirty_pages(cmd.id, &pages)?;
                             continue;
                         }
                         (ControlKind::SaveState, None) => {
@@ -351,6 +418,9 @@ impl ControlChannel {
                         }
                         (ControlKind::Resumed, _) => {
                             let _ = handler(&cmd);
+                            if let Some(t) = &tracker {
+                                t.thaw();
+                            }
                             continue;
                         }
                         _ => {}

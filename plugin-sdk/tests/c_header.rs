@@ -168,7 +168,7 @@ fn library_exports_exactly_the_api() {
 }
 
 /// The extension functions, declared in `crosvm_ext.h` only.
-const EXT_API: [&str; 11] = [
+const EXT_API: [&str; 12] = [
     "crosvm_reserve_coalesced_range",
     "crosvm_control_open",
     "crosvm_control_fd",
@@ -180,6 +180,7 @@ const EXT_API: [&str; 11] = [
     "crosvm_get_restore_state",
     "crosvm_snapshot_in_memory",
     "crosvm_reset_to_snapshot",
+    "crosvm_control_reply_dirty_pages",
 ];
 
 #[test]
@@ -213,7 +214,11 @@ fn extension_header_compiles_and_declares_the_extensions() {
          int k(struct crosvm *vm) {\n\
            uint64_t bytes = 0, copied = 0, pages[1] = {0x1000};\n\
            int r = crosvm_snapshot_in_memory(vm, &bytes);\n\
-           return r ? r : crosvm_reset_to_snapshot(vm, pages, 1, &copied);\n}\n",
+           return r ? r : crosvm_reset_to_snapshot(vm, pages, 1, &copied);\n}\n\
+         int m(struct crosvm_control *c, uint64_t id) {\n\
+           uint64_t pages[2] = {0x1000, 0x2000};\n\
+           _Static_assert(CROSVM_CONTROL_DIRTY_PAGES == 5u, \"kind\");\n\
+           return crosvm_control_reply_dirty_pages(c, id, pages, 2);\n}\n",
     )
     .unwrap();
     run(Command::new("gcc")

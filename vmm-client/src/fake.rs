@@ -273,6 +273,9 @@ pub fn answer(cmd: &Command) -> Result<Value, (ErrorCode, String)> {
         Command::Snapshot { dir, .. } => {
             json!({ "dir": dir, "bytes": 65536, "ms": 3, "memory_pages": 16 })
         }
+        Command::Migrate { to, .. } => {
+            json!({ "to": to, "downtime_ms": 4, "total_ms": 80, "rounds": 2, "pages": 16, "bytes": 65536 })
+        }
     };
     Ok(v)
 }

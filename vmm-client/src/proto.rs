@@ -88,7 +88,18 @@ pub enum Command {
         dir: String,
         without_device_state: bool,
     },
+    /// Live-migrate the machine to `to` (`unix:PATH` or `tcp:HOST:PORT`,
+    /// where `vmm --incoming` waits), stopping the guest for at most about
+    /// `downtime_ms` (docs/migration-stream.md).
+    Migrate { to: String, downtime_ms: u64 },
 }
+
+/// Longest migration address (`migrate`).
+pub const MAX_MIGRATE_ADDR: usize = 4096;
+/// Default downtime target of `migrate`, in milliseconds.
+pub const DEFAULT_DOWNTIME_MS: u64 = 20;
+/// Largest downtime target of `migrate`, in milliseconds.
+pub const MAX_DOWNTIME_MS: u64 = 60_000;
 
 impl Command {
     /// The command's wire name.
@@ -106,6 +117,7 @@ impl Command {
             Command::SleepButton => "sleepbtn",
             Command::Plugin { .. } => "plugin",
             Command::Snapshot { .. } => "snapshot",
+            Command::Migrate { .. } => "migrate",
         }
     }
 
@@ -121,6 +133,9 @@ impl Command {
                 dir,
                 without_device_state,
             } => serde_json::json!({ "dir": dir, "without_device_state": without_device_state }),
+            Command::Migrate { to, downtime_ms } => {
+                serde_json::json!({ "to": to, "downtime_ms": downtime_ms })
+            }
             _ => Value::Null,
         };
         Request {
@@ -232,6 +247,11 @@ pub struct Event {
 /// - `snapshot-started`: `{"dir": "..."}`
 /// - `snapshot-done`: `{"dir", "bytes", "ms", "memory_pages"}` or
 ///   `{"dir", "error"}`
+/// - `migration-started`: `{"to": ADDR}`
+/// - `migration-done`: `{"to", "downtime_ms", "total_ms", "rounds",
+///   "pages", "bytes"}` (the VM ends next)
+/// - `migration-failed`: `{"to", "error"}` (the VM goes on, unless the
+///   error says the target may be running)
 pub const EVENT_NAMES: &[&str] = &[
     "running",
     "paused",
@@ -242,6 +262,9 @@ pub const EVENT_NAMES: &[&str] = &[
     "error",
     "snapshot-started",
     "snapshot-done",
+    "migration-started",
+    "migration-done",
+    "migration-failed",
 ];
 
 /// Any line the server sends.
@@ -546,11 +569,55 @@ pub fn parse_command(command: &str, args: Value) -> Result<Command, (ErrorCode, 
                 without_device_state,
             })
         }
+        "migrate" => {
+            let mut obj = args_object(command, args, &["to", "downtime_ms"])?;
+            let to = match obj.remove("to") {
+                Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_MIGRATE_ADDR => s,
+                Some(Value::String(_)) => {
+                    return Err(bad(
+                        command,
+                        format!("\"to\" is 1 to {MAX_MIGRATE_ADDR} bytes"),
+                    ))
+                }
+                Some(_) => return Err(bad(command, "\"to\" must be a string")),
+                None => {
+                    return Err(bad(
+                        command,
+                        "needs \"to\", the target's address (unix:PATH or tcp:HOST:PORT)",
+                    ))
+                }
+            };
+            if to.contains('\0') {
+                return Err(bad(command, "\"to\" contains a NUL byte"));
+            }
+            if !(to.starts_with("unix:") || to.starts_with("tcp:")) {
+                return Err(bad(
+                    command,
+                    format!(
+                        "\"to\" is unix:PATH or tcp:HOST:PORT (got \"{}\")",
+                        truncate(&to, 64).escape_debug()
+                    ),
+                ));
+            }
+            let downtime_ms = match obj.remove("downtime_ms") {
+                None | Some(Value::Null) => DEFAULT_DOWNTIME_MS,
+                Some(v) => match v.as_u64() {
+                    Some(n) if (1..=MAX_DOWNTIME_MS).contains(&n) => n,
+                    _ => {
+                        return Err(bad(
+                            command,
+                            format!("\"downtime_ms\" is 1 to {MAX_DOWNTIME_MS}"),
+                        ))
+                    }
+                },
+            };
+            Ok(Command::Migrate { to, downtime_ms })
+        }
         other => Err((
             ErrorCode::UnknownCommand,
             format!(
                 "unknown command \"{}\" (commands: status, pause, resume, stop, kill, vcpu-tids, \
-                 stats, events, powerbtn, sleepbtn, plugin)",
+                 stats, events, powerbtn, sleepbtn, plugin, snapshot, migrate)",
                 truncate(other, 64).escape_debug()
             ),
         )),

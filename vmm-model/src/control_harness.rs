@@ -15,7 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 use vmm::control::dispatch::{
-    ControlTarget, Dispatcher, Forward, ForwardRefused, HostStatus, Phase, PluginReply,
+    ControlTarget, Dispatcher, Forward, ForwardRefused, HostStatus, MigrateProgress, Phase,
+    PluginReply,
 };
 use vmm::control::{ApiRequest, ToServer};
 use vmm_client::proto::{self, ServerMessage, VcpuTid};
@@ -57,6 +58,28 @@ pub struct ModelVm {
     pub snapshots_answered: usize,
     /// `RESUMED` commands the plugin got.
     pub resumed: u64,
+    /// The migration the dispatcher drives (`migrate_*`).
+    pub migration: Option<ModelMigration>,
+    /// Where the machine migrated to (`migrated`).
+    pub migrated_to: Option<String>,
+    /// Migrations abandoned (`migrate_abort`).
+    pub migrations_aborted: u64,
+}
+
+/// A migration on the model: rounds are "sent" at the next poll; the
+/// address scripts it: `/drop` fails the first round, `/refuse` fails
+/// after the state (before `Commit`), `/commit-drop` after `Commit`;
+/// anything else succeeds once `rounds_to_converge` rounds were sent.
+#[derive(Debug, Default, Clone)]
+pub struct ModelMigration {
+    pub to: String,
+    pub rounds_to_converge: u32,
+    pub rounds: u32,
+    pub round_pending: bool,
+    /// Plugin pages per round, in order.
+    pub plugin_pages: Vec<Vec<u64>>,
+    /// The device state and whether every vcpu was parked at the finish.
+    pub finished: Option<(Vec<u8>, bool)>,
 }
 
 impl ModelVm {
@@ -78,6 +101,9 @@ impl ModelVm {
             snapshot_saw_all_paused: false,
             snapshots_answered: 0,
             resumed: 0,
+            migration: None,
+            migrated_to: None,
+            migrations_aborted: 0,
         }
     }
 
@@ -178,6 +204,73 @@ impl ControlTarget for ModelVm {
         }
         self.snapshots_answered += 1;
         Some(Ok(json!({ "bytes": 4096, "ms": 0, "memory_pages": 1 })))
+    }
+    fn migrate_begin(&mut self, to: &str, _downtime_ms: u64) -> Result<(), String> {
+        if self.migration.is_some() {
+            return Err("a migration is under way".into());
+        }
+        if to.ends_with("/unreachable") {
+            return Err(format!("cannot connect to {to}"));
+        }
+        self.migration = Some(ModelMigration {
+            to: to.to_string(),
+            rounds_to_converge: 3,
+            round_pending: true,
+            ..Default::default()
+        });
+        Ok(())
+    }
+    fn migrate_poll(&mut self) -> Option<MigrateProgress> {
+        let m = self.migration.as_mut()?;
+        if m.finished.is_some() {
+            return Some(if m.to.ends_with("/refuse") {
+                MigrateProgress::Failed {
+                    why: "the target refused the machine: no".into(),
+                    committed: false,
+                }
+            } else if m.to.ends_with("/commit-drop") {
+                MigrateProgress::Failed {
+                    why: "the target did not confirm".into(),
+                    committed: true,
+                }
+            } else {
+                MigrateProgress::Done(json!({ "downtime_ms": 1, "rounds": m.rounds }))
+            });
+        }
+        if !std::mem::take(&mut m.round_pending) {
+            return None;
+        }
+        m.rounds += 1;
+        if m.to.ends_with("/drop") {
+            return Some(MigrateProgress::Failed {
+                why: "the peer closed the connection".into(),
+                committed: false,
+            });
+        }
+        Some(MigrateProgress::RoundSent)
+    }
+    fn migrate_round(&mut self, plugin_pages: &[u64]) -> Result<bool, String> {
+        let m = self.migration.as_mut().ok_or("no migration")?;
+        m.plugin_pages.push(plugin_pages.to_vec());
+        if m.rounds >= m.rounds_to_converge {
+            return Ok(true);
+        }
+        m.round_pending = true;
+        Ok(false)
+    }
+    fn migrate_finish(&mut self, device: Vec<u8>, plugin_pages: &[u64]) -> Result<(), String> {
+        let parked = (0..self.vcpus).all(|v| self.parked(v));
+        let m = self.migration.as_mut().ok_or("no migration")?;
+        m.plugin_pages.push(plugin_pages.to_vec());
+        m.finished = Some((device, parked));
+        Ok(())
+    }
+    fn migrate_abort(&mut self) {
+        self.migrations_aborted += 1;
+    }
+    fn migrated(&mut self, to: &str) {
+        self.migrated_to = Some(to.to_string());
+        self.phase = Phase::Stopping;
     }
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
         if what == Forward::Resumed {

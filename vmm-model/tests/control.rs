@@ -511,3 +511,163 @@ fn a_vcpu_parks_only_once_a_pending_read_is_in_its_registers() {
     assert_eq!(run.entries, 1, "the guest did not run again");
     assert_eq!(run.interrupted, 1);
 }
+
+// `migrate` (issue 12): the dispatcher starts the plugin's tracking, lets
+// the host send rounds with the plugin's pages until it says stop, parks
+// every vcpu, asks for the device state and the last pages, and ends the
+// VM once the target runs it; failures before the commit resume, after
+// it the VM stays paused.
+
+use vmm::control::dispatch::Forward as F;
+
+/// Answers the plugin's waiting command: `DirtyPages` with `pages`,
+/// `SaveState` with a state.
+fn answer(h: &mut ControlHarness, pages: &[u64]) {
+    let what = h.vm.forwarded.values().next().cloned();
+    match what {
+        Some(F::DirtyPages) => h.reply(PluginReply::DirtyPages(pages.to_vec())).unwrap(),
+        Some(F::SaveState) => h.reply(PluginReply::State(b"dev".to_vec())).unwrap(),
+        other => panic!("the plugin was sent {other:?}"),
+    }
+}
+
+fn migrate(h: &mut ControlHarness, to: &str) {
+    let line = format!(r#"{{"id":7,"command":"migrate","args":{{"to":"unix:{to}"}}}}"#);
+    h.line(1, line.as_bytes(), 0).unwrap();
+}
+
+#[test]
+fn migrate_rounds_park_hand_over_and_end_the_vm() {
+    let mut h = running(2, PluginMode::Takes(4));
+    migrate(&mut h, "/t");
+    // Tracking first: nothing is sent before the plugin's first answer.
+    assert_eq!(
+        h.vm.forwarded.values().collect::<Vec<_>>(),
+        [&F::DirtyPages]
+    );
+    assert!(h.vm.migration.is_none());
+    answer(&mut h, &[0xdead_0000]);
+    for round in 1..=3u64 {
+        assert!(
+            h.vm.paused.iter().all(|&p| !p),
+            "paused during round {round}"
+        );
+        h.tick().unwrap();
+        answer(&mut h, &[round * 0x1000]);
+    }
+    // Converged: every vcpu paused; once parked, SAVE_STATE, then the last
+    // pages.
+    assert!(h.vm.paused.iter().all(|&p| p));
+    h.tick().unwrap();
+    answer(&mut h, &[]);
+    answer(&mut h, &[0x9000]);
+    let m = h.vm.migration.clone().unwrap();
+    // The tracking answer is not a round's.
+    assert_eq!(
+        m.plugin_pages,
+        [vec![0x1000], vec![0x2000], vec![0x3000], vec![0x9000]]
+    );
+    assert_eq!(m.finished, Some((b"dev".to_vec(), true)));
+    h.tick().unwrap();
+    let rs = h.responses();
+    let r = rs.iter().find(|(_, r)| r.id == json!(7)).unwrap().1;
+    assert_eq!(r.ok.as_ref().unwrap()["to"], "unix:/t", "{r:?}");
+    assert_eq!(h.vm.migrated_to.as_deref(), Some("unix:/t"));
+    assert_eq!(h.vm.resumed, 0, "a migrated plugin never hears RESUMED");
+    let names: Vec<&str> = h.events().iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["running", "migration-started", "migration-done"]);
+    h.finish().unwrap();
+}
+
+#[test]
+fn migrate_failures_before_the_commit_resume_after_it_stay_paused() {
+    // A drop in round 0: nothing was paused, the error names it.
+    let mut h = running(1, PluginMode::Takes(4));
+    migrate(&mut h, "/drop");
+    answer(&mut h, &[]);
+    h.tick().unwrap();
+    let e = h.responses()[0].1.error.clone().unwrap();
+    assert_eq!(e.code, ErrorCode::Internal);
+    assert!(
+        e.message.contains("the peer closed the connection"),
+        "{e:?}"
+    );
+    assert!(!h.vm.paused[0]);
+    assert_eq!(h.vm.migrations_aborted, 1);
+    // Connecting fails at once.
+    migrate(&mut h, "/unreachable");
+    h.vm.migration = None;
+    answer(&mut h, &[]);
+    let e = h.responses()[1].1.error.clone().unwrap();
+    assert!(e.message.contains("cannot connect"), "{e:?}");
+    h.finish().unwrap();
+
+    // The target refuses the state: resumed, and the plugin hears RESUMED.
+    for (to, committed) in [("/refuse", false), ("/commit-drop", true)] {
+        let mut h = running(2, PluginMode::Takes(4));
+        // Vcpu 1 was paused before: it stays paused either way.
+        h.line(1, br#"{"id":1,"command":"pause","args":{"vcpus":[1]}}"#, 0)
+            .unwrap();
+        h.tick().unwrap();
+        migrate(&mut h, to);
+        answer(&mut h, &[]);
+        for _ in 0..3 {
+            h.tick().unwrap();
+            answer(&mut h, &[]);
+        }
+        h.tick().unwrap();
+        answer(&mut h, &[]);
+        answer(&mut h, &[]);
+        h.tick().unwrap();
+        let rs = h.responses();
+        let e = rs.iter().find(|(_, r)| r.id == json!(7)).unwrap().1;
+        let e = e.error.clone().unwrap();
+        assert!(h.vm.migrated_to.is_none());
+        assert!(h.vm.paused[1], "{to}: vcpu 1 was paused before");
+        if committed {
+            assert!(e.message.contains("the target may be running"), "{e:?}");
+            assert!(h.vm.paused[0], "after the commit the VM stays paused");
+            assert_eq!(h.vm.resumed, 0);
+        } else {
+            assert!(e.message.contains("refused the machine"), "{e:?}");
+            assert!(!h.vm.paused[0], "resumed");
+            assert_eq!(h.vm.resumed, 1, "the plugin heard RESUMED");
+        }
+        let names: Vec<&str> = h.events().iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(names.last(), Some(&"migration-failed"));
+        h.finish().unwrap();
+    }
+}
+
+#[test]
+fn migrate_refusals_change_nothing() {
+    // An old plugin cannot report its writes or hand over its state.
+    let mut h = running(1, PluginMode::Old);
+    migrate(&mut h, "/t");
+    let e = h.responses()[0].1.error.clone().unwrap();
+    assert_eq!(e.code, ErrorCode::NotSupported);
+    assert!(
+        e.message.contains("does not take part in migrations"),
+        "{e:?}"
+    );
+    h.finish().unwrap();
+    // A migration while one is under way or during a snapshot, a VM that
+    // does not run yet.
+    let mut h = running(1, PluginMode::Takes(4));
+    migrate(&mut h, "/t");
+    migrate(&mut h, "/u");
+    assert_eq!(code(h.responses()[0].1), Some(ErrorCode::Busy));
+    h.line(
+        1,
+        br#"{"id":9,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    let rs = h.responses();
+    let r = rs.iter().find(|(_, r)| r.id == json!(9)).unwrap().1;
+    assert_eq!(code(r), Some(ErrorCode::Busy));
+    let mut h = ControlHarness::new(ModelVm::new(1, PluginMode::Takes(4)));
+    migrate(&mut h, "/t");
+    assert_eq!(code(h.responses()[0].1), Some(ErrorCode::InvalidState));
+    h.finish().unwrap();
+}

@@ -118,3 +118,12 @@ fn control_request_inputs() {
     });
     assert!(n >= 1, "the control_request corpus is missing");
 }
+
+#[test]
+fn migration_stream_inputs() {
+    let n = replay("migration_stream", |d| {
+        vmm_migration::fuzz_one(d);
+        Ok(())
+    });
+    assert!(n >= 4, "the migration_stream seeds are missing");
+}

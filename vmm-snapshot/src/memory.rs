@@ -68,14 +68,14 @@ pub struct ImageInfo {
     pub crc32: u32,
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(16)
         .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
 }
 
 /// The data extents of `fd` within `[start, end)`, as (start, end) pairs.
 /// Without `SEEK_DATA` support the whole range is one extent.
-fn extents(fd: BorrowedFd<'_>, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+pub fn extents(fd: BorrowedFd<'_>, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut at = start;
     while at < end {
@@ -106,7 +106,7 @@ fn extents(fd: BorrowedFd<'_>, start: u64, end: u64) -> Result<Vec<(u64, u64)>, 
     Ok(out)
 }
 
-fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<(), MemoryError> {
+pub fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<(), MemoryError> {
     let mut done = 0;
     while done < buf.len() {
         let at = offset + done as u64;
@@ -120,7 +120,7 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<(), Memo
     Ok(())
 }
 
-fn write_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<(), MemoryError> {
+pub fn write_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<(), MemoryError> {
     let mut done = 0;
     while done < buf.len() {
         let at = offset + done as u64;

@@ -189,6 +189,16 @@ pub struct Args {
     /// usual, and at Start guest memory, VM and vcpu state come from DIR.
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
+
+    /// Receive a migrating machine at ADDR (`unix:PATH`, a socket of mode
+    /// 0600 removed at exit, or `tcp:HOST:PORT`), sent by `vmm ctl S
+    /// migrate ADDR` (docs/migration-stream.md). Waits for the source.
+    #[arg(long, value_name = "ADDR", conflicts_with = "restore")]
+    pub incoming: Option<String>,
+
+    /// With --incoming: give up when no source connected within S seconds.
+    #[arg(long, value_name = "S", requires = "incoming")]
+    pub incoming_timeout: Option<f64>,
 }
 
 const LEVELS: &str = "error, warn, info, debug, trace";
@@ -635,6 +645,11 @@ impl Args {
             vcpus: self.cpus.unwrap_or(1),
             vcpus_given: self.cpus.is_some(),
             restore: self.restore.clone(),
+            incoming: self.incoming.clone(),
+            incoming_timeout: self
+                .incoming_timeout
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(std::time::Duration::from_secs_f64),
             kvm_path: self.kvm_path(),
             vcpu_cgroup_path: self.vcpu_cgroup_path.clone(),
             nets: self.all_nets()?,

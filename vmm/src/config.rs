@@ -38,6 +38,10 @@ pub struct VmConfig {
     pub vcpus_given: bool,
     /// `--restore DIR`.
     pub restore: Option<PathBuf>,
+    /// `--incoming ADDR`: receive a migrating machine.
+    pub incoming: Option<String>,
+    /// `--incoming-timeout S`: how long to wait for the source.
+    pub incoming_timeout: Option<std::time::Duration>,
 }
 
 /// How to jail the plugin.

@@ -111,6 +111,16 @@ pub enum CtlCommand {
         #[arg(value_name = "without_device_state", value_parser = ["without_device_state"])]
         mode: Option<String>,
     },
+    /// Live-migrate the machine to ADDR (`unix:PATH` or `tcp:HOST:PORT`)
+    /// where `vmm --incoming ADDR --plugin P` waits; this VM ends when the
+    /// target runs (docs/migration-stream.md).
+    Migrate {
+        /// The target's address.
+        addr: String,
+        /// The downtime target in milliseconds (default 20).
+        #[arg(long = "downtime-ms", value_name = "N")]
+        downtime_ms: Option<u64>,
+    },
 }
 
 impl CtlCommand {
@@ -146,6 +156,18 @@ impl CtlCommand {
                     .to_string_lossy()
                     .into_owned(),
                 without_device_state: mode.is_some(),
+            },
+            CtlCommand::Migrate { addr, downtime_ms } => Command::Migrate {
+                // A relative unix path is this command's, not vmm's.
+                to: match addr.strip_prefix("unix:") {
+                    Some(p) => format!(
+                        "unix:{}",
+                        std::path::absolute(p)
+                            .map_or_else(|_| p.to_string(), |a| a.to_string_lossy().into_owned())
+                    ),
+                    None => addr.clone(),
+                },
+                downtime_ms: downtime_ms.unwrap_or(vmm_client::proto::DEFAULT_DOWNTIME_MS),
             },
         })
     }
@@ -444,6 +466,62 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<CtlArgs, clap::Error> {
         CtlArgs::try_parse_from(std::iter::once("vmm ctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn migrate_takes_an_address_and_a_downtime_and_checks_them() {
+        let a = parse(&[
+            "/tmp/s",
+            "migrate",
+            "tcp:127.0.0.1:4000",
+            "--downtime-ms",
+            "5",
+        ])
+        .unwrap();
+        let c = a.command.to_command().unwrap();
+        assert_eq!(
+            c,
+            Command::Migrate {
+                to: "tcp:127.0.0.1:4000".into(),
+                downtime_ms: 5
+            }
+        );
+        let a = parse(&["/tmp/s", "migrate", "unix:/tmp/in.sock"]).unwrap();
+        let c = a.command.to_command().unwrap();
+        assert_eq!(
+            c,
+            Command::Migrate {
+                to: "unix:/tmp/in.sock".into(),
+                downtime_ms: 20
+            }
+        );
+        // The server side checks what any client sends.
+        let req = Command::Migrate {
+            to: "ftp:x".into(),
+            downtime_ms: 20,
+        }
+        .to_request(serde_json::json!(1));
+        let line = serde_json::to_vec(&req).unwrap();
+        let e = format!(
+            "{:?}",
+            vmm_client::proto::parse_request(&line)
+                .unwrap_err()
+                .into_response()
+        );
+        assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{e}");
+        let req = Command::Migrate {
+            to: "unix:/x".into(),
+            downtime_ms: 0,
+        }
+        .to_request(serde_json::json!(1));
+        let line = serde_json::to_vec(&req).unwrap();
+        let e = format!(
+            "{:?}",
+            vmm_client::proto::parse_request(&line)
+                .unwrap_err()
+                .into_response()
+        );
+        assert!(e.contains("downtime_ms"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod exit_codec;
 pub mod jail;
 pub mod launch;
 pub mod limits;
+pub mod migrate;
 pub mod net;
 pub mod record;
 pub mod replay;

@@ -32,10 +32,22 @@
 //! the snapshot before `Start`, and the host puts memory and the vcpu back:
 //! the output continues with the next `progress` line and ends with the
 //! same `result=`. `c/longrun.c` (`longrun_c`) is the same machine in C.
+//!
+//! Live migration (§8): `longrun N load` adds a writing load of the
+//! plugin's own: a thread writes its sequence number into pages of an
+//! extra memory region (at [`LOAD_GPA`]) through the SDK's
+//! [`WriteTracker`], which answers the host's `DIRTY_PAGES` and freezes
+//! the writer between `SAVE_STATE` and `RESUMED`. The load's state (its
+//! sequence number and what it last wrote to each page) is part of the
+//! device state; at the end the plugin checks every page holds what it
+//! last wrote (else exit 1 naming the page). The result stays a function
+//! of `N`. (`longrun_c` has no load mode.)
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use crosvm_plugin::{AddressSpace, Connection, ControlKind, DeviceState, VcpuEvent};
+use crosvm_plugin::{AddressSpace, Connection, ControlKind, DeviceState, VcpuEvent, WriteTracker};
 use plugin_examples::longrun::*;
 use plugin_examples::{
     enter_real_mode, exit_with, parse_args, pc_irq_routes, require_vcpus, GuestRam, Result,
@@ -52,9 +64,94 @@ fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Guest-physical address of the load's region.
+const LOAD_GPA: u64 = 0x10_0000;
+/// Pages the load writes.
+const LOAD_PAGES: usize = 64;
+/// Pause between two writes of the load (about 5,000 writes a second).
+const LOAD_PAUSE: Duration = Duration::from_micros(200);
+
+/// The load's state: its sequence number and what it last wrote to each
+/// page.
+struct Load {
+    seq: u64,
+    last: [u64; LOAD_PAGES],
+}
+
+impl Load {
+    const LEN: usize = 8 + 8 * LOAD_PAGES;
+
+    fn save(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        for v in self.last {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn restore(blob: &[u8]) -> Load {
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&blob[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let mut last = [0u64; LOAD_PAGES];
+        for (p, v) in last.iter_mut().enumerate() {
+            *v = word(p + 1);
+        }
+        Load { seq: word(0), last }
+    }
+
+    /// The page write number `seq` goes to (a fixed scatter).
+    fn page(seq: u64) -> usize {
+        (seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize % LOAD_PAGES
+    }
+}
+
+/// The whole device state: the accumulator device, and the load's when
+/// there is one (appended, so snapshots without a load stay as they were).
+struct Machine {
+    device: Arc<Mutex<Device>>,
+    load: Option<Arc<Mutex<Load>>>,
+}
+
+impl DeviceState for Machine {
+    fn save(&self) -> Vec<u8> {
+        let mut out = lock(&self.device).save();
+        if let Some(l) = &self.load {
+            l.lock().unwrap_or_else(|e| e.into_inner()).save(&mut out);
+        }
+        out
+    }
+
+    fn restore(&mut self, blob: &[u8]) -> crosvm_plugin::Result<()> {
+        let (dev, rest) = blob.split_at(blob.len().min(STATE_LEN));
+        lock(&self.device).restore(dev)?;
+        match (&self.load, rest.len()) {
+            (None, 0) => Ok(()),
+            (Some(l), Load::LEN) => {
+                *l.lock().unwrap_or_else(|e| e.into_inner()) = Load::restore(rest);
+                Ok(())
+            }
+            (Some(_), 0) => Err(crosvm_plugin::Error::BadDeviceState(
+                "longrun: the saved machine had no load (run without `load`)".into(),
+            )),
+            (_, n) => Err(crosvm_plugin::Error::BadDeviceState(format!(
+                "longrun: {n} bytes of load state, expected {} (with `load`) or none",
+                Load::LEN
+            ))),
+        }
+    }
+}
+
 /// Serves the control channel: `SAVE_STATE` from the device, `state` as
-/// JSON. A host without the channel only means no snapshots.
-fn serve_control(conn: &Connection, device: &Arc<Mutex<Device>>) {
+/// JSON, `DIRTY_PAGES` from the tracker. A host without the channel only
+/// means no snapshots.
+fn serve_control(
+    conn: &Connection,
+    device: &Arc<Mutex<Device>>,
+    machine: Machine,
+    tracker: Arc<WriteTracker>,
+) {
     let control = match conn.control_channel() {
         Ok(c) => c,
         Err(e) => {
@@ -63,7 +160,8 @@ fn serve_control(conn: &Connection, device: &Arc<Mutex<Device>>) {
         }
     };
     let shared = device.clone();
-    let served = control.spawn_handler_with_state(device.clone(), move |cmd| match &cmd.kind {
+    let machine = Arc::new(Mutex::new(machine));
+    let served = control.spawn_handler_tracked(machine, tracker, move |cmd| match &cmd.kind {
         ControlKind::Custom(name) if name == "state" => Ok(lock(&shared).to_json().into_bytes()),
         ControlKind::Resumed => Ok(Vec::new()),
         _ => Err((
@@ -76,7 +174,37 @@ fn serve_control(conn: &Connection, device: &Arc<Mutex<Device>>) {
     }
 }
 
-fn run(rounds: u32) -> Result<u64> {
+/// The load's writer: until `stop`, its next sequence number into its
+/// next page, through the tracker.
+fn spawn_load(
+    ram: Arc<crosvm_plugin::GuestRam>,
+    load: Arc<Mutex<Load>>,
+    tracker: Arc<WriteTracker>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<crosvm_plugin::Result<()>> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            {
+                let g = tracker.hold();
+                let mut l = load.lock().unwrap_or_else(|e| e.into_inner());
+                l.seq += 1;
+                let seq = l.seq;
+                let page = Load::page(seq);
+                let offset = page as u64 * 4096;
+                ram.write(offset, &seq.to_le_bytes())?;
+                g.mark(LOAD_GPA + offset, 8);
+                l.last[page] = seq;
+            }
+            std::thread::sleep(LOAD_PAUSE);
+        }
+        Ok(())
+    })
+}
+
+/// Guest-physical address of the `mem=MIB` region.
+const EXTRA_GPA: u64 = 0x1000_0000;
+
+fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
     let conn = Connection::from_env()?;
     require_vcpus(&conn, "longrun", 1);
     let ram = GuestRam::new(MEM_SIZE)?;
@@ -89,15 +217,47 @@ fn run(rounds: u32) -> Result<u64> {
     conn.reserve_range(AddressSpace::IoPort, RESULT_PORT, 8)?;
     conn.reserve_range(AddressSpace::IoPort, SHUTDOWN_PORT, 1)?;
     conn.set_irq_routing(&pc_irq_routes())?;
+    // The load's region exists before the restore state is asked for (a
+    // migration's memory arrives first).
+    let load_ram = if with_load {
+        let r = Arc::new(crosvm_plugin::GuestRam::new((LOAD_PAGES * 4096) as u64)?);
+        Some((r.register(&conn, LOAD_GPA)?, r))
+    } else {
+        None
+    };
+
+    // `mem=MIB`: memory the guest never reads, one word written per page
+    // (so each page is data a migration or snapshot must move).
+    let _extra = if extra_mib > 0 {
+        let r = crosvm_plugin::GuestRam::new(extra_mib << 20)?;
+        // Before the restore state is asked for: a restore or a migration
+        // writes every page of it again.
+        for page in 0..(extra_mib << 20) / 4096 {
+            r.write(page * 4096, &(page + 1).to_le_bytes())?;
+        }
+        Some((r.register(&conn, EXTRA_GPA)?, r))
+    } else {
+        None
+    };
 
     let device = Arc::new(Mutex::new(Device::default()));
+    let load = with_load.then(|| {
+        Arc::new(Mutex::new(Load {
+            seq: 0,
+            last: [0; LOAD_PAGES],
+        }))
+    });
+    let mut machine = Machine {
+        device: device.clone(),
+        load: load.clone(),
+    };
     match conn.restore_state()? {
         // A snapshot taken without device state: the device starts afresh.
         Some(blob) if blob.is_empty() => {
             eprintln!("longrun: restoring a snapshot without device state")
         }
         Some(blob) => {
-            lock(&device).restore(&blob)?;
+            machine.restore(&blob)?;
             eprintln!(
                 "longrun: restoring a snapshot, device state {}",
                 lock(&device).to_json()
@@ -105,10 +265,16 @@ fn run(rounds: u32) -> Result<u64> {
         }
         None => {}
     }
-    serve_control(&conn, &device);
+    let tracker = Arc::new(WriteTracker::new());
+    serve_control(&conn, &device, machine, tracker.clone());
 
     let vcpu = conn.vcpu(0)?;
     conn.start()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = match (&load_ram, &load) {
+        (Some((_, r)), Some(l)) => Some(spawn_load(r.clone(), l.clone(), tracker, stop.clone())),
+        _ => None,
+    };
     let mut v = vcpu.lock();
     loop {
         match v.wait()? {
@@ -153,6 +319,30 @@ fn run(rounds: u32) -> Result<u64> {
         }
         v.resume()?;
     }
+    stop.store(true, Ordering::Relaxed);
+    if let (Some(w), Some((_, r)), Some(l)) = (writer, &load_ram, &load) {
+        match w.join() {
+            Ok(r) => r?,
+            Err(_) => {
+                eprintln!("longrun: the load's writer panicked");
+                std::process::exit(1);
+            }
+        }
+        let l = l.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, &want) in l.last.iter().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&r.read(p as u64 * 4096, 8)?);
+            let got = u64::from_le_bytes(b);
+            if got != want {
+                eprintln!(
+                    "longrun: load page {p} (guest {:#x}) holds {got:#x}, the load last wrote {want:#x} there",
+                    LOAD_GPA + p as u64 * 4096
+                );
+                std::process::exit(1);
+            }
+        }
+        eprintln!("longrun: load: {} writes, every page holds its last", l.seq);
+    }
     let ticks = dword(&ram.read(TICKS, 4)?);
     eprintln!("longrun: {ticks} timer interrupts arrived during the run");
     let Some(result) = lock(&device).result() else {
@@ -163,12 +353,30 @@ fn run(rounds: u32) -> Result<u64> {
 }
 
 fn main() {
-    let usage = "[--plugin-args N]   (rounds of 4,096 steps, 1..=100000; default 20)";
-    let rounds = parse_args::<u32>("longrun", usage, 1).map_or(20, |a| a[0]);
+    let usage = "[--plugin-args N [load] [mem=MIB]]   (rounds of 4,096 steps, 1..=100000; \
+                 default 20; load: a writing load of the plugin's own; mem=MIB: that much more \
+                 guest memory, 1..=4096, filled before the start)";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut with_load = false;
+    let mut extra_mib = 0u64;
+    for a in args.iter().skip(1) {
+        match a.strip_prefix("mem=").map(str::parse::<u64>) {
+            _ if a == "load" => with_load = true,
+            Some(Ok(m)) if (1..=4096).contains(&m) => extra_mib = m,
+            _ => plugin_examples::usage_error("longrun", usage, &format!("bad argument {a:?}")),
+        }
+    }
+    let rounds = if args.len() > 1 {
+        args[0].parse::<u32>().unwrap_or_else(|_| {
+            plugin_examples::usage_error("longrun", usage, &format!("bad argument {:?}", args[0]))
+        })
+    } else {
+        parse_args::<u32>("longrun", usage, 1).map_or(20, |a| a[0])
+    };
     if !(1..=100_000).contains(&rounds) {
         plugin_examples::usage_error("longrun", usage, "N must be 1..=100000");
     }
-    match run(rounds) {
+    match run(rounds, with_load, extra_mib) {
         Ok(result) => println!("result={result:#018x}"),
         Err(e) => exit_with(&e),
     }

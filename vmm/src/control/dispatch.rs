@@ -15,6 +15,9 @@ use vmm_client::proto::{Command, ErrorCode, Event, Id, Response, Status, VcpuTid
 
 use super::{ApiRequest, ToServer};
 
+mod migrate;
+pub use migrate::MigrateProgress;
+
 /// A command forwarded to the plugin.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Forward {
@@ -28,6 +31,8 @@ pub enum Forward {
     SaveState,
     /// `RESUMED`: the snapshot is done (no reply expected).
     Resumed,
+    /// `DIRTY_PAGES` (§8): the pages the plugin wrote since the last one.
+    DirtyPages,
 }
 
 /// Why a command could not be forwarded; the message names the cause.
@@ -47,6 +52,8 @@ pub enum PluginReply {
     Ok(Value),
     /// The device state, answering `SaveState`.
     State(Vec<u8>),
+    /// The plugin's written pages, answering `DirtyPages`.
+    DirtyPages(Vec<u64>),
     Refused {
         errno: i32,
         message: String,
@@ -123,6 +130,33 @@ pub trait ControlTarget {
     fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
         None
     }
+    /// Starts a migration to `to` (the plugin's tracking began): dirty
+    /// logging on, the worker connects and sends the header and round 0.
+    fn migrate_begin(&mut self, to: &str, downtime_ms: u64) -> Result<(), String> {
+        let _ = (to, downtime_ms);
+        Err("this VM cannot be migrated".into())
+    }
+    /// The migration's news, if any.
+    fn migrate_poll(&mut self) -> Option<MigrateProgress> {
+        None
+    }
+    /// After a round: the plugin's pages and KVM's dirty log; `true`: stop
+    /// the vcpus and finish, `false`: another round is being sent.
+    fn migrate_round(&mut self, plugin_pages: &[u64]) -> Result<bool, String> {
+        let _ = plugin_pages;
+        Err("this VM cannot be migrated".into())
+    }
+    /// Every vcpu parked: the state, the last pages, the handshake.
+    fn migrate_finish(&mut self, device: Vec<u8>, plugin_pages: &[u64]) -> Result<(), String> {
+        let _ = (device, plugin_pages);
+        Err("this VM cannot be migrated".into())
+    }
+    /// Drops the migration's connection and worker.
+    fn migrate_abort(&mut self) {}
+    /// The target runs the machine: this VM ends ("migrated to ADDR").
+    fn migrated(&mut self, to: &str) {
+        let _ = to;
+    }
 }
 
 /// Where a snapshot is.
@@ -164,6 +198,7 @@ pub struct Dispatcher {
     forwards: BTreeMap<u64, (u64, Id, &'static str)>,
     next_tag: u64,
     snapshot: Option<PendingSnapshot>,
+    migration: Option<migrate::PendingMigration>,
 }
 
 fn error(client: u64, id: Id, code: ErrorCode, message: impl Into<String>) -> ToServer {
@@ -221,7 +256,7 @@ impl Dispatcher {
     /// Pauses are waiting for their vcpus to leave the guest (the main
     /// loop polls often then).
     pub fn waiting(&self) -> bool {
-        !self.pauses.is_empty() || self.snapshot.is_some()
+        !self.pauses.is_empty() || self.snapshot.is_some() || self.migration.is_some()
     }
 
     /// The last event's sequence number (0 before the first).
@@ -416,6 +451,16 @@ impl Dispatcher {
                     self.out.push(e);
                     return;
                 }
+                if let Some(m) = &self.migration {
+                    let to = m.to.clone();
+                    self.out.push(error(
+                        client,
+                        id,
+                        ErrorCode::Busy,
+                        format!("snapshot: a migration to {to} is under way"),
+                    ));
+                    return;
+                }
                 if let Some(s) = &self.snapshot {
                     let dir = s.dir.clone();
                     self.out.push(error(
@@ -445,6 +490,7 @@ impl Dispatcher {
                 });
                 self.poll(vm);
             }
+            Command::Migrate { to, downtime_ms } => self.migrate(vm, client, id, to, downtime_ms),
         }
     }
 
@@ -564,7 +610,7 @@ impl Dispatcher {
                     Err(why) => (ErrorCode::Internal, why),
                 }
             }
-            PluginReply::Ok(_) => (
+            PluginReply::Ok(_) | PluginReply::DirtyPages(_) => (
                 plugin,
                 "the plugin answered SAVE_STATE without a device state".into(),
             ),
@@ -591,6 +637,7 @@ impl Dispatcher {
     /// the VM's end overtook.
     pub fn poll(&mut self, vm: &mut impl ControlTarget) {
         self.snapshot_poll(vm);
+        self.migration_poll(vm);
         let phase = vm.phase();
         let mut i = 0;
         while i < self.pauses.len() {
@@ -619,6 +666,10 @@ impl Dispatcher {
     /// The plugin's replies to forwarded commands (and timeouts).
     pub fn replies(&mut self, vm: &mut impl ControlTarget, replies: Vec<(u64, PluginReply)>) {
         for (tag, reply) in replies {
+            if self.migration_tag(tag) {
+                self.migration_reply(vm, reply);
+                continue;
+            }
             if self
                 .snapshot
                 .as_ref()
@@ -632,7 +683,7 @@ impl Dispatcher {
             };
             self.out.push(match reply {
                 PluginReply::Ok(v) => ok(client, id, v),
-                PluginReply::State(_) => ok(client, id, Value::Null),
+                PluginReply::State(_) | PluginReply::DirtyPages(_) => ok(client, id, Value::Null),
                 PluginReply::Refused { errno, message } => error(
                     client,
                     id,

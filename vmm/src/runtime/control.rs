@@ -93,6 +93,7 @@ fn reply(r: Reply) -> PluginReply {
     match r {
         Reply::Ok(v) => PluginReply::Ok(v),
         Reply::State(b) => PluginReply::State(b),
+        Reply::DirtyPages(p) => PluginReply::DirtyPages(p),
         Reply::Refused { errno, message } => PluginReply::Refused { errno, message },
         Reply::TimedOut => PluginReply::TimedOut(super::plugin_control::REPLY_TIMEOUT),
         Reply::Closed => PluginReply::Closed,
@@ -351,6 +352,30 @@ impl ControlTarget for Host {
 
     fn snapshot_poll(&mut self) -> Option<Result<Value, String>> {
         self.poll_snapshot()
+    }
+
+    fn migrate_begin(&mut self, to: &str, downtime_ms: u64) -> Result<(), String> {
+        Host::migrate_begin(self, to, downtime_ms)
+    }
+
+    fn migrate_poll(&mut self) -> Option<crate::control::dispatch::MigrateProgress> {
+        Host::migrate_poll(self)
+    }
+
+    fn migrate_round(&mut self, plugin_pages: &[u64]) -> Result<bool, String> {
+        Host::migrate_round(self, plugin_pages)
+    }
+
+    fn migrate_finish(&mut self, device: Vec<u8>, plugin_pages: &[u64]) -> Result<(), String> {
+        Host::migrate_finish(self, device, plugin_pages)
+    }
+
+    fn migrate_abort(&mut self) {
+        Host::migrate_abort(self)
+    }
+
+    fn migrated(&mut self, to: &str) {
+        Host::migrated(self, to)
     }
 
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {

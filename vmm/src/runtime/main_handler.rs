@@ -1016,6 +1016,16 @@ fn set_call_hint(state: &mut MainState, h: main_request::SetCallHint) -> Result<
 }
 
 /// Bytes of a dirty bitmap for a region: one bit per 4 KiB page.
+/// Whether this main request must wait for an incoming migration's
+/// stream (`GetRestoreState`, `Start`).
+pub fn waits_for_incoming(packet: &[u8]) -> bool {
+    use main_request::Message as Q;
+    matches!(
+        MainRequest::parse_from_bytes(packet).map(|r| r.message),
+        Ok(Some(Q::GetRestoreState(_) | Q::Start(_)))
+    )
+}
+
 pub fn dirty_bitmap_len(length: u64) -> usize {
     let pages = length.div_ceil(4096);
     usize::try_from(pages.div_ceil(8)).unwrap_or(usize::MAX)

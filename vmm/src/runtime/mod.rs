@@ -7,6 +7,7 @@
 mod control;
 pub mod inflight;
 pub mod main_handler;
+mod migrate;
 pub mod objects;
 pub mod output;
 pub mod panic;
@@ -131,6 +132,9 @@ pub enum RunError {
     Control(#[source] crate::control::ControlError),
     #[error("cannot restore the snapshot")]
     Restore(#[source] crate::snapshot::SnapError),
+    /// An incoming migration failed (the source was told why).
+    #[error("incoming migration: {0}")]
+    Migration(String),
 }
 
 fn resource(what: &'static str) -> impl FnOnce(Errno) -> RunError {
@@ -224,6 +228,12 @@ struct Host {
     snapshot_writer: Option<snapshot::Writer>,
     /// `--restore`: the opened, verified snapshot.
     restore: Option<crate::snapshot::Restore>,
+    /// The outgoing migration (`migrate.rs`).
+    outgoing: Option<migrate::Outgoing>,
+    /// The machine migrated there: the run ends well.
+    migrated_to: Option<String>,
+    /// `--incoming`: the source's stream.
+    incoming: Option<migrate::Incoming>,
 }
 
 /// Runs the VM until the plugin exits; `Ok` only for a clean run with plugin
@@ -253,6 +263,20 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
             config.vcpus = r.vcpu_count();
             info!("restoring {} ({} vcpus)", dir.display(), config.vcpus);
             Some(r)
+        }
+        None => None,
+    };
+    // An incoming migration: one source, its header checked, before
+    // anything starts.
+    let incoming = match &config.incoming {
+        Some(addr) => {
+            let i = migrate::accept(
+                addr,
+                config.incoming_timeout,
+                config.vcpus_given.then_some(config.vcpus),
+            )?;
+            config.vcpus = i.vcpus();
+            Some(i)
         }
         None => None,
     };
@@ -411,6 +435,9 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
         reset_point: None,
         snapshot_writer: None,
         restore,
+        outgoing: None,
+        migrated_to: None,
+        incoming,
     };
     host.watch(host.signals.as_fd(), TOKEN_SIGNAL)?;
     host.watch(host.stderr.fd.as_fd(), TOKEN_STDERR)?;
@@ -712,6 +739,20 @@ impl Host {
                 packet.fds_truncated,
             );
         }
+        if self.incoming.as_ref().is_some_and(|i| !i.received)
+            && main_handler::waits_for_incoming(&self.recv_buf[..packet.len])
+        {
+            // The machine arrives before the plugin hears it is restoring
+            // or starts; a failure leaves the request unanswered and ends
+            // the run.
+            if let Err(e) = self.receive_incoming() {
+                error!("{}", crate::error_chain(&e));
+                self.errors.insert(0, e);
+                self.drop_connection(token);
+                self.enter_dying("the incoming migration failed");
+                return;
+            }
+        }
         let services = Services {
             channels: &self.channels,
             taps: &self.taps,
@@ -807,7 +848,10 @@ impl Host {
                 source,
             })?;
         }
-        self.restore_machine()?;
+        if let Err(e) = self.restore_machine().and_then(|()| self.incoming_commit()) {
+            self.incoming_failed(&e);
+            return Err(e);
+        }
         let mut pairs = Vec::with_capacity(self.channels.len());
         for id in 0..self.channels.len() as u32 {
             let pair = self.vm.create_vcpu_pair(id).map_err(RunError::Vm)?;
@@ -882,6 +926,7 @@ impl Host {
                 }
             }
         }
+        self.incoming_done();
         self.stuck.started(Instant::now());
         self.emit(
             "running",

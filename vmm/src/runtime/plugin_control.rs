@@ -62,6 +62,9 @@ pub enum Reply {
     /// The device state answering `SaveState` (at most
     /// [`crate::snapshot::MAX_DEVICE_STATE`] bytes).
     State(Vec<u8>),
+    /// The pages the plugin wrote since the previous `DirtyPages`
+    /// (guest-physical addresses, unchecked: the migration checks them).
+    DirtyPages(Vec<u64>),
     /// The plugin refused it: its errno and message.
     Refused { errno: i32, message: String },
     /// No reply within [`REPLY_TIMEOUT`].
@@ -90,6 +93,8 @@ struct Pending {
     deadline: Instant,
     /// It is a `SaveState`: the reply's `state` is what counts.
     save_state: bool,
+    /// It is a `DirtyPages` (§8): the reply's `dirty_pages` count.
+    dirty: bool,
 }
 
 /// Largest packet while a `SaveState` waits: the device state and the
@@ -182,10 +187,15 @@ impl PluginControl {
             ..Default::default()
         };
         let save_state = what == Forward::SaveState;
+        let dirty = what == Forward::DirtyPages;
         let wait = what != Forward::Resumed;
         match what {
             Forward::SaveState => {
                 cmd.kind = EnumOrUnknown::new(Kind::SAVE_STATE);
+                cmd.json = b"null".to_vec();
+            }
+            Forward::DirtyPages => {
+                cmd.kind = EnumOrUnknown::new(Kind::DIRTY_PAGES);
                 cmd.json = b"null".to_vec();
             }
             Forward::Resumed => {
@@ -236,6 +246,7 @@ impl PluginControl {
                     tag,
                     deadline: Instant::now() + REPLY_TIMEOUT,
                     save_state,
+                    dirty,
                 },
             );
         }
@@ -258,7 +269,7 @@ impl PluginControl {
             // packet are closed by the kernel, since no control buffer is
             // given.
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
-            if self.pending.values().any(|p| p.save_state) {
+            if self.pending.values().any(|p| p.save_state || p.dirty) {
                 // A device state may be bigger than any other packet: the
                 // buffer grows to the packet's size (bounded), for as long
                 // as it is needed.
@@ -281,7 +292,7 @@ impl PluginControl {
                 Ok(n) if n > self.recv_buf.len() => {
                     self.dropped(format_args!(
                         "dropping a {n}-byte packet from the plugin (at most {MAX_PACKET}, \
-                         {MAX_STATE_PACKET} for a device state)"
+                         {MAX_STATE_PACKET} for a device state or dirty pages)"
                     ));
                 }
                 Ok(n) => {
@@ -323,11 +334,16 @@ impl PluginControl {
             );
             return None;
         };
-        if self.recv_buf.len() > MAX_PACKET && !self.pending.values().any(|p| p.save_state) {
+        if self.recv_buf.len() > MAX_PACKET
+            && !self.pending.values().any(|p| p.save_state || p.dirty)
+        {
             self.recv_buf = vec![0; MAX_PACKET];
         }
         if p.save_state {
             return Some((p.tag, decode_state(reply)));
+        }
+        if p.dirty && reply.errno == 0 {
+            return Some((p.tag, Reply::DirtyPages(reply.dirty_pages)));
         }
         Some((p.tag, decode_reply(reply)))
     }

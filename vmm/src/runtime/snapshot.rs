@@ -193,7 +193,13 @@ impl Host {
         let tables = host_tables(&self.state);
         snap::compare_layout(&r.vm, &tables).map_err(fail)?;
         let started = std::time::Instant::now();
-        for m in &r.vm.memory {
+        // An incoming migration wrote the memory already.
+        let memory = if r.snapshot.is_some() {
+            &r.vm.memory[..]
+        } else {
+            &[]
+        };
+        for m in memory {
             let now = tables
                 .memory
                 .iter()

@@ -203,6 +203,12 @@ impl Host {
                 self.errors.insert(0, first);
             }
         }
+        if let Some(to) = &self.migrated_to {
+            // The machine runs at the target; whatever the stopped plugin
+            // did here does not matter.
+            info!("the machine migrated to {to}; this vmm ends");
+            return Ok(());
+        }
         match self.errors.into_iter().next() {
             None => Ok(()),
             Some(e) => Err(e),

@@ -682,8 +682,10 @@ pub fn write(job: Job) -> std::result::Result<Written, SnapshotError> {
 
 /// An opened and verified snapshot, ready to restore.
 pub struct Restore {
+    /// The snapshot directory, or the migration address.
     pub dir: PathBuf,
-    pub snapshot: Snapshot,
+    /// `None` for an incoming migration: the memory is already in place.
+    pub snapshot: Option<Snapshot>,
     pub vm: VmPart,
     pub vcpus: Vec<Records>,
     /// The plugin's blob (empty: taken without device state).
@@ -744,9 +746,30 @@ impl Restore {
         };
         Ok(Restore {
             dir: dir.to_path_buf(),
-            snapshot,
+            snapshot: Some(snapshot),
             vm,
             vcpus: parts,
+            device,
+        })
+    }
+
+    /// An incoming migration's state (memory already written), checked
+    /// like a snapshot's parts.
+    pub fn from_migration(
+        origin: &str,
+        vm: Records,
+        vcpus: Vec<Records>,
+        device: Vec<u8>,
+    ) -> Result<Restore> {
+        let vm = parse_vm(vm)?;
+        for (i, r) in vcpus.iter().enumerate() {
+            check_vcpu(r, &vcpu_part(i))?;
+        }
+        Ok(Restore {
+            dir: PathBuf::from(origin),
+            snapshot: None,
+            vm,
+            vcpus,
             device,
         })
     }
@@ -783,7 +806,10 @@ impl Restore {
             name: name.clone(),
             source,
         })?;
-        self.snapshot
+        let Some(snapshot) = &self.snapshot else {
+            return Ok(());
+        };
+        snapshot
             .load_memory(&name, fd, offset)
             .map_err(|e| SnapError::Snapshot(self.dir.clone(), e))?;
         Ok(())

@@ -1,0 +1,442 @@
+//! Live migration end to end (issue 12): the jailed `longrun` machine
+//! under a real `vmm --api-socket`, migrated mid-run with the real `vmm
+//! ctl S migrate ADDR` into a real `vmm --incoming ADDR`, over a unix
+//! socket and over TCP on 127.0.0.1; and the failures: a target that drops
+//! the connection, a target that answers garbage, a target whose plugin
+//! sets up other memory (the source goes on unharmed in each), and a
+//! source that sends garbage or another version (the target exits 1
+//! naming it, before its plugin ran any guest instruction).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use e2e_tests::{bin, run_vmm, TempDir, VmmRun, HANG_GUARD};
+use serde_json::Value;
+
+/// Rounds: long enough that the migration happens mid-run.
+const ROUNDS: &str = "150";
+
+/// A `vmm` in the background; its stdout lines arrive on a channel.
+struct Vm {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Vm {
+    fn start(vmm_args: &[&str], plugin: &str, args: &[&str]) -> Vm {
+        let mut child = Command::new(bin("vmm"))
+            .args(vmm_args)
+            .arg("--plugin")
+            .arg(bin(plugin))
+            .arg("--plugin-args")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("stderr");
+        let stderr = Some(std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        }));
+        Vm {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("no line starting with {prefix:?}: {:?}", self.finish());
+                }
+            }
+        }
+    }
+
+    /// Waits for the end (under the hang guard): the exit code, all of
+    /// stdout, stderr.
+    fn finish(&mut self) -> VmmRun {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if start.elapsed() > HANG_GUARD {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("vmm hung for more than {HANG_GUARD:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        VmmRun {
+            code: status.code(),
+            stdout: self.seen.join("\n"),
+            stderr: self
+                .stderr
+                .take()
+                .map(|t| t.join().unwrap_or_default())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin("vmm"))
+        .arg("ctl")
+        .arg("--json")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run vmm ctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn result_of(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.starts_with("result="))
+        .unwrap_or_else(|| panic!("no result line in {stdout:?}"))
+        .to_string()
+}
+
+fn first_progress(stdout: &str) -> u32 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("progress "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no progress line in {stdout:?}"))
+}
+
+/// A source `vmm` with a control socket in `dir`, past `progress 5`.
+fn source(dir: &Path, plugin: &str, args: &[&str]) -> (Vm, PathBuf) {
+    let socket = dir.join("src.sock");
+    let mut vm = Vm::start(&["--api-socket", socket.to_str().unwrap()], plugin, args);
+    vm.wait_line("progress 5");
+    (vm, socket)
+}
+
+/// Waits until `path` exists (the target's socket is bound).
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Migrates `plugin args` mid-run from one vmm to another at `addr` and
+/// checks the target prints the uninterrupted result and the source ends
+/// with status 0.
+fn migrates(plugin: &str, args: &[&str], addr: &str, unix_path: Option<&Path>, dir: &Path) {
+    let reference = run_vmm(&[], &bin(plugin), args);
+    reference.assert_success();
+    let expected = result_of(&reference.stdout);
+
+    let mut target = Vm::start(&["--incoming", addr], plugin, args);
+    match unix_path {
+        Some(p) => wait_for(p),
+        None => std::thread::sleep(Duration::from_millis(300)),
+    }
+    let (mut src, socket) = source(dir, plugin, args);
+    let (code, out, err) = ctl(&socket, &["migrate", addr]);
+    assert_eq!(code, Some(0), "migrate failed: {out}\n{err}");
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    for key in ["downtime_ms", "total_ms", "rounds", "pages", "bytes"] {
+        assert!(reply[key].is_number(), "{key} missing: {reply}");
+    }
+    assert!(reply["pages"].as_u64().unwrap() > 0, "{reply}");
+    let s = src.finish();
+    assert_eq!(s.code, Some(0), "the source did not end well: {s:#?}");
+    assert!(s.stderr.contains(&format!("migrated to {addr}")), "{s:#?}");
+    assert!(
+        !s.stdout.contains("result="),
+        "the source finished too: {s:#?}"
+    );
+    let t = target.finish();
+    assert_eq!(t.code, Some(0), "the target failed: {t:#?}");
+    assert!(
+        first_progress(&t.stdout) > 5,
+        "the target restarted the guest: {t:#?}"
+    );
+    assert_eq!(result_of(&t.stdout), expected, "{t:#?}");
+    if let Some(p) = unix_path {
+        assert!(!p.exists(), "the target's socket file was left behind");
+    }
+    if args.contains(&"load") {
+        assert!(t.stderr.contains("every page holds its last"), "{t:#?}");
+    }
+}
+
+#[test]
+fn longrun_under_a_writing_load_migrates_over_unix_with_the_uninterrupted_result() {
+    let dir = TempDir::new("mig-unix");
+    let path = dir.0.join("in.sock");
+    let addr = format!("unix:{}", path.display());
+    migrates("longrun", &[ROUNDS, "load"], &addr, Some(&path), &dir.0);
+}
+
+#[test]
+fn longrun_under_a_writing_load_migrates_over_tcp_with_the_uninterrupted_result() {
+    let dir = TempDir::new("mig-tcp");
+    // A free port (released just before the target binds it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    migrates("longrun", &[ROUNDS, "load"], &addr, None, &dir.0);
+}
+
+#[test]
+fn longrun_c_migrates_over_unix_with_the_uninterrupted_result() {
+    let dir = TempDir::new("mig-c");
+    let path = dir.0.join("in.sock");
+    let addr = format!("unix:{}", path.display());
+    migrates("longrun_c", &[ROUNDS], &addr, Some(&path), &dir.0);
+}
+
+/// The source fails the migration (the error named), resumes, and its
+/// guest finishes with the uninterrupted result.
+fn source_survives(peer: impl FnOnce(UnixListener) + Send + 'static, want: &str) {
+    let dir = TempDir::new("mig-fail");
+    let args = [ROUNDS, "load"];
+    let reference = run_vmm(&[], &bin("longrun"), &args);
+    reference.assert_success();
+    let path = dir.0.join("peer.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || peer(listener));
+    let (mut src, socket) = source(&dir.0, "longrun", &args);
+    let (code, out, err) = ctl(&socket, &["migrate", &format!("unix:{}", path.display())]);
+    assert_eq!(code, Some(1), "the migration should fail: {out}\n{err}");
+    assert!(
+        err.contains(want),
+        "the error names the cause ({want}): {err}"
+    );
+    // Still alive and running: status says so, and it finishes.
+    let (code, out, err) = ctl(&socket, &["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "running", "{status}");
+    let s = src.finish();
+    assert_eq!(s.code, Some(0), "{s:#?}");
+    assert_eq!(result_of(&s.stdout), result_of(&reference.stdout), "{s:#?}");
+    assert!(s.stderr.contains("every page holds its last"), "{s:#?}");
+    peer.join().unwrap();
+}
+
+#[test]
+fn a_target_that_drops_mid_way_leaves_the_source_running_unharmed() {
+    source_survives(
+        |l| {
+            let (mut c, _) = l.accept().unwrap();
+            let mut b = vec![0u8; 4096];
+            let _ = c.read_exact(&mut b);
+            // Dropped after the first 4 KiB.
+        },
+        "migrate:",
+    );
+}
+
+#[test]
+fn a_target_that_answers_garbage_leaves_the_source_running_unharmed() {
+    source_survives(
+        |l| {
+            let (mut c, _) = l.accept().unwrap();
+            let mut r = c.try_clone().unwrap();
+            let drain = std::thread::spawn(move || {
+                let mut b = vec![0u8; 1 << 16];
+                while matches!(r.read(&mut b), Ok(n) if n > 0) {}
+            });
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            drain.join().unwrap();
+        },
+        "unknown frame kind 0x48",
+    );
+}
+
+/// A target whose plugin sets up other memory refuses the machine, naming
+/// the region; the source hears it and goes on.
+#[test]
+fn a_target_with_other_memory_refuses_naming_the_region_and_the_source_goes_on() {
+    let dir = TempDir::new("mig-layout");
+    let path = dir.0.join("in.sock");
+    let addr = format!("unix:{}", path.display());
+    // The target's plugin has no load region.
+    let mut target = Vm::start(&["--incoming", &addr], "longrun", &[ROUNDS]);
+    wait_for(&path);
+    let reference = run_vmm(&[], &bin("longrun"), &[ROUNDS, "load"]);
+    let (mut src, socket) = source(&dir.0, "longrun", &[ROUNDS, "load"]);
+    let (code, out, err) = ctl(&socket, &["migrate", &addr]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("at 0x100000 (0x40000 bytes) is not set up by the plugin"),
+        "{err}"
+    );
+    let t = target.finish();
+    assert_eq!(t.code, Some(1), "{t:#?}");
+    assert!(t.stderr.contains("at 0x100000 (0x40000 bytes)"), "{t:#?}");
+    assert!(
+        !t.stdout.contains("progress"),
+        "the target ran the guest: {t:#?}"
+    );
+    let s = src.finish();
+    assert_eq!(s.code, Some(0), "{s:#?}");
+    assert_eq!(result_of(&s.stdout), result_of(&reference.stdout));
+}
+
+/// Sends `bytes` to a `vmm --incoming` and returns its run.
+fn incoming_with(bytes: &[u8]) -> VmmRun {
+    let dir = TempDir::new("mig-in");
+    let path = dir.0.join("in.sock");
+    let addr = format!("unix:{}", path.display());
+    let mut target = Vm::start(
+        &["--incoming", &addr, "--incoming-timeout", "30"],
+        "longrun",
+        &[ROUNDS],
+    );
+    wait_for(&path);
+    let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let _ = c.write_all(bytes);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = c.read_to_end(&mut reply);
+    let t = target.finish();
+    assert!(!path.exists(), "the socket file was left behind");
+    assert!(!t.stdout.contains("progress"), "a guest ran: {t:#?}");
+    assert!(
+        !t.stderr.contains("started 1 vcpu"),
+        "vcpus started: {t:#?}"
+    );
+    t
+}
+
+#[test]
+fn a_garbage_source_makes_the_target_exit_1_naming_it() {
+    let t = incoming_with(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(t.code, Some(1), "{t:#?}");
+    assert!(t.stderr.contains("not a vmm migration source"), "{t:#?}");
+}
+
+#[test]
+fn a_source_of_another_version_makes_the_target_exit_1_naming_it() {
+    let mut b = b"VMMMIGR\0".to_vec();
+    b.extend_from_slice(&7u32.to_le_bytes());
+    let t = incoming_with(&b);
+    assert_eq!(t.code, Some(1), "{t:#?}");
+    assert!(t.stderr.contains("version 7"), "{t:#?}");
+}
+
+#[test]
+fn a_source_that_drops_mid_stream_makes_the_target_exit_1() {
+    // A valid beginning (a header announcing the longrun layout), then a
+    // cut-short page frame.
+    let mut w = vmm_migration::Writer::new(Vec::new()).unwrap();
+    w.header(&vmm_migration::Header {
+        vcpus: 1,
+        regions: vec![vmm_migration::Region {
+            gpa: 0,
+            size: 0x10000,
+        }],
+        facts: vmm_snapshot::Records::new(),
+    })
+    .unwrap();
+    w.pages(0, 0, &[0x90; 4096]).unwrap();
+    let mut b = std::mem::take(w.get_mut());
+    b.truncate(b.len() - 1000);
+    let t = incoming_with(&b);
+    assert_eq!(t.code, Some(1), "{t:#?}");
+    assert!(t.stderr.contains("closed the connection"), "{t:#?}");
+}
+
+/// A target that takes the whole machine, hears `Commit` and then drops
+/// the connection: it may be running the machine, so the source must not
+/// run it too. The source stays paused and says so; resumed by hand, it
+/// finishes with the right result (this target never ran it).
+#[test]
+fn a_drop_after_commit_leaves_the_source_paused() {
+    use vmm_migration::{Frame, Reader, Reply};
+    let dir = TempDir::new("mig-commit");
+    let args = [ROUNDS];
+    let reference = run_vmm(&[], &bin("longrun"), &args);
+    reference.assert_success();
+    let path = dir.0.join("peer.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (c, _) = listener.accept().unwrap();
+        let mut w = c.try_clone().unwrap();
+        let mut r = Reader::new(BufReader::new(c)).unwrap();
+        vmm_migration::write_reply(&mut w, &Reply::Receiving).unwrap();
+        while !matches!(r.next_frame().unwrap(), Frame::End { .. }) {}
+        vmm_migration::write_reply(&mut w, &Reply::Ready).unwrap();
+        assert_eq!(
+            vmm_migration::read_reply(r.get_mut()).unwrap(),
+            Reply::Commit
+        );
+        // Dropped without Done.
+    });
+    let (mut src, socket) = source(&dir.0, "longrun", &args);
+    let (code, out, err) = ctl(&socket, &["migrate", &format!("unix:{}", path.display())]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("the target may be running the machine"),
+        "{err}"
+    );
+    peer.join().unwrap();
+    let (_, out, _) = ctl(&socket, &["status"]);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "paused", "{status}");
+    let (code, _, err) = ctl(&socket, &["resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    let s = src.finish();
+    assert_eq!(s.code, Some(0), "{s:#?}");
+    assert_eq!(result_of(&s.stdout), result_of(&reference.stdout));
+}
