@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|snapshot]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -13,6 +13,7 @@ use vmm_bench::floor::{self, Floor};
 use vmm_bench::guest::{loop_code, Access};
 
 mod reset;
+mod snapshot;
 mod startup;
 
 struct Options {
@@ -27,6 +28,8 @@ struct Options {
     startup_only: bool,
     /// `--only reset`: just the fast-reset table (`reset.rs`).
     reset_only: bool,
+    /// `--only snapshot`: just the snapshot and restore table (`snapshot.rs`).
+    snapshot_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -235,6 +238,7 @@ fn main() {
         trace_only: false,
         startup_only: false,
         reset_only: false,
+        snapshot_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -259,13 +263,18 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace|startup|reset");
+                let what = args
+                    .next()
+                    .expect("--only reserve|trace|startup|reset|snapshot");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
                     "startup" => opts.startup_only = true,
                     "reset" => opts.reset_only = true,
-                    _ => panic!("--only takes `reserve`, `trace`, `startup` or `reset`"),
+                    "snapshot" => opts.snapshot_only = true,
+                    _ => {
+                        panic!("--only takes `reserve`, `trace`, `startup`, `reset` or `snapshot`")
+                    }
                 }
             }
             other => panic!("unknown argument {other}"),
@@ -284,6 +293,10 @@ fn main() {
     }
     if opts.reset_only {
         reset::run(&target_dir(), opts.runs);
+        return;
+    }
+    if opts.snapshot_only {
+        snapshot::run(opts.runs);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);
@@ -448,6 +461,7 @@ fn main() {
     );
     startup::run(&c_plugin, opts.life_runs);
     reset::run(&target_dir(), opts.runs);
+    snapshot::run(opts.runs);
     reserve_table(&opts, &rust_plugin);
     trace_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);
