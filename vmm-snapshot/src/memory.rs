@@ -25,6 +25,9 @@ use nix::unistd::{ftruncate, lseek, Whence};
 pub const PAGE: usize = 4096;
 /// Bytes read per system call.
 const CHUNK: usize = 1 << 20;
+/// How far past the chunk being copied the source is asked to be read
+/// ahead (`POSIX_FADV_WILLNEED`).
+const READ_AHEAD: u64 = 8 << 20;
 
 /// Why an image could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -157,8 +160,23 @@ fn copy_pages(
     let mut buf = vec![0u8; CHUNK];
     for (s, e) in extents(src, src_offset, src_offset + size)? {
         let mut at = s;
+        let mut hinted = s;
         while at < e {
             let n = ((e - at) as usize).min(CHUNK);
+            // The disk reads ahead while this chunk is hashed and copied
+            // (a hint: an error or a source without a disk changes
+            // nothing).
+            let from = hinted.max(at + n as u64);
+            let to = (at + n as u64 + READ_AHEAD).min(e);
+            if from < to {
+                let _ = nix::fcntl::posix_fadvise(
+                    src,
+                    from as i64,
+                    (to - from) as i64,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                );
+                hinted = to;
+            }
             let chunk = &mut buf[..n];
             read_full(src, chunk, at)?;
             // Runs of non-zero pages are written with one call each.

@@ -518,6 +518,9 @@ pub struct VmPart {
     pub ioevents: Vec<IoeventRecord>,
     pub irqfds: Vec<IrqfdRecord>,
     pub irq_routes: Option<Vec<IrqRoute>>,
+    /// The EPT identity-map address the snapshot's machine set (`None`:
+    /// KVM's default).
+    pub identity_map: Option<u64>,
 }
 
 /// Checks and parses `vm.state`.
@@ -543,7 +546,31 @@ pub fn parse_vm(records: Records) -> Result<VmPart> {
             Some(v.iter().map(IrqRoute::from).collect())
         }
     };
+    let identity_map = match records.get("identity-map") {
+        None => None,
+        Some(b) => {
+            let b: [u8; 8] = b.try_into().map_err(|_| {
+                bad(
+                    part,
+                    "identity-map",
+                    format!("{} bytes, expected 8", b.len()),
+                )
+            })?;
+            let addr = u64::from_le_bytes(b);
+            // The identity map takes one page below 4 GiB (KVM's check,
+            // repeated here so the refusal names the record).
+            if addr >= 1 << 32 || addr % 4096 != 0 {
+                return Err(bad(
+                    part,
+                    "identity-map",
+                    format!("{addr:#x} is not a page-aligned address below 4 GiB"),
+                ));
+            }
+            Some(addr)
+        }
+    };
     Ok(VmPart {
+        identity_map,
         memory: parse_json(&records, part, "memory")?,
         reservations: parse_json(&records, part, "reservations")?,
         ioevents: parse_json(&records, part, "ioevents")?,
@@ -565,6 +592,27 @@ pub fn apply_vm(vm: &impl Vm, p: &VmPart) -> Result<()> {
             .map_err(|e| SnapError::SetVm(name, e))?;
     }
     Ok(())
+}
+
+/// Sets the snapshot's identity-map address (`KVM_SET_IDENTITY_MAP_ADDR`,
+/// which KVM takes only before the first vcpu is created: the restore
+/// calls this at `Start`, before the vcpus exist). `now` is the address
+/// the plugin set itself for the new machine, if it did: the same address
+/// needs nothing, another one is refused (the guest's page tables may rely
+/// on the snapshot's). Returns the address to record.
+pub fn apply_identity_map(vm: &impl Vm, p: &VmPart, now: Option<u64>) -> Result<Option<u64>> {
+    match (p.identity_map, now) {
+        (None, now) => Ok(now),
+        (Some(want), Some(have)) if want == have => Ok(now),
+        (Some(want), Some(have)) => Err(SnapError::Layout(format!(
+            "the plugin set the identity map at {have:#x}, the snapshot's machine at {want:#x}"
+        ))),
+        (Some(want), None) => {
+            vm.set_identity_map_addr(want)
+                .map_err(|e| SnapError::SetVm("identity-map", e))?;
+            Ok(Some(want))
+        }
+    }
 }
 
 /// Compares the plugin's machine with the snapshot's: memory must match
@@ -890,6 +938,7 @@ mod tests {
             ioevents: vec![],
             irqfds: vec![],
             irq_routes: None,
+            identity_map: None,
         };
         let mut now = HostTables::default();
         now.memory.push(MemoryRecord {
