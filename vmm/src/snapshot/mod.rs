@@ -610,6 +610,7 @@ pub fn apply_identity_map(vm: &impl Vm, p: &VmPart, now: Option<u64>) -> Result<
         (Some(want), None) => {
             vm.set_identity_map_addr(want)
                 .map_err(|e| SnapError::SetVm("identity-map", e))?;
+            log::debug!("restore: identity map set at {want:#x}");
             Ok(Some(want))
         }
     }
