@@ -463,7 +463,7 @@ pub fn check_vcpu(r: &Records, part: &str) -> Result<()> {
 
 /// Applies a vcpu part (checked by [`check_vcpu`]): cpuid, then the images
 /// in [`VCPU_IMAGES`] order with the XSAVE image and the MSRs after the
-/// xcrs.
+/// xcrs (`fpu` only when the part has no XSAVE image, which covers it).
 pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
     let part = vcpu_part(id);
     let set = |what: &'static str| {
@@ -477,12 +477,23 @@ pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
     if !cpuid.is_empty() {
         vcpu.set_cpuid(&cpuid).map_err(set("cpuid"))?;
     }
+    let xsave = r.get("xsave");
+    let xsave_has_fpu = xsave.is_some_and(xsave_holds_x87_sse);
     for (name, kind) in VCPU_IMAGES {
-        vcpu.set_state(kind, record(r, &part, name)?)
-            .map_err(set(name))?;
+        let image = record(r, &part, name)?;
+        // An XSAVE image whose header marks x87 and SSE as in use holds
+        // the state `fpu` holds (its legacy area, read at the same moment)
+        // and, set after the xcrs, replaces it: setting `fpu` first would
+        // only cost three ioctls (KVM's FPU set reads and rewrites the
+        // XSAVE header first). With either bit clear, KVM skips that part
+        // of the legacy area on a set, so `fpu` is what puts it back.
+        if name == "fpu" && xsave_has_fpu {
+            continue;
+        }
+        vcpu.set_state(kind, image).map_err(set(name))?;
         if name == "xcrs" {
             // XCR0 is set: the XSAVE image's components are valid now.
-            if let Some(x) = r.get("xsave") {
+            if let Some(x) = xsave {
                 vcpu.set_xsave(x).map_err(set("xsave"))?;
             }
             let msrs = parse_msrs(record(r, &part, "msrs")?, &part)?;
@@ -490,6 +501,12 @@ pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether an XSAVE image's header (`xstate_bv`, at byte 512) marks both
+/// x87 (bit 0) and SSE (bit 1) as in use.
+pub fn xsave_holds_x87_sse(image: &[u8]) -> bool {
+    image.get(512).is_some_and(|b| b & 0b11 == 0b11)
 }
 
 /// Writes the MSRs; one KVM refuses is skipped with a warning (KVM_SET_MSRS
