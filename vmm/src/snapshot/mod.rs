@@ -576,7 +576,7 @@ pub fn parse_vm(records: Records) -> Result<VmPart> {
             let addr = u64::from_le_bytes(b);
             // The identity map takes one page below 4 GiB (KVM's check,
             // repeated here so the refusal names the record).
-            if addr >= 1 << 32 || addr % 4096 != 0 {
+            if addr >= 1 << 32 || !addr.is_multiple_of(4096) {
                 return Err(bad(
                     part,
                     "identity-map",
