@@ -31,7 +31,7 @@ const CHUNK: usize = 1 << 20;
 /// scattered guest memory (every other page non-zero) would otherwise cost
 /// one `pwrite` per page. The reader skips zero pages either way, and the
 /// checksum covers non-zero pages only.
-const IMAGE_BRIDGE: usize = 16;
+const IMAGE_BRIDGE: usize = 4;
 /// How far past the chunk being copied the source is asked to be read
 /// ahead (`POSIX_FADV_WILLNEED`).
 const READ_AHEAD: u64 = 8 << 20;
