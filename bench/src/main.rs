@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|migrate]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|migrate|snapshot]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -14,6 +14,7 @@ use vmm_bench::guest::{loop_code, Access};
 
 mod migrate;
 mod reset;
+mod snapshot;
 mod startup;
 
 struct Options {
@@ -30,6 +31,8 @@ struct Options {
     reset_only: bool,
     /// `--only migrate`: just the live-migration table (`migrate.rs`).
     migrate_only: bool,
+    /// `--only snapshot`: just the snapshot and restore table (`snapshot.rs`).
+    snapshot_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -239,6 +242,7 @@ fn main() {
         startup_only: false,
         reset_only: false,
         migrate_only: false,
+        snapshot_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -265,14 +269,17 @@ fn main() {
             "--only" => {
                 let what = args
                     .next()
-                    .expect("--only reserve|trace|startup|reset|migrate");
+                    .expect("--only reserve|trace|startup|reset|migrate|snapshot");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
                     "startup" => opts.startup_only = true,
                     "reset" => opts.reset_only = true,
                     "migrate" => opts.migrate_only = true,
-                    _ => panic!("--only takes `reserve`, `trace`, `startup`, `reset` or `migrate`"),
+                    "snapshot" => opts.snapshot_only = true,
+                    _ => panic!(
+                        "--only takes `reserve`, `trace`, `startup`, `reset`, `migrate` or `snapshot`"
+                    ),
                 }
             }
             other => panic!("unknown argument {other}"),
@@ -295,7 +302,10 @@ fn main() {
     }
     if opts.reset_only {
         reset::run(&target_dir(), opts.runs);
-        migrate::run(&target_dir(), opts.runs);
+        return;
+    }
+    if opts.snapshot_only {
+        snapshot::run(opts.runs);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);
@@ -460,6 +470,7 @@ fn main() {
     );
     startup::run(&c_plugin, opts.life_runs);
     reset::run(&target_dir(), opts.runs);
+    snapshot::run(opts.runs);
     reserve_table(&opts, &rust_plugin);
     trace_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -68,6 +68,7 @@ fn reset_refusals_and_plugin_pages() {
         "reset_probe: reset without a snapshot: ENOENT",
         "reset_probe: snapshot: 65536 bytes",
         "reset_probe: reset with a page outside guest memory: EINVAL",
+        "reset_probe: reset: the FPU state is back",
         "reset_probe: reset: 1 pages, the plugin's page is back",
         "reset_probe: snapshot while the vcpu runs: EBUSY",
         "reset_probe: reset while the vcpu runs: EBUSY",

@@ -386,6 +386,21 @@ fn rewrite_record(snap: &Path, part: &str, record: &str, edit: impl FnOnce(&[u8]
         out.push(name, data).unwrap();
     }
     assert!(edit.is_none(), "no record {record} in {part}");
+    store_records(snap, part, &out);
+}
+
+/// Adds record `record` to state part `part`, keeping the manifest
+/// consistent.
+fn add_record(snap: &Path, part: &str, record: &str, data: Vec<u8>) {
+    let state = snap.join(format!("{part}.state"));
+    let mut records = vmm_snapshot::Records::decode(&std::fs::read(&state).unwrap()).unwrap();
+    records.push(record, data).unwrap();
+    store_records(snap, part, &records);
+}
+
+/// Writes state part `part` and its size and checksum in the manifest.
+fn store_records(snap: &Path, part: &str, out: &vmm_snapshot::Records) {
+    let state = snap.join(format!("{part}.state"));
     let bytes = out.encode();
     std::fs::write(&state, &bytes).unwrap();
     let mpath = snap.join("manifest.json");
@@ -642,4 +657,41 @@ fn restore_refuses_a_snapshot_from_another_cpu() {
     // Every feature bit of leaf 0x80000001: no KVM supports them all.
     let d = with_cpuid("features", entry(0x8000_0001, [0, 0, u32::MAX, u32::MAX]));
     restore_fails(&d, &[], "CPUID leaf 0x80000001");
+}
+
+#[test]
+fn the_snapshots_identity_map_address_is_applied_before_the_vcpus_exist() {
+    let dir = TempDir::new("snap-identity");
+    let (snap, _, _) = take_snapshot(&dir);
+    let bad = dir.0.join("bad");
+    copy(&snap, &bad);
+    // longrun never sets one: the snapshot's machine "did", at the address
+    // the old crosvm plugins use.
+    add_record(
+        &snap,
+        "vm",
+        "identity-map",
+        0xfeff_c000u64.to_le_bytes().to_vec(),
+    );
+    // KVM refuses KVM_SET_IDENTITY_MAP_ADDR once a vcpu exists (EBUSY):
+    // the restore succeeding with the address set shows where it goes.
+    let r = run_vmm(
+        &["--log-level", "debug", "--restore", snap.to_str().unwrap()],
+        &bin("longrun"),
+        &[ROUNDS],
+    );
+    r.assert_success();
+    assert!(
+        r.stderr.contains("restore: identity map set at 0xfeffc000"),
+        "{r:#?}"
+    );
+    assert!(r.stdout.contains(&format!("progress {ROUNDS}")), "{r:#?}");
+    // A malformed address is refused before anything runs, by name.
+    add_record(
+        &bad,
+        "vm",
+        "identity-map",
+        0xfeff_c123u64.to_le_bytes().to_vec(),
+    );
+    restore_fails(&bad, &[], "record identity-map is malformed");
 }

@@ -2,7 +2,8 @@
 //! each printed as `reset_probe: WHAT: ERRNO` for the tests:
 //! before `Start` (EINVAL), a reset without a snapshot (ENOENT), a page in
 //! no memory region (EINVAL, and nothing changed), a vcpu inside KVM_RUN
-//! (EBUSY); and that a reset copies back a page the plugin wrote itself.
+//! (EBUSY); and that a reset copies back a page the plugin wrote itself
+//! and puts back the x87/SSE state the plugin changed.
 
 use crosvm_plugin::machine::enter_real_mode;
 use crosvm_plugin::{AddressSpace, Connection, DirtyPages, Error, GuestRam, VcpuEvent};
@@ -82,7 +83,34 @@ fn main() {
         fail("a refused reset changed guest memory".into());
     }
     pages.pop();
+    // The x87/SSE state changed after the snapshot comes back too (the
+    // reset sets it from the XSAVE image, not with KVM_SET_FPU).
+    let fpu = ok("get fpu", v.get_fpu());
+    let mut changed = fpu;
+    changed.fcw = 0x027f;
+    changed.xmm[0] = [0xab; 16];
+    changed.xmm[15] = [0x5c; 16];
+    // An 80-bit register: the upper six bytes are not state.
+    changed.fpr[0] = [
+        0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0, 0, 0, 0, 0, 0,
+    ];
+    ok("set fpu", v.set_fpu(&changed));
+    let now = ok("get fpu", v.get_fpu());
+    if (now.fcw, now.xmm, now.fpr[0]) != (0x027f, changed.xmm, changed.fpr[0]) {
+        fail(format!(
+            "the changed FPU state did not take: fcw {:#x} xmm0 {:x?} st0 {:x?}",
+            now.fcw, now.xmm[0], now.fpr[0]
+        ));
+    }
     let copied = ok("reset", conn.reset(&pages));
+    let back = ok("get fpu", v.get_fpu());
+    if (back.fcw, back.xmm, back.fpr) != (fpu.fcw, fpu.xmm, fpu.fpr) {
+        fail(format!(
+            "the FPU state changed after the snapshot survived the reset: fcw {:#x} xmm0 {:x?}",
+            back.fcw, back.xmm[0]
+        ));
+    }
+    println!("{NAME}: reset: the FPU state is back");
     let back = ok("read", ram.read_u32(DATA));
     if back != 0x1234_5678 {
         fail(format!("the plugin's write survived the reset: {back:#x}"));

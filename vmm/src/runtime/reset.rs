@@ -95,7 +95,27 @@ pub fn take<V: Vm, C: Vcpu>(
     let vm_part = snap::parse_vm(records).map_err(|e| chain("VM state", e))?;
     let mut states = Vec::with_capacity(vcpus.len());
     for (i, v) in vcpus.iter().enumerate() {
-        let r = snap::capture_vcpu(v, i, msr_indices).map_err(|e| chain("vcpu state", e))?;
+        let mut r = snap::capture_vcpu(v, i, msr_indices).map_err(|e| chain("vcpu state", e))?;
+        let xsave = r.get("xsave").map(<[u8]>::to_vec);
+        if let (Some(x), Some(fpu)) = (xsave, r.get("fpu")) {
+            if !snap::xsave_holds_x87_sse(&x) {
+                // x87/SSE in their initial configuration: set the same
+                // FPU state once (KVM marks both components in use, as
+                // every reset's FPU set used to) and keep the XSAVE image
+                // that says so; each reset then puts x87/SSE back with
+                // the XSAVE image alone (snapshot::apply_vcpu).
+                let refused = |what: &str, e: Errno| {
+                    Refused::new(e, format!("vcpu {i}: cannot {what} for the reset point"))
+                };
+                v.set_state(crate::vm::VcpuStateKind::Fpu, fpu)
+                    .map_err(|e| refused("set its FPU state", e))?;
+                let x = v
+                    .get_xsave()
+                    .map_err(|e| refused("read its XSAVE image", e))?;
+                r = replace_record(&r, "xsave", x)
+                    .map_err(|e| Refused::new(Errno::EIO, format!("vcpu {i}'s records: {e}")))?;
+            }
+        }
         let mut kept = Records::new();
         for (name, data) in r.iter() {
             let data = if name == "cpuid" {
@@ -166,6 +186,23 @@ pub fn take<V: Vm, C: Vcpu>(
         vcpus: states,
         regions: saved,
     })
+}
+
+/// `r` with record `name`'s data replaced.
+fn replace_record(
+    r: &Records,
+    name: &str,
+    data: Vec<u8>,
+) -> Result<Records, vmm_snapshot::RecordsError> {
+    let mut out = Records::new();
+    let mut data = Some(data);
+    for (n, d) in r.iter() {
+        match data.take_if(|_| n == name) {
+            Some(new) => out.push(n, new)?,
+            None => out.push(n, d.to_vec())?,
+        }
+    }
+    Ok(out)
 }
 
 /// Resets the machine to `point`: copies back every page KVM logged dirty

@@ -214,6 +214,8 @@ impl Host {
             r.load_region(m, fd, offset).map_err(fail)?;
         }
         snap::apply_vm(&self.vm, &r.vm).map_err(fail)?;
+        self.state.identity_map =
+            snap::apply_identity_map(&self.vm, &r.vm, self.state.identity_map).map_err(fail)?;
         if let Some(routes) = &r.vm.irq_routes {
             self.state.routed_gsis = routes
                 .iter()

@@ -463,7 +463,7 @@ pub fn check_vcpu(r: &Records, part: &str) -> Result<()> {
 
 /// Applies a vcpu part (checked by [`check_vcpu`]): cpuid, then the images
 /// in [`VCPU_IMAGES`] order with the XSAVE image and the MSRs after the
-/// xcrs.
+/// xcrs (`fpu` only when the part has no XSAVE image, which covers it).
 pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
     let part = vcpu_part(id);
     let set = |what: &'static str| {
@@ -477,12 +477,23 @@ pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
     if !cpuid.is_empty() {
         vcpu.set_cpuid(&cpuid).map_err(set("cpuid"))?;
     }
+    let xsave = r.get("xsave");
+    let xsave_has_fpu = xsave.is_some_and(xsave_holds_x87_sse);
     for (name, kind) in VCPU_IMAGES {
-        vcpu.set_state(kind, record(r, &part, name)?)
-            .map_err(set(name))?;
+        let image = record(r, &part, name)?;
+        // An XSAVE image whose header marks x87 and SSE as in use holds
+        // the state `fpu` holds (its legacy area, read at the same moment)
+        // and, set after the xcrs, replaces it: setting `fpu` first would
+        // only cost three ioctls (KVM's FPU set reads and rewrites the
+        // XSAVE header first). With either bit clear, KVM skips that part
+        // of the legacy area on a set, so `fpu` is what puts it back.
+        if name == "fpu" && xsave_has_fpu {
+            continue;
+        }
+        vcpu.set_state(kind, image).map_err(set(name))?;
         if name == "xcrs" {
             // XCR0 is set: the XSAVE image's components are valid now.
-            if let Some(x) = r.get("xsave") {
+            if let Some(x) = xsave {
                 vcpu.set_xsave(x).map_err(set("xsave"))?;
             }
             let msrs = parse_msrs(record(r, &part, "msrs")?, &part)?;
@@ -490,6 +501,12 @@ pub fn apply_vcpu(vcpu: &impl Vcpu, id: usize, r: &Records) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether an XSAVE image's header (`xstate_bv`, at byte 512) marks both
+/// x87 (bit 0) and SSE (bit 1) as in use.
+pub fn xsave_holds_x87_sse(image: &[u8]) -> bool {
+    image.get(512).is_some_and(|b| b & 0b11 == 0b11)
 }
 
 /// Writes the MSRs; one KVM refuses is skipped with a warning (KVM_SET_MSRS
@@ -518,6 +535,9 @@ pub struct VmPart {
     pub ioevents: Vec<IoeventRecord>,
     pub irqfds: Vec<IrqfdRecord>,
     pub irq_routes: Option<Vec<IrqRoute>>,
+    /// The EPT identity-map address the snapshot's machine set (`None`:
+    /// KVM's default).
+    pub identity_map: Option<u64>,
 }
 
 /// Checks and parses `vm.state`.
@@ -543,7 +563,31 @@ pub fn parse_vm(records: Records) -> Result<VmPart> {
             Some(v.iter().map(IrqRoute::from).collect())
         }
     };
+    let identity_map = match records.get("identity-map") {
+        None => None,
+        Some(b) => {
+            let b: [u8; 8] = b.try_into().map_err(|_| {
+                bad(
+                    part,
+                    "identity-map",
+                    format!("{} bytes, expected 8", b.len()),
+                )
+            })?;
+            let addr = u64::from_le_bytes(b);
+            // The identity map takes one page below 4 GiB (KVM's check,
+            // repeated here so the refusal names the record).
+            if addr >= 1 << 32 || !addr.is_multiple_of(4096) {
+                return Err(bad(
+                    part,
+                    "identity-map",
+                    format!("{addr:#x} is not a page-aligned address below 4 GiB"),
+                ));
+            }
+            Some(addr)
+        }
+    };
     Ok(VmPart {
+        identity_map,
         memory: parse_json(&records, part, "memory")?,
         reservations: parse_json(&records, part, "reservations")?,
         ioevents: parse_json(&records, part, "ioevents")?,
@@ -565,6 +609,28 @@ pub fn apply_vm(vm: &impl Vm, p: &VmPart) -> Result<()> {
             .map_err(|e| SnapError::SetVm(name, e))?;
     }
     Ok(())
+}
+
+/// Sets the snapshot's identity-map address (`KVM_SET_IDENTITY_MAP_ADDR`,
+/// which KVM takes only before the first vcpu is created: the restore
+/// calls this at `Start`, before the vcpus exist). `now` is the address
+/// the plugin set itself for the new machine, if it did: the same address
+/// needs nothing, another one is refused (the guest's page tables may rely
+/// on the snapshot's). Returns the address to record.
+pub fn apply_identity_map(vm: &impl Vm, p: &VmPart, now: Option<u64>) -> Result<Option<u64>> {
+    match (p.identity_map, now) {
+        (None, now) => Ok(now),
+        (Some(want), Some(have)) if want == have => Ok(now),
+        (Some(want), Some(have)) => Err(SnapError::Layout(format!(
+            "the plugin set the identity map at {have:#x}, the snapshot's machine at {want:#x}"
+        ))),
+        (Some(want), None) => {
+            vm.set_identity_map_addr(want)
+                .map_err(|e| SnapError::SetVm("identity-map", e))?;
+            log::debug!("restore: identity map set at {want:#x}");
+            Ok(Some(want))
+        }
+    }
 }
 
 /// Compares the plugin's machine with the snapshot's: memory must match
@@ -704,12 +770,16 @@ impl Restore {
         Ok(())
     }
 
-    /// Opens `dir`, verifies every checksum and checks every state record;
-    /// `vcpus` is `--cpus` when it was given.
+    /// Opens `dir`, verifies the checksum of every state and blob part and
+    /// checks every state record and every memory image's length; `vcpus`
+    /// is `--cpus` when it was given. The memory images' checksums are
+    /// verified as [`Self::load_region`] loads them (at `Start`, before any
+    /// vcpu exists): reading every image twice, once here and once to load
+    /// it, doubled the restore time.
     pub fn open(dir: &Path, vcpus: Option<usize>) -> Result<Restore> {
         let snap = |e| SnapError::Snapshot(dir.to_path_buf(), e);
         let snapshot = Snapshot::open(dir).map_err(snap)?;
-        snapshot.verify().map_err(snap)?;
+        snapshot.verify_except_memory().map_err(snap)?;
         let n = snapshot.manifest().vcpus;
         if let Some(asked) = vcpus {
             if asked as u64 != u64::from(n) {
@@ -779,7 +849,10 @@ impl Restore {
         self.vcpus.len()
     }
 
-    /// Punches region `m`'s range of `fd` to zero and loads its image.
+    /// Punches region `m`'s range of `fd` to zero and loads its image,
+    /// verifying its checksum over the bytes loaded (a mismatch is an error
+    /// naming the part; the region then holds garbage and the restore
+    /// fails before any vcpu exists).
     pub fn load_region(
         &self,
         m: &MemoryRecord,
@@ -909,6 +982,7 @@ mod tests {
             ioevents: vec![],
             irqfds: vec![],
             irq_routes: None,
+            identity_map: None,
         };
         let mut now = HostTables::default();
         now.memory.push(MemoryRecord {
