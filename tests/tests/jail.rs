@@ -201,8 +201,10 @@ fn network_sockets_are_stopped() {
 }
 
 /// `netns=...` and `devices=...` of an `evil netns` run.
-fn netns_probe(vmm_args: &[&str]) -> (String, String) {
-    let r = evil(vmm_args, "netns", &[]);
+fn netns_probe(vmm_args: &[&str], tag: &str) -> (String, String) {
+    let m = marker(tag);
+    let r = run_vmm(vmm_args, &bin("evil"), &["netns", &m]);
+    assert!(processes_matching(&m).is_empty(), "the plugin outlived vmm");
     r.assert_success();
     let value = |key: &str| {
         r.stdout
@@ -252,8 +254,8 @@ fn plugins_that_cannot_make_sockets_share_one_empty_network_namespace() {
     let host = std::fs::read_link("/proc/self/ns/net").unwrap();
     let host = host.display().to_string();
     // Two VMs at once with the built-in policy (no socket calls).
-    let other = std::thread::spawn(|| netns_probe(&[]));
-    let (a, devices) = netns_probe(&[]);
+    let other = std::thread::spawn(|| netns_probe(&[], "netns-b"));
+    let (a, devices) = netns_probe(&[], "netns-a");
     let (b, _) = other.join().unwrap();
     assert_ne!(a, host, "the plugin is in the host's network namespace");
     assert_eq!(devices, "lo", "{devices}");
@@ -270,7 +272,7 @@ fn plugins_that_cannot_make_sockets_share_one_empty_network_namespace() {
     // capability over it and no socket to ask with).
     assert!(!loopback_up_in(vmm::jail::netns::NETNS_PATH));
     // In log mode a stopped `socket` would run: a namespace of its own.
-    let (logged, devices) = netns_probe(&["--seccomp-log-failures"]);
+    let (logged, devices) = netns_probe(&["--seccomp-log-failures"], "netns-log");
     assert_ne!(logged, a);
     assert_ne!(logged, host);
     assert_eq!(devices, "lo", "{devices}");

@@ -148,6 +148,22 @@ impl Drop for TempRoot {
     }
 }
 
+/// The directory every jail's root tmpfs is mounted on by default.
+pub const SHARED_ROOT: &str = "/run/vmm/jail-root";
+
+/// [`SHARED_ROOT`], if it is (or can be made) a directory of vmm's user
+/// that nobody else can write.
+fn shared_root() -> Option<PathBuf> {
+    let ok = netns::private_dir(netns::RUN_DIR).and_then(|()| netns::private_dir(SHARED_ROOT));
+    match ok {
+        Ok(()) => Some(PathBuf::from(SHARED_ROOT)),
+        Err(e) => {
+            debug!("jail root under $TMPDIR: {}", crate::error_chain(&e));
+            None
+        }
+    }
+}
+
 /// A running jail, held by the host while the plugin lives.
 #[derive(Debug)]
 pub struct Jailed {
@@ -290,10 +306,16 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
             mounts::check_root(r).map_err(JailError::Mounts)?;
             (r.clone(), None)
         }
-        None => {
-            let t = TempRoot::create()?;
-            (t.0.clone(), Some(t))
-        }
+        // Every jail mounts its tmpfs on the same directory, each in its
+        // own mount namespace (no mkdir and rmdir per VM); a new one under
+        // $TMPDIR when /run/vmm cannot be had (not root).
+        None => match shared_root() {
+            Some(r) => (r, None),
+            None => {
+                let t = TempRoot::create()?;
+                (t.0.clone(), Some(t))
+            }
+        },
     };
     let mut files = needed;
     files.push(exe.clone());
