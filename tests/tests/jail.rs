@@ -240,7 +240,11 @@ fn loopback_up_in(path: &str) -> bool {
             for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
                 *d = *c as libc::c_char;
             }
-            assert_eq!(libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr), 0, "SIOCGIFFLAGS");
+            assert_eq!(
+                libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr),
+                0,
+                "SIOCGIFFLAGS"
+            );
             libc::close(s);
             (ifr.ifr_ifru.ifru_flags as i32 & libc::IFF_UP) != 0
         }
@@ -264,7 +268,10 @@ fn plugins_that_cannot_make_sockets_share_one_empty_network_namespace() {
         assert_ne!(a, b);
         return;
     }
-    assert_eq!(a, b, "two socketless plugins are not in the shared namespace");
+    assert_eq!(
+        a, b,
+        "two socketless plugins are not in the shared namespace"
+    );
     let shared = std::fs::metadata(vmm::jail::netns::NETNS_PATH).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(a, format!("net:[{}]", shared.ino()), "{a}");
@@ -311,10 +318,11 @@ fn plugins_that_may_make_sockets_cannot_reach_each_other() {
     };
     let connect = |jail: &[&str]| {
         let mut cmd = std::process::Command::new(bin("vmm"));
-        cmd.args(jail)
-            .arg("--plugin")
-            .arg(bin("evil"))
-            .args(["--plugin-args", "abstract-connect", &name]);
+        cmd.args(jail).arg("--plugin").arg(bin("evil")).args([
+            "--plugin-args",
+            "abstract-connect",
+            &name,
+        ]);
         e2e_tests::run_command(cmd)
     };
     // The attack works where nothing separates the two (so this test would

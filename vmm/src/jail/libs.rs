@@ -286,7 +286,10 @@ fn cache_lookup(file: &Path, path: &Path, env: &[(String, OsString)]) -> Option<
         || m.mode() & 0o022 != 0
         || m.len() > CACHE_ENTRY_MAX
     {
-        debug!("library cache: ignoring {} (owner, mode or size)", file.display());
+        debug!(
+            "library cache: ignoring {} (owner, mode or size)",
+            file.display()
+        );
         return None;
     }
     let mut text = Vec::new();
@@ -338,7 +341,9 @@ fn cache_store(
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)?;
-    let written = f.write_all(&text).and_then(|()| std::fs::rename(&tmp, file));
+    let written = f
+        .write_all(&text)
+        .and_then(|()| std::fs::rename(&tmp, file));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -470,9 +475,15 @@ mod tests {
             cache_store(&entry, &exe, &[], files, deps).unwrap();
         };
         store(&marked);
-        assert_eq!(needed_files_cached(&exe, &[], Some(&cache)).unwrap(), marked);
+        assert_eq!(
+            needed_files_cached(&exe, &[], Some(&cache)).unwrap(),
+            marked
+        );
         // Another environment is another question.
-        let env = [("LD_LIBRARY_PATH".to_string(), OsString::from("/nonexistent"))];
+        let env = [(
+            "LD_LIBRARY_PATH".to_string(),
+            OsString::from("/nonexistent"),
+        )];
         assert!(!needed_files_cached(&exe, &env, Some(&cache))
             .unwrap()
             .contains(&marked[marked.len() - 1]));
@@ -488,7 +499,10 @@ mod tests {
         std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert_eq!(needed_files_cached(&exe, &[], Some(&cache)).unwrap(), truth);
         std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert_eq!(needed_files_cached(&exe, &[], Some(&cache)).unwrap(), marked);
+        assert_eq!(
+            needed_files_cached(&exe, &[], Some(&cache)).unwrap(),
+            marked
+        );
 
         // A changed plugin (or library, or directory) is asked about again.
         std::fs::OpenOptions::new()
@@ -500,7 +514,10 @@ mod tests {
         assert_eq!(needed_files_cached(&exe, &[], Some(&cache)).unwrap(), truth);
         // So is a new file in one of the directories.
         store(&marked);
-        assert_eq!(needed_files_cached(&exe, &[], Some(&cache)).unwrap(), marked);
+        assert_eq!(
+            needed_files_cached(&exe, &[], Some(&cache)).unwrap(),
+            marked
+        );
         std::fs::write(dir.join("new-file"), b"").unwrap();
         assert_eq!(needed_files_cached(&exe, &[], Some(&cache)).unwrap(), truth);
         std::fs::remove_dir_all(&dir).unwrap();

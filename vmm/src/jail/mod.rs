@@ -404,8 +404,13 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     let shared_net = netns::may_share(config)
         .then(|| netns::shared_empty().and_then(|ns| netns::Entered::enter(ns.as_fd())))
         .and_then(|r| {
-            r.map_err(|e| debug!("jail: a network namespace of its own: {}", crate::error_chain(&e)))
-                .ok()
+            r.map_err(|e| {
+                debug!(
+                    "jail: a network namespace of its own: {}",
+                    crate::error_chain(&e)
+                )
+            })
+            .ok()
         });
     let mut stack = vec![0u8; INIT_STACK];
     let mut flags = CloneFlags::CLONE_NEWUSER
@@ -417,7 +422,11 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     if shared_net.is_none() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    let net_kind = if shared_net.is_some() { "shared" } else { "own" };
+    let net_kind = if shared_net.is_some() {
+        "shared"
+    } else {
+        "own"
+    };
     // SAFETY: the child runs `child::init_main` on its own stack in a copy
     // of this address space; that code only makes system calls on data
     // prepared above (no allocation, no locks), then execs or exits.

@@ -162,12 +162,11 @@ fn shared_empty_at(dir: &str, path: &str, lock: &str) -> Result<OwnedFd, NetnsEr
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(lock)
         .map_err(io_err("open", lock))?;
-    let _locked = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, source)| {
-        NetnsError::Sys {
+    let _locked =
+        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, source)| NetnsError::Sys {
             what: "lock the shared network namespace",
             source,
-        }
-    })?;
+        })?;
     if let Ok(fd) = open_checked(path) {
         return Ok(fd);
     }
@@ -279,12 +278,14 @@ impl Entered {
 
     fn go_home(&mut self) -> Result<(), NetnsError> {
         match self.home.take() {
-            Some(home) => nix::sched::setns(home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(
-                |source| NetnsError::Sys {
-                    what: "return to vmm's network namespace",
-                    source,
-                },
-            ),
+            Some(home) => {
+                nix::sched::setns(home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                    NetnsError::Sys {
+                        what: "return to vmm's network namespace",
+                        source,
+                    }
+                })
+            }
             None => Ok(()),
         }
     }
@@ -355,10 +356,7 @@ mod tests {
         private_dir(&d).unwrap();
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .unwrap();
-        assert!(matches!(
-            private_dir(&d),
-            Err(NetnsError::UnsafeDir { .. })
-        ));
+        assert!(matches!(private_dir(&d), Err(NetnsError::UnsafeDir { .. })));
         // A plain file where the namespace should be is not taken for one.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .unwrap();
