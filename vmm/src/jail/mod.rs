@@ -152,10 +152,9 @@ impl Drop for TempRoot {
 pub const SHARED_ROOT: &str = "/run/vmm/jail-root";
 
 /// [`SHARED_ROOT`], if it is (or can be made) a directory of vmm's user
-/// that nobody else can write.
+/// that nobody else can write (in [`netns::RUN_DIR`], checked by the caller).
 fn shared_root() -> Option<PathBuf> {
-    let ok = netns::private_dir(netns::RUN_DIR).and_then(|()| netns::private_dir(SHARED_ROOT));
-    match ok {
+    match netns::private_dir(SHARED_ROOT) {
         Ok(()) => Some(PathBuf::from(SHARED_ROOT)),
         Err(e) => {
             debug!("jail root under $TMPDIR: {}", crate::error_chain(&e));
@@ -293,8 +292,12 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
             path: launch.path.to_path_buf(),
             source,
         })?;
-    let cache = Path::new(libs::CACHE_DIR);
-    let needed = libs::needed_files_cached(&exe, launch.env, Some(cache)).map_err(|source| {
+    // The per-boot state (library cache, shared root) is under RUN_DIR.
+    let run_dir = netns::private_dir(netns::RUN_DIR)
+        .map_err(|e| debug!("jail: no {}: {}", netns::RUN_DIR, crate::error_chain(&e)))
+        .is_ok();
+    let cache = run_dir.then_some(Path::new(libs::CACHE_DIR));
+    let needed = libs::needed_files_cached(&exe, launch.env, cache).map_err(|source| {
         JailError::Libs {
             path: exe.clone(),
             source,
@@ -309,7 +312,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
         // Every jail mounts its tmpfs on the same directory, each in its
         // own mount namespace (no mkdir and rmdir per VM); a new one under
         // $TMPDIR when /run/vmm cannot be had (not root).
-        None => match shared_root() {
+        None => match run_dir.then(shared_root).flatten() {
             Some(r) => (r, None),
             None => {
                 let t = TempRoot::create()?;
