@@ -297,12 +297,11 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
         .map_err(|e| debug!("jail: no {}: {}", netns::RUN_DIR, crate::error_chain(&e)))
         .is_ok();
     let cache = run_dir.then_some(Path::new(libs::CACHE_DIR));
-    let needed = libs::needed_files_cached(&exe, launch.env, cache).map_err(|source| {
-        JailError::Libs {
+    let needed =
+        libs::needed_files_cached(&exe, launch.env, cache).map_err(|source| JailError::Libs {
             path: exe.clone(),
             source,
-        }
-    })?;
+        })?;
     let libs_listed = started.elapsed();
     let (root, temp_root) = match &config.root {
         Some(r) => {
