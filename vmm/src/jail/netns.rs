@@ -11,8 +11,8 @@
 //! it, created once per boot by the first vmm that needs it and kept by a
 //! bind mount at [`NETNS_PATH`] (`/run` is a tmpfs: it is gone at reboot).
 //!
-//! The isolation argument (docs/architecture.md, "Jail: the shared empty
-//! network namespace"):
+//! The isolation argument (also in docs/architecture.md, "Jail: what is
+//! shared between VMs"):
 //!
 //! * The namespace is used only when the plugin's seccomp filter stops
 //!   `socket`, `socketpair` and `io_uring_setup` (the built-in policy, or
