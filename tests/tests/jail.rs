@@ -200,6 +200,150 @@ fn network_sockets_are_stopped() {
     assert_stopped_by_seccomp(&r, "socket");
 }
 
+/// `netns=...` and `devices=...` of an `evil netns` run.
+fn netns_probe(vmm_args: &[&str], tag: &str) -> (String, String) {
+    let m = marker(tag);
+    let r = run_vmm(vmm_args, &bin("evil"), &["netns", &m]);
+    assert!(processes_matching(&m).is_empty(), "the plugin outlived vmm");
+    r.assert_success();
+    let value = |key: &str| {
+        r.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {r:#?}"))
+            .to_string()
+    };
+    (value("netns="), value("devices="))
+}
+
+/// Whether `lo` is up in the network namespace at `path` (joined by a
+/// helper thread of this test, which needs root).
+fn loopback_up_in(path: &str) -> bool {
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+        let names: Vec<&str> = dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(names, ["lo"], "the shared namespace has more than lo");
+        // SAFETY: a socket for one SIOCGIFFLAGS ioctl on a zeroed ifreq
+        // naming lo; closed below.
+        unsafe {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            assert!(s >= 0, "socket");
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+                *d = *c as libc::c_char;
+            }
+            assert_eq!(
+                libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr),
+                0,
+                "SIOCGIFFLAGS"
+            );
+            libc::close(s);
+            (ifr.ifr_ifru.ifru_flags as i32 & libc::IFF_UP) != 0
+        }
+    })
+    .join()
+    .expect("the namespace probe thread")
+}
+
+#[test]
+fn plugins_that_cannot_make_sockets_share_one_empty_network_namespace() {
+    let host = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let host = host.display().to_string();
+    // Two VMs at once with the built-in policy (no socket calls).
+    let other = std::thread::spawn(|| netns_probe(&[], "netns-b"));
+    let (a, devices) = netns_probe(&[], "netns-a");
+    let (b, _) = other.join().unwrap();
+    assert_ne!(a, host, "the plugin is in the host's network namespace");
+    assert_eq!(devices, "lo", "{devices}");
+    if nix::unistd::geteuid().as_raw() != 0 {
+        e2e_tests::skip("joining the shared network namespace needs root: each jail has its own");
+        assert_ne!(a, b);
+        return;
+    }
+    assert_eq!(
+        a, b,
+        "two socketless plugins are not in the shared namespace"
+    );
+    let shared = std::fs::metadata(vmm::jail::netns::NETNS_PATH).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(a, format!("net:[{}]", shared.ino()), "{a}");
+    // It stays as created: only lo, and lo down (a plugin has no
+    // capability over it and no socket to ask with).
+    assert!(!loopback_up_in(vmm::jail::netns::NETNS_PATH));
+    // In log mode a stopped `socket` would run: a namespace of its own.
+    let (logged, devices) = netns_probe(&["--seccomp-log-failures"], "netns-log");
+    assert_ne!(logged, a);
+    assert_ne!(logged, host);
+    assert_eq!(devices, "lo", "{devices}");
+}
+
+#[test]
+fn plugins_that_may_make_sockets_cannot_reach_each_other() {
+    // The attack a shared namespace would allow: one plugin listens on an
+    // abstract Unix socket name (scoped by the network namespace), another
+    // connects. With a policy that allows sockets each jail must have a
+    // namespace of its own, so the connection is refused.
+    let tmp = TempDir::new("socket-policy");
+    let builtin = std::fs::read_to_string(repo_root().join("vmm/src/jail/plugin.policy")).unwrap();
+    std::fs::write(
+        tmp.0.join("plugin.policy"),
+        format!("{builtin}\nsocket: 1\nbind: 1\nlisten: 1\nconnect: 1\n"),
+    )
+    .unwrap();
+    let dir = tmp.0.to_str().unwrap().to_string();
+    let name = marker("abstract");
+    let listen = |jail: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("vmm"));
+        cmd.args(jail)
+            .arg("--plugin")
+            .arg(bin("evil"))
+            .args(["--plugin-args", "abstract-listen", &name, "20000"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn vmm");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "listening", "the listener did not start");
+        child
+    };
+    let connect = |jail: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("vmm"));
+        cmd.args(jail).arg("--plugin").arg(bin("evil")).args([
+            "--plugin-args",
+            "abstract-connect",
+            &name,
+        ]);
+        e2e_tests::run_command(cmd)
+    };
+    // The attack works where nothing separates the two (so this test would
+    // see a shared namespace)...
+    let mut l = listen(&["--disable-sandbox"]);
+    let r = connect(&["--disable-sandbox"]);
+    let _ = l.kill();
+    let _ = l.wait();
+    assert!(r.stderr.contains("SUCCEEDED"), "{r:#?}");
+    // ...and fails between jails whose policy allows sockets.
+    let jail = ["--seccomp-policy-dir", dir.as_str()];
+    let mut l = listen(&jail);
+    let r = connect(&jail);
+    let _ = l.kill();
+    let _ = l.wait();
+    assert_blocked(&r, &format!("connect to @{name}"), "ECONNREFUSED");
+    // With the built-in policy neither could make the socket at all.
+    let r = evil(&[], "abstract-connect", &[&name]);
+    assert_stopped_by_seccomp(&r, "socket");
+}
+
 #[test]
 fn ptrace_of_a_host_process_is_stopped() {
     let pid = std::process::id().to_string();

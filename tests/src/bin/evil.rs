@@ -8,7 +8,8 @@
 //! * succeeded: prints `evil: WHAT: SUCCEEDED` and exits with [`ESCAPED`].
 //!
 //! A few scenarios are not attacks but probes of the jail (`ids`, `files`,
-//! `argv`, `sleep`), exiting 0 when all went as expected.
+//! `argv`, `sleep`, `netns`, `abstract-listen`), exiting 0 when all went
+//! as expected.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -53,6 +54,44 @@ fn memfd_with_code() -> i32 {
         assert_eq!(libc::write(fd, code.as_ptr().cast(), code.len()), 6);
         assert_eq!(libc::ftruncate(fd, 4096), 0);
         fd
+    }
+}
+
+/// A Unix stream socket bound to (`listen`) or connected to the abstract
+/// name `name`.
+fn abstract_socket(name: &str, listen: bool) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    let bytes = name.as_bytes();
+    assert!(bytes.len() < addr.sun_path.len() - 1, "name too long");
+    for (d, s) in addr.sun_path[1..].iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + 1 + bytes.len()) as u32;
+    // SAFETY: socket/bind/listen/connect on a descriptor owned here, with
+    // a valid address of `len` bytes.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(Errno::last());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(s);
+        let a = &addr as *const libc::sockaddr_un as *const libc::sockaddr;
+        let rc = if listen {
+            if libc::bind(s, a, len) < 0 {
+                -1
+            } else {
+                libc::listen(s, 4)
+            }
+        } else {
+            libc::connect(s, a, len)
+        };
+        if rc < 0 {
+            return Err(Errno::last());
+        }
+        Ok(fd)
     }
 }
 
@@ -335,6 +374,42 @@ fn main() {
         "sleep" => {
             let ms: u64 = arg(&args, 2, "milliseconds").parse().expect("ms");
             std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        "netns" => {
+            // Which network namespace this is and what devices it has.
+            let ns = std::fs::read_link("/proc/self/ns/net")
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|e| format!("unreadable: {e}"));
+            println!("netns={ns}");
+            let dev = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+            let names: Vec<&str> = dev
+                .lines()
+                .skip(2)
+                .filter_map(|l| l.split(':').next())
+                .map(str::trim)
+                .collect();
+            println!("devices={}", names.join(","));
+        }
+        "abstract-listen" => {
+            // Listens on an abstract Unix socket name (scoped by the network
+            // namespace) for a while, for another plugin to reach.
+            let name = arg(&args, 2, "name");
+            let ms: u64 = arg(&args, 3, "milliseconds").parse().expect("ms");
+            match abstract_socket(&name, true) {
+                Ok(_fd) => {
+                    println!("listening");
+                    std::io::stdout().flush().expect("flush");
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+                Err(e) => outcome(&format!("listen on @{name}"), Err(e)),
+            }
+        }
+        "abstract-connect" => {
+            let name = arg(&args, 2, "name");
+            outcome(
+                &format!("connect to @{name}"),
+                abstract_socket(&name, false).map(drop),
+            )
         }
         other => panic!("unknown scenario {other}"),
     }

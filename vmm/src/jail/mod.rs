@@ -26,6 +26,7 @@ pub mod child;
 pub mod gate;
 pub mod libs;
 pub mod mounts;
+pub mod netns;
 pub mod policy;
 pub mod seccomp;
 pub mod syscalls;
@@ -34,7 +35,7 @@ use std::ffi::{c_char, CString};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -115,6 +116,8 @@ pub enum JailError {
     EarlyViolation(String),
     #[error("cannot start the plugin under its seccomp filter")]
     Listener(#[source] seccomp::SeccompError),
+    #[error("cannot leave the jail's shared network namespace")]
+    Netns(#[source] netns::NetnsError),
     #[error("cannot execute {path} in the jail")]
     Exec {
         path: PathBuf,
@@ -141,6 +144,21 @@ impl Drop for TempRoot {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir(&self.0) {
             debug!("cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// The directory every jail's root tmpfs is mounted on by default.
+pub const SHARED_ROOT: &str = "/run/vmm/jail-root";
+
+/// [`SHARED_ROOT`], if it is (or can be made) a directory of vmm's user
+/// that nobody else can write (in [`netns::RUN_DIR`], checked by the caller).
+fn shared_root() -> Option<PathBuf> {
+    match netns::private_dir(SHARED_ROOT) {
+        Ok(()) => Some(PathBuf::from(SHARED_ROOT)),
+        Err(e) => {
+            debug!("jail root under $TMPDIR: {}", crate::error_chain(&e));
+            None
         }
     }
 }
@@ -274,20 +292,32 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
             path: launch.path.to_path_buf(),
             source,
         })?;
-    let needed = libs::needed_files(&exe, launch.env).map_err(|source| JailError::Libs {
-        path: exe.clone(),
-        source,
-    })?;
+    // The per-boot state (library cache, shared root) is under RUN_DIR.
+    let run_dir = netns::private_dir(netns::RUN_DIR)
+        .map_err(|e| debug!("jail: no {}: {}", netns::RUN_DIR, crate::error_chain(&e)))
+        .is_ok();
+    let cache = run_dir.then_some(Path::new(libs::CACHE_DIR));
+    let needed =
+        libs::needed_files_cached(&exe, launch.env, cache).map_err(|source| JailError::Libs {
+            path: exe.clone(),
+            source,
+        })?;
     let libs_listed = started.elapsed();
     let (root, temp_root) = match &config.root {
         Some(r) => {
             mounts::check_root(r).map_err(JailError::Mounts)?;
             (r.clone(), None)
         }
-        None => {
-            let t = TempRoot::create()?;
-            (t.0.clone(), Some(t))
-        }
+        // Every jail mounts its tmpfs on the same directory, each in its
+        // own mount namespace (no mkdir and rmdir per VM); a new one under
+        // $TMPDIR when /run/vmm cannot be had (not root).
+        None => match run_dir.then(shared_root).flatten() {
+            Some(r) => (r, None),
+            None => {
+                let t = TempRoot::create()?;
+                (t.0.clone(), Some(t))
+            }
+        },
     };
     let mut files = needed;
     files.push(exe.clone());
@@ -370,14 +400,35 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     };
     let prepared = started.elapsed();
 
+    // A plugin that can never create a socket joins the shared empty
+    // network namespace (netns.rs: why that keeps it isolated); any other,
+    // or when that namespace cannot be had, gets one of its own.
+    let shared_net = netns::may_share(config)
+        .then(|| netns::shared_empty().and_then(|ns| netns::Entered::enter(ns.as_fd())))
+        .and_then(|r| {
+            r.map_err(|e| {
+                debug!(
+                    "jail: a network namespace of its own: {}",
+                    crate::error_chain(&e)
+                )
+            })
+            .ok()
+        });
     let mut stack = vec![0u8; INIT_STACK];
-    let flags = CloneFlags::CLONE_NEWUSER
+    let mut flags = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWCGROUP;
+    if shared_net.is_none() {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    let net_kind = if shared_net.is_some() {
+        "shared"
+    } else {
+        "own"
+    };
     // SAFETY: the child runs `child::init_main` on its own stack in a copy
     // of this address space; that code only makes system calls on data
     // prepared above (no allocation, no locks), then execs or exits.
@@ -391,6 +442,9 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     }
     .map_err(JailError::Clone)?;
     let mut guard = InitGuard(Some(init));
+    if let Some(entered) = shared_net {
+        entered.leave().map_err(JailError::Netns)?;
+    }
     drop(jail_ctl);
     drop(null);
     drop(launch.stdout);
@@ -440,7 +494,7 @@ pub fn spawn(config: &JailConfig, launch: Launch<'_>) -> Result<(Pid, Jailed), J
     }
     debug!(
         "jail ready in {:?} (listing libraries {libs_listed:?}, preparing {prepared:?}, \
-         mapping ids {mapped:?}); plugin pid {plugin_pid}",
+         mapping ids {mapped:?}; {net_kind} network namespace); plugin pid {plugin_pid}",
         started.elapsed()
     );
     guard.0 = None;
@@ -598,7 +652,6 @@ fn describe_stage(stage: u32, plan: &mounts::MountPlan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn id_map_contents() {
