@@ -189,6 +189,14 @@ pub struct Args {
     /// usual, and at Start guest memory, VM and vcpu state come from DIR.
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
+
+    /// What to do when a plugin that declared it can be restarted dies
+    /// (signal, or non-zero exit) while the VM runs: `stop` (the default)
+    /// ends the VM; `restart[:MAX]` starts it again (same path and args),
+    /// its state from its checkpoint, at most MAX (default 5) times within
+    /// 60 s (docs/protocol-extensions.md §9).
+    #[arg(long, value_name = "stop|restart[:MAX]", default_value = "stop")]
+    pub on_plugin_crash: crate::runtime::restart::CrashPolicy,
 }
 
 const LEVELS: &str = "error, warn, info, debug, trace";
@@ -635,6 +643,7 @@ impl Args {
             vcpus: self.cpus.unwrap_or(1),
             vcpus_given: self.cpus.is_some(),
             restore: self.restore.clone(),
+            on_plugin_crash: self.on_plugin_crash,
             kvm_path: self.kvm_path(),
             vcpu_cgroup_path: self.vcpu_cgroup_path.clone(),
             nets: self.all_nets()?,

@@ -38,6 +38,8 @@ pub struct VmConfig {
     pub vcpus_given: bool,
     /// `--restore DIR`.
     pub restore: Option<PathBuf>,
+    /// `--on-plugin-crash` (docs/protocol-extensions.md §9).
+    pub on_plugin_crash: crate::runtime::restart::CrashPolicy,
 }
 
 /// How to jail the plugin.

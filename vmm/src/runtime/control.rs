@@ -156,6 +156,17 @@ impl Host {
         self.api.dispatcher = d;
     }
 
+    /// Replies that did not come from the channel (it was closed for a
+    /// hot restart), for the dispatcher.
+    pub(super) fn plugin_replies(&mut self, replies: Vec<(u64, Reply)>) {
+        let mut d = std::mem::take(&mut self.api.dispatcher);
+        d.replies(
+            self,
+            replies.into_iter().map(|(t, r)| (t, reply(r))).collect(),
+        );
+        self.api.dispatcher = d;
+    }
+
     /// The plugin's control channel is readable.
     pub(super) fn on_plugin_control(&mut self) {
         let replies = self.api.plugin_control.on_readable();

@@ -70,6 +70,10 @@ impl Host {
 
     /// Stops everything and turns what happened into the result.
     pub(super) fn teardown(mut self) -> Result<(), RunError> {
+        // No more restarts; the kept output pipe ends go, so the
+        // forwarders see EOF once the plugin is gone.
+        self.restart.policy = super::restart::CrashPolicy::Stop;
+        self.restart.pipes = None;
         self.stop_vcpus();
         let deadline = Instant::now() + Duration::from_secs(5);
         // Kicked threads leave within microseconds; a kick that raced with a
