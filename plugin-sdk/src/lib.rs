@@ -55,6 +55,7 @@ mod image;
 pub mod machine;
 mod objects;
 mod reset;
+mod restart;
 mod state;
 mod transport;
 mod types;
@@ -69,6 +70,7 @@ pub use image::StateImage;
 pub use machine::GuestRam;
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use reset::{DirtyPages, RESET_MAX_PAGES};
+pub use restart::{Attached, Checkpoint, RestartKind, CHECKPOINT_MAX};
 pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,

@@ -197,6 +197,12 @@ pub struct Args {
     /// 60 s (docs/protocol-extensions.md §9).
     #[arg(long, value_name = "stop|restart[:MAX]", default_value = "stop")]
     pub on_plugin_crash: crate::runtime::restart::CrashPolicy,
+
+    /// Allow `vmm ctl PATH upgrade NEW_PLUGIN` (implied by
+    /// `--on-plugin-crash restart`). vmm then keeps its capabilities to
+    /// build the jails of later plugins (docs/protocol-extensions.md §9).
+    #[arg(long)]
+    pub hot_restart: bool,
 }
 
 const LEVELS: &str = "error, warn, info, debug, trace";
@@ -644,6 +650,7 @@ impl Args {
             vcpus_given: self.cpus.is_some(),
             restore: self.restore.clone(),
             on_plugin_crash: self.on_plugin_crash,
+            allow_upgrade: self.hot_restart,
             kvm_path: self.kvm_path(),
             vcpu_cgroup_path: self.vcpu_cgroup_path.clone(),
             nets: self.all_nets()?,

@@ -40,6 +40,16 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
     /// `--on-plugin-crash` (docs/protocol-extensions.md §9).
     pub on_plugin_crash: crate::runtime::restart::CrashPolicy,
+    /// `--hot-restart`: `upgrade` is possible (implied by
+    /// `--on-plugin-crash restart`).
+    pub allow_upgrade: bool,
+}
+
+impl VmConfig {
+    /// Whether a later plugin may replace the first (docs/protocol-extensions.md §9).
+    pub fn hot_restart(&self) -> bool {
+        self.allow_upgrade || self.on_plugin_crash != crate::runtime::restart::CrashPolicy::Stop
+    }
 }
 
 /// How to jail the plugin.

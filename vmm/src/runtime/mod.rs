@@ -360,7 +360,13 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
         source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
     })?;
     // 6. The jail is built: the host needs no capabilities any more.
-    jail::caps::drop_host_capabilities().map_err(RunError::Caps)?;
+    // Hot restart builds jails for later plugins and keeps what that needs
+    // (docs/protocol-extensions.md §9.6).
+    if config.hot_restart() {
+        info!("hot restart enabled: the host keeps its capabilities to jail later plugins");
+    } else {
+        jail::caps::drop_host_capabilities().map_err(RunError::Caps)?;
+    }
 
     let exit_config = Arc::new(SharedExitConfig::default());
     let shared = Arc::new(VcpuShared {
