@@ -88,7 +88,14 @@ pub enum Command {
         dir: String,
         without_device_state: bool,
     },
+    /// Replace the running plugin by `plugin args...` (hot restart,
+    /// docs/protocol-extensions.md §9).
+    Upgrade { plugin: String, args: Vec<String> },
 }
+
+/// Most arguments of `upgrade`, and bytes of its path and of each argument.
+pub const MAX_UPGRADE_ARGS: usize = 256;
+pub const MAX_UPGRADE_ARG: usize = 4096;
 
 impl Command {
     /// The command's wire name.
@@ -106,6 +113,7 @@ impl Command {
             Command::SleepButton => "sleepbtn",
             Command::Plugin { .. } => "plugin",
             Command::Snapshot { .. } => "snapshot",
+            Command::Upgrade { .. } => "upgrade",
         }
     }
 
@@ -121,6 +129,7 @@ impl Command {
                 dir,
                 without_device_state,
             } => serde_json::json!({ "dir": dir, "without_device_state": without_device_state }),
+            Command::Upgrade { plugin, args } => serde_json::json!({ "plugin": plugin, "args": args }),
             _ => Value::Null,
         };
         Request {
@@ -546,11 +555,54 @@ pub fn parse_command(command: &str, args: Value) -> Result<Command, (ErrorCode, 
                 without_device_state,
             })
         }
+        "upgrade" => {
+            let mut obj = args_object(command, args, &["plugin", "args"])?;
+            let ok_str = |s: &str| !s.is_empty() && s.len() <= MAX_UPGRADE_ARG && !s.contains('\0');
+            let plugin = match obj.remove("plugin") {
+                Some(Value::String(s)) if ok_str(&s) => s,
+                Some(_) => {
+                    return Err(bad(
+                        command,
+                        format!("\"plugin\" is a path of 1 to {MAX_UPGRADE_ARG} bytes without NUL"),
+                    ))
+                }
+                None => return Err(bad(command, "needs \"plugin\", the new plugin's path")),
+            };
+            let args = match obj.remove("args") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(a)) if a.len() <= MAX_UPGRADE_ARGS => {
+                    let mut out = Vec::with_capacity(a.len());
+                    for v in a {
+                        match v {
+                            Value::String(s) if s.len() <= MAX_UPGRADE_ARG && !s.contains('\0') => {
+                                out.push(s)
+                            }
+                            _ => {
+                                return Err(bad(
+                                    command,
+                                    format!(
+                                        "\"args\" are strings of at most {MAX_UPGRADE_ARG} bytes without NUL"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    out
+                }
+                Some(_) => {
+                    return Err(bad(
+                        command,
+                        format!("\"args\" is an array of at most {MAX_UPGRADE_ARGS} strings"),
+                    ))
+                }
+            };
+            Ok(Command::Upgrade { plugin, args })
+        }
         other => Err((
             ErrorCode::UnknownCommand,
             format!(
                 "unknown command \"{}\" (commands: status, pause, resume, stop, kill, vcpu-tids, \
-                 stats, events, powerbtn, sleepbtn, plugin)",
+                 stats, events, powerbtn, sleepbtn, plugin, snapshot, upgrade)",
                 truncate(other, 64).escape_debug()
             ),
         )),

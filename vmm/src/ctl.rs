@@ -111,6 +111,15 @@ pub enum CtlCommand {
         #[arg(value_name = "without_device_state", value_parser = ["without_device_state"])]
         mode: Option<String>,
     },
+    /// Replace the running plugin by NEW_PLUGIN (hot restart; vmm runs
+    /// with --hot-restart and the plugin declared it can be restarted)
+    Upgrade {
+        /// The new plugin's path (resolved here)
+        plugin: PathBuf,
+        /// Its arguments
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 impl CtlCommand {
@@ -146,6 +155,13 @@ impl CtlCommand {
                     .to_string_lossy()
                     .into_owned(),
                 without_device_state: mode.is_some(),
+            },
+            CtlCommand::Upgrade { plugin, args } => Command::Upgrade {
+                plugin: std::path::absolute(plugin)
+                    .unwrap_or_else(|_| plugin.clone())
+                    .to_string_lossy()
+                    .into_owned(),
+                args: args.clone(),
             },
         })
     }

@@ -364,6 +364,22 @@ impl ControlTarget for Host {
         self.poll_snapshot()
     }
 
+    fn upgrade_prepare(&mut self) -> Option<String> {
+        let why = self.upgrade_refusal();
+        if why.is_none() {
+            self.restart.park_began = Some(std::time::Instant::now());
+        }
+        why
+    }
+
+    fn upgrade_begin(&mut self, plugin: &str, args: &[String], state: Vec<u8>) -> Result<(), String> {
+        Host::upgrade_begin(self, plugin.into(), args.to_vec(), state)
+    }
+
+    fn upgrade_poll(&mut self) -> Option<Result<Value, String>> {
+        self.restart.upgrade_done.take()
+    }
+
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {
         self.api.plugin_control.forward(what, tag).map_err(|e| {
             let m = crate::error_chain(&e);

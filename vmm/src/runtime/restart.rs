@@ -371,6 +371,8 @@ pub struct HostRestart {
     pub upgrade_done: Option<Result<serde_json::Value, String>>,
     /// The last blackout (park to resume) and crash-to-running times.
     pub last_blackout: Option<Duration>,
+    /// `upgrade`: when the vcpus were asked to park.
+    pub park_began: Option<Instant>,
 }
 
 struct Stage {
@@ -418,6 +420,17 @@ impl Host {
     /// run's error says so.
     pub(super) fn restart_on_crash(&mut self, signaled: Option<&str>, code: i32) -> bool {
         let CrashPolicy::Restart { max, window } = self.restart.policy else {
+            if self.restart.busy() {
+                let how = signaled.map_or_else(
+                    || format!("exited with status {code}"),
+                    |s| format!("was killed by {s}"),
+                );
+                self.fail_restart(&format!("the new plugin {how} before it started the VM"));
+                self.errors.push(RunError::AttachFailed(format!(
+                    "the new plugin {} {how} before it started the VM",
+                    self.config.plugin.display()
+                )));
+            }
             return false;
         };
         let crashed = signaled.is_some() || code != 0;
@@ -470,6 +483,19 @@ impl Host {
         true
     }
 
+    /// Why `upgrade` cannot replace this plugin, if it cannot.
+    pub(super) fn upgrade_refusal(&self) -> Option<String> {
+        if !self.config.hot_restart() {
+            Some("vmm runs without --hot-restart (or --on-plugin-crash restart)".into())
+        } else if !self.state.restart.declared {
+            Some("the plugin did not declare it can be restarted (DeclareRestartable)".into())
+        } else if self.restart.busy() {
+            Some("a restart is under way".into())
+        } else {
+            None
+        }
+    }
+
     /// `upgrade`: with every vcpu parked and the old plugin's state in
     /// hand, replaces the plugin by `path args`.
     pub(super) fn upgrade_begin(
@@ -478,11 +504,8 @@ impl Host {
         args: Vec<String>,
         state: Vec<u8>,
     ) -> Result<(), String> {
-        if self.restart.busy() {
-            return Err("a restart is already under way".into());
-        }
-        if !self.state.restart.declared {
-            return Err("the plugin did not declare it can be restarted".into());
+        if let Some(why) = self.upgrade_refusal() {
+            return Err(why);
         }
         if let Err(e) = self.plugin.kill() {
             return Err(format!("cannot stop the old plugin: {e}"));
@@ -537,6 +560,7 @@ impl Host {
         self.state.restart.offer = None;
         let began = match &self.restart.stage {
             Some(s) => s.began,
+            None if why == Why::Upgrade => self.restart.park_began.take().unwrap_or_else(Instant::now),
             None => Instant::now(),
         };
         self.restart.stage = Some(Stage {
