@@ -273,6 +273,9 @@ pub fn answer(cmd: &Command) -> Result<Value, (ErrorCode, String)> {
         Command::Snapshot { dir, .. } => {
             json!({ "dir": dir, "bytes": 65536, "ms": 3, "memory_pages": 16 })
         }
+        Command::Upgrade { .. } => {
+            json!({ "generation": 1, "reason": "upgrade", "pid": 4243, "blackout_us": 5000 })
+        }
     };
     Ok(v)
 }
