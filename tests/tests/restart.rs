@@ -470,7 +470,7 @@ fn upgrade_is_refused_without_hot_restart_or_a_declaration_and_the_vm_runs_on() 
         .spawn()
         .expect("spawn vmm");
     let deadline = Instant::now() + HANG_GUARD;
-    while ctl(&socket, &["status"]).0 != Some(0) {
+    while !ctl(&socket, &["status"]).1.contains("\"running\"") {
         assert!(Instant::now() < deadline, "counter did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
