@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|restart]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -13,6 +13,7 @@ use vmm_bench::floor::{self, Floor};
 use vmm_bench::guest::{loop_code, Access};
 
 mod reset;
+mod restart;
 mod startup;
 
 struct Options {
@@ -27,6 +28,8 @@ struct Options {
     startup_only: bool,
     /// `--only reset`: just the fast-reset table (`reset.rs`).
     reset_only: bool,
+    /// `--only restart`: just the hot-restart table (`restart.rs`).
+    restart_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -235,6 +238,7 @@ fn main() {
         trace_only: false,
         startup_only: false,
         reset_only: false,
+        restart_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -259,13 +263,14 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace|startup|reset");
+                let what = args.next().expect("--only reserve|trace|startup|reset|restart");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
                     "startup" => opts.startup_only = true,
                     "reset" => opts.reset_only = true,
-                    _ => panic!("--only takes `reserve`, `trace`, `startup` or `reset`"),
+                    "restart" => opts.restart_only = true,
+                    _ => panic!("--only takes `reserve`, `trace`, `startup`, `reset` or `restart`"),
                 }
             }
             other => panic!("unknown argument {other}"),
@@ -284,6 +289,11 @@ fn main() {
     }
     if opts.reset_only {
         reset::run(&target_dir(), opts.runs);
+        return;
+    }
+    if opts.restart_only {
+        restart::run(&target_dir(), &tmp, opts.runs.max(5));
+        let _ = std::fs::remove_dir_all(&tmp);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);

@@ -125,9 +125,12 @@ impl Dispatcher {
                 self.next_tag += 1;
                 match vm.forward(Forward::SaveState, tag) {
                     Ok(()) => u.stage = Stage::Device(tag),
-                    Err(ForwardRefused::NotSupported(m)
-                    | ForwardRefused::Busy(m)
-                    | ForwardRefused::Failed(m)) => self.upgrade_end(
+                    // A restartable plugin without a control channel keeps
+                    // no state to hand over (or keeps it in its checkpoint).
+                    Err(ForwardRefused::NotSupported(_)) => {
+                        self.upgrade_state(vm, PluginReply::State(Vec::new()))
+                    }
+                    Err(ForwardRefused::Busy(m) | ForwardRefused::Failed(m)) => self.upgrade_end(
                         vm,
                         Err((
                             ErrorCode::PluginError,
