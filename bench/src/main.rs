@@ -263,7 +263,9 @@ fn main() {
                 opts.env.push((k.to_string(), v.to_string()));
             }
             "--only" => {
-                let what = args.next().expect("--only reserve|trace|startup|reset|restart");
+                let what = args
+                    .next()
+                    .expect("--only reserve|trace|startup|reset|restart");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const GUEST_MIB: &str = match option_env!("BENCH_RESTART_MIB") { Some(m) => m, None => "1024" };
+const GUEST_MIB: &str = match option_env!("BENCH_RESTART_MIB") {
+    Some(m) => m,
+    None => "1024",
+};
 
 fn ctl(dir: &Path, socket: &Path, args: &[&str]) -> String {
     let out = Command::new(dir.join("vmm"))
@@ -95,7 +98,11 @@ pub fn run(dir: &Path, tmp: &Path, runs: usize) {
     let plugin = dir.join("bench-restart");
     let mut upgrades = Vec::new();
     for _ in 0..runs {
-        let reply = ctl(dir, &socket, &["upgrade", plugin.to_str().unwrap(), GUEST_MIB]);
+        let reply = ctl(
+            dir,
+            &socket,
+            &["upgrade", plugin.to_str().unwrap(), GUEST_MIB],
+        );
         let us = json_u64(&reply, "blackout_us").expect("blackout_us in the reply");
         upgrades.push(us as f64 / 1000.0);
     }
@@ -116,8 +123,11 @@ pub fn run(dir: &Path, tmp: &Path, runs: usize) {
         let pid = json_u64(&status, "plugin_pid").expect("plugin_pid") as i32;
         std::thread::sleep(Duration::from_millis(50));
         let t = Instant::now();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-            .expect("kill the plugin");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the plugin");
         loop {
             let l = lines
                 .next()
@@ -146,8 +156,17 @@ pub fn run(dir: &Path, tmp: &Path, runs: usize) {
     println!("\nHot restart (jailed, 1 GiB guest, median of {runs})\n");
     println!("| what | ms | / trivial plugin start |");
     println!("|---|---:|---:|");
-    println!("| guest blackout during `upgrade` (park to resume) | {u:.2} | {:.2} |", u / t);
-    println!("| plugin SIGKILL to guest running again (seen by a control client) | {k:.2} | {:.2} |", k / t);
-    println!("| of which the host's restart (reap to resume) | {h:.2} | {:.2} |", h / t);
+    println!(
+        "| guest blackout during `upgrade` (park to resume) | {u:.2} | {:.2} |",
+        u / t
+    );
+    println!(
+        "| plugin SIGKILL to guest running again (seen by a control client) | {k:.2} | {:.2} |",
+        k / t
+    );
+    println!(
+        "| of which the host's restart (reap to resume) | {h:.2} | {:.2} |",
+        h / t
+    );
     println!("| trivial plugin start (whole `vmm` life, 1 MiB guest) | {t:.2} | 1.00 |");
 }

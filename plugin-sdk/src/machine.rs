@@ -144,7 +144,9 @@ impl GuestRam {
         // keeps its backing.
         let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(sys("reading guest RAM seals"))?;
         if seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(Error::InvalidArgument("guest RAM memfd is not sealed against shrinking"));
+            return Err(Error::InvalidArgument(
+                "guest RAM memfd is not sealed against shrinking",
+            ));
         }
         // SAFETY: a fresh shared mapping of a memfd sealed against
         // shrinking, at an address the kernel picks; it aliases no Rust

@@ -122,7 +122,12 @@ impl IoEvent {
 }
 
 impl IrqEvent {
-    pub(crate) fn adopt(conn: &Connection, id: u32, trigger: OwnedFd, resample: OwnedFd) -> IrqEvent {
+    pub(crate) fn adopt(
+        conn: &Connection,
+        id: u32,
+        trigger: OwnedFd,
+        resample: OwnedFd,
+    ) -> IrqEvent {
         IrqEvent {
             core: adopted(conn, id),
             trigger,

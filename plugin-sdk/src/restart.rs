@@ -144,7 +144,10 @@ impl Attached {
     /// plugin that declared one), ready for [`Checkpoint::load`] and for
     /// further commits.
     pub fn take_checkpoint(&mut self) -> Result<Option<Checkpoint>> {
-        self.checkpoint.take().map(Checkpoint::from_memfd).transpose()
+        self.checkpoint
+            .take()
+            .map(Checkpoint::from_memfd)
+            .transpose()
     }
 }
 
@@ -198,9 +201,9 @@ impl Connection {
                 ));
             }
             for (i, (&d, &r)) in a.delivered.iter().zip(&a.redelivered).enumerate() {
-                let serial = d.checked_sub(u64::from(r)).ok_or(Error::Protocol(
-                    "attach: a re-delivered exit with serial 0",
-                ))?;
+                let serial = d
+                    .checked_sub(u64::from(r))
+                    .ok_or(Error::Protocol("attach: a re-delivered exit with serial 0"))?;
                 self.vcpu_slot(i as u32)?.take_over(serial);
             }
         }
@@ -278,7 +281,9 @@ fn pread_exact(fd: &OwnedFd, buf: &mut [u8], at: u64) -> Result<()> {
         let n = nix::sys::uio::pread(fd, &mut buf[off..], (at + off as u64) as i64)
             .map_err(sys("reading the checkpoint"))?;
         if n == 0 {
-            return Err(Error::BadCheckpoint("the memfd is shorter than its header says".into()));
+            return Err(Error::BadCheckpoint(
+                "the memfd is shorter than its header says".into(),
+            ));
         }
         off += n;
     }
@@ -308,10 +313,15 @@ impl Checkpoint {
     /// A new checkpoint memfd for blobs of at most `capacity` bytes.
     pub fn new(capacity: usize) -> Result<Checkpoint> {
         if capacity == 0 || capacity > CHECKPOINT_MAX {
-            return Err(Error::InvalidArgument("checkpoint capacity must be 1..=CHECKPOINT_MAX"));
+            return Err(Error::InvalidArgument(
+                "checkpoint capacity must be 1..=CHECKPOINT_MAX",
+            ));
         }
-        let fd = memfd_create(c"crosvm-checkpoint", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
-            .map_err(sys("creating the checkpoint memfd"))?;
+        let fd = memfd_create(
+            c"crosvm-checkpoint",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(sys("creating the checkpoint memfd"))?;
         let cap = capacity as u64;
         let size = HEADER + 2 * (SLOT_HEAD + cap);
         nix::unistd::ftruncate(&fd, size as i64).map_err(sys("sizing the checkpoint memfd"))?;
@@ -423,7 +433,10 @@ impl Checkpoint {
                 continue;
             }
             if u64::from(len) > self.capacity {
-                why.push(format!("slot {i}: length {len} over the capacity {}", self.capacity));
+                why.push(format!(
+                    "slot {i}: length {len} over the capacity {}",
+                    self.capacity
+                ));
                 continue;
             }
             let mut blob = vec![0; len as usize];
@@ -456,7 +469,10 @@ mod tests {
         assert_eq!(c.load().unwrap(), Some((7, b"seven".to_vec())));
         let again = Checkpoint::from_memfd(c.fd().try_clone_to_owned().unwrap()).unwrap();
         assert_eq!(again.load().unwrap(), Some((7, b"seven".to_vec())));
-        assert!(matches!(c.commit(8, &[0; 65]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            c.commit(8, &[0; 65]),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -232,7 +232,10 @@ fn longrun_upgraded_10_times_to_changed_builds_prints_the_uninterrupted_result()
         let mark = format!("longrun build longrun-build-{n:08}, generation {}", n - 1);
         assert!(stderr.contains(&mark), "no {mark:?}: {stderr}");
     }
-    assert_eq!(stderr.matches("took over the running VM (Upgrade)").count(), 10);
+    assert_eq!(
+        stderr.matches("took over the running VM (Upgrade)").count(),
+        10
+    );
 }
 
 /// The status's plugin pid, once it differs from `old` and the VM runs.
@@ -283,7 +286,10 @@ fn longrun_sigkilled_10_times_under_restart_prints_the_uninterrupted_result() {
         10,
         "{stderr}"
     );
-    assert!(stderr.contains("restarting it (10 of at most 20"), "{stderr}");
+    assert!(
+        stderr.contains("restarting it (10 of at most 20"),
+        "{stderr}"
+    );
 }
 
 fn fd_count(pid: i32) -> usize {
@@ -376,12 +382,17 @@ fn a_plugin_that_always_crashes_ends_the_vm_after_max_restarts_with_the_reason()
     assert_ne!(r.code, Some(0), "{r:#?}");
     assert_eq!(r.stderr.matches("restarting it (").count(), 3, "{r:#?}");
     assert!(
-        r.stderr
-            .contains("the plugin crashed 4 times within 60s (the last time it was killed by SIGABRT"),
+        r.stderr.contains(
+            "the plugin crashed 4 times within 60s (the last time it was killed by SIGABRT"
+        ),
         "{r:#?}"
     );
     // Every generation attached to the same VM.
-    assert!(r.stderr.contains("restart_probe crash: generation 3, Crash"), "{r:#?}");
+    assert!(
+        r.stderr
+            .contains("restart_probe crash: generation 3, Crash"),
+        "{r:#?}"
+    );
 }
 
 /// The vmm-held memfd named `name` (its /proc path).
@@ -445,12 +456,19 @@ fn an_upgrade_to_a_plugin_for_another_vcpu_count_ends_the_vm_with_the_reason() {
     let dir = TempDir::new("restart-vcpus");
     let mut vm = Vm::start(&dir, &["--hot-restart"], &bin("longrun"), &["100000"]);
     let err = vm
-        .ctl_json(&["upgrade", bin("restart_probe").to_str().unwrap(), "two-vcpus"])
+        .ctl_json(&[
+            "upgrade",
+            bin("restart_probe").to_str().unwrap(),
+            "two-vcpus",
+        ])
         .expect_err("the upgrade fails");
     assert!(err.contains("the new plugin exited with status 2"), "{err}");
     let (code, stderr) = vm.finish();
     assert_ne!(code, Some(0), "{stderr}");
-    assert!(stderr.contains("this machine needs 2 vcpus, the VM has 1"), "{stderr}");
+    assert!(
+        stderr.contains("this machine needs 2 vcpus, the VM has 1"),
+        "{stderr}"
+    );
     assert!(stderr.contains("hot restart failed"), "{stderr}");
 }
 

@@ -129,7 +129,9 @@ impl Command {
                 dir,
                 without_device_state,
             } => serde_json::json!({ "dir": dir, "without_device_state": without_device_state }),
-            Command::Upgrade { plugin, args } => serde_json::json!({ "plugin": plugin, "args": args }),
+            Command::Upgrade { plugin, args } => {
+                serde_json::json!({ "plugin": plugin, "args": args })
+            }
             _ => Value::Null,
         };
         Request {

@@ -24,7 +24,11 @@ fn main() {
             ram.write(p, &page).expect("touch guest memory");
         }
         // `out 0x80, al` ends the trivial plugin's VM; `jmp $` spins.
-        let code: &[u8] = if quit { &[0xe6, 0x80, 0xeb, 0xfe] } else { &[0xeb, 0xfe] };
+        let code: &[u8] = if quit {
+            &[0xe6, 0x80, 0xeb, 0xfe]
+        } else {
+            &[0xeb, 0xfe]
+        };
         ram.write(0x1000, code).expect("guest code");
         let mem = ram.register(&conn, 0).expect("register guest memory");
         conn.reserve_range(crosvm_plugin::AddressSpace::IoPort, 0x80, 1)

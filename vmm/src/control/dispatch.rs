@@ -134,7 +134,12 @@ pub trait ControlTarget {
     /// With every vcpu parked and the old plugin's state in hand: replaces
     /// the plugin. Returns at once; [`Self::upgrade_poll`] tells when the
     /// new plugin runs.
-    fn upgrade_begin(&mut self, plugin: &str, args: &[String], state: Vec<u8>) -> Result<(), String> {
+    fn upgrade_begin(
+        &mut self,
+        plugin: &str,
+        args: &[String],
+        state: Vec<u8>,
+    ) -> Result<(), String> {
         let _ = (plugin, args, state);
         Err("this VM cannot replace its plugin".into())
     }

@@ -372,7 +372,12 @@ impl ControlTarget for Host {
         why
     }
 
-    fn upgrade_begin(&mut self, plugin: &str, args: &[String], state: Vec<u8>) -> Result<(), String> {
+    fn upgrade_begin(
+        &mut self,
+        plugin: &str,
+        args: &[String],
+        state: Vec<u8>,
+    ) -> Result<(), String> {
         Host::upgrade_begin(self, plugin.into(), args.to_vec(), state)
     }
 

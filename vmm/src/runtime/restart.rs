@@ -195,9 +195,8 @@ pub struct Offer {
 pub fn declare(state: &mut MainState, fd: Option<OwnedFd>) -> Result<(), Refused> {
     if let Some(fd) = &fd {
         // Only a memfd: F_GET_SEALS fails on anything else.
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS).map_err(|e| {
-            Refused::new(e, "declare_restartable: the checkpoint is not a memfd")
-        })?;
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_err(|e| Refused::new(e, "declare_restartable: the checkpoint is not a memfd"))?;
         let st = nix::sys::stat::fstat(fd)
             .map_err(|e| Refused::new(e, "declare_restartable: cannot stat the checkpoint"))?;
         if st.st_size as u64 > MAX_CHECKPOINT {
@@ -245,8 +244,12 @@ pub fn attach(
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut objects = Vec::new();
     let dup = |fd: std::os::fd::BorrowedFd<'_>| {
-        fd.try_clone_to_owned()
-            .map_err(|e| Refused::new(Errno::from_raw(e.raw_os_error().unwrap_or(5)), "attach: dup"))
+        fd.try_clone_to_owned().map_err(|e| {
+            Refused::new(
+                Errno::from_raw(e.raw_os_error().unwrap_or(5)),
+                "attach: dup",
+            )
+        })
     };
     let mut ids: Vec<u32> = state.objects.iter().map(|(id, _)| *id).collect();
     ids.sort_unstable();
@@ -458,7 +461,10 @@ impl Host {
         {
             self.restart.crashes.pop_front();
         }
-        let how = signaled.map_or_else(|| format!("exited with status {code}"), |s| format!("was killed by {s}"));
+        let how = signaled.map_or_else(
+            || format!("exited with status {code}"),
+            |s| format!("was killed by {s}"),
+        );
         if self.restart.crashes.len() >= max as usize {
             self.errors.push(RunError::RestartLoop {
                 crashes: self.restart.crashes.len() + 1,
@@ -478,7 +484,12 @@ impl Host {
             Some(s) => s.why,
             None => Why::Crash,
         };
-        let state = self.restart.stage.take().map(|s| s.state).unwrap_or_default();
+        let state = self
+            .restart
+            .stage
+            .take()
+            .map(|s| s.state)
+            .unwrap_or_default();
         self.detach_plugin(why, state);
         true
     }
@@ -560,7 +571,9 @@ impl Host {
         self.state.restart.offer = None;
         let began = match &self.restart.stage {
             Some(s) => s.began,
-            None if why == Why::Upgrade => self.restart.park_began.take().unwrap_or_else(Instant::now),
+            None if why == Why::Upgrade => {
+                self.restart.park_began.take().unwrap_or_else(Instant::now)
+            }
             None => Instant::now(),
         };
         self.restart.stage = Some(Stage {
@@ -595,12 +608,7 @@ impl Host {
                 }
             }
             Phase::Attaching(since) => {
-                let started = self
-                    .state
-                    .restart
-                    .offer
-                    .as_ref()
-                    .is_some_and(|o| o.started);
+                let started = self.state.restart.offer.as_ref().is_some_and(|o| o.started);
                 if started {
                     self.finish_restart();
                 } else if since.elapsed() > ATTACH_TIMEOUT {
@@ -618,7 +626,10 @@ impl Host {
 
     /// While a restart runs the main loop polls it often.
     pub(super) fn restart_timeout(&self) -> Option<Duration> {
-        self.restart.stage.as_ref().map(|_| Duration::from_millis(1))
+        self.restart
+            .stage
+            .as_ref()
+            .map(|_| Duration::from_millis(1))
     }
 
     fn fail_restart(&mut self, why: &str) {
@@ -686,7 +697,10 @@ impl Host {
             "restart {}: started plugin {} (pid {})",
             offer.generation,
             path.display(),
-            plugin.jail.as_ref().map_or(plugin.pid.as_raw() as u32, |j| j.plugin_pid)
+            plugin
+                .jail
+                .as_ref()
+                .map_or(plugin.pid.as_raw() as u32, |j| j.plugin_pid)
         );
         self.plugin = plugin;
         self.config.plugin = path;

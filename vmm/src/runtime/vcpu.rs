@@ -231,7 +231,6 @@ pub struct HostChannel {
     pub response_write: OwnedFd,
 }
 
-
 /// What servicing one request leads to.
 #[derive(Debug, PartialEq)]
 pub enum Action {
@@ -643,7 +642,10 @@ impl ChannelIo {
             },
             Transport::Shm(channel) => {
                 let mut killed = || kill.load(Ordering::Acquire) || relink.detached();
-                channel.recv(&mut killed).map(|b| b.len()).map_err(shm_error)
+                channel
+                    .recv(&mut killed)
+                    .map(|b| b.len())
+                    .map_err(shm_error)
             }
         }
     }
@@ -694,7 +696,8 @@ impl VcpuIo for ChannelIo {
             match self.try_read() {
                 Ok(n) => break n,
                 Err(ServiceError::Killed | ServiceError::Closed)
-                    if self.control.relink.detached() && !self.shared.kill.load(Ordering::Acquire) =>
+                    if self.control.relink.detached()
+                        && !self.shared.kill.load(Ordering::Acquire) =>
                 {
                     self.relink_waiting()?;
                 }

@@ -43,8 +43,12 @@ impl Dispatcher {
             None
         };
         if let Some(why) = busy {
-            self.out
-                .push(error(client, id, ErrorCode::Busy, format!("upgrade: {why}")));
+            self.out.push(error(
+                client,
+                id,
+                ErrorCode::Busy,
+                format!("upgrade: {why}"),
+            ));
             return;
         }
         if let Some(why) = vm.upgrade_prepare() {
@@ -91,7 +95,11 @@ impl Dispatcher {
 
     /// Ends the upgrade: on failure before the old plugin was stopped the
     /// vcpus go on with it.
-    fn upgrade_end(&mut self, vm: &mut impl ControlTarget, result: Result<Value, (ErrorCode, String)>) {
+    fn upgrade_end(
+        &mut self,
+        vm: &mut impl ControlTarget,
+        result: Result<Value, (ErrorCode, String)>,
+    ) {
         let Some(u) = self.upgrade.take() else {
             return;
         };
@@ -105,7 +113,11 @@ impl Dispatcher {
                 self.out.push(ok(u.client, u.id, v));
             }
             Err((code, why)) => {
-                self.event(vm.uptime_ms(), "upgrade-done", json!({ "error": why.clone() }));
+                self.event(
+                    vm.uptime_ms(),
+                    "upgrade-done",
+                    json!({ "error": why.clone() }),
+                );
                 self.out
                     .push(error(u.client, u.id, code, format!("upgrade: {why}")));
             }
@@ -162,7 +174,9 @@ impl Dispatcher {
             },
             PluginReply::Refused { errno, message } => (
                 ErrorCode::PluginError,
-                format!("the plugin refused to hand over its device state: {message} (errno {errno})"),
+                format!(
+                    "the plugin refused to hand over its device state: {message} (errno {errno})"
+                ),
             ),
             PluginReply::TimedOut(after) => (
                 ErrorCode::Timeout,
