@@ -511,3 +511,37 @@ fn upgrade_is_refused_without_hot_restart_or_a_declaration_and_the_vm_runs_on() 
     assert!(err.contains("without --hot-restart"), "{err}");
     assert_eq!(vm.status()["state"], "running");
 }
+
+#[test]
+fn longrun_on_pipe_channels_survives_sigkills_and_an_upgrade() {
+    let dir = TempDir::new("restart-pipes");
+    let rounds = ROUNDS.to_string();
+    let mut vm = Vm::start(
+        &dir,
+        &[
+            "--plugin-env",
+            "CROSVM_FAST_CHANNEL=0",
+            "--on-plugin-crash",
+            "restart:20",
+        ],
+        &bin("longrun"),
+        &[&rounds],
+    );
+    let mut points = Points::new();
+    let mut pid = vm.status()["plugin_pid"].as_i64().expect("plugin pid");
+    for _ in 0..3 {
+        std::thread::sleep(points.pause());
+        sigkill(pid);
+        pid = new_plugin_pid(&mut vm, pid);
+    }
+    std::thread::sleep(points.pause());
+    let reply = vm
+        .ctl_json(&["upgrade", bin("longrun").to_str().unwrap(), &rounds])
+        .unwrap_or_else(|e| panic!("upgrade: {e}"));
+    assert_eq!(reply["generation"], 4, "{reply}");
+    let result = vm.wait_line("result=");
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("on pipe channels"), "{stderr}");
+    assert_eq!(result, result_line(ROUNDS), "{stderr}");
+}

@@ -196,7 +196,7 @@ pub struct Args {
     /// its state from its checkpoint, at most MAX (default 5) times within
     /// 60 s (docs/protocol-extensions.md §9).
     #[arg(long, value_name = "stop|restart[:MAX]", default_value = "stop")]
-    pub on_plugin_crash: crate::runtime::restart::CrashPolicy,
+    pub on_plugin_crash: crate::config::CrashPolicy,
 
     /// Allow `vmm ctl PATH upgrade NEW_PLUGIN` (implied by
     /// `--on-plugin-crash restart`). vmm then keeps its capabilities to

@@ -41,41 +41,7 @@ use crate::launch::Launch;
 pub const MAX_CHECKPOINT: u64 = 64 << 20;
 /// How long a new plugin may take from its start to its `Start`.
 pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default crash window of `--on-plugin-crash restart[:MAX]`.
-pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
-/// Default MAX of `--on-plugin-crash restart`.
-pub const DEFAULT_MAX_CRASHES: u32 = 5;
-
-/// `--on-plugin-crash`: what to do when a restartable plugin dies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CrashPolicy {
-    /// End the VM (as crosvm did).
-    #[default]
-    Stop,
-    /// Start a new plugin, at most `max` times within `window`.
-    Restart { max: u32, window: Duration },
-}
-
-impl std::str::FromStr for CrashPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once(':') {
-            None if s == "stop" => Ok(CrashPolicy::Stop),
-            None if s == "restart" => Ok(CrashPolicy::Restart {
-                max: DEFAULT_MAX_CRASHES,
-                window: CRASH_WINDOW,
-            }),
-            Some(("restart", max)) => match max.parse::<u32>() {
-                Ok(max) if (1..=1000).contains(&max) => Ok(CrashPolicy::Restart {
-                    max,
-                    window: CRASH_WINDOW,
-                }),
-                _ => Err(format!("restart:{max}: MAX must be 1..=1000")),
-            },
-            _ => Err(format!("{s}: expected stop, restart or restart:MAX")),
-        }
-    }
-}
+pub use crate::config::{CrashPolicy, CRASH_WINDOW, DEFAULT_MAX_CRASHES};
 
 /// Where a vcpu is while its plugin is replaced.
 const LINK_RUNNING: u8 = 0;
