@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|migrate|snapshot]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|migrate|snapshot|restart]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -14,6 +14,7 @@ use vmm_bench::guest::{loop_code, Access};
 
 mod migrate;
 mod reset;
+mod restart;
 mod snapshot;
 mod startup;
 
@@ -33,6 +34,8 @@ struct Options {
     migrate_only: bool,
     /// `--only snapshot`: just the snapshot and restore table (`snapshot.rs`).
     snapshot_only: bool,
+    /// `--only restart`: just the hot-restart table (`restart.rs`).
+    restart_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -243,6 +246,7 @@ fn main() {
         reset_only: false,
         migrate_only: false,
         snapshot_only: false,
+        restart_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -269,7 +273,7 @@ fn main() {
             "--only" => {
                 let what = args
                     .next()
-                    .expect("--only reserve|trace|startup|reset|migrate|snapshot");
+                    .expect("--only reserve|trace|startup|reset|migrate|snapshot|restart");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
@@ -277,8 +281,9 @@ fn main() {
                     "reset" => opts.reset_only = true,
                     "migrate" => opts.migrate_only = true,
                     "snapshot" => opts.snapshot_only = true,
+                    "restart" => opts.restart_only = true,
                     _ => panic!(
-                        "--only takes `reserve`, `trace`, `startup`, `reset`, `migrate` or `snapshot`"
+                        "--only takes `reserve`, `trace`, `startup`, `reset`, `migrate`, `snapshot` or `restart`"
                     ),
                 }
             }
@@ -306,6 +311,11 @@ fn main() {
     }
     if opts.snapshot_only {
         snapshot::run(opts.runs);
+        return;
+    }
+    if opts.restart_only {
+        restart::run(&target_dir(), &tmp, opts.runs.max(5));
+        let _ = std::fs::remove_dir_all(&tmp);
         return;
     }
     let c_plugin = compile_c_plugin(&tmp);
@@ -471,6 +481,8 @@ fn main() {
     startup::run(&c_plugin, opts.life_runs);
     reset::run(&target_dir(), opts.runs);
     snapshot::run(opts.runs);
+    migrate::run(&target_dir(), opts.runs);
+    restart::run(&target_dir(), &tmp, opts.runs.max(5));
     reserve_table(&opts, &rust_plugin);
     trace_table(&opts, &rust_plugin);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -92,6 +92,11 @@ impl GuestRam {
         Ok(self.0.read(gpa, len)?)
     }
 
+    /// Maps a guest RAM memfd the host kept for a restarted plugin.
+    pub fn from_memfd(fd: std::os::fd::OwnedFd) -> Result<GuestRam> {
+        Ok(GuestRam(crosvm_plugin::GuestRam::from_memfd(fd)?))
+    }
+
     /// Maps the whole RAM at guest address 0 through `conn`.
     pub fn map(&self, conn: &Connection) -> Result<crosvm_plugin::Memory> {
         Ok(self.0.register(conn, 0)?)

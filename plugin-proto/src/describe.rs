@@ -117,6 +117,8 @@ pub fn main_request(request: &MainRequest) -> String {
         Some(M::GetControlSocket(_)) => "get_control_socket".into(),
         Some(M::GetRestoreState(_)) => "get_restore_state".into(),
         Some(M::SnapshotInMemory(_)) => "snapshot_in_memory".into(),
+        Some(M::DeclareRestartable(_)) => "declare_restartable".into(),
+        Some(M::Attach(_)) => "attach".into(),
         Some(M::ResetToSnapshot(r)) => {
             format!(
                 "reset_to_snapshot ({} plugin pages)",

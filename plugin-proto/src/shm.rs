@@ -479,6 +479,11 @@ impl ShmChannel {
         Ok(&self.rx_buf)
     }
 
+    /// The body [`Self::recv`] returned last.
+    pub fn received(&self) -> &[u8] {
+        &self.rx_buf
+    }
+
     /// Test hook: overwrites a control word as a hostile peer could.
     #[doc(hidden)]
     pub fn poke_control(&self, ring_to_host: bool, head: bool, value: u32) {

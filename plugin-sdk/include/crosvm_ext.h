@@ -169,6 +169,54 @@ _Static_assert(sizeof(struct crosvm_coalesced_writes) <= 64,
                "fits the event union");
 #endif
 
+/* ---- Hot restart (§9) ---------------------------------------------- */
+
+#define CROSVM_RESTART_FRESH 0
+#define CROSVM_RESTART_UPGRADE 1
+#define CROSVM_RESTART_CRASH 2
+
+struct crosvm_attached;
+struct crosvm_checkpoint;
+
+/* Attach: is this plugin replacing another (vmm ctl S upgrade, or after a
+ * crash under --on-plugin-crash restart)? Call it before creating
+ * anything. *out gets the answer (CROSVM_RESTART_FRESH on a fresh boot or
+ * from an old host); free it with crosvm_attached_destroy. */
+int crosvm_attach(struct crosvm *self, struct crosvm_attached **out);
+/* CROSVM_RESTART_*. */
+int crosvm_attached_kind(const struct crosvm_attached *self);
+/* UPGRADE: the old plugin's device state, valid until the destroy. */
+int crosvm_attached_state(const struct crosvm_attached *self,
+                          const uint8_t **state, size_t *len);
+/* Takes the kept memory object id: a handle and its memfd (the caller's;
+ * map it to reach guest memory). -EINVAL: no memory object id. */
+int crosvm_attached_take_memory(struct crosvm_attached *self, uint32_t id,
+                                struct crosvm_memory **out, int *out_fd);
+/* Takes the kept checkpoint: 1 with *out, 0 (and *out NULL) without one,
+ * -EBADMSG when its header is corrupted. */
+int crosvm_attached_take_checkpoint(struct crosvm_attached *self,
+                                    struct crosvm_checkpoint **out);
+int crosvm_attached_destroy(struct crosvm_attached **self);
+
+/* The crash-consistent checkpoint (double buffer, sequence, CRC-32). */
+int crosvm_checkpoint_new(size_t capacity, struct crosvm_checkpoint **out);
+/* Commit the state covering exits up to serial, before resuming the exit. */
+int crosvm_checkpoint_commit(struct crosvm_checkpoint *self, uint64_t serial,
+                             const void *blob, size_t len);
+/* 1 with *serial, the blob in buf and its size in *out_len; 0 when nothing
+ * was committed; -E2BIG (len too small, *out_len the size); -EBADMSG. */
+int crosvm_checkpoint_load(const struct crosvm_checkpoint *self,
+                           uint64_t *serial, void *buf, size_t len,
+                           size_t *out_len);
+int crosvm_checkpoint_destroy(struct crosvm_checkpoint **self);
+
+/* This plugin can be replaced; the host keeps checkpoint's memfd (NULL:
+ * none) for the next plugin. -ENOTTY from an old host. */
+int crosvm_declare_restartable(struct crosvm *self,
+                               const struct crosvm_checkpoint *checkpoint);
+/* The serial of the vcpu's last exit that needed a resume. */
+int crosvm_vcpu_serial(struct crosvm_vcpu *self, uint64_t *out);
+
 #ifdef __cplusplus
 }
 #endif

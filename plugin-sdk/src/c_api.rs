@@ -46,6 +46,9 @@ use crate::types::{
 use crate::vcpu::{VcpuEvent, VcpuGuard, VcpuSlot};
 use crate::Connection;
 
+mod restart;
+pub use restart::{crosvm_attached, crosvm_checkpoint};
+
 /// `CROSVM_MAX_HINT_COUNT`.
 pub const CROSVM_MAX_HINT_COUNT: u32 = 1;
 /// `CROSVM_HINT_ON_WRITE`.

@@ -48,6 +48,12 @@ impl Shared {
         Ok(id)
     }
 
+    /// Hot restart: ids up to `id` are taken (objects the host kept).
+    pub(crate) fn taken_up_to(&self, id: u32) {
+        let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        *next = (*next).max(id.saturating_add(1));
+    }
+
     /// Gives `id` back, but only when it is the most recently allocated one.
     pub(crate) fn release_id(&self, id: u32) {
         let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
@@ -306,6 +312,33 @@ impl Connection {
     ) -> Result<(MainResponse, Vec<OwnedFd>)> {
         let mut main = self.inner.main.lock().unwrap_or_else(|e| e.into_inner());
         main.transact(op, request, fds)
+    }
+
+    /// One exchange whose descriptors may continue in follow-up packets
+    /// (chunked as `GetVcpus`): `want` says how many the reply announces.
+    pub(crate) fn transact_chunked(
+        &self,
+        op: &'static str,
+        request: &MainRequest,
+        want: impl FnOnce(&MainResponse) -> Result<usize>,
+    ) -> Result<(MainResponse, Vec<OwnedFd>)> {
+        let mut main = self.inner.main.lock().unwrap_or_else(|e| e.into_inner());
+        let (resp, mut fds) = main.transact(op, request, &[])?;
+        let expected = want(&resp)?;
+        while fds.len() < expected {
+            let (more_resp, more) = main.recv(op)?;
+            if more_resp.errno != 0 {
+                return Err(Error::host(op, more_resp.errno));
+            }
+            if more.is_empty() {
+                return Err(Error::Protocol("a follow-up packet carries no descriptors"));
+            }
+            fds.extend(more);
+        }
+        if fds.len() != expected {
+            return Err(Error::Protocol("more descriptors than the reply announced"));
+        }
+        Ok((resp, fds))
     }
 
     /// Exchange whose reply content is not needed beyond the errno.

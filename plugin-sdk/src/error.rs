@@ -83,6 +83,10 @@ pub enum Error {
     /// [`crate::DeviceState::restore`] cannot use, and why.
     #[error("the saved device state cannot be restored: {0}")]
     BadDeviceState(String),
+    /// The checkpoint a crashed plugin left cannot be used, and why (hot
+    /// restart, docs/protocol-extensions.md §9).
+    #[error("the checkpoint is corrupted: {0}")]
+    BadCheckpoint(String),
     /// An argument was rejected before anything was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
@@ -120,6 +124,7 @@ impl Error {
             Error::Decode { .. } | Error::Encode { .. } => libc::EINVAL,
             Error::Protocol(_) | Error::BadLength { .. } => libc::EPROTO,
             Error::InvalidArgument(_) | Error::BadDeviceState(_) => libc::EINVAL,
+            Error::BadCheckpoint(_) => libc::EBADMSG,
             Error::NoSuchVcpu(_) => libc::ENOENT,
             Error::IdsExhausted => libc::ENOSPC,
             Error::TooMany { .. } => libc::E2BIG,

@@ -56,6 +56,7 @@ pub mod machine;
 mod migrate;
 mod objects;
 mod reset;
+mod restart;
 mod state;
 mod transport;
 mod types;
@@ -71,6 +72,7 @@ pub use machine::GuestRam;
 pub use migrate::{WriteGuard, WriteTracker};
 pub use objects::{IoEvent, IrqEvent, Memory, PAGE_SIZE};
 pub use reset::{DirtyPages, RESET_MAX_PAGES};
+pub use restart::{Attached, Checkpoint, RestartKind, CHECKPOINT_MAX};
 pub use state::{DeviceState, DEVICE_STATE_MAX};
 pub use types::{
     ipv4_to_wire, AddressSpace, CallHint, CoalescedWrite, Datamatch, HintDetail, IrqRoute,

@@ -130,6 +130,45 @@ impl GuestRam {
         })
     }
 
+    /// Maps a guest memory memfd handed over by the host (hot restart,
+    /// [`crate::Attached::take_memory`]): its whole size, shared.
+    pub fn from_memfd(fd: OwnedFd) -> Result<GuestRam> {
+        let st = nix::sys::stat::fstat(&fd).map_err(sys("sizing a guest RAM memfd"))?;
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        let len = usize::try_from(size)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or(Error::InvalidArgument("guest RAM memfd is empty"))?;
+        // The host sealed nothing for us: insist on the seal against
+        // shrinking (the VMM refuses memory without it), so the mapping
+        // keeps its backing.
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(sys("reading guest RAM seals"))?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(Error::InvalidArgument(
+                "guest RAM memfd is not sealed against shrinking",
+            ));
+        }
+        // SAFETY: a fresh shared mapping of a memfd sealed against
+        // shrinking, at an address the kernel picks; it aliases no Rust
+        // object.
+        let base = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(sys("mapping guest RAM"))?;
+        Ok(GuestRam {
+            fd,
+            base: base.cast(),
+            size: len.get(),
+        })
+    }
+
     /// The memfd (to register it yourself with [`Connection::create_memory`]).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

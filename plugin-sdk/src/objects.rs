@@ -101,6 +101,50 @@ fn create_object(
     }
 }
 
+/// Hot restart: handles on objects the previous plugin created (the host
+/// kept them); dropped, they destroy the object as usual.
+impl Memory {
+    pub(crate) fn adopt(conn: &Connection, id: u32, length: u64) -> Memory {
+        Memory {
+            core: adopted(conn, id),
+            length,
+        }
+    }
+}
+
+impl IoEvent {
+    pub(crate) fn adopt(conn: &Connection, id: u32, fd: OwnedFd) -> IoEvent {
+        IoEvent {
+            core: adopted(conn, id),
+            fd,
+        }
+    }
+}
+
+impl IrqEvent {
+    pub(crate) fn adopt(
+        conn: &Connection,
+        id: u32,
+        trigger: OwnedFd,
+        resample: OwnedFd,
+    ) -> IrqEvent {
+        IrqEvent {
+            core: adopted(conn, id),
+            trigger,
+            resample,
+        }
+    }
+}
+
+fn adopted(conn: &Connection, id: u32) -> ObjectCore {
+    ObjectCore {
+        conn: Some(conn.clone()),
+        shared: conn.shared().clone(),
+        id,
+        live: true,
+    }
+}
+
 /// Creation succeeded on the VMM but the reply lacked descriptors: destroy
 /// the object again so it does not linger, and report `EPROTO`.
 fn missing_fds<T>(mut core: ObjectCore, what: &'static str) -> Result<T> {

@@ -228,6 +228,9 @@ pub(crate) struct VcpuState {
     decoder: WaitDecoder,
     /// The writes of the last `CoalescedWrites` event.
     coalesced: Vec<CoalescedWrite>,
+    /// Exits received that need a resume, Init not counted (the host
+    /// counts the same; hot restart, docs/protocol-extensions.md §9).
+    serial: u64,
 }
 
 impl VcpuState {
@@ -284,8 +287,17 @@ impl VcpuSlot {
                 event_data: Vec::with_capacity(EVENT_DATA_CAPACITY),
                 decoder: WaitDecoder::new(EVENT_DATA_CAPACITY),
                 coalesced: Vec::new(),
+                serial: 0,
             }),
         }
+    }
+
+    /// Hot restart: the channel of a plugin that takes over a running vcpu
+    /// (no Init comes; the host counted `serial` exits already).
+    pub(crate) fn take_over(&self, serial: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.wait_sent = true;
+        st.serial = serial;
     }
 
     pub(crate) fn lock(&self) -> VcpuGuard<'_> {
@@ -445,6 +457,7 @@ impl VcpuGuard<'_> {
                 st.sregs.take_eager(&dec.sregs);
                 st.debugregs.take_eager(&dec.debugregs);
                 if !no_resume {
+                    st.serial += 1;
                     st.owed = Some(Owed::Io {
                         space,
                         address,
@@ -478,6 +491,7 @@ impl VcpuGuard<'_> {
             }
             Exit::User { user } => {
                 st.invalidate_caches();
+                st.serial += 1;
                 st.owed = Some(Owed::Paused(user));
                 Ok(VcpuEvent::Paused { user })
             }
@@ -488,6 +502,7 @@ impl VcpuGuard<'_> {
             } => {
                 st.event_data.extend_from_slice(&[0; 8]);
                 st.invalidate_caches();
+                st.serial += 1;
                 st.owed = Some(Owed::HypervCall);
                 Ok(VcpuEvent::HypervCall {
                     input,
@@ -501,6 +516,7 @@ impl VcpuGuard<'_> {
                 msg_page,
             } => {
                 st.invalidate_caches();
+                st.serial += 1;
                 st.owed = Some(Owed::HypervSynic(msr));
                 Ok(VcpuEvent::HypervSynic {
                     msr,
@@ -510,6 +526,16 @@ impl VcpuGuard<'_> {
                 })
             }
         }
+    }
+
+    /// The serial of the last exit that needed a resume on this vcpu
+    /// (counted from 1, Init not counted; the host counts the same). A
+    /// plugin that checkpoints its devices stores it with the checkpoint:
+    /// after a crash, an exit with a serial the checkpoint already covers
+    /// is one the old plugin applied but did not resume
+    /// (docs/protocol-extensions.md §9).
+    pub fn serial(&self) -> u64 {
+        self.state.serial
     }
 
     /// The current event's data: the io bytes (fill it in for a read), or

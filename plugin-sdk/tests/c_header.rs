@@ -168,7 +168,7 @@ fn library_exports_exactly_the_api() {
 }
 
 /// The extension functions, declared in `crosvm_ext.h` only.
-const EXT_API: [&str; 12] = [
+const EXT_API: [&str; 24] = [
     "crosvm_reserve_coalesced_range",
     "crosvm_control_open",
     "crosvm_control_fd",
@@ -181,6 +181,18 @@ const EXT_API: [&str; 12] = [
     "crosvm_snapshot_in_memory",
     "crosvm_reset_to_snapshot",
     "crosvm_control_reply_dirty_pages",
+    "crosvm_attach",
+    "crosvm_attached_kind",
+    "crosvm_attached_state",
+    "crosvm_attached_take_memory",
+    "crosvm_attached_take_checkpoint",
+    "crosvm_attached_destroy",
+    "crosvm_checkpoint_new",
+    "crosvm_checkpoint_commit",
+    "crosvm_checkpoint_load",
+    "crosvm_checkpoint_destroy",
+    "crosvm_declare_restartable",
+    "crosvm_vcpu_serial",
 ];
 
 #[test]

@@ -264,6 +264,35 @@ pub fn processes_matching(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// `longrun`'s `result=` for `rounds`: the guest's computation and the
+/// plugin's accumulator, re-implemented (tests/tests/longrun.rs checks it).
+pub fn longrun_model(rounds: u32) -> u64 {
+    let mut buf: Vec<u32> = (0..4096u32).map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
+    let (mut x, mut step, mut acc) = (0x1234_5678u32, 0u32, 0u64);
+    for _ in 0..rounds {
+        for _ in 0..4096 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let idx = (x & 4095) as usize;
+            buf[idx] ^= x.wrapping_add(step);
+            step = step.wrapping_add(1);
+            if step & 63 == 0 {
+                acc =
+                    (acc.rotate_left(7) ^ u64::from(buf[idx])).wrapping_mul(0x0000_0100_0000_01b3);
+                x ^= (acc >> 16) as u32;
+                if x == 0 {
+                    x = 1;
+                }
+            }
+        }
+    }
+    let fold = buf
+        .iter()
+        .fold(0u32, |f, v| f.rotate_left(5).wrapping_add(*v));
+    acc ^ (u64::from(fold) << 32 | u64::from(x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

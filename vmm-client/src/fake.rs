@@ -276,6 +276,9 @@ pub fn answer(cmd: &Command) -> Result<Value, (ErrorCode, String)> {
         Command::Migrate { to, .. } => {
             json!({ "to": to, "downtime_ms": 4, "total_ms": 80, "rounds": 2, "pages": 16, "bytes": 65536 })
         }
+        Command::Upgrade { .. } => {
+            json!({ "generation": 1, "reason": "upgrade", "pid": 4243, "blackout_us": 5000 })
+        }
     };
     Ok(v)
 }

@@ -92,6 +92,9 @@ pub enum Command {
     /// where `vmm --incoming` waits), stopping the guest for at most about
     /// `downtime_ms` (docs/migration-stream.md).
     Migrate { to: String, downtime_ms: u64 },
+    /// Replace the running plugin by `plugin args...` (hot restart,
+    /// docs/protocol-extensions.md §9).
+    Upgrade { plugin: String, args: Vec<String> },
 }
 
 /// Longest migration address (`migrate`).
@@ -100,6 +103,10 @@ pub const MAX_MIGRATE_ADDR: usize = 4096;
 pub const DEFAULT_DOWNTIME_MS: u64 = 20;
 /// Largest downtime target of `migrate`, in milliseconds.
 pub const MAX_DOWNTIME_MS: u64 = 60_000;
+
+/// Most arguments of `upgrade`, and bytes of its path and of each argument.
+pub const MAX_UPGRADE_ARGS: usize = 256;
+pub const MAX_UPGRADE_ARG: usize = 4096;
 
 impl Command {
     /// The command's wire name.
@@ -118,6 +125,7 @@ impl Command {
             Command::Plugin { .. } => "plugin",
             Command::Snapshot { .. } => "snapshot",
             Command::Migrate { .. } => "migrate",
+            Command::Upgrade { .. } => "upgrade",
         }
     }
 
@@ -135,6 +143,9 @@ impl Command {
             } => serde_json::json!({ "dir": dir, "without_device_state": without_device_state }),
             Command::Migrate { to, downtime_ms } => {
                 serde_json::json!({ "to": to, "downtime_ms": downtime_ms })
+            }
+            Command::Upgrade { plugin, args } => {
+                serde_json::json!({ "plugin": plugin, "args": args })
             }
             _ => Value::Null,
         };
@@ -613,11 +624,54 @@ pub fn parse_command(command: &str, args: Value) -> Result<Command, (ErrorCode, 
             };
             Ok(Command::Migrate { to, downtime_ms })
         }
+        "upgrade" => {
+            let mut obj = args_object(command, args, &["plugin", "args"])?;
+            let ok_str = |s: &str| !s.is_empty() && s.len() <= MAX_UPGRADE_ARG && !s.contains('\0');
+            let plugin = match obj.remove("plugin") {
+                Some(Value::String(s)) if ok_str(&s) => s,
+                Some(_) => {
+                    return Err(bad(
+                        command,
+                        format!("\"plugin\" is a path of 1 to {MAX_UPGRADE_ARG} bytes without NUL"),
+                    ))
+                }
+                None => return Err(bad(command, "needs \"plugin\", the new plugin's path")),
+            };
+            let args = match obj.remove("args") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(a)) if a.len() <= MAX_UPGRADE_ARGS => {
+                    let mut out = Vec::with_capacity(a.len());
+                    for v in a {
+                        match v {
+                            Value::String(s) if s.len() <= MAX_UPGRADE_ARG && !s.contains('\0') => {
+                                out.push(s)
+                            }
+                            _ => {
+                                return Err(bad(
+                                    command,
+                                    format!(
+                                        "\"args\" are strings of at most {MAX_UPGRADE_ARG} bytes without NUL"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    out
+                }
+                Some(_) => {
+                    return Err(bad(
+                        command,
+                        format!("\"args\" is an array of at most {MAX_UPGRADE_ARGS} strings"),
+                    ))
+                }
+            };
+            Ok(Command::Upgrade { plugin, args })
+        }
         other => Err((
             ErrorCode::UnknownCommand,
             format!(
                 "unknown command \"{}\" (commands: status, pause, resume, stop, kill, vcpu-tids, \
-                 stats, events, powerbtn, sleepbtn, plugin, snapshot, migrate)",
+                 stats, events, powerbtn, sleepbtn, plugin, snapshot, migrate, upgrade)",
                 truncate(other, 64).escape_debug()
             ),
         )),

@@ -199,6 +199,20 @@ pub struct Args {
     /// With --incoming: give up when no source connected within S seconds.
     #[arg(long, value_name = "S", requires = "incoming")]
     pub incoming_timeout: Option<f64>,
+
+    /// What to do when a plugin that declared it can be restarted dies
+    /// (signal, or non-zero exit) while the VM runs: `stop` (the default)
+    /// ends the VM; `restart[:MAX]` starts it again (same path and args),
+    /// its state from its checkpoint, at most MAX (default 5) times within
+    /// 60 s (docs/protocol-extensions.md §9).
+    #[arg(long, value_name = "stop|restart[:MAX]", default_value = "stop")]
+    pub on_plugin_crash: crate::config::CrashPolicy,
+
+    /// Allow `vmm ctl PATH upgrade NEW_PLUGIN` (implied by
+    /// `--on-plugin-crash restart`). vmm then keeps its capabilities to
+    /// build the jails of later plugins (docs/protocol-extensions.md §9).
+    #[arg(long)]
+    pub hot_restart: bool,
 }
 
 const LEVELS: &str = "error, warn, info, debug, trace";
@@ -650,6 +664,8 @@ impl Args {
                 .incoming_timeout
                 .filter(|s| s.is_finite() && *s > 0.0)
                 .map(std::time::Duration::from_secs_f64),
+            on_plugin_crash: self.on_plugin_crash,
+            allow_upgrade: self.hot_restart,
             kvm_path: self.kvm_path(),
             vcpu_cgroup_path: self.vcpu_cgroup_path.clone(),
             nets: self.all_nets()?,

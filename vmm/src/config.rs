@@ -42,6 +42,18 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// `--incoming-timeout S`: how long to wait for the source.
     pub incoming_timeout: Option<std::time::Duration>,
+    /// `--on-plugin-crash` (docs/protocol-extensions.md §9).
+    pub on_plugin_crash: CrashPolicy,
+    /// `--hot-restart`: `upgrade` is possible (implied by
+    /// `--on-plugin-crash restart`).
+    pub allow_upgrade: bool,
+}
+
+impl VmConfig {
+    /// Whether a later plugin may replace the first (docs/protocol-extensions.md §9).
+    pub fn hot_restart(&self) -> bool {
+        self.allow_upgrade || self.on_plugin_crash != CrashPolicy::Stop
+    }
 }
 
 /// How to jail the plugin.
@@ -122,6 +134,73 @@ impl PolicySource {
         match self {
             PolicySource::BuiltIn => PathBuf::from("(built-in)"),
             PolicySource::Minijail(p) | PolicySource::Json(p) => p.clone(),
+        }
+    }
+}
+
+/// Default crash window of `--on-plugin-crash restart[:MAX]`.
+pub const CRASH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default MAX of `--on-plugin-crash restart`.
+pub const DEFAULT_MAX_CRASHES: u32 = 5;
+
+/// `--on-plugin-crash`: what to do when a restartable plugin dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrashPolicy {
+    /// End the VM (as crosvm did).
+    #[default]
+    Stop,
+    /// Start a new plugin, at most `max` times within `window`.
+    Restart {
+        max: u32,
+        window: std::time::Duration,
+    },
+}
+
+impl std::str::FromStr for CrashPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "stop" => Ok(CrashPolicy::Stop),
+            None if s == "restart" => Ok(CrashPolicy::Restart {
+                max: DEFAULT_MAX_CRASHES,
+                window: CRASH_WINDOW,
+            }),
+            Some(("restart", max)) => match max.parse::<u32>() {
+                Ok(max) if (1..=1000).contains(&max) => Ok(CrashPolicy::Restart {
+                    max,
+                    window: CRASH_WINDOW,
+                }),
+                _ => Err(format!("restart:{max}: MAX must be 1..=1000")),
+            },
+            _ => Err(format!("{s}: expected stop, restart or restart:MAX")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod crash_policy_tests {
+    use super::*;
+
+    #[test]
+    fn on_plugin_crash_values_parse_and_bad_ones_name_the_form() {
+        assert_eq!("stop".parse::<CrashPolicy>(), Ok(CrashPolicy::Stop));
+        assert_eq!(
+            "restart".parse::<CrashPolicy>(),
+            Ok(CrashPolicy::Restart {
+                max: DEFAULT_MAX_CRASHES,
+                window: CRASH_WINDOW
+            })
+        );
+        assert_eq!(
+            "restart:7".parse::<CrashPolicy>(),
+            Ok(CrashPolicy::Restart {
+                max: 7,
+                window: CRASH_WINDOW
+            })
+        );
+        for bad in ["restart:0", "restart:1001", "restart:x", "again", "stop:3"] {
+            let e = bad.parse::<CrashPolicy>().unwrap_err();
+            assert!(e.contains("MAX") || e.contains("expected"), "{bad}: {e}");
         }
     }
 }

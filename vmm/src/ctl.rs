@@ -121,6 +121,15 @@ pub enum CtlCommand {
         #[arg(long = "downtime-ms", value_name = "N")]
         downtime_ms: Option<u64>,
     },
+    /// Replace the running plugin by NEW_PLUGIN (hot restart; vmm runs
+    /// with --hot-restart and the plugin declared it can be restarted)
+    Upgrade {
+        /// The new plugin's path (resolved here)
+        plugin: PathBuf,
+        /// Its arguments
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 impl CtlCommand {
@@ -168,6 +177,13 @@ impl CtlCommand {
                     None => addr.clone(),
                 },
                 downtime_ms: downtime_ms.unwrap_or(vmm_client::proto::DEFAULT_DOWNTIME_MS),
+            },
+            CtlCommand::Upgrade { plugin, args } => Command::Upgrade {
+                plugin: std::path::absolute(plugin)
+                    .unwrap_or_else(|_| plugin.clone())
+                    .to_string_lossy()
+                    .into_owned(),
+                args: args.clone(),
             },
         })
     }

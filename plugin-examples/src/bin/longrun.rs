@@ -42,12 +42,28 @@
 //! device state; at the end the plugin checks every page holds what it
 //! last wrote (else exit 1 naming the page). The result stays a function
 //! of `N`. (`longrun_c` has no load mode.)
+//!
+//! Hot restart (docs/protocol-extensions.md §9): the plugin declares it can
+//! be restarted and commits its device state to a checkpoint (the SDK's
+//! [`Checkpoint`]) at every exit, with the exit's serial, before resuming
+//! it. A plugin started to replace it (`vmm ctl S upgrade`, or after a
+//! crash under `--on-plugin-crash restart`) takes over guest memory and
+//! the vcpu, loads the device from the old plugin's `SAVE_STATE` blob or
+//! the checkpoint, and skips the side effects of an exit the checkpoint
+//! already covers (one the old plugin applied but did not resume before it
+//! died). The guest ends with the same `result=`. Each build prints its
+//! build mark (`longrun build ...` on stderr): tests patch it to tell
+//! binaries apart. Only the plain machine (no `load`, no `mem=`) declares
+//! itself restartable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crosvm_plugin::{AddressSpace, Connection, ControlKind, DeviceState, VcpuEvent, WriteTracker};
+use crosvm_plugin::{
+    AddressSpace, Checkpoint, Connection, ControlKind, DeviceState, RestartKind, VcpuEvent,
+    WriteTracker,
+};
 use plugin_examples::longrun::*;
 use plugin_examples::{
     enter_real_mode, exit_with, parse_args, pc_irq_routes, require_vcpus, GuestRam, Result,
@@ -174,6 +190,56 @@ fn serve_control(
     }
 }
 
+/// This build's mark, printed at start (tests patch the digits in a copy
+/// of the binary to get "a changed version").
+static BUILD_MARK: &str = "longrun-build-00000001";
+
+/// A replacing plugin: guest memory from the host, the device from the
+/// old plugin's blob (upgrade) or the checkpoint (crash). Returns the RAM,
+/// its memory handle, and the exit serial the device state covers.
+fn take_over(
+    attached: &mut crosvm_plugin::Attached,
+    checkpoint: &Checkpoint,
+    device: &Mutex<Device>,
+    seen: u64,
+) -> Result<(GuestRam, crosvm_plugin::Memory, u64)> {
+    let mut memory = None;
+    for id in attached.object_ids() {
+        if let Ok(m) = attached.take_memory(id) {
+            memory = Some(m);
+            break;
+        }
+    }
+    let Some((mem, fd)) = memory else {
+        eprintln!("longrun: the host kept no guest memory for the restarted plugin");
+        std::process::exit(1);
+    };
+    let ram = GuestRam::from_memfd(fd)?;
+    let covered = match attached.kind() {
+        RestartKind::Upgrade => {
+            lock(device).restore(attached.state())?;
+            seen
+        }
+        _ => match checkpoint.load()? {
+            Some((serial, blob)) => {
+                lock(device).restore(&blob)?;
+                serial
+            }
+            None => 0,
+        },
+    };
+    // The checkpoint is written before every resume: it covers every exit
+    // the guest saw answered (`seen`), and at most the one re-delivered.
+    if covered < seen || covered > seen + 1 {
+        eprintln!(
+            "longrun: the device state covers exit {covered}, but the guest saw {seen} exits \
+             answered: it does not match the guest"
+        );
+        std::process::exit(1);
+    }
+    Ok((ram, mem, covered))
+}
+
 /// The load's writer: until `stop`, its next sequence number into its
 /// next page, through the tracker.
 fn spawn_load(
@@ -207,16 +273,57 @@ const EXTRA_GPA: u64 = 0x1000_0000;
 fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
     let conn = Connection::from_env()?;
     require_vcpus(&conn, "longrun", 1);
-    let ram = GuestRam::new(MEM_SIZE)?;
-    ram.write(CODE, &guest_main()?)?;
-    ram.write(HANDLER, &guest_handler()?)?;
-    ram.write(ROUNDS, &rounds.to_le_bytes())?;
-    let _mem = ram.map(&conn)?;
-    conn.reserve_range(AddressSpace::IoPort, ACC_PORT, 4)?;
-    conn.reserve_range(AddressSpace::IoPort, PROGRESS_PORT, 4)?;
-    conn.reserve_range(AddressSpace::IoPort, RESULT_PORT, 8)?;
-    conn.reserve_range(AddressSpace::IoPort, SHUTDOWN_PORT, 1)?;
-    conn.set_irq_routing(&pc_irq_routes())?;
+    let mut attached = conn.attach()?;
+    eprintln!(
+        "longrun build {}, generation {}",
+        std::hint::black_box(BUILD_MARK),
+        attached.generation()
+    );
+    // Only the plain machine takes part in hot restart: a replacing plugin
+    // takes over one memory region and the accumulator's state.
+    let restartable = !with_load && extra_mib == 0;
+    if attached.is_restart() && !restartable {
+        eprintln!("longrun: `load` and `mem=` machines cannot be restarted");
+        std::process::exit(1);
+    }
+    let checkpoint = attached.take_checkpoint()?;
+    let mut checkpoint = match checkpoint {
+        Some(c) => c,
+        None => Checkpoint::new(64)?,
+    };
+    let vcpu = conn.vcpu(0)?;
+    let device = Arc::new(Mutex::new(Device::default()));
+    // Exits up to this serial are in the device state already.
+    let mut covered = 0;
+    let (ram, _mem) = if attached.is_restart() {
+        let seen = vcpu.lock().serial();
+        let (ram, mem, c) = take_over(&mut attached, &checkpoint, &device, seen)?;
+        covered = c;
+        eprintln!(
+            "longrun: took over the running VM ({:?}), device state {}, exits {seen} answered, \
+             {covered} in the state",
+            attached.kind(),
+            lock(&device).to_json()
+        );
+        (ram, mem)
+    } else {
+        let ram = GuestRam::new(MEM_SIZE)?;
+        ram.write(CODE, &guest_main()?)?;
+        ram.write(HANDLER, &guest_handler()?)?;
+        ram.write(ROUNDS, &rounds.to_le_bytes())?;
+        let mem = ram.map(&conn)?;
+        conn.reserve_range(AddressSpace::IoPort, ACC_PORT, 4)?;
+        conn.reserve_range(AddressSpace::IoPort, PROGRESS_PORT, 4)?;
+        conn.reserve_range(AddressSpace::IoPort, RESULT_PORT, 8)?;
+        conn.reserve_range(AddressSpace::IoPort, SHUTDOWN_PORT, 1)?;
+        conn.set_irq_routing(&pc_irq_routes())?;
+        (ram, mem)
+    };
+    if restartable {
+        if let Err(e) = conn.declare_restartable(Some(&checkpoint)) {
+            eprintln!("longrun: no hot restart ({e})");
+        }
+    }
     // The load's region exists before the restore state is asked for (a
     // migration's memory arrives first).
     let load_ram = if with_load {
@@ -240,7 +347,6 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
         None
     };
 
-    let device = Arc::new(Mutex::new(Device::default()));
     let load = with_load.then(|| {
         Arc::new(Mutex::new(Load {
             seq: 0,
@@ -268,7 +374,6 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
     let tracker = Arc::new(WriteTracker::new());
     serve_control(&conn, &device, machine, tracker.clone());
 
-    let vcpu = conn.vcpu(0)?;
     conn.start()?;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = match (&load_ram, &load) {
@@ -277,7 +382,36 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
     };
     let mut v = vcpu.lock();
     loop {
-        match v.wait()? {
+        let before = v.serial();
+        let event = v.wait()?;
+        // An exit the device state already has (the old plugin applied it
+        // and died before resuming it): answer it without its effects. (An
+        // exit that needs a resume has the serial after `before`.)
+        let replay = event.needs_resume() && before < covered;
+        let event = if replay {
+            match event {
+                VcpuEvent::Io {
+                    address: ACC_PORT,
+                    is_write: false,
+                    ..
+                } => {
+                    let answer = lock(&device).read();
+                    v.resume_io_read(&answer.to_le_bytes())?;
+                    continue;
+                }
+                VcpuEvent::Io {
+                    address: SHUTDOWN_PORT,
+                    ..
+                } => break,
+                _ => {
+                    v.resume()?;
+                    continue;
+                }
+            }
+        } else {
+            event
+        };
+        match event {
             VcpuEvent::Init => {
                 enter_real_mode(&mut v, CODE as u16, STACK)?;
                 plugin_examples::route_pic_to_lapic(&mut v)?;
@@ -293,6 +427,7 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
                 is_write: false,
                 ..
             } => {
+                commit(&mut checkpoint, &v, &device)?;
                 let answer = lock(&device).read();
                 v.resume_io_read(&answer.to_le_bytes())?;
                 continue;
@@ -317,6 +452,7 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
             VcpuEvent::Shutdown => return Err(plugin_examples::ExampleError::Stopped),
             _ => {}
         }
+        commit(&mut checkpoint, &v, &device)?;
         v.resume()?;
     }
     stop.store(true, Ordering::Relaxed);
@@ -350,6 +486,16 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
         std::process::exit(1);
     };
     Ok(result)
+}
+
+/// The device state as of the current exit, before it is resumed.
+fn commit(
+    checkpoint: &mut Checkpoint,
+    v: &crosvm_plugin::VcpuGuard<'_>,
+    device: &Mutex<Device>,
+) -> Result<()> {
+    let blob = lock(device).save();
+    Ok(checkpoint.commit(v.serial(), &blob)?)
 }
 
 fn main() {

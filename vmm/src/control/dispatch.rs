@@ -17,6 +17,7 @@ use super::{ApiRequest, ToServer};
 
 mod migrate;
 pub use migrate::MigrateProgress;
+mod upgrade;
 
 /// A command forwarded to the plugin.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +158,28 @@ pub trait ControlTarget {
     fn migrated(&mut self, to: &str) {
         let _ = to;
     }
+    /// `upgrade` (hot restart, docs/protocol-extensions.md §9): why the
+    /// plugin cannot be replaced, if it cannot; else the vcpus are about
+    /// to be parked (the blackout starts).
+    fn upgrade_prepare(&mut self) -> Option<String> {
+        Some("this VM cannot replace its plugin".into())
+    }
+    /// With every vcpu parked and the old plugin's state in hand: replaces
+    /// the plugin. Returns at once; [`Self::upgrade_poll`] tells when the
+    /// new plugin runs.
+    fn upgrade_begin(
+        &mut self,
+        plugin: &str,
+        args: &[String],
+        state: Vec<u8>,
+    ) -> Result<(), String> {
+        let _ = (plugin, args, state);
+        Err("this VM cannot replace its plugin".into())
+    }
+    /// The upgrade's result once the new plugin started the vcpus again.
+    fn upgrade_poll(&mut self) -> Option<Result<Value, String>> {
+        None
+    }
 }
 
 /// Where a snapshot is.
@@ -199,6 +222,7 @@ pub struct Dispatcher {
     next_tag: u64,
     snapshot: Option<PendingSnapshot>,
     migration: Option<migrate::PendingMigration>,
+    upgrade: Option<upgrade::PendingUpgrade>,
 }
 
 fn error(client: u64, id: Id, code: ErrorCode, message: impl Into<String>) -> ToServer {
@@ -256,7 +280,10 @@ impl Dispatcher {
     /// Pauses are waiting for their vcpus to leave the guest (the main
     /// loop polls often then).
     pub fn waiting(&self) -> bool {
-        !self.pauses.is_empty() || self.snapshot.is_some() || self.migration.is_some()
+        !self.pauses.is_empty()
+            || self.snapshot.is_some()
+            || self.migration.is_some()
+            || self.upgrade.is_some()
     }
 
     /// The last event's sequence number (0 before the first).
@@ -436,6 +463,19 @@ impl Dispatcher {
                             .push(error(client, id, code, format!("{name}: {why}")));
                     }
                 }
+            }
+            Command::Upgrade { plugin, args } => {
+                if let Some(e) = not_running(
+                    phase,
+                    client,
+                    &id,
+                    "upgrade",
+                    "only a running VM can replace its plugin",
+                ) {
+                    self.out.push(e);
+                    return;
+                }
+                self.upgrade_start(vm, client, id, plugin, args);
             }
             Command::Snapshot {
                 dir,
@@ -638,6 +678,7 @@ impl Dispatcher {
     pub fn poll(&mut self, vm: &mut impl ControlTarget) {
         self.snapshot_poll(vm);
         self.migration_poll(vm);
+        self.upgrade_poll(vm);
         let phase = vm.phase();
         let mut i = 0;
         while i < self.pauses.len() {
@@ -676,6 +717,10 @@ impl Dispatcher {
                 .is_some_and(|s| s.stage == SnapStage::Device(tag))
             {
                 self.snapshot_state(vm, reply);
+                continue;
+            }
+            if self.upgrade_owns(tag) {
+                self.upgrade_state(vm, reply);
                 continue;
             }
             let Some((client, id, name)) = self.forwards.remove(&tag) else {

@@ -157,6 +157,17 @@ impl Host {
         self.api.dispatcher = d;
     }
 
+    /// Replies that did not come from the channel (it was closed for a
+    /// hot restart), for the dispatcher.
+    pub(super) fn plugin_replies(&mut self, replies: Vec<(u64, Reply)>) {
+        let mut d = std::mem::take(&mut self.api.dispatcher);
+        d.replies(
+            self,
+            replies.into_iter().map(|(t, r)| (t, reply(r))).collect(),
+        );
+        self.api.dispatcher = d;
+    }
+
     /// The plugin's control channel is readable.
     pub(super) fn on_plugin_control(&mut self) {
         let replies = self.api.plugin_control.on_readable();
@@ -376,6 +387,27 @@ impl ControlTarget for Host {
 
     fn migrated(&mut self, to: &str) {
         Host::migrated(self, to)
+    }
+
+    fn upgrade_prepare(&mut self) -> Option<String> {
+        let why = self.upgrade_refusal();
+        if why.is_none() {
+            self.restart.park_began = Some(std::time::Instant::now());
+        }
+        why
+    }
+
+    fn upgrade_begin(
+        &mut self,
+        plugin: &str,
+        args: &[String],
+        state: Vec<u8>,
+    ) -> Result<(), String> {
+        Host::upgrade_begin(self, plugin.into(), args.to_vec(), state)
+    }
+
+    fn upgrade_poll(&mut self) -> Option<Result<Value, String>> {
+        self.restart.upgrade_done.take()
     }
 
     fn forward(&mut self, what: Forward, tag: u64) -> Result<(), ForwardRefused> {

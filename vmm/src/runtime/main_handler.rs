@@ -111,6 +111,8 @@ pub struct MainState {
     pub identity_map: Option<u64>,
     /// `--restore`: what `GetRestoreState` answers.
     pub restore: Option<RestoreOffer>,
+    /// Hot restart (docs/protocol-extensions.md §9).
+    pub restart: super::restart::RestartState,
 }
 
 /// What a restoring host offers the plugin (`GetRestoreState`).
@@ -140,6 +142,7 @@ impl MainState {
             irq_routes: None,
             identity_map: None,
             restore: None,
+            restart: Default::default(),
         }
     }
 
@@ -242,6 +245,8 @@ fn response_for(req: &main_request::Message) -> MainResponse {
         Q::GetRestoreState(_) => r.set_get_restore_state(Default::default()),
         Q::SnapshotInMemory(_) => r.set_snapshot_in_memory(Default::default()),
         Q::ResetToSnapshot(_) => r.set_reset_to_snapshot(Default::default()),
+        Q::DeclareRestartable(_) => r.set_declare_restartable(Default::default()),
+        Q::Attach(_) => r.set_attach(Default::default()),
         _ => {}
     }
     r
@@ -423,6 +428,7 @@ fn dispatch(
             ok(base.clone())
         }
         Q::GetVcpus(g) => get_vcpus(state, services, &g, base.clone()),
+        Q::Start(_) if state.started && super::restart::start(state) => ok(base.clone()),
         Q::Start(_) if state.started => refuse(Errno::EINVAL, "the VM has already started"),
         Q::Start(_) => {
             state.started = true;
@@ -458,6 +464,16 @@ fn dispatch(
                 services.fast_reset(state, FastReset::Reset(&q.plugin_dirty_pages))?;
             ok(r)
         }
+        Q::DeclareRestartable(_) => {
+            super::restart::declare(state, fd)?;
+            ok(base.clone())
+        }
+        Q::Attach(_) => super::restart::attach(
+            state,
+            services.vcpu_count(),
+            |n| services.may_send_fds(n),
+            base.clone(),
+        ),
         Q::GetControlSocket(_) => {
             let fd = services.open_control_channel().map_err(|e| {
                 Refused::new(

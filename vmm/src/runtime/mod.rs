@@ -14,6 +14,7 @@ pub mod panic;
 pub mod plugin_control;
 pub mod process;
 pub mod reset;
+pub mod restart;
 mod services;
 mod snapshot;
 mod teardown;
@@ -135,6 +136,14 @@ pub enum RunError {
     /// An incoming migration failed (the source was told why).
     #[error("incoming migration: {0}")]
     Migration(String),
+    #[error("the plugin crashed {crashes} times within {window:?} (the last time it {last}); not restarting it again")]
+    RestartLoop {
+        crashes: usize,
+        window: Duration,
+        last: String,
+    },
+    #[error("hot restart failed: {0}")]
+    AttachFailed(String),
 }
 
 fn resource(what: &'static str) -> impl FnOnce(Errno) -> RunError {
@@ -234,6 +243,8 @@ struct Host {
     migrated_to: Option<String>,
     /// `--incoming`: the source's stream.
     incoming: Option<migrate::Incoming>,
+    /// Hot restart (`restart.rs`).
+    restart: restart::HostRestart,
 }
 
 /// Runs the VM until the plugin exits; `Ok` only for a clean run with plugin
@@ -331,6 +342,11 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
         .map(|_| new_channel(config.fast_channel))
         .collect::<Result<Vec<_>, _>>()?;
 
+    // Hot restart starts later plugins on the same output pipes.
+    let restart_pipes = match (stdout_w.try_clone(), stderr_w.try_clone()) {
+        (Ok(o), Ok(e)) => Some((o, e)),
+        _ => None,
+    };
     // 5. The plugin, then the shutdown eventfd (so the plugin cannot inherit it).
     let launch = Launch {
         path: &config.plugin,
@@ -368,7 +384,13 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
         source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
     })?;
     // 6. The jail is built: the host needs no capabilities any more.
-    jail::caps::drop_host_capabilities().map_err(RunError::Caps)?;
+    // Hot restart builds jails for later plugins and keeps what that needs
+    // (docs/protocol-extensions.md §9.6).
+    if config.hot_restart() {
+        info!("hot restart enabled: the host keeps its capabilities to jail later plugins");
+    } else {
+        jail::caps::drop_host_capabilities().map_err(RunError::Caps)?;
+    }
 
     let exit_config = Arc::new(SharedExitConfig::default());
     let shared = Arc::new(VcpuShared {
@@ -395,6 +417,7 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
     });
     let in_flight = InFlight::new(limits::fds_in_flight_budget(config.vcpus));
     let stderr_level = config.plugin_stderr_level;
+    let crash_policy = config.on_plugin_crash;
     let mut host = Host {
         controls: (0..config.vcpus).map(|_| Arc::default()).collect(),
         config,
@@ -438,6 +461,7 @@ fn run_vm(mut config: VmConfig, api: control::Api) -> Result<(), RunError> {
         outgoing: None,
         migrated_to: None,
         incoming,
+        restart: restart::HostRestart::new(crash_policy, restart_pipes),
     };
     host.watch(host.signals.as_fd(), TOKEN_SIGNAL)?;
     host.watch(host.stderr.fd.as_fd(), TOKEN_STDERR)?;
@@ -509,6 +533,10 @@ impl Host {
                 }
             };
             let timeout = self.api.shorten(timeout);
+            let timeout = match self.restart_timeout() {
+                Some(t) => EpollTimeout::try_from(t.as_millis().max(1) as u64).unwrap_or(timeout),
+                None => timeout,
+            };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
@@ -541,6 +569,7 @@ impl Host {
                 }
             }
             self.control_round();
+            self.restart_round();
             if !self.threads.is_empty()
                 && self.dying_since.is_none()
                 && self.state.exit_config.coalesced
@@ -658,10 +687,29 @@ impl Host {
     fn reap(&mut self) {
         loop {
             let status = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG));
+            if let Ok(s) = &status {
+                if s.pid().is_some_and(|p| self.restart.retired_reaped(p)) {
+                    continue;
+                }
+            }
             let status = match status {
                 Ok(s) if s.pid() == Some(self.plugin.pid) => Ok(self.plugin.end_status(s)),
                 other => other,
             };
+            // Hot restart: a restartable plugin that died is replaced.
+            match &status {
+                Ok(WaitStatus::Exited(pid, code))
+                    if *pid == self.plugin.pid && self.restart_on_crash(None, *code) =>
+                {
+                    continue
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _))
+                    if *pid == self.plugin.pid && self.restart_on_crash(Some(sig.as_str()), 0) =>
+                {
+                    continue
+                }
+                _ => {}
+            }
             match status {
                 Ok(WaitStatus::Exited(pid, code)) if pid == self.plugin.pid => {
                     info!("plugin exited with status {code}");

@@ -164,6 +164,16 @@ impl PluginControl {
         self.fd()
     }
 
+    /// Hot restart: closes the channel of a plugin being replaced; every
+    /// waiting command is answered closed.
+    pub fn detach(&mut self) -> Vec<(u64, Reply)> {
+        let mut out = Vec::new();
+        if self.sock.is_some() {
+            self.close(&mut out);
+        }
+        out
+    }
+
     /// Number of commands waiting for a reply.
     pub fn pending(&self) -> usize {
         self.pending.len()

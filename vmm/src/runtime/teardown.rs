@@ -70,6 +70,10 @@ impl Host {
 
     /// Stops everything and turns what happened into the result.
     pub(super) fn teardown(mut self) -> Result<(), RunError> {
+        // No more restarts; the kept output pipe ends go, so the
+        // forwarders see EOF once the plugin is gone.
+        self.restart.policy = super::restart::CrashPolicy::Stop;
+        self.restart.pipes = None;
         self.stop_vcpus();
         let deadline = Instant::now() + Duration::from_secs(5);
         // Kicked threads leave within microseconds; a kick that raced with a
@@ -180,9 +184,14 @@ impl Host {
             .iter()
             .position(|e| matches!(e, RunError::Interrupted(_)))
             .or_else(|| {
-                self.errors
-                    .iter()
-                    .position(|e| matches!(e, RunError::VcpuFailed { .. }))
+                self.errors.iter().position(|e| {
+                    matches!(
+                        e,
+                        RunError::VcpuFailed { .. }
+                            | RunError::RestartLoop { .. }
+                            | RunError::AttachFailed(_)
+                    )
+                })
             });
         if let Some(i) = cause.filter(|&i| i > 0) {
             if matches!(
@@ -194,7 +203,10 @@ impl Host {
                 let then = self.errors.remove(0).to_string();
                 let mut first = self.errors.remove(i - 1);
                 match &mut first {
-                    RunError::VcpuFailed { message, .. } | RunError::Interrupted(message) => {
+                    RunError::VcpuFailed { message, .. }
+                    | RunError::Interrupted(message)
+                    | RunError::AttachFailed(message)
+                    | RunError::RestartLoop { last: message, .. } => {
                         message.push_str("; then ");
                         message.push_str(&then);
                     }

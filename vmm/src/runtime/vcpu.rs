@@ -77,6 +77,9 @@ pub struct VcpuControl {
     stop: Mutex<Option<String>>,
     /// The exit the vcpu waits on the plugin for (stuck detection).
     pub watch: diag::WaitWatch,
+    /// Hot restart: the channel of the plugin that replaces the current
+    /// one (docs/protocol-extensions.md §9, `runtime/restart.rs`).
+    pub relink: crate::runtime::restart::Relink,
 }
 
 /// A plugin pause is pending.
@@ -406,6 +409,16 @@ pub trait VcpuIo {
     fn read_request(&mut self) -> Result<&[u8], ServiceError>;
     /// Sends one serialized response; the transport adds its framing.
     fn write_response(&mut self, body: &[u8]) -> Result<(), ServiceError>;
+    /// Sends an unsolicited wait reason (an exit); `needs_resume` when the
+    /// vcpu now waits for the plugin's `Resume` (hot restart re-delivers
+    /// it to a replacing plugin, docs/protocol-extensions.md §9).
+    fn write_event(&mut self, body: &[u8], needs_resume: bool) -> Result<(), ServiceError> {
+        let _ = needs_resume;
+        self.write_response(body)
+    }
+    /// The vcpu left a host pause with complete state: the moment to take
+    /// up a replacing plugin's channel (hot restart).
+    fn unparked(&mut self) {}
     /// A guest access exited to the host; `range` is the reserved range
     /// (start, length) that took it (`--stats`).
     fn note_exit(&mut self, space: Space, range: Option<(u64, u64)>) {
@@ -475,7 +488,10 @@ pub fn deliver(
 ) -> Result<bool, ServiceError> {
     let mut r = VcpuResponse::new();
     r.set_wait(wait);
-    send_response(io, &r)?;
+    let body = r
+        .write_to_bytes()
+        .map_err(|_| ServiceError::Write(Errno::EINVAL))?;
+    io.write_event(&body, needs_resume)?;
     if !needs_resume {
         return Ok(false);
     }
@@ -493,7 +509,7 @@ pub fn deliver_io(
 ) -> Result<bool, ServiceError> {
     scratch.clear();
     exit_codec::encode_io_event(scratch, event);
-    io.write_response(scratch)?;
+    io.write_event(scratch, !event.no_resume)?;
     if event.no_resume {
         return Ok(false);
     }
@@ -563,30 +579,134 @@ pub struct ChannelIo {
     write_buf: Vec<u8>,
     /// `--trace` and `--stats` of this channel.
     pub tap: crate::trace::VcpuTap,
+    /// Hot restart: where a replacing plugin's channel arrives.
+    pub(crate) control: Arc<VcpuControl>,
+    /// The last exit sent that waits for a `Resume` (re-delivered to a
+    /// plugin that replaces a crashed one).
+    pending: Vec<u8>,
+    has_pending: bool,
+}
+
+impl ChannelIo {
+    pub(crate) fn new(
+        id: u32,
+        transport: Transport,
+        shared: Arc<VcpuShared>,
+        control: Arc<VcpuControl>,
+    ) -> Self {
+        let read_buf = match transport {
+            Transport::Pipe(_) => vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
+            Transport::Shm(_) => Vec::new(),
+        };
+        ChannelIo {
+            id,
+            transport,
+            shared,
+            read_buf,
+            write_buf: Vec::with_capacity(512),
+            tap: crate::trace::VcpuTap::new(id),
+            control,
+            pending: Vec::with_capacity(512),
+            has_pending: false,
+        }
+    }
+
+    fn set_transport(&mut self, transport: Transport) {
+        match transport {
+            Transport::Pipe(_) => {
+                if self.read_buf.len() < plugin_proto::framing::MAX_MESSAGE_SIZE {
+                    self.read_buf = vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE];
+                }
+            }
+            Transport::Shm(_) => self.read_buf = Vec::new(),
+        }
+        self.transport = transport;
+    }
+
+    /// One request's length (its bytes in `read_buf` or the shm channel).
+    fn try_read(&mut self) -> Result<usize, ServiceError> {
+        let kill = &self.shared.kill;
+        let relink = &self.control.relink;
+        match &mut self.transport {
+            Transport::Pipe(channel) => loop {
+                if kill.load(Ordering::Acquire) {
+                    return Err(ServiceError::Killed);
+                }
+                match nix::unistd::read(channel.request_read.as_fd(), &mut self.read_buf) {
+                    Ok(0) => return Err(ServiceError::Closed),
+                    Ok(n) => return Ok(n),
+                    Err(Errno::EINTR) if relink.detached() => return Err(ServiceError::Closed),
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(ServiceError::Read(e)),
+                }
+            },
+            Transport::Shm(channel) => {
+                let mut killed = || kill.load(Ordering::Acquire) || relink.detached();
+                channel
+                    .recv(&mut killed)
+                    .map(|b| b.len())
+                    .map_err(shm_error)
+            }
+        }
+    }
+
+    /// The plugin went while this vcpu waited for it: takes up the new
+    /// plugin's channel and re-sends the exit it waited on
+    /// (docs/protocol-extensions.md §9).
+    fn relink_waiting(&mut self) -> Result<(), ServiceError> {
+        let t = self
+            .control
+            .relink
+            .wait_channel(&self.shared.kill, self.has_pending)?;
+        self.set_transport(t);
+        if self.has_pending {
+            let body = std::mem::take(&mut self.pending);
+            let r = self.write_response(&body);
+            self.pending = body;
+            r?;
+        }
+        Ok(())
+    }
 }
 
 impl VcpuIo for ChannelIo {
+    fn write_event(&mut self, body: &[u8], needs_resume: bool) -> Result<(), ServiceError> {
+        // A copy of the exit for a replacing plugin (a few dozen bytes).
+        self.has_pending = needs_resume;
+        if needs_resume {
+            self.pending.clear();
+            self.pending.extend_from_slice(body);
+            self.control.relink.count_delivered();
+        }
+        self.write_response(body)
+    }
+
+    fn unparked(&mut self) {
+        if let Some(t) = self.control.relink.take() {
+            self.has_pending = false;
+            self.set_transport(t);
+        }
+    }
+
     fn read_request(&mut self) -> Result<&[u8], ServiceError> {
-        let kill = &self.shared.kill;
+        // Hot restart: the plugin died while this vcpu waited for it; take
+        // up the replacing plugin's channel (re-sending the pending exit)
+        // and read from that.
+        let len = loop {
+            match self.try_read() {
+                Ok(n) => break n,
+                Err(ServiceError::Killed | ServiceError::Closed)
+                    if self.control.relink.detached()
+                        && !self.shared.kill.load(Ordering::Acquire) =>
+                {
+                    self.relink_waiting()?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let bytes: &[u8] = match &mut self.transport {
-            Transport::Pipe(channel) => {
-                let n = loop {
-                    if kill.load(Ordering::Acquire) {
-                        return Err(ServiceError::Killed);
-                    }
-                    match nix::unistd::read(channel.request_read.as_fd(), &mut self.read_buf) {
-                        Ok(0) => return Err(ServiceError::Closed),
-                        Ok(n) => break n,
-                        Err(Errno::EINTR) => continue,
-                        Err(e) => return Err(ServiceError::Read(e)),
-                    }
-                };
-                &self.read_buf[..n]
-            }
-            Transport::Shm(channel) => {
-                let mut killed = || kill.load(Ordering::Acquire);
-                channel.recv(&mut killed).map_err(shm_error)?
-            }
+            Transport::Pipe(_) => &self.read_buf[..len],
+            Transport::Shm(channel) => channel.received(),
         };
         if let Some(r) = record::recorder() {
             r.vcpu_request(self.id, bytes);

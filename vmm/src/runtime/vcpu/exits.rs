@@ -63,18 +63,7 @@ impl<V: Vcpu> Servicer<V, ChannelIo> {
         control: Arc<VcpuControl>,
         shared: Arc<VcpuShared>,
     ) -> Self {
-        let read_buf = match transport {
-            Transport::Pipe(_) => vec![0; plugin_proto::framing::MAX_MESSAGE_SIZE],
-            Transport::Shm(_) => Vec::new(),
-        };
-        let io = ChannelIo {
-            id,
-            transport,
-            shared: Arc::clone(&shared),
-            read_buf,
-            write_buf: Vec::with_capacity(512),
-            tap: crate::trace::VcpuTap::new(id),
-        };
+        let io = ChannelIo::new(id, transport, Arc::clone(&shared), Arc::clone(&control));
         Servicer::with_io(id, vcpu, io, control, shared)
     }
 }
@@ -521,7 +510,9 @@ pub fn run_loop<R: VcpuRun, V: Vcpu, I: VcpuIo>(run: &mut R, sv: &mut Servicer<V
         // One acquire load per KVM_RUN covers both kinds of pause.
         if sv.control.has_pending() {
             if complete && sv.control.park(&sv.shared.kill) {
-                // Resumed (or killed): look at everything again.
+                // Resumed (or killed): look at everything again, with the
+                // channel of a plugin that replaced the old one (§9).
+                sv.io.unparked();
                 complete = false;
                 continue;
             }
