@@ -293,6 +293,34 @@ pub fn longrun_model(rounds: u32) -> u64 {
     acc ^ (u64::from(fold) << 32 | u64::from(x))
 }
 
+/// Takes a spawned child's stdout and stderr: stdout arrives line by line
+/// on the channel (a thread reads it), stderr is collected whole by the
+/// returned thread (join it after the child ended).
+pub fn pipe_output(
+    child: &mut std::process::Child,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<String>,
+) {
+    use std::io::{BufRead, Read};
+    let out = child.stdout.take().expect("the child's stdout is piped");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut err = child.stderr.take().expect("the child's stderr is piped");
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    (lines, stderr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 //! source that sends garbage or another version (the target exits 1
 //! naming it, before its plugin ran any guest instruction).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,21 +41,8 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = Some(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        }));
+        let (lines, stderr) = e2e_tests::pipe_output(&mut child);
+        let stderr = Some(stderr);
         Vm {
             child,
             lines,

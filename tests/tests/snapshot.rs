@@ -8,7 +8,6 @@
 //! restored guest continues where it stopped but the device's accumulator
 //! starts afresh, so the result differs — the device state matters.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -57,21 +56,8 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = Some(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut s);
-            s
-        }));
+        let (lines, stderr) = e2e_tests::pipe_output(&mut child);
+        let stderr = Some(stderr);
         Vm {
             child,
             socket: socket.to_path_buf(),

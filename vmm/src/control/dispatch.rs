@@ -272,6 +272,21 @@ pub fn state_name(phase: Phase, all_paused: bool) -> &'static str {
 }
 
 impl Dispatcher {
+    /// Why a command that takes the whole machine (snapshot, migrate,
+    /// upgrade) must wait: another one is under way.
+    fn machine_busy(&self) -> Option<String> {
+        if let Some(m) = &self.migration {
+            return Some(format!("a migration to {} is under way", m.to));
+        }
+        if let Some(s) = &self.snapshot {
+            return Some(format!("a snapshot into {} is being taken", s.dir));
+        }
+        if self.upgrade.is_some() {
+            return Some("an upgrade is under way".into());
+        }
+        None
+    }
+
     /// What to send to the control thread, in order.
     pub fn take(&mut self) -> Vec<ToServer> {
         std::mem::take(&mut self.out)
@@ -491,23 +506,12 @@ impl Dispatcher {
                     self.out.push(e);
                     return;
                 }
-                if let Some(m) = &self.migration {
-                    let to = m.to.clone();
+                if let Some(why) = self.machine_busy() {
                     self.out.push(error(
                         client,
                         id,
                         ErrorCode::Busy,
-                        format!("snapshot: a migration to {to} is under way"),
-                    ));
-                    return;
-                }
-                if let Some(s) = &self.snapshot {
-                    let dir = s.dir.clone();
-                    self.out.push(error(
-                        client,
-                        id,
-                        ErrorCode::Busy,
-                        format!("snapshot: a snapshot into {dir} is being taken"),
+                        format!("snapshot: {why}"),
                     ));
                     return;
                 }

@@ -89,23 +89,12 @@ impl Dispatcher {
             self.out.push(e);
             return;
         }
-        if let Some(m) = &self.migration {
-            let to = m.to.clone();
+        if let Some(why) = self.machine_busy() {
             self.out.push(error(
                 client,
                 id,
                 ErrorCode::Busy,
-                format!("migrate: a migration to {to} is under way"),
-            ));
-            return;
-        }
-        if let Some(s) = &self.snapshot {
-            let dir = s.dir.clone();
-            self.out.push(error(
-                client,
-                id,
-                ErrorCode::Busy,
-                format!("migrate: a snapshot into {dir} is being taken"),
+                format!("migrate: {why}"),
             ));
             return;
         }

@@ -35,14 +35,7 @@ impl Dispatcher {
         plugin: String,
         args: Vec<String>,
     ) {
-        let busy = if self.upgrade.is_some() {
-            Some("an upgrade is under way")
-        } else if self.snapshot.is_some() {
-            Some("a snapshot is being taken")
-        } else {
-            None
-        };
-        if let Some(why) = busy {
+        if let Some(why) = self.machine_busy() {
             self.out.push(error(
                 client,
                 id,
