@@ -568,8 +568,14 @@ impl Host {
                     return;
                 }
             }
+            let restarting = self.restart.busy();
             self.control_round();
             self.restart_round();
+            if restarting {
+                // What the restart's step queued (its events, the
+                // upgrade's answer) goes out now, not at the next wake-up.
+                self.control_round();
+            }
             if !self.threads.is_empty()
                 && self.dying_since.is_none()
                 && self.state.exit_config.coalesced
