@@ -174,7 +174,16 @@ fn migrates(plugin: &str, args: &[&str], addr: &str, unix_path: Option<&Path>, d
     }
     let (mut src, socket) = source(dir, plugin, args);
     let (code, out, err) = ctl(&socket, &["migrate", addr]);
-    assert_eq!(code, Some(0), "migrate failed: {out}\n{err}");
+    if code != Some(0) {
+        // Both vmms' sides of the story (the client only sees its own).
+        let _ = src.child.kill();
+        let _ = target.child.kill();
+        panic!(
+            "migrate failed: {out}\n{err}\nsource: {:#?}\ntarget: {:#?}",
+            src.finish(),
+            target.finish()
+        );
+    }
     let reply: Value = serde_json::from_str(&out).unwrap();
     for key in ["downtime_ms", "total_ms", "rounds", "pages", "bytes"] {
         assert!(reply[key].is_number(), "{key} missing: {reply}");
