@@ -109,9 +109,16 @@ impl GuestRam {
             FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
         )
         .map_err(sys("sealing the guest RAM memfd"))?;
-        // SAFETY: a fresh shared mapping of our own memfd at an address the
-        // kernel picks; it aliases no Rust object, and the memfd cannot
-        // shrink (sealed), so the mapping never loses its backing.
+        GuestRam::map_sealed(fd, len)
+    }
+
+    /// Maps `len` bytes of `fd`, a memfd sealed against shrinking (the
+    /// callers check or set the seal), shared and writable.
+    fn map_sealed(fd: OwnedFd, len: std::num::NonZeroUsize) -> Result<GuestRam> {
+        // SAFETY: a fresh shared mapping of a memfd at an address the kernel
+        // picks; it aliases no Rust object, and the memfd is sealed against
+        // shrinking (both callers make sure), so the mapping never loses
+        // its backing.
         let base = unsafe {
             mmap(
                 None,
@@ -148,25 +155,7 @@ impl GuestRam {
                 "guest RAM memfd is not sealed against shrinking",
             ));
         }
-        // SAFETY: a fresh shared mapping of a memfd sealed against
-        // shrinking, at an address the kernel picks; it aliases no Rust
-        // object.
-        let base = unsafe {
-            mmap(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(sys("mapping guest RAM"))?;
-        Ok(GuestRam {
-            fd,
-            base: base.cast(),
-            size: len.get(),
-        })
+        GuestRam::map_sealed(fd, len)
     }
 
     /// The memfd (to register it yourself with [`Connection::create_memory`]).

@@ -293,6 +293,25 @@ pub fn longrun_model(rounds: u32) -> u64 {
     acc ^ (u64::from(fold) << 32 | u64::from(x))
 }
 
+/// Runs `vmm ctl OPTIONS... SOCKET COMMAND...`: the leading `--` words of
+/// `args` are the options (placed before the socket), the rest is the
+/// command. Returns the exit status, stdout and stderr.
+pub fn vmm_ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let n = args.iter().take_while(|a| a.starts_with("--")).count();
+    let out = Command::new(bin("vmm"))
+        .arg("ctl")
+        .args(&args[..n])
+        .arg(socket)
+        .args(&args[n..])
+        .output()
+        .expect("run vmm ctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Takes a spawned child's stdout and stderr: stdout arrives line by line
 /// on the channel (a thread reads it), stderr is collected whole by the
 /// returned thread (join it after the child ended).

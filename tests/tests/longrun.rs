@@ -113,17 +113,8 @@ fn longrun_c_guest_bytes_equal_the_assembler_output() {
 
 /// `vmm ctl SOCKET ARGS...`: status and stdout.
 fn ctl(socket: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(bin("vmm"))
-        .arg("ctl")
-        .arg("--json")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run vmm ctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let (code, out, _) = e2e_tests::vmm_ctl(socket, &[&["--json"], args].concat());
+    (code, out)
 }
 
 /// `name` serves its control channel from the thread that answers

@@ -148,20 +148,7 @@ impl Drop for RunningVm {
 }
 
 fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(bin("vmm"));
-    cmd.arg("ctl");
-    // Options first, then the socket, then the command.
-    let (opts, rest): (Vec<&str>, Vec<&str>) = {
-        let n = args.iter().take_while(|a| a.starts_with("--")).count();
-        (args[..n].to_vec(), args[n..].to_vec())
-    };
-    cmd.args(&opts).arg(socket).args(&rest);
-    let out = cmd.output().expect("run vmm ctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    e2e_tests::vmm_ctl(socket, args)
 }
 
 /// A raw protocol client (for the event stream).

@@ -20,19 +20,9 @@ use serde_json::Value;
 /// Long enough that 10 restarts at random points fit well inside the run.
 const ROUNDS: u32 = 200;
 
+/// `vmm ctl --json SOCKET ARGS...`.
 fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bin("vmm"))
-        .arg("ctl")
-        .arg("--json")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run vmm ctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    e2e_tests::vmm_ctl(socket, &[&["--json"], args].concat())
 }
 
 /// A small deterministic generator for the restart points.

@@ -19,19 +19,7 @@ use serde_json::Value;
 const ROUNDS: &str = "60";
 
 fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let n = args.iter().take_while(|a| a.starts_with("--")).count();
-    let out = Command::new(bin("vmm"))
-        .arg("ctl")
-        .args(&args[..n])
-        .arg(socket)
-        .args(&args[n..])
-        .output()
-        .expect("run vmm ctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    e2e_tests::vmm_ctl(socket, args)
 }
 
 /// A `vmm` in the background whose stdout lines arrive on a channel.

@@ -512,31 +512,23 @@ mod tests {
             }
         );
         // The server side checks what any client sends.
-        let req = Command::Migrate {
-            to: "ftp:x".into(),
-            downtime_ms: 20,
-        }
-        .to_request(serde_json::json!(1));
-        let line = serde_json::to_vec(&req).unwrap();
-        let e = format!(
-            "{:?}",
-            vmm_client::proto::parse_request(&line)
-                .unwrap_err()
-                .into_response()
-        );
+        let refusal = |to: &str, downtime_ms: u64| {
+            let req = Command::Migrate {
+                to: to.into(),
+                downtime_ms,
+            }
+            .to_request(serde_json::json!(1));
+            let line = serde_json::to_vec(&req).unwrap();
+            format!(
+                "{:?}",
+                vmm_client::proto::parse_request(&line)
+                    .unwrap_err()
+                    .into_response()
+            )
+        };
+        let e = refusal("ftp:x", 20);
         assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{e}");
-        let req = Command::Migrate {
-            to: "unix:/x".into(),
-            downtime_ms: 0,
-        }
-        .to_request(serde_json::json!(1));
-        let line = serde_json::to_vec(&req).unwrap();
-        let e = format!(
-            "{:?}",
-            vmm_client::proto::parse_request(&line)
-                .unwrap_err()
-                .into_response()
-        );
+        let e = refusal("unix:/x", 0);
         assert!(e.contains("downtime_ms"), "{e}");
     }
 

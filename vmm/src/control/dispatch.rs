@@ -272,19 +272,24 @@ pub fn state_name(phase: Phase, all_paused: bool) -> &'static str {
 }
 
 impl Dispatcher {
-    /// Why a command that takes the whole machine (snapshot, migrate,
-    /// upgrade) must wait: another one is under way.
-    fn machine_busy(&self) -> Option<String> {
-        if let Some(m) = &self.migration {
-            return Some(format!("a migration to {} is under way", m.to));
-        }
-        if let Some(s) = &self.snapshot {
-            return Some(format!("a snapshot into {} is being taken", s.dir));
-        }
-        if self.upgrade.is_some() {
-            return Some("an upgrade is under way".into());
-        }
-        None
+    /// The `busy` refusal of `command`, one that takes the whole machine
+    /// (snapshot, migrate, upgrade), while another one is under way.
+    fn machine_busy(&self, client: u64, id: &Id, command: &str) -> Option<ToServer> {
+        let why = if let Some(m) = &self.migration {
+            format!("a migration to {} is under way", m.to)
+        } else if let Some(s) = &self.snapshot {
+            format!("a snapshot into {} is being taken", s.dir)
+        } else if self.upgrade.is_some() {
+            "an upgrade is under way".into()
+        } else {
+            return None;
+        };
+        Some(error(
+            client,
+            id.clone(),
+            ErrorCode::Busy,
+            format!("{command}: {why}"),
+        ))
     }
 
     /// What to send to the control thread, in order.
@@ -502,17 +507,10 @@ impl Dispatcher {
                     &id,
                     "snapshot",
                     "only a running or paused VM can be snapshotted",
-                ) {
+                )
+                .or_else(|| self.machine_busy(client, &id, "snapshot"))
+                {
                     self.out.push(e);
-                    return;
-                }
-                if let Some(why) = self.machine_busy() {
-                    self.out.push(error(
-                        client,
-                        id,
-                        ErrorCode::Busy,
-                        format!("snapshot: {why}"),
-                    ));
                     return;
                 }
                 let was_paused: Vec<u32> = (0..n).filter(|&i| vm.is_paused(i)).collect();

@@ -85,17 +85,10 @@ impl Dispatcher {
             &id,
             "migrate",
             "only a running or paused VM can be migrated",
-        ) {
+        )
+        .or_else(|| self.machine_busy(client, &id, "migrate"))
+        {
             self.out.push(e);
-            return;
-        }
-        if let Some(why) = self.machine_busy() {
-            self.out.push(error(
-                client,
-                id,
-                ErrorCode::Busy,
-                format!("migrate: {why}"),
-            ));
             return;
         }
         if let Err(e) = crate::migrate::Addr::parse(&to) {

@@ -35,13 +35,8 @@ impl Dispatcher {
         plugin: String,
         args: Vec<String>,
     ) {
-        if let Some(why) = self.machine_busy() {
-            self.out.push(error(
-                client,
-                id,
-                ErrorCode::Busy,
-                format!("upgrade: {why}"),
-            ));
+        if let Some(e) = self.machine_busy(client, &id, "upgrade") {
+            self.out.push(e);
             return;
         }
         if let Some(why) = vm.upgrade_prepare() {
