@@ -427,7 +427,9 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
                 is_write: false,
                 ..
             } => {
-                commit(&mut checkpoint, &v, &device)?;
+                if restartable {
+                    commit(&mut checkpoint, &v, &device)?;
+                }
                 let answer = lock(&device).read();
                 v.resume_io_read(&answer.to_le_bytes())?;
                 continue;
@@ -452,7 +454,9 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
             VcpuEvent::Shutdown => return Err(plugin_examples::ExampleError::Stopped),
             _ => {}
         }
-        commit(&mut checkpoint, &v, &device)?;
+        if restartable {
+            commit(&mut checkpoint, &v, &device)?;
+        }
         v.resume()?;
     }
     stop.store(true, Ordering::Relaxed);
