@@ -363,6 +363,70 @@ fn held_memory(s: &Subject) -> Held {
     r
 }
 
+/// Memory per VM with `n` held at once: every process's PSS anon + file
+/// summed over all `n` trees, divided by `n` (shared text and libraries
+/// then count once per host, as they cost), and the private (anonymous)
+/// part alone. In kB. The VMs hold `hold_ms` after their last exit; every
+/// tree must still be whole when it is read.
+fn held_many(s: &Subject, n: usize, hold_ms: u64) -> (u64, u64) {
+    let with_time = |s: &Subject| -> Command {
+        let mut c = s.command(true, false);
+        c.arg(hold_ms.to_string());
+        c
+    };
+    let mut children: Vec<Child> = (0..n)
+        .map(|_| {
+            with_time(s)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let mut outs = Vec::new();
+    for c in &mut children {
+        let mut out = BufReader::new(c.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        while out.read_line(&mut line).expect("read") > 0 && !line.contains("RESULT") {
+            line.clear();
+        }
+        assert!(
+            line.contains("RESULT"),
+            "a held VM ended without its RESULT"
+        );
+        outs.push(out);
+    }
+    let trees: Vec<Vec<u32>> = children.iter().map(|c| tree(c.id())).collect();
+    let per: Vec<(u64, u64, u64)> = trees.iter().flatten().map(|&p| memory_kb(p)).collect();
+    let anon: u64 = trees
+        .iter()
+        .flatten()
+        .map(|&p| {
+            let rollup =
+                std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
+            rollup
+                .lines()
+                .find(|l| l.starts_with("Pss_Anon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    let whole = trees.iter().all(|t| t.len() == trees[0].len());
+    for (mut c, mut out) in children.into_iter().zip(outs) {
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+        assert!(c.wait().expect("wait").success());
+    }
+    assert!(
+        whole,
+        "a held VM's processes were gone before they were read"
+    );
+    (
+        per.iter().map(|m| m.1).sum::<u64>() / n as u64,
+        anon / n as u64,
+    )
+}
+
 pub fn memory_table(subjects: &[(&str, Subject)], runs: usize) {
     println!(
         "\nMemory per VM, guest memory excluded (median of {runs}, read while the VM is alive after its last exit)\n"
@@ -379,6 +443,23 @@ pub fn memory_table(subjects: &[(&str, Subject)], runs: usize) {
             mib(&|x| x.0),
             mib(&|x| x.1),
             mib(&|x| x.2)
+        );
+    }
+    const MANY: usize = 20;
+    println!(
+        "\nMemory per VM with {MANY} VMs held at once (every process's PSS summed and divided by {MANY}: what one more VM costs the host; median of {runs})\n"
+    );
+    println!("| subject | PSS anon + file per VM (goal ≤ 4 MiB) | of which anonymous (private) |");
+    println!("|---|---:|---:|");
+    for (label, s) in subjects {
+        let v: Vec<(u64, u64)> = (0..runs).map(|_| held_many(s, MANY, 3000)).collect();
+        let mib = |f: &dyn Fn(&(u64, u64)) -> u64| {
+            median(v.iter().map(|x| f(x) as f64).collect()) / 1024.0
+        };
+        println!(
+            "| {label} | {:.2} MiB | {:.2} MiB |",
+            mib(&|x| x.0),
+            mib(&|x| x.1)
         );
     }
 }

@@ -106,10 +106,14 @@ impl SpinPolicy {
         static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let cpus = *CPUS.get_or_init(usable_cpus);
         let max = if cpus < 2 { Duration::ZERO } else { max };
+        // No spinning until a probe has shown that it pays: a channel's
+        // first waits are the start-up exchanges, when the peer is busy
+        // starting (spinning then only burns CPU that many VMs starting at
+        // once need); the first probe comes at wait FIRST_PROBE.
         SpinPolicy {
-            budget: max,
+            budget: Duration::ZERO,
             max,
-            idle_waits: 0,
+            idle_waits: PROBE_EVERY - FIRST_PROBE,
         }
     }
 
@@ -149,6 +153,8 @@ impl SpinPolicy {
 /// With a zero spin budget, one wait in this many still spins (with the
 /// full budget) to find out whether spinning pays off again.
 const PROBE_EVERY: u32 = 128;
+/// A new channel spins first at this wait (see `SpinPolicy::new`).
+const FIRST_PROBE: u32 = 8;
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> Errno {
     let ts = libc::timespec {
@@ -523,6 +529,35 @@ mod tests {
 
     fn never() -> impl FnMut() -> bool {
         || false
+    }
+
+    #[test]
+    fn a_new_channel_does_not_spin_until_a_probe_pays_off() {
+        let max = Duration::from_micros(50);
+        let mut p = SpinPolicy {
+            budget: Duration::ZERO,
+            max,
+            idle_waits: PROBE_EVERY - FIRST_PROBE,
+        };
+        // What `new` builds on a machine with two CPUs or more.
+        if usable_cpus() >= 2 {
+            let n = SpinPolicy::new(max);
+            assert_eq!(
+                (n.budget, n.max, n.idle_waits),
+                (p.budget, p.max, p.idle_waits)
+            );
+        }
+        for wait in 1..FIRST_PROBE {
+            assert_eq!(p.budget(), Duration::ZERO, "wait {wait} spun");
+        }
+        assert_eq!(p.budget(), max, "wait {FIRST_PROBE} is the first probe");
+        p.hit(Duration::from_micros(4));
+        assert_eq!(p.budget(), Duration::from_micros(9), "a hit keeps spinning");
+        p.miss();
+        p.miss();
+        p.miss();
+        p.miss();
+        assert_eq!(p.budget(), Duration::ZERO, "misses end it");
     }
 
     #[test]

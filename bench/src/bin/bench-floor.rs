@@ -10,7 +10,7 @@
 //! creating the VM with its irqchip and PIT, `mem_ns` the memfd and the
 //! memory slot, `vcpu_ns` creating the vcpu and setting its registers,
 //! `close_ns` closing the vcpu and the VM after the done exit).
-//! `bench-floor hold` waits 500 ms after that line before it exits, so that
+//! `bench-floor hold [MS]` waits 500 ms (or MS) after that line before it exits, so that
 //! the benchmark can read its memory.
 
 use std::os::fd::AsRawFd;
@@ -133,6 +133,10 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("hold") {
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        let ms = std::env::args()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

@@ -15,7 +15,8 @@
 //! besides the guest's two ports, reserves that many minus two MMIO ranges
 //! one request at a time, in a scattered order, then runs the trivial guest;
 //! `exits` is the number of ranges and `secs` the time the requests took),
-//! `hold` (the trivial guest, then the plugin waits 500 ms before it exits,
+//! `hold` (the trivial guest, then the plugin waits 500 ms, or the third
+//! argument's milliseconds, before it exits,
 //! so that the benchmark can read the processes' memory).
 
 use std::os::fd::AsFd;
@@ -195,8 +196,16 @@ fn main() {
     if mode == "hold" {
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(std::time::Duration::from_millis(hold_ms()));
     }
     // Leave while the vcpus are stopped in their done exits.
     std::process::exit(0);
+}
+
+/// `hold [VCPUS [MS]]`: how long to hold (default 500 ms).
+fn hold_ms() -> u64 {
+    std::env::args()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
 }

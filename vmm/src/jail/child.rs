@@ -4,8 +4,8 @@
 //!
 //! Everything here was prepared by the host before the clone (paths,
 //! argv/envp, the BPF program); this code only makes system calls: it does
-//! not allocate or take locks (the plugin process is forked with a raw
-//! clone, ids are changed with raw calls), so it does not depend on the
+//! not allocate or take locks (the plugin process is cloned with vfork
+//! semantics, ids are changed with raw calls), so it does not depend on the
 //! state the host's other threads, if any, left the copied memory in.
 //! Failures are reported to the host over the jail's control socket as
 //! fixed-size records: (kind, stage, value).
@@ -199,14 +199,29 @@ pub fn init_main(ctx: &Context<'_>) -> isize {
         return fail(ctx, PDEATHSIG, e);
     }
 
-    // A raw fork (clone with only SIGCHLD): glibc's fork would take
-    // allocator locks whose state was copied from the host. The child only
-    // makes system calls, then execs or exits.
-    // SAFETY: with a null stack the child continues on a copy of this stack,
-    // like fork; it does not return from this function.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    // The plugin process shares this one's memory until its execve, like
+    // vfork (init waits meanwhile): nothing of init's address space (a copy
+    // of the host's) is copied for a process that replaces it at once, and
+    // init's pages are not made copy-on-write. The child runs on a stack of
+    // its own inside init's, makes only system calls on `ctx`, and never
+    // returns; it gets its own descriptor table and signal handlers.
+    let mut stack = std::mem::MaybeUninit::<[u8; PLUGIN_STACK]>::uninit();
+    // SAFETY: one past the end of the (uninitialised) stack array, rounded
+    // down to the 16-byte alignment the ABI wants; the child writes below it.
+    let top = unsafe { stack.as_mut_ptr().cast::<u8>().add(PLUGIN_STACK) };
+    let top = (top as usize & !15) as *mut libc::c_void;
+    // SAFETY: `plugin_entry` runs on `top`'s stack with `ctx`, which stays
+    // alive: with CLONE_VFORK this call returns only once the child has
+    // exec'd or exited. The child does not return (plugin_main is `-> !`).
+    let pid = unsafe {
+        libc::clone(
+            plugin_entry,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (ctx as *const Context<'_>).cast_mut().cast(),
+        )
+    };
     match pid {
-        0 => plugin_main(ctx),
         p if p > 0 => reap_loop(ctx, p as libc::pid_t),
         _ => fail(ctx, FORK, Errno::last()),
     }
@@ -293,6 +308,17 @@ extern "C" fn forward(sig: libc::c_int) {
         // SAFETY: kill is async-signal-safe.
         unsafe { libc::kill(pid, sig) };
     }
+}
+
+/// Stack of the plugin process until its execve (see `init_main`).
+const PLUGIN_STACK: usize = 64 << 10;
+
+extern "C" fn plugin_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `&Context` init_main passed to clone; init is
+    // suspended (CLONE_VFORK) and keeps it alive until this process execs
+    // or exits, which `plugin_main` always does.
+    let ctx = unsafe { &*(arg as *const Context<'_>) };
+    plugin_main(ctx)
 }
 
 /// Init after the fork: forwards termination signals to the plugin, reaps
