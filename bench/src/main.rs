@@ -1,7 +1,7 @@
 //! `vmm-bench`: measures the vcpu exit path against its floors in one run and
 //! prints a Markdown table. See README.md, section "Performance".
 //!
-//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|reset|migrate|snapshot|restart]`:
+//! `vmm-bench [--iterations N] [--runs R] [--life-runs L] [--only reserve|trace|startup|exits|reset|migrate|snapshot|restart]`:
 //! each row is the median of R runs (default 3) of N guest exits (default
 //! 50000); the start-up rows (`startup.rs`) of L whole lives (default 20).
 
@@ -36,6 +36,8 @@ struct Options {
     snapshot_only: bool,
     /// `--only restart`: just the hot-restart table (`restart.rs`).
     restart_only: bool,
+    /// `--only exits`: just the exit tables and the short start-up table.
+    exits_only: bool,
     /// Whole lives per start-up row.
     life_runs: usize,
 }
@@ -247,6 +249,7 @@ fn main() {
         migrate_only: false,
         snapshot_only: false,
         restart_only: false,
+        exits_only: false,
         life_runs: 20,
     };
     let mut args = std::env::args().skip(1);
@@ -273,7 +276,7 @@ fn main() {
             "--only" => {
                 let what = args
                     .next()
-                    .expect("--only reserve|trace|startup|reset|migrate|snapshot|restart");
+                    .expect("--only reserve|trace|startup|exits|reset|migrate|snapshot|restart");
                 match what.as_str() {
                     "reserve" => opts.reserve_only = true,
                     "trace" => opts.trace_only = true,
@@ -282,8 +285,9 @@ fn main() {
                     "migrate" => opts.migrate_only = true,
                     "snapshot" => opts.snapshot_only = true,
                     "restart" => opts.restart_only = true,
+                    "exits" => opts.exits_only = true,
                     _ => panic!(
-                        "--only takes `reserve`, `trace`, `startup`, `reset`, `migrate`, `snapshot` or `restart`"
+                        "--only takes `reserve`, `trace`, `startup`, `exits`, `reset`, `migrate`, `snapshot` or `restart`"
                     ),
                 }
             }
@@ -478,6 +482,10 @@ fn main() {
         opts.iterations,
         (big.rss_anon_kb + big.rss_file_kb) as f64 / 1024.0
     );
+    if opts.exits_only {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return;
+    }
     startup::run(&c_plugin, opts.life_runs);
     reset::run(&target_dir(), opts.runs);
     snapshot::run(opts.runs);
