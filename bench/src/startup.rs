@@ -229,9 +229,22 @@ pub fn life_table(subjects: &[(&str, Subject)], runs: usize) {
     );
 }
 
+/// CPU time (user + system, ms) of every child this process has reaped so
+/// far, with their reaped descendants (`RUSAGE_CHILDREN`): vmm reaps the
+/// jail's init, init reaps the plugin, so a vmm's whole tree is in it.
+fn children_cpu_ms() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN is a valid selector.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
 /// Starts `n` at once; returns (started per second: all `n` reached their
 /// first guest exit, lives per second: all `n` reaped).
-fn density_once(s: &Subject, n: usize) -> (f64, f64) {
+fn density_once(s: &Subject, n: usize) -> (f64, f64, f64) {
+    let cpu0 = children_cpu_ms();
     let t0 = monotonic_ns();
     let children: Vec<Child> = (0..n)
         .map(|_| {
@@ -258,37 +271,99 @@ fn density_once(s: &Subject, n: usize) -> (f64, f64) {
     }
     let started = (last_exit - t0 as f64) / 1e9;
     let reaped = (last_reaped - t0) as f64 / 1e9;
-    (n as f64 / started, n as f64 / reaped)
+    let cpu = (children_cpu_ms() - cpu0) / n as f64;
+    (n as f64 / started, n as f64 / reaped, cpu)
 }
 
 /// Density: `n` started at once, median of `runs`; ratios to the first
 /// subject (the floor).
-pub fn density_table(subjects: &[(&str, Subject)], n: usize, runs: usize) {
-    let rows: Vec<(f64, f64)> = subjects
+pub fn density_table(subjects: &[(&str, Subject)], n: usize, runs: usize) -> Vec<f64> {
+    let rows: Vec<(f64, f64, f64)> = subjects
         .iter()
         .map(|(label, s)| {
             let _ = density_once(s, 4);
-            let v: Vec<(f64, f64)> = (0..runs).map(|_| density_once(s, n)).collect();
+            let v: Vec<(f64, f64, f64)> = (0..runs).map(|_| density_once(s, n)).collect();
             let r = (
                 median(v.iter().map(|x| x.0).collect()),
                 median(v.iter().map(|x| x.1).collect()),
+                median(v.iter().map(|x| x.2).collect()),
             );
             eprintln!("  {n} at once, {label}: {:.0} started/s", r.0);
             r
         })
         .collect();
     println!("\nDensity: {n} started at once (median of {runs} rounds; vmm plugins jailed)\n");
-    println!("| subject | started/s (all {n} at their first guest exit) | vs floor (goal ≥ 0.7x) | whole lives/s (all {n} reaped) | vs floor |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| subject | started/s (all {n} at their first guest exit) | vs floor (goal ≥ 0.7x) | whole lives/s (all {n} reaped) | vs floor | CPU per VM (user + system, every process) |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for ((label, _), r) in subjects.iter().zip(&rows) {
         println!(
-            "| {label} | {:.0} | {:.2}x | {:.0} | {:.2}x |",
+            "| {label} | {:.0} | {:.2}x | {:.0} | {:.2}x | {:.2} ms |",
             r.0,
             r.0 / rows[0].0,
             r.1,
-            r.1 / rows[0].1
+            r.1 / rows[0].1,
+            r.2
         );
     }
+    rows.iter().map(|r| r.2).collect()
+}
+
+/// Mean CPU (ms) of `n` runs of `cmd` one after the other (exit status not
+/// looked at: a plugin started without vmm fails at its connect).
+fn cpu_of_runs(mut cmd: Command, n: usize) -> f64 {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ = cmd.status();
+    let cpu0 = children_cpu_ms();
+    for _ in 0..n {
+        let _ = cmd.status().expect("run");
+    }
+    (children_cpu_ms() - cpu0) / n as f64
+}
+
+/// Where a VM's CPU goes, against the floor: vmm and each plugin started on
+/// their own (exec, dynamic linking, runtime start; the plugin until its
+/// connect fails), and the best density ratio a design with two programs per
+/// VM could reach if everything else cost nothing.
+pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
+    const N: usize = 50;
+    let vmm_alone = cpu_of_runs(
+        {
+            let mut c = Command::new(target_dir().join("vmm"));
+            c.arg("--version");
+            c
+        },
+        N,
+    );
+    let plugin_alone = |path: PathBuf, args: &[&str]| {
+        let mut c = Command::new(path);
+        c.args(args).env_remove("CROSVM_SOCKET");
+        cpu_of_runs(c, N)
+    };
+    let c_alone = plugin_alone(c_plugin.to_path_buf(), &["trivial"]);
+    let rust_alone = plugin_alone(target_dir().join("bench-plugin"), &["trivial", "1"]);
+    let floor = per_vm[0];
+    println!("\nCPU per VM, taken apart (mean of {N} runs one at a time; the VM's CPU from the density rounds above)\n");
+    println!("| measure | C plugin (crosvm.h) | Rust SDK plugin |");
+    println!("|---|---:|---:|");
+    println!("| floor: the whole VM (one program) | {floor:.2} ms | {floor:.2} ms |");
+    println!(
+        "| vmm + jailed plugin: the whole VM | {:.2} ms | {:.2} ms |",
+        per_vm[1], per_vm[2]
+    );
+    println!("| vmm on its own (`vmm --version`: exec, libraries, start-up) | {vmm_alone:.2} ms | {vmm_alone:.2} ms |");
+    println!("| the plugin on its own (exec, libraries, runtime, until its connect fails) | {c_alone:.2} ms | {rust_alone:.2} ms |");
+    println!(
+        "| best density a second program allows (floor / (floor + plugin on its own)) | {:.2}x | {:.2}x |",
+        floor / (floor + c_alone),
+        floor / (floor + rust_alone)
+    );
+    println!(
+        "| the rest (VM − floor − plugin on its own): vmm's start-up beyond the floor's, the jail, the spawn, the handshake, threads, the plugin's protocol work, teardown | {:.2} ms | {:.2} ms |",
+        per_vm[1] - floor - c_alone,
+        per_vm[2] - floor - rust_alone
+    );
 }
 
 /// kB values of one process: (RssAnon + RssFile, Pss_Anon + Pss_File,
@@ -490,7 +565,8 @@ pub fn subjects(c_plugin: &Path) -> Vec<(&'static str, Subject)> {
 pub fn run(c_plugin: &Path, runs: usize) {
     let s = subjects(c_plugin);
     life_table(&s, runs);
-    density_table(&s, 50, 3);
+    let per_vm = density_table(&s, 50, 3);
+    cost_table(c_plugin, &per_vm);
     // Memory: the floor and the Rust plugin have a `hold` mode.
     let held = vec![
         s[0].clone(),
