@@ -1,11 +1,12 @@
 //! Hot restart in C (`crosvm_ext.h`, docs/protocol-extensions.md §9): thin
 //! shims over [`crate::Attached`], [`crate::Checkpoint`] and
-//! [`crate::Connection::declare_restartable`].
+//! [`crate::Connection::declare_restartable`]. The take-over functions
+//! check their pointers (NULL: `-EINVAL`).
 
 use std::ffi::c_int;
 use std::os::fd::IntoRawFd;
 
-use super::{conn, crosvm, crosvm_memory, crosvm_vcpu, fail, ffi, vcpu};
+use super::{conn, crosvm, crosvm_io, crosvm_irq, crosvm_memory, crosvm_vcpu, fail, ffi, vcpu};
 use crate::{Attached, Checkpoint, RestartKind};
 
 /// `struct crosvm_attached`.
@@ -77,6 +78,56 @@ pub unsafe extern "C" fn crosvm_attached_take_memory(
             Ok((mem, fd)) => {
                 out.write(Box::into_raw(Box::new(crosvm_memory { mem: mem.detach() })));
                 out_fd.write(fd.into_raw_fd());
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Takes the kept io event `id`: `*out` a handle as from
+/// `crosvm_create_io_event` (its eventfd stays the handle's; destroy it
+/// with `crosvm_destroy_io_event`). 0 or `-errno` (`-EINVAL`: a NULL
+/// argument, or no io event with that id; the object stays kept).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_attached_take_io_event(
+    self_: *mut crosvm_attached,
+    id: u32,
+    out: *mut *mut crosvm_io,
+) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: non-NULL, a live handle and a writable `out` (C API contract).
+    ffi(|| unsafe {
+        match (*self_).0.take_io_event(id) {
+            Ok(io) => {
+                out.write(Box::into_raw(Box::new(crosvm_io { io: io.detach() })));
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Takes the kept irq event `id`: `*out` a handle as from
+/// `crosvm_create_irq_event`. The host keeps only the trigger eventfd: the
+/// handle's resample eventfd is a new one that is never signalled. 0 or
+/// `-errno` (`-EINVAL` as for io events).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_attached_take_irq_event(
+    self_: *mut crosvm_attached,
+    id: u32,
+    out: *mut *mut crosvm_irq,
+) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: non-NULL, a live handle and a writable `out` (C API contract).
+    ffi(|| unsafe {
+        match (*self_).0.take_irq_event(id) {
+            Ok(irq) => {
+                out.write(Box::into_raw(Box::new(crosvm_irq { irq: irq.detach() })));
                 0
             }
             Err(e) => fail(&e),
