@@ -18,7 +18,9 @@
  * answers an exit the checkpoint already covers without its effects (the
  * old plugin applied it and died before resuming it). It prints its build
  * mark on stderr (`longrun_c build ...`): tests patch it to tell binaries
- * apart.
+ * apart. For tests, LONGRUN_C_DIE_AFTER_COMMIT=S makes it SIGKILL itself
+ * right after committing exit S, before resuming it: the worst moment, the
+ * one whose exit the replacing plugin must not apply twice.
  *
  * longrun_c [N]: N rounds of 4,096 steps (1..=100000, default 20).
  */
@@ -27,6 +29,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -355,6 +358,9 @@ static int take_over(struct crosvm_attached *attached, const struct crosvm_check
   return 0;
 }
 
+/* LONGRUN_C_DIE_AFTER_COMMIT (0: never). */
+static uint64_t die_after_commit;
+
 /* Commits the device state as of the vcpu's current exit, before it is
  * resumed. */
 static int commit(struct crosvm_checkpoint *ckpt, struct crosvm_vcpu *vcpu) {
@@ -367,7 +373,13 @@ static int commit(struct crosvm_checkpoint *ckpt, struct crosvm_vcpu *vcpu) {
   save_state(blob);
   pthread_mutex_unlock(&dev.lock);
   ret = crosvm_checkpoint_commit(ckpt, serial, blob, sizeof(blob));
-  return ret ? fail("crosvm_checkpoint_commit", ret) : 0;
+  if (ret)
+    return fail("crosvm_checkpoint_commit", ret);
+  if (serial == die_after_commit) {
+    fprintf(stderr, "longrun_c: dying after the commit of exit %" PRIu64 "\n", serial);
+    raise(SIGKILL);
+  }
+  return 0;
 }
 
 /* The accumulator's answer to a read, into the event's data. */
@@ -390,6 +402,9 @@ int main(int argc, char **argv) {
     if (errno || end == argv[1] || *end || argv[1][0] == '-' || rounds < 1 || rounds > 100000)
       return usage("N must be 1..=100000");
   }
+  const char *die = getenv("LONGRUN_C_DIE_AFTER_COMMIT");
+  if (die)
+    die_after_commit = strtoull(die, NULL, 10);
   struct crosvm *crosvm;
   int ret = crosvm_connect(&crosvm);
   if (ret)

@@ -601,3 +601,42 @@ fn longrun_c_sigkilled_under_restart_prints_the_uninterrupted_result() {
         "{stderr}"
     );
 }
+
+/// `longrun_c` killed right after committing an exit and before resuming
+/// it (the plugin SIGKILLs itself there): the replacing plugin gets that
+/// exit again with a state that has it already, answers it without
+/// applying it twice, and the guest ends with the uninterrupted result.
+/// Once at an accumulator write, once at the read that follows it.
+#[test]
+fn longrun_c_killed_between_commit_and_resume_applies_the_exit_once() {
+    let rounds = 20;
+    // 129 exits a round (64 accumulator writes, each with its read, then
+    // the progress write): exit 1001 is a read, 1002 the next write.
+    for serial in [1001u64, 1002] {
+        let env = format!("LONGRUN_C_DIE_AFTER_COMMIT={serial}");
+        let r = e2e_tests::run_vmm(
+            &["--plugin-env", &env, "--on-plugin-crash", "restart:1"],
+            &bin("longrun_c"),
+            &[&rounds.to_string()],
+        );
+        r.assert_success();
+        assert!(
+            r.stdout.contains(&result_line(rounds)),
+            "exit {serial}: {r:#?}"
+        );
+        assert!(
+            r.stderr
+                .contains(&format!("dying after the commit of exit {serial}")),
+            "{r:#?}"
+        );
+        let took_over = "took over the running VM (Crash)";
+        assert_eq!(r.stderr.matches(took_over).count(), 1, "{r:#?}");
+        assert!(
+            r.stderr.contains(&format!(
+                "exits {} answered, {serial} in the state",
+                serial - 1
+            )),
+            "the re-delivered exit is covered by the state: {r:#?}"
+        );
+    }
+}
