@@ -206,6 +206,8 @@ _Static_assert(sizeof(struct crosvm_coalesced_writes) <= 64,
 #define CROSVM_RESTART_UPGRADE 1
 #define CROSVM_RESTART_CRASH 2
 
+/* Every function of this section returns 0 (or the count or kind it
+ * says) or -errno; a NULL handle or out-pointer is -EINVAL. */
 struct crosvm_attached;
 struct crosvm_checkpoint;
 

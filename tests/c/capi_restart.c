@@ -6,7 +6,7 @@
  *
  *  1. Generation 0 (a fresh boot): crosvm_attached_take_io_event and
  *     _irq_event with nothing kept, NULL handles and NULL out-pointers are
- *     -EINVAL. It creates guest memory (object 0), an any-value io event on
+ *     -EINVAL (as NULLs are for the other hot-restart functions). It creates guest memory (object 0), an any-value io event on
  *     port IOE_PORT (object 1) and an irq event on GSI 5 (object 2),
  *     declares itself restartable with a checkpoint, and aborts at the
  *     guest's first exit (CRASH_PORT) after committing its failure count.
@@ -74,7 +74,25 @@ static int fresh(struct crosvm *crosvm, struct crosvm_attached *attached) {
   REQUIRE(crosvm_reserve_range(crosvm, CROSVM_ADDRESS_SPACE_IOPORT, CRASH_PORT, 4) == 0);
   struct crosvm_checkpoint *ckpt;
   REQUIRE(crosvm_checkpoint_new(64, &ckpt) == 0);
+  CHECK_EQ(crosvm_declare_restartable(NULL, ckpt), -EINVAL);
   REQUIRE(crosvm_declare_restartable(crosvm, ckpt) == 0);
+  /* The rest of the hot-restart functions refuse NULL too. */
+  CHECK_EQ(crosvm_attach(crosvm, NULL), -EINVAL);
+  CHECK_EQ(crosvm_attached_kind(NULL), -EINVAL);
+  int fd;
+  CHECK_EQ(crosvm_attached_take_memory(NULL, 0, &mem, &fd), -EINVAL);
+  struct crosvm_checkpoint *none;
+  CHECK_EQ(crosvm_attached_take_checkpoint(NULL, &none), -EINVAL);
+  CHECK_EQ(crosvm_attached_destroy(NULL), -EINVAL);
+  CHECK_EQ(crosvm_checkpoint_new(64, NULL), -EINVAL);
+  CHECK_EQ(crosvm_checkpoint_commit(NULL, 1, "x", 1), -EINVAL);
+  CHECK_EQ(crosvm_checkpoint_commit(ckpt, 1, NULL, 1), -EINVAL);
+  uint64_t serial = 0;
+  size_t len = 0;
+  CHECK_EQ(crosvm_checkpoint_load(NULL, &serial, NULL, 0, &len), -EINVAL);
+  CHECK_EQ(crosvm_checkpoint_load(ckpt, &serial, NULL, 0, &len), 0); /* nothing yet */
+  CHECK_EQ(crosvm_checkpoint_destroy(NULL), -EINVAL);
+  CHECK_EQ(crosvm_vcpu_serial(NULL, &serial), -EINVAL);
 
   struct crosvm_vcpu *vcpu;
   REQUIRE(crosvm_get_vcpu(crosvm, 0, &vcpu) == 0);
@@ -86,7 +104,7 @@ static int fresh(struct crosvm *crosvm, struct crosvm_attached *attached) {
   REQUIRE(crosvm_vcpu_resume(vcpu) == 0);
   expect_io(vcpu, &evt, CROSVM_ADDRESS_SPACE_IOPORT, CRASH_PORT, 1);
   /* The next generation counts this one's failures. */
-  uint64_t serial;
+  CHECK_EQ(crosvm_vcpu_serial(vcpu, NULL), -EINVAL);
   CHECK_EQ(crosvm_vcpu_serial(vcpu, &serial), 0);
   pthread_mutex_lock(&test_lock);
   int32_t failures = test_failures;
