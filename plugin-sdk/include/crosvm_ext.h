@@ -230,9 +230,9 @@ int crosvm_attached_take_memory(struct crosvm_attached *self, uint32_t id,
 int crosvm_attached_take_checkpoint(struct crosvm_attached *self,
                                     struct crosvm_checkpoint **out);
 /* Takes the kept io event id: a handle as from crosvm_create_io_event
- * (crosvm_io_event_fd is the old plugin's eventfd; destroy it with
- * crosvm_destroy_io_event). -EINVAL: a NULL argument, or no io event with
- * that id (the object stays kept). */
+ * (crosvm_io_event_fd: the eventfd KVM signals, which the host kept;
+ * destroy it with crosvm_destroy_io_event). -EINVAL: a NULL argument, or
+ * no io event with that id (the object stays kept). */
 int crosvm_attached_take_io_event(struct crosvm_attached *self, uint32_t id,
                                   struct crosvm_io **out);
 /* Takes the kept irq event id: a handle as from crosvm_create_irq_event.
