@@ -9,6 +9,19 @@
  * custom command `state` with it as JSON; under vmm --restore the device
  * state from the snapshot is loaded before crosvm_start.
  *
+ * Hot restart (section 9), as longrun: the plugin declares it can be
+ * replaced and commits its device state to a checkpoint at every exit,
+ * tagged with the exit's serial, before resuming it. A plugin started to
+ * replace it (vmm ctl S upgrade, or after a crash under --on-plugin-crash
+ * restart) takes over guest memory, loads the device from the old
+ * plugin's SAVE_STATE blob (upgrade) or the checkpoint (crash), and
+ * answers an exit the checkpoint already covers without its effects (the
+ * old plugin applied it and died before resuming it). It prints its build
+ * mark on stderr (`longrun_c build ...`): tests patch it to tell binaries
+ * apart. For tests, LONGRUN_C_DIE_AFTER_COMMIT=S makes it SIGKILL itself
+ * right after committing exit S, before resuming it: the worst moment, the
+ * one whose exit the replacing plugin must not apply twice.
+ *
  * longrun_c [N]: N rounds of 4,096 steps (1..=100000, default 20).
  */
 #define _GNU_SOURCE
@@ -16,6 +29,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,44 +254,32 @@ static int usage(const char *problem) {
   return 2;
 }
 
-int main(int argc, char **argv) {
-  unsigned long rounds = 20;
-  if (argc > 2)
-    return usage("expected at most one argument");
-  if (argc == 2) {
-    char *end;
-    errno = 0;
-    rounds = strtoul(argv[1], &end, 10);
-    if (errno || end == argv[1] || *end || argv[1][0] == '-' || rounds < 1 || rounds > 100000)
-      return usage("N must be 1..=100000");
-  }
-  struct crosvm *crosvm;
-  int ret = crosvm_connect(&crosvm);
-  if (ret)
-    return fail("crosvm_connect", ret);
-  struct crosvm_vcpu *extra;
-  if (crosvm_get_vcpu(crosvm, 1, &extra) == 0) {
-    fprintf(stderr, "longrun_c: this machine drives 1 vcpu; run vmm without --cpus\n");
-    return 2;
-  }
+/* This build's mark, printed at start (tests patch the digits in a copy of
+ * the binary to get "a changed version"). */
+static const char build_mark[] = "longrun_c-build-00000001";
 
-  int mem_fd = memfd_create("guest_mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-  if (mem_fd < 0 || ftruncate(mem_fd, MEM_SIZE) ||
-      fcntl(mem_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)) {
+/* A fresh boot: guest memory with the program in it (its memfd in
+ * *mem_fd, mapped at *mem), the device's ports and the PC's interrupt
+ * routes. */
+static int set_up(struct crosvm *crosvm, unsigned long rounds, int *mem_fd, uint8_t **mem) {
+  *mem_fd = memfd_create("guest_mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (*mem_fd < 0 || ftruncate(*mem_fd, MEM_SIZE) ||
+      fcntl(*mem_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)) {
     perror("longrun_c: memfd");
     return 1;
   }
-  uint8_t *mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, mem_fd, 0);
-  if (mem == MAP_FAILED) {
+  *mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, *mem_fd, 0);
+  if (*mem == MAP_FAILED) {
     perror("longrun_c: mmap");
     return 1;
   }
-  memcpy(mem + CODE, guest_main, sizeof(guest_main));
-  memcpy(mem + HANDLER, guest_handler, sizeof(guest_handler));
-  put32(mem + ROUNDS, (uint32_t)rounds);
+  memcpy(*mem + CODE, guest_main, sizeof(guest_main));
+  memcpy(*mem + HANDLER, guest_handler, sizeof(guest_handler));
+  put32(*mem + ROUNDS, (uint32_t)rounds);
 
+  /* The first object this plugin creates: id 0 (take_over relies on it). */
   struct crosvm_memory *mem_obj;
-  ret = crosvm_create_memory(crosvm, mem_fd, 0, MEM_SIZE, 0, false, false, &mem_obj);
+  int ret = crosvm_create_memory(crosvm, *mem_fd, 0, MEM_SIZE, 0, false, false, &mem_obj);
   if (ret)
     return fail("crosvm_create_memory", ret);
   static const struct {
@@ -305,6 +307,160 @@ int main(int argc, char **argv) {
   ret = crosvm_set_irq_routing(crosvm, 32, routes);
   if (ret)
     return fail("crosvm_set_irq_routing", ret);
+  return 0;
+}
+
+/* A replacing plugin: guest memory from the host (object 0, the memory
+ * set_up created: object ids count from 0 in creation order, docs/c-api.md
+ * section 9.2), mapped at *mem; the device from the old plugin's blob
+ * (upgrade) or the checkpoint (crash). *covered: the exit serial the
+ * device state covers; seen: the exits the guest saw answered. */
+static int take_over(struct crosvm_attached *attached, const struct crosvm_checkpoint *ckpt,
+                     uint64_t seen, uint8_t **mem, uint64_t *covered) {
+  struct crosvm_memory *mem_obj;
+  int mem_fd;
+  int ret = crosvm_attached_take_memory(attached, 0, &mem_obj, &mem_fd);
+  if (ret)
+    return fail("crosvm_attached_take_memory (the guest memory)", ret);
+  *mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, mem_fd, 0);
+  if (*mem == MAP_FAILED) {
+    perror("longrun_c: mmap of the guest memory taken over");
+    return 1;
+  }
+  *covered = 0;
+  if (crosvm_attached_kind(attached) == CROSVM_RESTART_UPGRADE) {
+    const uint8_t *state;
+    size_t len;
+    ret = crosvm_attached_state(attached, &state, &len);
+    if (ret)
+      return fail("crosvm_attached_state", ret);
+    if (restore_state(state, len))
+      return 1;
+    *covered = seen;
+  } else {
+    uint8_t blob[64];
+    size_t len;
+    ret = crosvm_checkpoint_load(ckpt, covered, blob, sizeof(blob), &len);
+    if (ret < 0)
+      return fail("crosvm_checkpoint_load", ret);
+    if (ret == 1 && restore_state(blob, len))
+      return 1;
+  }
+  /* The checkpoint is written before every resume: it covers every exit
+   * the guest saw answered, and at most the one re-delivered. */
+  if (*covered < seen || *covered > seen + 1) {
+    fprintf(stderr,
+            "longrun_c: the device state covers exit %" PRIu64 ", but the guest saw %" PRIu64
+            " exits answered: it does not match the guest\n",
+            *covered, seen);
+    return 1;
+  }
+  return 0;
+}
+
+/* LONGRUN_C_DIE_AFTER_COMMIT (0: never). */
+static uint64_t die_after_commit;
+
+/* Commits the device state as of the vcpu's current exit, before it is
+ * resumed. */
+static int commit(struct crosvm_checkpoint *ckpt, struct crosvm_vcpu *vcpu) {
+  uint64_t serial;
+  int ret = crosvm_vcpu_serial(vcpu, &serial);
+  if (ret)
+    return fail("crosvm_vcpu_serial", ret);
+  uint8_t blob[STATE_LEN];
+  pthread_mutex_lock(&dev.lock);
+  save_state(blob);
+  pthread_mutex_unlock(&dev.lock);
+  ret = crosvm_checkpoint_commit(ckpt, serial, blob, sizeof(blob));
+  if (ret)
+    return fail("crosvm_checkpoint_commit", ret);
+  if (serial == die_after_commit) {
+    fprintf(stderr, "longrun_c: dying after the commit of exit %" PRIu64 "\n", serial);
+    raise(SIGKILL);
+  }
+  return 0;
+}
+
+/* The accumulator's answer to a read, into the event's data. */
+static void answer_read(struct crosvm_vcpu_event *evt) {
+  uint8_t b[4];
+  pthread_mutex_lock(&dev.lock);
+  put32(b, (uint32_t)(dev.acc >> 16));
+  pthread_mutex_unlock(&dev.lock);
+  memcpy(evt->io_access.data, b, evt->io_access.length < 4 ? evt->io_access.length : 4);
+}
+
+int main(int argc, char **argv) {
+  unsigned long rounds = 20;
+  if (argc > 2)
+    return usage("expected at most one argument");
+  if (argc == 2) {
+    char *end;
+    errno = 0;
+    rounds = strtoul(argv[1], &end, 10);
+    if (errno || end == argv[1] || *end || argv[1][0] == '-' || rounds < 1 || rounds > 100000)
+      return usage("N must be 1..=100000");
+  }
+  const char *die = getenv("LONGRUN_C_DIE_AFTER_COMMIT");
+  if (die)
+    die_after_commit = strtoull(die, NULL, 10);
+  struct crosvm *crosvm;
+  int ret = crosvm_connect(&crosvm);
+  if (ret)
+    return fail("crosvm_connect", ret);
+  struct crosvm_vcpu *extra;
+  if (crosvm_get_vcpu(crosvm, 1, &extra) == 0) {
+    fprintf(stderr, "longrun_c: this machine drives 1 vcpu; run vmm without --cpus\n");
+    return 2;
+  }
+  /* Is this plugin replacing another? Asked before anything is created. */
+  struct crosvm_attached *attached;
+  ret = crosvm_attach(crosvm, &attached);
+  if (ret)
+    return fail("crosvm_attach", ret);
+  int kind = crosvm_attached_kind(attached);
+  fprintf(stderr, "longrun_c build %s, %s\n", build_mark,
+          kind == CROSVM_RESTART_UPGRADE ? "upgrade"
+          : kind == CROSVM_RESTART_CRASH ? "crash"
+                                         : "fresh");
+  struct crosvm_checkpoint *ckpt;
+  ret = crosvm_attached_take_checkpoint(attached, &ckpt);
+  if (ret < 0)
+    return fail("crosvm_attached_take_checkpoint", ret);
+  if (ret == 0 && (ret = crosvm_checkpoint_new(64, &ckpt)))
+    return fail("crosvm_checkpoint_new", ret);
+  struct crosvm_vcpu *vcpu;
+  ret = crosvm_get_vcpu(crosvm, 0, &vcpu);
+  if (ret)
+    return fail("crosvm_get_vcpu", ret);
+
+  uint8_t *mem;
+  /* Exits up to this serial are in the device state already. */
+  uint64_t covered = 0;
+  if (kind != CROSVM_RESTART_FRESH) {
+    uint64_t seen;
+    ret = crosvm_vcpu_serial(vcpu, &seen);
+    if (ret)
+      return fail("crosvm_vcpu_serial", ret);
+    if (take_over(attached, ckpt, seen, &mem, &covered))
+      return 1;
+    char json[128];
+    state_json(json, sizeof(json));
+    fprintf(stderr,
+            "longrun_c: took over the running VM (%s), device state %s, exits %" PRIu64
+            " answered, %" PRIu64 " in the state\n",
+            kind == CROSVM_RESTART_UPGRADE ? "Upgrade" : "Crash", json, seen, covered);
+  } else {
+    int mem_fd;
+    if (set_up(crosvm, rounds, &mem_fd, &mem))
+      return 1;
+  }
+  crosvm_attached_destroy(&attached);
+  ret = crosvm_declare_restartable(crosvm, ckpt);
+  int restartable = ret == 0;
+  if (ret)
+    fprintf(stderr, "longrun_c: no hot restart (%s)\n", strerror(-ret));
 
   /* Restoring a snapshot? Then the device continues from its state. */
   uint8_t blob[64];
@@ -334,15 +490,15 @@ int main(int argc, char **argv) {
     return 1;
   }
 
-  struct crosvm_vcpu *vcpu;
-  ret = crosvm_get_vcpu(crosvm, 0, &vcpu);
-  if (ret)
-    return fail("crosvm_get_vcpu", ret);
   ret = crosvm_start(crosvm);
   if (ret)
     return fail("crosvm_start", ret);
 
   for (;;) {
+    uint64_t before;
+    ret = crosvm_vcpu_serial(vcpu, &before);
+    if (ret)
+      return fail("crosvm_vcpu_serial", ret);
     struct crosvm_vcpu_event evt;
     ret = crosvm_vcpu_wait(vcpu, &evt);
     if (ret == -ESHUTDOWN) {
@@ -351,34 +507,46 @@ int main(int argc, char **argv) {
     }
     if (ret)
       return fail("crosvm_vcpu_wait", ret);
-    if (evt.kind == CROSVM_VCPU_EVENT_KIND_INIT) {
+    int io = evt.kind == CROSVM_VCPU_EVENT_KIND_IO_ACCESS &&
+             evt.io_access.address_space == CROSVM_ADDRESS_SPACE_IOPORT;
+    uint64_t port = io ? evt.io_access.address : 0;
+    /* An exit the device state already has (the old plugin applied it and
+     * died before resuming it): answer it without its effects. (An exit
+     * that needs a resume has the serial after `before`.) */
+    int needs_resume = evt.kind != CROSVM_VCPU_EVENT_KIND_COALESCED_WRITES &&
+                       !(evt.kind == CROSVM_VCPU_EVENT_KIND_IO_ACCESS && evt.io_access.no_resume);
+    if (needs_resume && before < covered) {
+      if (io && port == SHUTDOWN_PORT)
+        break;
+      if (io && port == ACC_PORT && !evt.io_access.is_write)
+        answer_read(&evt);
+    } else if (evt.kind == CROSVM_VCPU_EVENT_KIND_INIT) {
       if (init_vcpu(vcpu))
         return 1;
-    } else if (evt.kind == CROSVM_VCPU_EVENT_KIND_IO_ACCESS &&
-               evt.io_access.address_space == CROSVM_ADDRESS_SPACE_IOPORT) {
-      uint64_t port = evt.io_access.address;
+    } else if (io) {
       uint32_t value = dword(evt.io_access.data, evt.io_access.length);
       if (port == SHUTDOWN_PORT)
         break;
-      pthread_mutex_lock(&dev.lock);
-      if (port == ACC_PORT && evt.io_access.is_write) {
-        dev.acc = ((dev.acc << 7 | dev.acc >> 57) ^ value) * 0x00000100000001b3ull;
-      } else if (port == ACC_PORT) {
-        uint32_t answer = (uint32_t)(dev.acc >> 16);
-        uint8_t b[4];
-        put32(b, answer);
-        memcpy(evt.io_access.data, b, evt.io_access.length < 4 ? evt.io_access.length : 4);
-      } else if (port == PROGRESS_PORT) {
-        printf("progress %" PRIu32 "\n", value);
-        fflush(stdout);
-      } else if (port == RESULT_PORT) {
-        dev.has_fold = 1;
-        dev.fold = value;
-      } else if (port == RESULT_PORT + 4) {
-        dev.has_x = 1;
-        dev.x = value;
+      if (port == ACC_PORT && !evt.io_access.is_write) {
+        answer_read(&evt);
+      } else {
+        pthread_mutex_lock(&dev.lock);
+        if (port == ACC_PORT) {
+          dev.acc = ((dev.acc << 7 | dev.acc >> 57) ^ value) * 0x00000100000001b3ull;
+        } else if (port == PROGRESS_PORT) {
+          printf("progress %" PRIu32 "\n", value);
+          fflush(stdout);
+        } else if (port == RESULT_PORT) {
+          dev.has_fold = 1;
+          dev.fold = value;
+        } else if (port == RESULT_PORT + 4) {
+          dev.has_x = 1;
+          dev.x = value;
+        }
+        pthread_mutex_unlock(&dev.lock);
       }
-      pthread_mutex_unlock(&dev.lock);
+      if (restartable && commit(ckpt, vcpu))
+        return 1;
     }
     ret = crosvm_vcpu_resume(vcpu);
     if (ret)

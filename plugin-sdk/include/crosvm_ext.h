@@ -3,8 +3,8 @@
  * crosvm.h stays source-compatible with crosvm's plugin API 0.22; what is
  * declared here exists only in vmm's libcrosvm_plugin. A plugin that uses
  * none of it never sees an extension event. See docs/protocol-extensions.md
- * §4 (coalesced write ranges), §5 (the control channel), §6 (snapshots)
- * and docs/c-api.md.
+ * §4 (coalesced write ranges), §5 (the control channel), §6 (snapshots),
+ * §8 (live migration), §9 (hot restart) and docs/c-api.md.
  */
 #ifndef CROSVM_EXT_H
 #define CROSVM_EXT_H
@@ -133,6 +133,37 @@ int crosvm_control_reply_state(struct crosvm_control *self, uint64_t id,
 int crosvm_control_reply_dirty_pages(struct crosvm_control *self, uint64_t id,
                                      const uint64_t *pages, size_t count);
 
+/* A write tracker: the pages the plugin wrote into guest memory itself,
+ * kept until a DIRTY_PAGES asks for them. Share one between the writers
+ * and the control thread (it locks). Every function returns 0 or -errno
+ * (-EINVAL for a NULL handle or buffer). A plugin that writes guest memory
+ * after crosvm_start writes through crosvm_write_tracker_write (or marks
+ * what it wrote otherwise) and answers DIRTY_PAGES with
+ * crosvm_control_reply_tracked_pages. Between SAVE_STATE and RESUMED it
+ * must not write at all: stop the writers before answering SAVE_STATE
+ * (the plugin's own lock around its writes and its device state). */
+struct crosvm_write_tracker;
+
+int crosvm_write_tracker_new(struct crosvm_write_tracker **out);
+/* Frees the tracker (its pages are forgotten); sets *self to NULL. */
+int crosvm_write_tracker_destroy(struct crosvm_write_tracker **self);
+/* Notes a write of len bytes at guest-physical gpa made some other way:
+ * every page it touches (len 0: none). */
+int crosvm_write_tracker_mark(const struct crosvm_write_tracker *self, uint64_t gpa,
+                              size_t len);
+/* Copies len bytes from bytes to dst, the plugin's mapping of
+ * guest-physical gpa, with volatile stores (the guest may access the
+ * memory meanwhile), and notes the pages. -EINVAL: gpa + len wraps. */
+int crosvm_write_tracker_write(const struct crosvm_write_tracker *self, void *dst,
+                               uint64_t gpa, const void *bytes, size_t len);
+/* Answers CROSVM_CONTROL_DIRTY_PAGES command id with the tracker's pages
+ * (each once, sorted) and forgets them. A failed reply keeps them in the
+ * tracker: -EINVAL for more than 1,500,000 pages (the command is not
+ * answered: refuse it with crosvm_control_reply_error), or the channel's
+ * errno. */
+int crosvm_control_reply_tracked_pages(struct crosvm_control *self, uint64_t id,
+                                       const struct crosvm_write_tracker *tracker);
+
 /* Is vmm restoring a snapshot (vmm --restore)? Ask before crosvm_start.
  * Returns 0 with *out_len = 0 on a fresh boot (also from a host without
  * the extension); 1 when restoring, with the device state saved in the
@@ -175,6 +206,8 @@ _Static_assert(sizeof(struct crosvm_coalesced_writes) <= 64,
 #define CROSVM_RESTART_UPGRADE 1
 #define CROSVM_RESTART_CRASH 2
 
+/* Every function of this section returns 0 (or the count or kind it
+ * says) or -errno; a NULL handle or out-pointer is -EINVAL. */
 struct crosvm_attached;
 struct crosvm_checkpoint;
 
@@ -196,6 +229,17 @@ int crosvm_attached_take_memory(struct crosvm_attached *self, uint32_t id,
  * -EBADMSG when its header is corrupted. */
 int crosvm_attached_take_checkpoint(struct crosvm_attached *self,
                                     struct crosvm_checkpoint **out);
+/* Takes the kept io event id: a handle as from crosvm_create_io_event
+ * (crosvm_io_event_fd: the eventfd KVM signals, which the host kept;
+ * destroy it with crosvm_destroy_io_event). -EINVAL: a NULL argument, or
+ * no io event with that id (the object stays kept). */
+int crosvm_attached_take_io_event(struct crosvm_attached *self, uint32_t id,
+                                  struct crosvm_io **out);
+/* Takes the kept irq event id: a handle as from crosvm_create_irq_event.
+ * The host keeps only the trigger eventfd: the handle's resample eventfd
+ * is a new one that is never signalled. -EINVAL as for io events. */
+int crosvm_attached_take_irq_event(struct crosvm_attached *self, uint32_t id,
+                                   struct crosvm_irq **out);
 int crosvm_attached_destroy(struct crosvm_attached **self);
 
 /* The crash-consistent checkpoint (double buffer, sequence, CRC-32). */

@@ -47,7 +47,9 @@ use crate::vcpu::{VcpuEvent, VcpuGuard, VcpuSlot};
 use crate::Connection;
 
 mod restart;
+mod tracker;
 pub use restart::{crosvm_attached, crosvm_checkpoint};
+pub use tracker::crosvm_write_tracker;
 
 /// `CROSVM_MAX_HINT_COUNT`.
 pub const CROSVM_MAX_HINT_COUNT: u32 = 1;
@@ -1620,6 +1622,88 @@ mod control_tests {
         let mut buf = vec![0u8; 0x10000];
         let n = recv(host.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
         ControlReply::parse_from_bytes(&buf[..n]).unwrap()
+    }
+
+    #[test]
+    fn c_write_tracker_answers_dirty_pages_and_checks_its_arguments() {
+        use super::tracker::*;
+        let (mut ctl, host) = handle();
+        let mut ram = vec![0u8; 0x3000];
+        let mut t: *mut crosvm_write_tracker = std::ptr::null_mut();
+        // SAFETY: the handles are live (from `handle` and
+        // crosvm_write_tracker_new), the buffers are locals of the lengths
+        // given; NULLs are what is tested.
+        unsafe {
+            assert_eq!(
+                crosvm_write_tracker_new(std::ptr::null_mut()),
+                -libc::EINVAL
+            );
+            assert_eq!(crosvm_write_tracker_new(&mut t), 0);
+            let v = 0xdead_beef_u32.to_le_bytes();
+            // Guest-physical 0x10_0ffe: across the page boundary.
+            let dst = ram.as_mut_ptr().add(0xffe).cast();
+            assert_eq!(
+                crosvm_write_tracker_write(t, dst, 0x10_0ffe, v.as_ptr().cast(), 4),
+                0
+            );
+            assert_eq!(&ram[0xffe..0x1002], &v);
+            assert_eq!(crosvm_write_tracker_mark(t, 0x20_0000, 1), 0);
+            assert_eq!(crosvm_write_tracker_mark(t, 0x10_1000, 0), 0);
+            host_send(&host, 30, Kind::DIRTY_PAGES, "", b"");
+            let mut cmd = std::mem::zeroed::<crosvm_control_command>();
+            assert_eq!(crosvm_control_recv(ctl, &mut cmd), 0);
+            assert_eq!((cmd.id, cmd.kind), (30, CROSVM_CONTROL_DIRTY_PAGES));
+            assert_eq!(crosvm_control_reply_tracked_pages(ctl, 30, t), 0);
+            let r = host_recv(&host);
+            assert_eq!((r.id, r.errno), (30, 0));
+            assert_eq!(r.dirty_pages, [0x10_0000, 0x10_1000, 0x20_0000]);
+            // Taken: the next answer has none.
+            assert_eq!(crosvm_control_reply_tracked_pages(ctl, 31, t), 0);
+            assert!(host_recv(&host).dirty_pages.is_empty());
+
+            // Bad arguments: an errno, nothing written, nothing noted.
+            let null = std::ptr::null_mut();
+            assert_eq!(crosvm_write_tracker_mark(null, 0, 1), -libc::EINVAL);
+            assert_eq!(
+                crosvm_write_tracker_write(t, null.cast(), 0, v.as_ptr().cast(), 4),
+                -libc::EINVAL
+            );
+            assert_eq!(
+                crosvm_write_tracker_write(t, dst, 0, std::ptr::null(), 4),
+                -libc::EINVAL
+            );
+            assert_eq!(
+                crosvm_write_tracker_write(t, dst, u64::MAX - 1, v.as_ptr().cast(), 4),
+                -libc::EINVAL
+            );
+            assert_eq!(
+                crosvm_write_tracker_write(t, null.cast(), 0, std::ptr::null(), 0),
+                0
+            );
+            assert_eq!(
+                crosvm_control_reply_tracked_pages(null.cast(), 32, t),
+                -libc::EINVAL
+            );
+            assert_eq!(
+                crosvm_control_reply_tracked_pages(ctl, 32, null),
+                -libc::EINVAL
+            );
+
+            // A reply that cannot be sent keeps the pages.
+            assert_eq!(crosvm_write_tracker_mark(t, 0x5000, 1), 0);
+            drop(host);
+            assert!(crosvm_control_reply_tracked_pages(ctl, 33, t) < 0);
+            assert_eq!((*t).0.take(), [0x5000]);
+
+            assert_eq!(
+                crosvm_write_tracker_destroy(std::ptr::null_mut()),
+                -libc::EINVAL
+            );
+            assert_eq!(crosvm_write_tracker_destroy(&mut t), 0);
+            assert!(t.is_null());
+            assert_eq!(crosvm_write_tracker_destroy(&mut t), 0);
+            assert_eq!(crosvm_control_close(&mut ctl), 0);
+        }
     }
 
     #[test]

@@ -168,7 +168,7 @@ fn library_exports_exactly_the_api() {
 }
 
 /// The extension functions, declared in `crosvm_ext.h` only.
-const EXT_API: [&str; 24] = [
+const EXT_API: [&str; 31] = [
     "crosvm_reserve_coalesced_range",
     "crosvm_control_open",
     "crosvm_control_fd",
@@ -193,6 +193,13 @@ const EXT_API: [&str; 24] = [
     "crosvm_checkpoint_destroy",
     "crosvm_declare_restartable",
     "crosvm_vcpu_serial",
+    "crosvm_attached_take_io_event",
+    "crosvm_attached_take_irq_event",
+    "crosvm_write_tracker_new",
+    "crosvm_write_tracker_destroy",
+    "crosvm_write_tracker_mark",
+    "crosvm_write_tracker_write",
+    "crosvm_control_reply_tracked_pages",
 ];
 
 #[test]
@@ -230,7 +237,19 @@ fn extension_header_compiles_and_declares_the_extensions() {
          int m(struct crosvm_control *c, uint64_t id) {\n\
            uint64_t pages[2] = {0x1000, 0x2000};\n\
            _Static_assert(CROSVM_CONTROL_DIRTY_PAGES == 5u, \"kind\");\n\
-           return crosvm_control_reply_dirty_pages(c, id, pages, 2);\n}\n",
+           return crosvm_control_reply_dirty_pages(c, id, pages, 2);\n}\n\
+         int t(struct crosvm_control *c, uint64_t id, void *ram) {\n\
+           struct crosvm_write_tracker *w; uint32_t v = 1;\n\
+           if (crosvm_write_tracker_new(&w)) return -1;\n\
+           int r = crosvm_write_tracker_write(w, ram, 0x1000, &v, sizeof v);\n\
+           r = r ? r : crosvm_write_tracker_mark(w, 0x2000, 8);\n\
+           r = r ? r : crosvm_control_reply_tracked_pages(c, id, w);\n\
+           crosvm_write_tracker_destroy(&w);\n\
+           return r;\n}\n\
+         int u(struct crosvm_attached *a) {\n\
+           struct crosvm_io *io; struct crosvm_irq *irq;\n\
+           int r = crosvm_attached_take_io_event(a, 1, &io);\n\
+           return r ? r : crosvm_attached_take_irq_event(a, 2, &irq);\n}\n",
     )
     .unwrap();
     run(Command::new("gcc")

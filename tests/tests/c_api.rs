@@ -13,6 +13,9 @@
 //!   (sync, async, unreserve), irq events with resample, set_irq, MSI.
 //! * `capi_pause`: pause_vcpus (before start and while running), vcpu
 //!   wait/resume with three vcpus, application processor MP state.
+//! * `capi_restart` (`crosvm_ext.h`): io and irq events taken over by the
+//!   plugin that replaces a crashed one, the write tracker's writes, and
+//!   their bad arguments (NULL, unknown ids, ids of another kind).
 
 use std::path::PathBuf;
 
@@ -73,4 +76,18 @@ fn c_objects_reservations_and_interrupts() {
 fn c_pause_vcpus_before_start_and_while_running() {
     let r = run_c("capi_pause", &["--cpus", "3"], &[]);
     assert_passed(&r, "capi_pause");
+}
+
+#[test]
+fn c_restart_takes_over_io_and_irq_events_and_refuses_bad_arguments() {
+    // Generation 0 aborts at the guest's first exit; generation 1 takes
+    // its objects over and finishes the guest.
+    let r = run_c("capi_restart", &["--on-plugin-crash", "restart:1"], &[]);
+    assert_passed(&r, "capi_restart");
+    assert!(
+        r.stderr
+            .contains("capi_restart: generation 0 crashes at exit 1"),
+        "{r:#?}"
+    );
+    assert!(r.stderr.contains("capi_restart: kind 2"), "{r:#?}");
 }

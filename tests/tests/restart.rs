@@ -4,7 +4,8 @@
 //! `--on-plugin-crash restart`; the guest ends with the result of an
 //! uninterrupted run. Plus the limits: descriptors and processes across
 //! 100 restarts, a restart loop, a corrupted checkpoint, a replacing
-//! plugin for another vcpu count, plugins that never declared.
+//! plugin for another vcpu count, plugins that never declared. The C
+//! machine `longrun_c` (`crosvm_ext.h`) is upgraded and SIGKILLed too.
 //!
 //! "Random points": the pauses between restarts come from a seed printed
 //! by each test (`seed N`), so a failure can be replayed.
@@ -19,6 +20,8 @@ use serde_json::Value;
 
 /// Long enough that 10 restarts at random points fit well inside the run.
 const ROUNDS: u32 = 200;
+/// `longrun_c`'s run: a few restarts at random points fit inside it.
+const ROUNDS_C: u32 = 100;
 
 /// `vmm ctl --json SOCKET ARGS...`.
 fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
@@ -157,11 +160,15 @@ fn result_line(rounds: u32) -> String {
 /// A copy of `longrun` whose build mark is `n`: another binary that prints
 /// another version.
 fn longrun_build(dir: &TempDir, n: u32) -> PathBuf {
-    let image = std::fs::read(bin("longrun")).expect("read longrun");
-    let (from, to) = (
-        b"longrun-build-00000001".as_slice(),
-        format!("longrun-build-{n:08}"),
-    );
+    patched_build(dir, "longrun", n)
+}
+
+/// A copy of the example `name` whose build mark (`NAME-build-00000001`)
+/// is `n`.
+fn patched_build(dir: &TempDir, name: &str, n: u32) -> PathBuf {
+    let image = std::fs::read(bin(name)).expect("read the example");
+    let from = format!("{name}-build-00000001");
+    let (from, to) = (from.as_bytes(), format!("{name}-build-{n:08}"));
     let mut out = Vec::with_capacity(image.len());
     let mut i = 0;
     let mut found = 0;
@@ -175,8 +182,8 @@ fn longrun_build(dir: &TempDir, n: u32) -> PathBuf {
             i += 1;
         }
     }
-    assert!(found > 0, "longrun has no build mark");
-    let path = dir.0.join(format!("longrun-{n}"));
+    assert!(found > 0, "{name} has no build mark");
+    let path = dir.0.join(format!("{name}-{n}"));
     std::fs::write(&path, out).expect("write the build");
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
@@ -520,4 +527,116 @@ fn longrun_on_pipe_channels_survives_sigkills_and_an_upgrade() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("on pipe channels"), "{stderr}");
     assert_eq!(result, result_line(ROUNDS), "{stderr}");
+}
+
+/// `longrun_c` (the C machine, `crosvm_ext.h`) replaced by `vmm ctl S
+/// upgrade` with changed builds of itself: the guest ends with the
+/// uninterrupted result.
+#[test]
+fn longrun_c_upgraded_prints_the_uninterrupted_result() {
+    let dir = TempDir::new("restart-c-upgrade");
+    let rounds = ROUNDS_C.to_string();
+    let mut vm = Vm::start(&dir, &["--hot-restart"], &bin("longrun_c"), &[&rounds]);
+    let mut points = Points::new();
+    for n in 2..=4u32 {
+        let build = patched_build(&dir, "longrun_c", n);
+        std::thread::sleep(points.pause());
+        let reply = vm
+            .ctl_json(&["upgrade", build.to_str().unwrap(), &rounds])
+            .unwrap_or_else(|e| panic!("upgrade {n}: {e}: {}", vm.finish().1));
+        assert_eq!(reply["reason"], "upgrade", "{reply}");
+        assert_eq!(reply["generation"], n - 1, "{reply}");
+        assert_eq!(vm.status()["plugin"], build.to_str().unwrap());
+    }
+    let result = vm.wait_line("result=");
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(result, result_line(ROUNDS_C), "{stderr}");
+    assert!(
+        stderr.contains("longrun_c build longrun_c-build-00000001, fresh"),
+        "{stderr}"
+    );
+    for n in 2..=4u32 {
+        let mark = format!("longrun_c build longrun_c-build-{n:08}, upgrade");
+        assert!(stderr.contains(&mark), "no {mark:?}: {stderr}");
+    }
+    assert_eq!(
+        stderr.matches("took over the running VM (Upgrade)").count(),
+        3,
+        "{stderr}"
+    );
+}
+
+/// `longrun_c` SIGKILLed at random points under `--on-plugin-crash
+/// restart`: each replacement takes over from the checkpoint and the guest
+/// ends with the uninterrupted result.
+#[test]
+fn longrun_c_sigkilled_under_restart_prints_the_uninterrupted_result() {
+    let dir = TempDir::new("restart-c-crash");
+    let rounds = ROUNDS_C.to_string();
+    let mut vm = Vm::start(
+        &dir,
+        &["--on-plugin-crash", "restart:20"],
+        &bin("longrun_c"),
+        &[&rounds],
+    );
+    let mut points = Points::new();
+    let mut pid = vm.status()["plugin_pid"].as_i64().expect("plugin pid");
+    for _ in 0..4 {
+        std::thread::sleep(points.pause());
+        sigkill(pid);
+        pid = new_plugin_pid(&mut vm, pid);
+    }
+    let result = vm.wait_line("result=");
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(result, result_line(ROUNDS_C), "{stderr}");
+    assert_eq!(
+        stderr.matches("took over the running VM (Crash)").count(),
+        4,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("restarting it (4 of at most 20"),
+        "{stderr}"
+    );
+}
+
+/// `longrun_c` killed right after committing an exit and before resuming
+/// it (the plugin SIGKILLs itself there): the replacing plugin gets that
+/// exit again with a state that has it already, answers it without
+/// applying it twice, and the guest ends with the uninterrupted result.
+/// Once at an accumulator write, once at the read that follows it.
+#[test]
+fn longrun_c_killed_between_commit_and_resume_applies_the_exit_once() {
+    let rounds = 20;
+    // 129 exits a round (64 accumulator writes, each with its read, then
+    // the progress write): exit 1001 is a read, 1002 the next write.
+    for serial in [1001u64, 1002] {
+        let env = format!("LONGRUN_C_DIE_AFTER_COMMIT={serial}");
+        let r = e2e_tests::run_vmm(
+            &["--plugin-env", &env, "--on-plugin-crash", "restart:1"],
+            &bin("longrun_c"),
+            &[&rounds.to_string()],
+        );
+        r.assert_success();
+        assert!(
+            r.stdout.contains(&result_line(rounds)),
+            "exit {serial}: {r:#?}"
+        );
+        assert!(
+            r.stderr
+                .contains(&format!("dying after the commit of exit {serial}")),
+            "{r:#?}"
+        );
+        let took_over = "took over the running VM (Crash)";
+        assert_eq!(r.stderr.matches(took_over).count(), 1, "{r:#?}");
+        assert!(
+            r.stderr.contains(&format!(
+                "exits {} answered, {serial} in the state",
+                serial - 1
+            )),
+            "the re-delivered exit is covered by the state: {r:#?}"
+        );
+    }
 }

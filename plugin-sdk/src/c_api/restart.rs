@@ -1,11 +1,12 @@
 //! Hot restart in C (`crosvm_ext.h`, docs/protocol-extensions.md §9): thin
 //! shims over [`crate::Attached`], [`crate::Checkpoint`] and
-//! [`crate::Connection::declare_restartable`].
+//! [`crate::Connection::declare_restartable`]. Every function checks its
+//! pointers (a NULL handle or out-pointer: `-EINVAL`).
 
 use std::ffi::c_int;
 use std::os::fd::IntoRawFd;
 
-use super::{conn, crosvm, crosvm_memory, crosvm_vcpu, fail, ffi, vcpu};
+use super::{conn, crosvm, crosvm_io, crosvm_irq, crosvm_memory, crosvm_vcpu, fail, ffi, vcpu};
 use crate::{Attached, Checkpoint, RestartKind};
 
 /// `struct crosvm_attached`.
@@ -21,6 +22,9 @@ pub unsafe extern "C" fn crosvm_attach(
     self_: *mut crosvm,
     out: *mut *mut crosvm_attached,
 ) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle, `out` writable (C API contract).
     ffi(|| unsafe {
         match conn(self_).attach() {
@@ -36,6 +40,9 @@ pub unsafe extern "C" fn crosvm_attach(
 /// The kind: `CROSVM_RESTART_FRESH` 0, `_UPGRADE` 1, `_CRASH` 2.
 #[no_mangle]
 pub unsafe extern "C" fn crosvm_attached_kind(self_: *const crosvm_attached) -> c_int {
+    if self_.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle from crosvm_attach (C API contract).
     ffi(|| match unsafe { &(*self_).0 }.kind() {
         RestartKind::Fresh => 0,
@@ -52,6 +59,9 @@ pub unsafe extern "C" fn crosvm_attached_state(
     state: *mut *const u8,
     len: *mut usize,
 ) -> c_int {
+    if self_.is_null() || state.is_null() || len.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle, `state` and `len` writable (C API contract).
     ffi(|| unsafe {
         let s = (*self_).0.state();
@@ -71,12 +81,65 @@ pub unsafe extern "C" fn crosvm_attached_take_memory(
     out: *mut *mut crosvm_memory,
     out_fd: *mut c_int,
 ) -> c_int {
+    if self_.is_null() || out.is_null() || out_fd.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle, `out` and `out_fd` writable (C API contract).
     ffi(|| unsafe {
         match (*self_).0.take_memory(id) {
             Ok((mem, fd)) => {
                 out.write(Box::into_raw(Box::new(crosvm_memory { mem: mem.detach() })));
                 out_fd.write(fd.into_raw_fd());
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Takes the kept io event `id`: `*out` a handle as from
+/// `crosvm_create_io_event` (its eventfd stays the handle's; destroy it
+/// with `crosvm_destroy_io_event`). 0 or `-errno` (`-EINVAL`: a NULL
+/// argument, or no io event with that id; the object stays kept).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_attached_take_io_event(
+    self_: *mut crosvm_attached,
+    id: u32,
+    out: *mut *mut crosvm_io,
+) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: non-NULL, a live handle and a writable `out` (C API contract).
+    ffi(|| unsafe {
+        match (*self_).0.take_io_event(id) {
+            Ok(io) => {
+                out.write(Box::into_raw(Box::new(crosvm_io { io: io.detach() })));
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Takes the kept irq event `id`: `*out` a handle as from
+/// `crosvm_create_irq_event`. The host keeps only the trigger eventfd: the
+/// handle's resample eventfd is a new one that is never signalled. 0 or
+/// `-errno` (`-EINVAL` as for io events).
+#[no_mangle]
+pub unsafe extern "C" fn crosvm_attached_take_irq_event(
+    self_: *mut crosvm_attached,
+    id: u32,
+    out: *mut *mut crosvm_irq,
+) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: non-NULL, a live handle and a writable `out` (C API contract).
+    ffi(|| unsafe {
+        match (*self_).0.take_irq_event(id) {
+            Ok(irq) => {
+                out.write(Box::into_raw(Box::new(crosvm_irq { irq: irq.detach() })));
                 0
             }
             Err(e) => fail(&e),
@@ -91,6 +154,9 @@ pub unsafe extern "C" fn crosvm_attached_take_checkpoint(
     self_: *mut crosvm_attached,
     out: *mut *mut crosvm_checkpoint,
 ) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle, `out` writable (C API contract).
     ffi(|| unsafe {
         match (*self_).0.take_checkpoint() {
@@ -111,6 +177,9 @@ pub unsafe extern "C" fn crosvm_attached_take_checkpoint(
 /// to NULL.
 #[no_mangle]
 pub unsafe extern "C" fn crosvm_attached_destroy(self_: *mut *mut crosvm_attached) -> c_int {
+    if self_.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: `self_` points at a handle from crosvm_attach or NULL (C API
     // contract); it is taken once.
     ffi(|| unsafe {
@@ -128,6 +197,9 @@ pub unsafe extern "C" fn crosvm_checkpoint_new(
     capacity: usize,
     out: *mut *mut crosvm_checkpoint,
 ) -> c_int {
+    if out.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: `out` writable (C API contract).
     ffi(|| unsafe {
         match Checkpoint::new(capacity) {
@@ -149,6 +221,9 @@ pub unsafe extern "C" fn crosvm_checkpoint_commit(
     blob: *const u8,
     len: usize,
 ) -> c_int {
+    if self_.is_null() || (len > 0 && blob.is_null()) {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle, `blob` readable for `len` bytes (NULL with 0).
     ffi(|| unsafe {
         let data = if len == 0 {
@@ -174,6 +249,9 @@ pub unsafe extern "C" fn crosvm_checkpoint_load(
     len: usize,
     out_len: *mut usize,
 ) -> c_int {
+    if self_.is_null() || serial.is_null() || out_len.is_null() || (len > 0 && buf.is_null()) {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handle, `serial`/`out_len` writable, `buf` writable for
     // `len` bytes (C API contract).
     ffi(|| unsafe {
@@ -200,6 +278,9 @@ pub unsafe extern "C" fn crosvm_checkpoint_load(
 /// Frees the checkpoint (the host keeps its copy) and sets `*self_` NULL.
 #[no_mangle]
 pub unsafe extern "C" fn crosvm_checkpoint_destroy(self_: *mut *mut crosvm_checkpoint) -> c_int {
+    if self_.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: `self_` points at a handle or NULL (C API contract).
     ffi(|| unsafe {
         let p = self_.replace(std::ptr::null_mut());
@@ -216,6 +297,9 @@ pub unsafe extern "C" fn crosvm_declare_restartable(
     self_: *mut crosvm,
     checkpoint: *const crosvm_checkpoint,
 ) -> c_int {
+    if self_.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live handles (checkpoint NULL or from crosvm_checkpoint_*).
     ffi(|| unsafe {
         let c = if checkpoint.is_null() {
@@ -233,6 +317,9 @@ pub unsafe extern "C" fn crosvm_declare_restartable(
 /// The serial of the vcpu's last exit that needed a resume.
 #[no_mangle]
 pub unsafe extern "C" fn crosvm_vcpu_serial(self_: *mut crosvm_vcpu, out: *mut u64) -> c_int {
+    if self_.is_null() || out.is_null() {
+        return -libc::EINVAL;
+    }
     // SAFETY: live vcpu handle, `out` writable (C API contract).
     ffi(|| unsafe {
         out.write(vcpu(self_).serial());
