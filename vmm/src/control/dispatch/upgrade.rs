@@ -112,6 +112,19 @@ impl Dispatcher {
         }
     }
 
+    /// The VM ended (`why`) with the upgrade under way: its answer now.
+    pub(super) fn upgrade_ended(&mut self, vm: &mut impl ControlTarget, why: &str) {
+        if self.upgrade.is_some() {
+            self.upgrade_end(
+                vm,
+                Err((
+                    ErrorCode::InvalidState,
+                    format!("the VM ended before the upgrade finished ({why})"),
+                )),
+            );
+        }
+    }
+
     pub(super) fn upgrade_poll(&mut self, vm: &mut impl ControlTarget) {
         let Some(u) = &mut self.upgrade else {
             return;
