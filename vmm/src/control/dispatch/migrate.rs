@@ -166,7 +166,9 @@ impl Dispatcher {
             }
             Err((code, why, committed)) => {
                 vm.migrate_abort();
-                let why = if committed {
+                let why = if committed && vm.phase() == Phase::Stopping {
+                    format!("{why}; the target may be running the machine")
+                } else if committed {
                     format!(
                         "{why}; the target may be running the machine, so this VM stays paused \
                          (resume it only once the target is known not to run it)"
