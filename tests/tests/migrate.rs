@@ -20,6 +20,16 @@ use serde_json::Value;
 /// Rounds: long enough that the migration happens mid-run.
 const ROUNDS: &str = "150";
 
+/// `E2E_MIGRATE_LOG=LEVEL` (default: unset, vmm's own default) runs the
+/// source and target vmms with `--log-level LEVEL`, for chasing a failure
+/// in their stderr (printed when a migration fails).
+fn log_args() -> Vec<String> {
+    match std::env::var("E2E_MIGRATE_LOG") {
+        Ok(level) if !level.is_empty() => vec!["--log-level".into(), level],
+        _ => Vec::new(),
+    }
+}
+
 /// A `vmm` in the background; its stdout lines arrive on a channel.
 struct Vm {
     child: Child,
@@ -31,6 +41,7 @@ struct Vm {
 impl Vm {
     fn start(vmm_args: &[&str], plugin: &str, args: &[&str]) -> Vm {
         let mut child = Command::new(bin("vmm"))
+            .args(log_args())
             .args(vmm_args)
             .arg("--plugin")
             .arg(bin(plugin))
@@ -287,6 +298,53 @@ fn a_target_that_answers_garbage_leaves_the_source_running_unharmed() {
         },
         "unknown frame kind 0x48",
     );
+}
+
+/// A target that takes the stream but is slow to start receiving (its
+/// plugin not up yet, as under a heavy load; here it never is): the
+/// source's guest runs to its end meanwhile, its plugin exits and vmm
+/// ends. The `migrate` command still gets its answer, naming why, before
+/// the control socket goes; the client used to see "vmm closed the
+/// connection" (the flake of the migration tests under load).
+#[test]
+fn a_guest_that_ends_mid_migration_still_gets_the_migrate_command_answered() {
+    let dir = TempDir::new("mig-end");
+    let args = ["40"];
+    let reference = run_vmm(&[], &bin("longrun"), &args);
+    reference.assert_success();
+    let path = dir.0.join("slow.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        // Takes everything, never says `Receiving`; EOF once the source
+        // gives up.
+        let mut b = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        while let Ok(n @ 1..) = c.read(&mut b) {
+            got += n;
+        }
+        got
+    });
+    let (mut src, socket) = source(&dir.0, "longrun", &args);
+    let addr = format!("unix:{}", path.display());
+    // The guest's end is the answer: wait for it however slow the host.
+    let (code, out, err) = ctl(&socket, &["--timeout=300", "migrate", &addr]);
+    let s = src.finish();
+    assert_eq!(
+        code,
+        Some(1),
+        "the migration cannot succeed: {out}\n{err}\n{s:#?}"
+    );
+    assert!(
+        err.contains(
+            "migrate: the VM ended before the migration finished (the plugin exited with status 0)"
+        ),
+        "the answer names why: {err}\nsource: {s:#?}"
+    );
+    assert_eq!(s.code, Some(0), "{s:#?}");
+    assert_eq!(result_of(&s.stdout), result_of(&reference.stdout), "{s:#?}");
+    assert!(!s.stderr.contains("migrated to"), "{s:#?}");
+    assert!(peer.join().unwrap() > 0, "round 0 never reached the target");
 }
 
 /// A target whose plugin sets up other memory refuses the machine, naming

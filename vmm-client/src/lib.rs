@@ -123,6 +123,11 @@ pub enum ClientError {
     TimedOut(Duration),
     #[error("vmm closed the connection")]
     Closed,
+    /// vmm closed the connection with `command` sent and not answered (a
+    /// vmm that ends answers every request first: this one crashed, was
+    /// killed, or is older).
+    #[error("{command}: vmm closed the connection before answering it")]
+    Unanswered { command: String },
     #[error("vmm closed the connection in the middle of a line")]
     Truncated,
     #[error("vmm sent a line longer than the protocol's {MAX_MESSAGE} bytes")]
@@ -395,7 +400,12 @@ impl Client {
         fds: &[BorrowedFd<'_>],
     ) -> Result<Value, ClientError> {
         let id = self.send(command, fds)?;
-        let response = self.wait_response(&id)?;
+        let response = self.wait_response(&id).map_err(|e| match e {
+            ClientError::Closed => ClientError::Unanswered {
+                command: command.name().to_string(),
+            },
+            e => e,
+        })?;
         Self::result(command.name(), response)
     }
 

@@ -427,3 +427,31 @@ fn a_line_cut_by_the_server_is_truncated() {
     let mut c = connect(&server);
     assert!(matches!(c.status(), Err(ClientError::Truncated)));
 }
+
+#[test]
+fn a_request_the_server_drops_unanswered_names_the_command() {
+    let d = Dir::new();
+    let server = FakeServer::start(d.sock(), |mut c: FakeConn| {
+        c.greet().unwrap();
+        // Reads the request, then the connection closes unanswered.
+        let _ = c.recv();
+    })
+    .unwrap();
+    let mut c = connect(&server);
+    let e = c
+        .request(&Command::Migrate {
+            to: "unix:/t".into(),
+            downtime_ms: 20,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Unanswered { command } if command == "migrate"),
+        "{e:?}"
+    );
+    assert_eq!(
+        error_chain(&e),
+        "migrate: vmm closed the connection before answering it"
+    );
+    // Reading on is plain `Closed`.
+    assert!(matches!(c.recv(), Err(ClientError::Closed)));
+}

@@ -671,3 +671,137 @@ fn migrate_refusals_change_nothing() {
     assert_eq!(code(h.responses()[0].1), Some(ErrorCode::InvalidState));
     h.finish().unwrap();
 }
+
+/// The VM ends (its plugin exited on its own, the run tears down) with
+/// requests outstanding: [`Dispatcher::ended`] answers every one, naming
+/// why, before anything else happens, so the host can flush the answers
+/// before its control socket closes. The flake of the migration tests under
+/// load was this: a source whose guest finished mid-migration exited with
+/// the `migrate` request unanswered, and the client saw "vmm closed the
+/// connection". The host calls the same method in its teardown.
+///
+/// [`Dispatcher::ended`]: vmm::control::dispatch::Dispatcher::ended
+#[test]
+fn the_vms_end_answers_every_outstanding_request_naming_why() {
+    use vmm::control::dispatch::Phase;
+    let why = "the plugin exited with status 0";
+    // Checks the answers `ended` gave (read through the harness's own
+    // accounting), before `finish` could answer anything itself.
+    let end = |h: &mut ControlHarness| {
+        h.vm.phase = Phase::Stopping;
+        h.dispatcher.ended(&mut h.vm, why);
+        // Only to hand what was queued to the harness's checks: the VM is
+        // stopping, nothing moves.
+        h.tick().unwrap();
+    };
+    let message = |h: &ControlHarness, id: u64| {
+        let rs = h.responses();
+        let r = rs
+            .iter()
+            .find(|(_, r)| r.id == json!(id))
+            .unwrap_or_else(|| panic!("request {id} was never answered: {rs:?}"))
+            .1;
+        r.error
+            .clone()
+            .unwrap_or_else(|| panic!("request {id} succeeded: {r:?}"))
+            .message
+    };
+
+    // Waiting for the plugin's first pages, with a plugin command and a
+    // pause of a vcpu still in the guest outstanding too.
+    let mut h = running(2, PluginMode::Takes(4));
+    migrate(&mut h, "/t");
+    h.line(
+        1,
+        br#"{"id":8,"command":"plugin","args":{"name":"count"}}"#,
+        0,
+    )
+    .unwrap();
+    h.line(2, br#"{"id":9,"command":"pause","args":{"vcpus":[1]}}"#, 0)
+        .unwrap();
+    assert!(h.responses().is_empty());
+    end(&mut h);
+    assert_eq!(
+        message(&h, 7),
+        format!("migrate: the VM ended before the migration finished ({why})")
+    );
+    assert!(message(&h, 8).contains(why), "{}", message(&h, 8));
+    assert!(
+        message(&h, 9).starts_with("pause: the VM"),
+        "{}",
+        message(&h, 9)
+    );
+    assert_eq!(h.responses().len(), 3);
+    let names: Vec<&str> = h.events().iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names.last(), Some(&"migration-failed"));
+    // Nothing left for `finish` (which fails on a request never answered).
+    h.finish().unwrap();
+
+    // Mid-precopy (a round being sent): the worker is stopped, the answer
+    // names why.
+    let mut h = running(1, PluginMode::Takes(4));
+    migrate(&mut h, "/t");
+    answer(&mut h, &[]);
+    end(&mut h);
+    assert_eq!(
+        message(&h, 7),
+        format!("migrate: the VM ended before the migration finished ({why})")
+    );
+    assert_eq!(h.vm.migrations_aborted, 1);
+    assert!(h.vm.migrated_to.is_none());
+    h.finish().unwrap();
+
+    // In the hand-over, the worker done: the answer is the migration's
+    // success, not the VM's end.
+    let mut h = running(1, PluginMode::Takes(4));
+    migrate(&mut h, "/t");
+    answer(&mut h, &[]);
+    for _ in 0..3 {
+        h.tick().unwrap();
+        answer(&mut h, &[]);
+    }
+    h.tick().unwrap();
+    answer(&mut h, &[]);
+    answer(&mut h, &[]);
+    assert!(h.vm.migration.as_ref().unwrap().finished.is_some());
+    assert!(h.responses().is_empty());
+    end(&mut h);
+    let rs = h.responses();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].1.ok.as_ref().unwrap()["to"], "unix:/t", "{rs:?}");
+    assert_eq!(h.vm.migrated_to.as_deref(), Some("unix:/t"));
+    h.finish().unwrap();
+
+    // In the hand-over after `Commit`, the target gone: the error says the
+    // target may run the machine (and nothing about resuming this VM).
+    let mut h = running(1, PluginMode::Takes(4));
+    migrate(&mut h, "/commit-drop");
+    answer(&mut h, &[]);
+    for _ in 0..3 {
+        h.tick().unwrap();
+        answer(&mut h, &[]);
+    }
+    h.tick().unwrap();
+    answer(&mut h, &[]);
+    answer(&mut h, &[]);
+    end(&mut h);
+    let m = message(&h, 7);
+    assert!(m.ends_with("the target may be running the machine"), "{m}");
+    h.finish().unwrap();
+
+    // A snapshot waiting for its vcpus to park.
+    let mut h = running(1, PluginMode::Takes(4));
+    h.line(
+        1,
+        br#"{"id":5,"command":"snapshot","args":{"dir":"/s"}}"#,
+        0,
+    )
+    .unwrap();
+    end(&mut h);
+    assert!(
+        message(&h, 5).starts_with("snapshot: the VM"),
+        "{}",
+        message(&h, 5)
+    );
+    h.finish().unwrap();
+}

@@ -706,6 +706,38 @@ impl Dispatcher {
         }
     }
 
+    /// The VM ended (`why`: its plugin exited, vmm tears the run down):
+    /// every request still outstanding is answered now, naming why, so
+    /// that the answers go out before the control socket closes and no
+    /// client sees the connection close instead. `vm` must be in
+    /// [`Phase::Stopping`]. Nothing is outstanding afterwards.
+    pub fn ended(&mut self, vm: &mut impl ControlTarget, why: &str) {
+        self.migration_ended(vm, why);
+        self.upgrade_ended(vm, why);
+        // Snapshots and pauses fail as the VM's stop overtakes them.
+        self.poll(vm);
+        self.snapshot_end(
+            vm,
+            Err((ErrorCode::InvalidState, format!("the VM ended ({why})"))),
+        );
+        for p in std::mem::take(&mut self.pauses) {
+            self.out.push(error(
+                p.client,
+                p.id,
+                ErrorCode::InvalidState,
+                format!("pause: the VM ended ({why})"),
+            ));
+        }
+        for (_, (client, id, name)) in std::mem::take(&mut self.forwards) {
+            self.out.push(error(
+                client,
+                id,
+                ErrorCode::PluginError,
+                format!("{name}: the VM ended before the plugin answered ({why})"),
+            ));
+        }
+    }
+
     /// The plugin's replies to forwarded commands (and timeouts).
     pub fn replies(&mut self, vm: &mut impl ControlTarget, replies: Vec<(u64, PluginReply)>) {
         for (tag, reply) in replies {

@@ -207,6 +207,33 @@ impl Host {
         }
     }
 
+    /// The run's last control round (teardown): whatever ended the run,
+    /// the VM is stopping for the dispatcher, every request still
+    /// outstanding (a migration, a snapshot, a pause, a forwarded command
+    /// whose plugin is gone) is answered naming why, and everything queued
+    /// goes to the control thread, which writes it out before the socket
+    /// closes ([`crate::control::ControlSocket`]'s drop). Before this, a
+    /// plugin that exited on its own during a migration ended vmm with the
+    /// request unanswered: the client saw "vmm closed the connection".
+    pub(super) fn control_end(&mut self) {
+        if !self.api.enabled() {
+            return;
+        }
+        self.dying_since.get_or_insert_with(Instant::now);
+        let why = match &self.plugin_end {
+            Some(super::PluginEnd::Exited(code)) => format!("the plugin exited with status {code}"),
+            Some(super::PluginEnd::Signaled(sig)) => format!("the plugin was killed by {sig}"),
+            None => "vmm is shutting down".to_string(),
+        };
+        // The channel's waiting commands are the dispatcher's to answer.
+        let _ = self.api.plugin_control.detach();
+        self.drain_events();
+        let mut d = std::mem::take(&mut self.api.dispatcher);
+        d.ended(self, &why);
+        self.api.dispatcher = d;
+        self.control_round();
+    }
+
     fn kick_vcpu(&self, id: usize) {
         use vmm_sys_util::signal::Killable;
         if let Some(t) = self.threads.get(id) {
@@ -221,7 +248,7 @@ impl Host {
 
 impl ControlTarget for Host {
     fn phase(&self) -> Phase {
-        if self.dying_since.is_some() {
+        if self.dying_since.is_some() || self.plugin_end.is_some() {
             Phase::Stopping
         } else if self.threads.is_empty() {
             Phase::Starting

@@ -130,9 +130,10 @@ impl Host {
         }
         self.take_vcpu_failure();
         self.report_stopped_vcpus();
-        // The last events (vcpu-stopped, plugin-exited) go to the control
-        // thread, which flushes them before the socket is removed.
-        self.control_round();
+        // The last events (vcpu-stopped, plugin-exited) and the answers to
+        // every request still outstanding go to the control thread, which
+        // flushes them before the socket is removed.
+        self.control_end();
 
         let panicked = self.stderr.panic.panic().map(str::to_string);
         match (self.plugin_end.as_ref(), panicked) {

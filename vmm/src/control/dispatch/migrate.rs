@@ -166,7 +166,9 @@ impl Dispatcher {
             }
             Err((code, why, committed)) => {
                 vm.migrate_abort();
-                let why = if committed {
+                let why = if committed && vm.phase() == Phase::Stopping {
+                    format!("{why}; the target may be running the machine")
+                } else if committed {
                     format!(
                         "{why}; the target may be running the machine, so this VM stays paused \
                          (resume it only once the target is known not to run it)"
@@ -226,8 +228,13 @@ impl Dispatcher {
             return;
         };
         if vm.phase() == Phase::Stopping {
-            self.migration_fail(vm, ErrorCode::InvalidState, "the VM is stopping".into());
-            return;
+            // In the hand-over the target may already run the machine:
+            // only the worker knows ([`Dispatcher::migration_ended`]
+            // answers if the VM ends first).
+            if m.stage != Stage::Final {
+                self.migration_fail(vm, ErrorCode::InvalidState, "the VM is stopping".into());
+                return;
+            }
         }
         match m.stage {
             Stage::Precopy => match vm.migrate_poll() {
@@ -274,6 +281,39 @@ impl Dispatcher {
             },
             _ => {}
         }
+    }
+
+    /// The VM ended (`why`) with the migration under way: its answer now,
+    /// before the control socket goes. A hand-over the worker finished is
+    /// answered as such; one it did not may have reached the target
+    /// (`Commit` may be out), so the error says so.
+    pub(super) fn migration_ended(&mut self, vm: &mut impl ControlTarget, why: &str) {
+        let Some(m) = &self.migration else {
+            return;
+        };
+        if m.stage == Stage::Final {
+            let r = match vm.migrate_poll() {
+                Some(MigrateProgress::Done(v)) => Ok(v),
+                Some(MigrateProgress::Failed { why, committed }) => {
+                    Err((ErrorCode::Internal, why, committed))
+                }
+                None | Some(MigrateProgress::RoundSent) => Err((
+                    ErrorCode::InvalidState,
+                    format!("the VM ended during the hand-over ({why})"),
+                    true,
+                )),
+            };
+            self.migration_end(vm, r);
+            return;
+        }
+        self.migration_end(
+            vm,
+            Err((
+                ErrorCode::InvalidState,
+                format!("the VM ended before the migration finished ({why})"),
+                false,
+            )),
+        );
     }
 
     /// The plugin's answer to a migration step.

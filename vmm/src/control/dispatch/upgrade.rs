@@ -112,6 +112,28 @@ impl Dispatcher {
         }
     }
 
+    /// The VM ended (`why`) with the upgrade under way: its answer now;
+    /// a replacement that ended (a new plugin that failed ends the VM) is
+    /// answered with its own result.
+    pub(super) fn upgrade_ended(&mut self, vm: &mut impl ControlTarget, why: &str) {
+        let Some(u) = &self.upgrade else {
+            return;
+        };
+        if u.stage == Stage::Replacing {
+            if let Some(r) = vm.upgrade_poll() {
+                self.upgrade_end(vm, r.map_err(|why| (ErrorCode::PluginError, why)));
+                return;
+            }
+        }
+        self.upgrade_end(
+            vm,
+            Err((
+                ErrorCode::InvalidState,
+                format!("the VM ended before the upgrade finished ({why})"),
+            )),
+        );
+    }
+
     pub(super) fn upgrade_poll(&mut self, vm: &mut impl ControlTarget) {
         let Some(u) = &mut self.upgrade else {
             return;
