@@ -836,6 +836,29 @@ pub unsafe extern "C" fn crosvm_create_io_event(
     })
 }
 
+/// Shared body of the destroy functions of handles that own nothing in
+/// the host (attach answers, checkpoints, write trackers): frees the handle
+/// behind `*handle`, if any, and sets `*handle` to NULL. A NULL `handle` is
+/// `-EINVAL`.
+///
+/// # Safety
+/// `handle` is NULL or points to NULL or to a live handle that came from
+/// `Box::into_raw` (the C API contract); it is taken once.
+pub(crate) unsafe fn free_handle<T>(handle: *mut *mut T) -> c_int {
+    if handle.is_null() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: per this function's contract; the pointer is swapped for NULL
+    // before the box is freed, so it is freed once.
+    ffi(|| unsafe {
+        let p = handle.replace(std::ptr::null_mut());
+        if !p.is_null() {
+            drop(Box::from_raw(p));
+        }
+        0
+    })
+}
+
 /// Shared body of the three destroy functions: destroys the object behind
 /// `*handle` through `self_`, and on success frees the handle and sets
 /// `*handle` to NULL; on failure the handle is left intact.

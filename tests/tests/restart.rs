@@ -245,17 +245,23 @@ fn sigkill(pid: i64) {
 
 #[test]
 fn longrun_sigkilled_10_times_under_restart_prints_the_uninterrupted_result() {
-    let dir = TempDir::new("restart-crash");
-    let rounds = ROUNDS.to_string();
+    sigkilled_under_restart("longrun", ROUNDS, 10);
+}
+
+/// Runs `plugin ROUNDS` under `--on-plugin-crash restart:20`, SIGKILLs its
+/// plugin `kills` times at random points, and checks each replacement took
+/// over and the guest ended with the uninterrupted result.
+fn sigkilled_under_restart(plugin: &str, rounds: u32, kills: usize) {
+    let dir = TempDir::new(&format!("restart-crash-{plugin}"));
     let mut vm = Vm::start(
         &dir,
         &["--on-plugin-crash", "restart:20"],
-        &bin("longrun"),
-        &[&rounds],
+        &bin(plugin),
+        &[&rounds.to_string()],
     );
     let mut points = Points::new();
     let mut pid = vm.status()["plugin_pid"].as_i64().expect("plugin pid");
-    for _ in 0..10 {
+    for _ in 0..kills {
         std::thread::sleep(points.pause());
         sigkill(pid);
         pid = new_plugin_pid(&mut vm, pid);
@@ -263,14 +269,14 @@ fn longrun_sigkilled_10_times_under_restart_prints_the_uninterrupted_result() {
     let result = vm.wait_line("result=");
     let (code, stderr) = vm.finish();
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(result, result_line(ROUNDS), "{stderr}");
+    assert_eq!(result, result_line(rounds), "{stderr}");
     assert_eq!(
         stderr.matches("took over the running VM (Crash)").count(),
-        10,
+        kills,
         "{stderr}"
     );
     assert!(
-        stderr.contains("restarting it (10 of at most 20"),
+        stderr.contains(&format!("restarting it ({kills} of at most 20")),
         "{stderr}"
     );
 }
@@ -572,34 +578,7 @@ fn longrun_c_upgraded_prints_the_uninterrupted_result() {
 /// ends with the uninterrupted result.
 #[test]
 fn longrun_c_sigkilled_under_restart_prints_the_uninterrupted_result() {
-    let dir = TempDir::new("restart-c-crash");
-    let rounds = ROUNDS_C.to_string();
-    let mut vm = Vm::start(
-        &dir,
-        &["--on-plugin-crash", "restart:20"],
-        &bin("longrun_c"),
-        &[&rounds],
-    );
-    let mut points = Points::new();
-    let mut pid = vm.status()["plugin_pid"].as_i64().expect("plugin pid");
-    for _ in 0..4 {
-        std::thread::sleep(points.pause());
-        sigkill(pid);
-        pid = new_plugin_pid(&mut vm, pid);
-    }
-    let result = vm.wait_line("result=");
-    let (code, stderr) = vm.finish();
-    assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(result, result_line(ROUNDS_C), "{stderr}");
-    assert_eq!(
-        stderr.matches("took over the running VM (Crash)").count(),
-        4,
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("restarting it (4 of at most 20"),
-        "{stderr}"
-    );
+    sigkilled_under_restart("longrun_c", ROUNDS_C, 4);
 }
 
 /// `longrun_c` killed right after committing an exit and before resuming

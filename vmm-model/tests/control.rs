@@ -536,6 +536,20 @@ fn migrate(h: &mut ControlHarness, to: &str) {
     h.line(1, line.as_bytes(), 0).unwrap();
 }
 
+/// A migration to `to` through three empty rounds to the hand-over: every
+/// vcpu parked, SAVE_STATE answered and the last pages sent.
+fn to_hand_over(h: &mut ControlHarness, to: &str) {
+    migrate(h, to);
+    answer(h, &[]);
+    for _ in 0..3 {
+        h.tick().unwrap();
+        answer(h, &[]);
+    }
+    h.tick().unwrap();
+    answer(h, &[]);
+    answer(h, &[]);
+}
+
 #[test]
 fn migrate_rounds_park_hand_over_and_end_the_vm() {
     let mut h = running(2, PluginMode::Takes(4));
@@ -609,15 +623,7 @@ fn migrate_failures_before_the_commit_resume_after_it_stay_paused() {
         h.line(1, br#"{"id":1,"command":"pause","args":{"vcpus":[1]}}"#, 0)
             .unwrap();
         h.tick().unwrap();
-        migrate(&mut h, to);
-        answer(&mut h, &[]);
-        for _ in 0..3 {
-            h.tick().unwrap();
-            answer(&mut h, &[]);
-        }
-        h.tick().unwrap();
-        answer(&mut h, &[]);
-        answer(&mut h, &[]);
+        to_hand_over(&mut h, to);
         h.tick().unwrap();
         let rs = h.responses();
         let e = rs.iter().find(|(_, r)| r.id == json!(7)).unwrap().1;
@@ -754,15 +760,7 @@ fn the_vms_end_answers_every_outstanding_request_naming_why() {
     // In the hand-over, the worker done: the answer is the migration's
     // success, not the VM's end.
     let mut h = running(1, PluginMode::Takes(4));
-    migrate(&mut h, "/t");
-    answer(&mut h, &[]);
-    for _ in 0..3 {
-        h.tick().unwrap();
-        answer(&mut h, &[]);
-    }
-    h.tick().unwrap();
-    answer(&mut h, &[]);
-    answer(&mut h, &[]);
+    to_hand_over(&mut h, "/t");
     assert!(h.vm.migration.as_ref().unwrap().finished.is_some());
     assert!(h.responses().is_empty());
     end(&mut h);
@@ -775,15 +773,7 @@ fn the_vms_end_answers_every_outstanding_request_naming_why() {
     // In the hand-over after `Commit`, the target gone: the error says the
     // target may run the machine (and nothing about resuming this VM).
     let mut h = running(1, PluginMode::Takes(4));
-    migrate(&mut h, "/commit-drop");
-    answer(&mut h, &[]);
-    for _ in 0..3 {
-        h.tick().unwrap();
-        answer(&mut h, &[]);
-    }
-    h.tick().unwrap();
-    answer(&mut h, &[]);
-    answer(&mut h, &[]);
+    to_hand_over(&mut h, "/commit-drop");
     end(&mut h);
     let m = message(&h, 7);
     assert!(m.ends_with("the target may be running the machine"), "{m}");

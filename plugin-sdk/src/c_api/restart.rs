@@ -177,18 +177,8 @@ pub unsafe extern "C" fn crosvm_attached_take_checkpoint(
 /// to NULL.
 #[no_mangle]
 pub unsafe extern "C" fn crosvm_attached_destroy(self_: *mut *mut crosvm_attached) -> c_int {
-    if self_.is_null() {
-        return -libc::EINVAL;
-    }
-    // SAFETY: `self_` points at a handle from crosvm_attach or NULL (C API
-    // contract); it is taken once.
-    ffi(|| unsafe {
-        let p = self_.replace(std::ptr::null_mut());
-        if !p.is_null() {
-            drop(Box::from_raw(p));
-        }
-        0
-    })
+    // SAFETY: the handle pointer per the C API contract (see free_handle).
+    unsafe { super::free_handle(self_) }
 }
 
 /// A new checkpoint for blobs of at most `capacity` bytes.
@@ -278,17 +268,8 @@ pub unsafe extern "C" fn crosvm_checkpoint_load(
 /// Frees the checkpoint (the host keeps its copy) and sets `*self_` NULL.
 #[no_mangle]
 pub unsafe extern "C" fn crosvm_checkpoint_destroy(self_: *mut *mut crosvm_checkpoint) -> c_int {
-    if self_.is_null() {
-        return -libc::EINVAL;
-    }
-    // SAFETY: `self_` points at a handle or NULL (C API contract).
-    ffi(|| unsafe {
-        let p = self_.replace(std::ptr::null_mut());
-        if !p.is_null() {
-            drop(Box::from_raw(p));
-        }
-        0
-    })
+    // SAFETY: the handle pointer per the C API contract (see free_handle).
+    unsafe { super::free_handle(self_) }
 }
 
 /// `DeclareRestartable`, with the checkpoint (NULL: none).

@@ -29,18 +29,8 @@ pub unsafe extern "C" fn crosvm_write_tracker_new(out: *mut *mut crosvm_write_tr
 pub unsafe extern "C" fn crosvm_write_tracker_destroy(
     self_: *mut *mut crosvm_write_tracker,
 ) -> c_int {
-    if self_.is_null() {
-        return -libc::EINVAL;
-    }
-    // SAFETY: `self_` points at a handle from crosvm_write_tracker_new or
-    // NULL (C API contract); it is taken once.
-    ffi(|| unsafe {
-        let p = self_.replace(std::ptr::null_mut());
-        if !p.is_null() {
-            drop(Box::from_raw(p));
-        }
-        0
-    })
+    // SAFETY: the handle pointer per the C API contract (see free_handle).
+    unsafe { super::free_handle(self_) }
 }
 
 /// Notes a write of `len` bytes at guest-physical `gpa` made some other way
