@@ -312,6 +312,95 @@ pub fn vmm_ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// A program (a `vmm`) running in the background: its stdout lines
+/// arrive on a channel and are kept in `seen` as they are read, its stderr
+/// is collected; it is killed when dropped.
+pub struct Background {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stdout line read so far.
+    pub seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Background {
+    /// Spawns `cmd` with stdin closed and stdout and stderr piped.
+    pub fn spawn(cmd: &mut Command) -> Background {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the background program");
+        let (lines, stderr) = pipe_output(&mut child);
+        Background {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits (under [`HANG_GUARD`]) for a stdout line starting with
+    /// `prefix` and returns it; otherwise kills the program and panics with
+    /// its output.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("no line starting with {prefix:?}: {:#?}", self.finish());
+                }
+            }
+        }
+    }
+
+    /// Waits for the program to end (under [`HANG_GUARD`]: a program that
+    /// outlives it is killed and fails the test): its exit code, every
+    /// stdout line it printed, its stderr.
+    pub fn finish(&mut self) -> VmmRun {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if start.elapsed() > HANG_GUARD {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the background program hung for more than {HANG_GUARD:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        VmmRun {
+            code: status.code(),
+            stdout: self.seen.join("\n"),
+            stderr: self
+                .stderr
+                .take()
+                .map(|t| t.join().unwrap_or_default())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Takes a spawned child's stdout and stderr: stdout arrives line by line
 /// on the channel (a thread reads it), stderr is collected whole by the
 /// returned thread (join it after the child ended).

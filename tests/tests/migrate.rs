@@ -10,11 +10,10 @@
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, run_vmm, TempDir, VmmRun, HANG_GUARD};
+use e2e_tests::{bin, run_vmm, Background, TempDir, VmmRun, HANG_GUARD};
 use serde_json::Value;
 
 /// Rounds: long enough that the migration happens mid-run.
@@ -31,91 +30,19 @@ fn log_args() -> Vec<String> {
 }
 
 /// A `vmm` in the background; its stdout lines arrive on a channel.
-struct Vm {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
+type Vm = Background;
 
-impl Vm {
-    fn start(vmm_args: &[&str], plugin: &str, args: &[&str]) -> Vm {
-        let mut child = Command::new(bin("vmm"))
+/// Starts `vmm [log] VMM_ARGS --plugin PLUGIN --plugin-args ARGS`.
+fn start(vmm_args: &[&str], plugin: &str, args: &[&str]) -> Vm {
+    Background::spawn(
+        Command::new(bin("vmm"))
             .args(log_args())
             .args(vmm_args)
             .arg("--plugin")
             .arg(bin(plugin))
             .arg("--plugin-args")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
-        let (lines, stderr) = e2e_tests::pipe_output(&mut child);
-        let stderr = Some(stderr);
-        Vm {
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    fn wait_line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!("no line starting with {prefix:?}: {:?}", self.finish());
-                }
-            }
-        }
-    }
-
-    /// Waits for the end (under the hang guard): the exit code, all of
-    /// stdout, stderr.
-    fn finish(&mut self) -> VmmRun {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            if start.elapsed() > HANG_GUARD {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("vmm hung for more than {HANG_GUARD:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(l);
-        }
-        VmmRun {
-            code: status.code(),
-            stdout: self.seen.join("\n"),
-            stderr: self
-                .stderr
-                .take()
-                .map(|t| t.join().unwrap_or_default())
-                .unwrap_or_default(),
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .args(args),
+    )
 }
 
 /// `vmm ctl --json SOCKET ARGS...`.
@@ -142,7 +69,7 @@ fn first_progress(stdout: &str) -> u32 {
 /// A source `vmm` with a control socket in `dir`, past `progress 5`.
 fn source(dir: &Path, plugin: &str, args: &[&str]) -> (Vm, PathBuf) {
     let socket = dir.join("src.sock");
-    let mut vm = Vm::start(&["--api-socket", socket.to_str().unwrap()], plugin, args);
+    let mut vm = start(&["--api-socket", socket.to_str().unwrap()], plugin, args);
     vm.wait_line("progress 5");
     (vm, socket)
 }
@@ -168,7 +95,7 @@ fn migrates(plugin: &str, args: &[&str], addr: &str, unix_path: Option<&Path>, d
     reference.assert_success();
     let expected = result_of(&reference.stdout);
 
-    let mut target = Vm::start(&["--incoming", addr], plugin, args);
+    let mut target = start(&["--incoming", addr], plugin, args);
     match unix_path {
         Some(p) => wait_for(p),
         None => std::thread::sleep(Duration::from_millis(300)),
@@ -355,7 +282,7 @@ fn a_target_with_other_memory_refuses_naming_the_region_and_the_source_goes_on()
     let path = dir.0.join("in.sock");
     let addr = format!("unix:{}", path.display());
     // The target's plugin has no load region.
-    let mut target = Vm::start(&["--incoming", &addr], "longrun", &[ROUNDS]);
+    let mut target = start(&["--incoming", &addr], "longrun", &[ROUNDS]);
     wait_for(&path);
     let reference = run_vmm(&[], &bin("longrun"), &[ROUNDS, "load"]);
     let (mut src, socket) = source(&dir.0, "longrun", &[ROUNDS, "load"]);
@@ -382,7 +309,7 @@ fn incoming_with(bytes: &[u8]) -> VmmRun {
     let dir = TempDir::new("mig-in");
     let path = dir.0.join("in.sock");
     let addr = format!("unix:{}", path.display());
-    let mut target = Vm::start(
+    let mut target = start(
         &["--incoming", &addr, "--incoming-timeout", "30"],
         "longrun",
         &[ROUNDS],

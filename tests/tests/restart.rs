@@ -11,11 +11,10 @@
 //! by each test (`seed N`), so a failure can be replayed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, longrun_model, TempDir, HANG_GUARD};
+use e2e_tests::{bin, longrun_model, Background, TempDir, HANG_GUARD};
 use serde_json::Value;
 
 /// Long enough that 10 restarts at random points fit well inside the run.
@@ -52,56 +51,32 @@ impl Points {
 
 /// A `vmm` in the background; stdout lines arrive on a channel.
 struct Vm {
-    child: Child,
+    bg: Background,
     socket: PathBuf,
-    lines: mpsc::Receiver<String>,
-    stdout: Vec<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Vm {
+    /// Starts `vmm --api-socket DIR/api.sock VMM_ARGS --plugin PLUGIN
+    /// --plugin-args ARGS` and waits for the guest's first progress line.
     fn start(dir: &TempDir, vmm_args: &[&str], plugin: &Path, args: &[&str]) -> Vm {
         let socket = dir.0.join("api.sock");
-        let mut child = Command::new(bin("vmm"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(vmm_args)
-            .arg("--plugin")
-            .arg(plugin)
-            .arg("--plugin-args")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
-        let (lines, stderr) = e2e_tests::pipe_output(&mut child);
-        let stderr = Some(stderr);
-        let mut vm = Vm {
-            child,
-            socket,
-            lines,
-            stdout: Vec::new(),
-            stderr,
-        };
+        let bg = Background::spawn(
+            Command::new(bin("vmm"))
+                .arg("--api-socket")
+                .arg(&socket)
+                .args(vmm_args)
+                .arg("--plugin")
+                .arg(plugin)
+                .arg("--plugin-args")
+                .args(args),
+        );
+        let mut vm = Vm { bg, socket };
         vm.wait_line("progress ");
         vm
     }
 
     fn wait_line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.stdout.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line starting with {prefix:?}: {}", self.finish().1),
-            }
-        }
+        self.bg.wait_line(prefix)
     }
 
     fn ctl_json(&self, args: &[&str]) -> Result<Value, String> {
@@ -117,39 +92,14 @@ impl Vm {
     }
 
     fn vmm_pid(&self) -> i32 {
-        self.child.id() as i32
+        self.bg.child.id() as i32
     }
 
     /// Waits for vmm to exit: its status and stderr (stdout lines stay in
-    /// `self.stdout`).
+    /// `self.bg.seen`).
     fn finish(&mut self) -> (Option<i32>, String) {
-        let deadline = Instant::now() + HANG_GUARD;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break self.child.wait().expect("wait");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            self.stdout.push(l);
-        }
-        let err = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-        (status.code(), err)
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let run = self.bg.finish();
+        (run.code, run.stderr)
     }
 }
 
@@ -440,7 +390,7 @@ fn a_corrupted_checkpoint_is_an_error_and_the_guest_does_not_run_on() {
         !stderr.contains("took over the running VM"),
         "no plugin resumed the guest on a corrupted state: {stderr}"
     );
-    assert!(!vm.stdout.iter().any(|l| l.starts_with("result=")));
+    assert!(!vm.bg.seen.iter().any(|l| l.starts_with("result=")));
 }
 
 #[test]

@@ -9,11 +9,9 @@
 //! starts afresh, so the result differs — the device state matters.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
+use std::process::Command;
 
-use e2e_tests::{bin, run_vmm, TempDir, HANG_GUARD};
+use e2e_tests::{bin, run_vmm, Background, TempDir};
 use serde_json::Value;
 
 const ROUNDS: &str = "60";
@@ -24,47 +22,30 @@ fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// A `vmm` in the background whose stdout lines arrive on a channel.
 struct Vm {
-    child: Child,
+    bg: Background,
     socket: PathBuf,
-    lines: mpsc::Receiver<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Vm {
     fn start(socket: &Path, plugin: &str, args: &[&str]) -> Vm {
-        let mut child = Command::new(bin("vmm"))
-            .arg("--api-socket")
-            .arg(socket)
-            .arg("--plugin")
-            .arg(bin(plugin))
-            .arg("--plugin-args")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
-        let (lines, stderr) = e2e_tests::pipe_output(&mut child);
-        let stderr = Some(stderr);
+        let bg = Background::spawn(
+            Command::new(bin("vmm"))
+                .arg("--api-socket")
+                .arg(socket)
+                .arg("--plugin")
+                .arg(bin(plugin))
+                .arg("--plugin-args")
+                .args(args),
+        );
         Vm {
-            child,
+            bg,
             socket: socket.to_path_buf(),
-            lines,
-            stderr,
         }
     }
 
     /// Waits for a stdout line with `prefix`; returns it.
     fn wait_line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no line starting with {prefix:?}: {}", self.end_stderr()),
-            }
-        }
+        self.bg.wait_line(prefix)
     }
 
     fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
@@ -77,22 +58,6 @@ impl Vm {
         let (code, out, err) = self.ctl(&full);
         assert_eq!(code, Some(0), "vmm ctl {args:?} failed: {out}\n{err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("vmm ctl {args:?}: {e}: {out}"))
-    }
-
-    fn end_stderr(&mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.stderr
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
