@@ -117,6 +117,19 @@ pub enum StreamError {
 
 type Result<T> = std::result::Result<T, StreamError>;
 
+/// `TooLong` unless a `frame` of `len` bytes at byte `offset` is within `max`.
+fn within(frame: &'static str, len: usize, max: usize, offset: u64) -> Result<()> {
+    if len > max {
+        return Err(StreamError::TooLong {
+            frame,
+            len: len as u64,
+            max: max as u64,
+            offset,
+        });
+    }
+    Ok(())
+}
+
 /// A guest memory region as the source has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
@@ -287,14 +300,7 @@ impl<W: Write> Writer<W> {
             b.extend_from_slice(&r.size.to_le_bytes());
         }
         b.extend_from_slice(&h.facts.encode());
-        if b.len() > MAX_HEADER {
-            return Err(StreamError::TooLong {
-                frame: "Header",
-                len: b.len() as u64,
-                max: MAX_HEADER as u64,
-                offset: self.bytes,
-            });
-        }
+        within("Header", b.len(), MAX_HEADER, self.bytes)?;
         self.frame(kind::HEADER, &[&b])
     }
 
@@ -331,14 +337,7 @@ impl<W: Write> Writer<W> {
             blob(&mut b, &v.encode());
         }
         blob(&mut b, &s.device);
-        if b.len() > MAX_STATE {
-            return Err(StreamError::TooLong {
-                frame: "State",
-                len: b.len() as u64,
-                max: MAX_STATE as u64,
-                offset: self.bytes,
-            });
-        }
+        within("State", b.len(), MAX_STATE, self.bytes)?;
         self.frame(kind::STATE, &[&b])
     }
 
@@ -477,14 +476,7 @@ impl<R: Read> Reader<R> {
                 })
             }
         };
-        if len > max_len(k) {
-            return Err(StreamError::TooLong {
-                frame: name,
-                len: len as u64,
-                max: max_len(k) as u64,
-                offset: at,
-            });
-        }
+        within(name, len, max_len(k), at)?;
         let order = |why: &str| StreamError::Order {
             frame: name,
             offset: at,
@@ -745,14 +737,7 @@ pub fn read_reply(input: &mut impl Read) -> Result<Reply> {
             })
         }
     };
-    if len > max_len(head[0]) {
-        return Err(StreamError::TooLong {
-            frame: name,
-            len: len as u64,
-            max: max_len(head[0]) as u64,
-            offset: 0,
-        });
-    }
+    within(name, len, max_len(head[0]), 0)?;
     let mut payload = vec![0u8; len];
     read_exact(input, &mut payload, "in the middle of a reply")?;
     Ok(match head[0] {

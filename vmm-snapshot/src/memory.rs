@@ -317,6 +317,15 @@ mod tests {
         (f, p)
     }
 
+    /// The first `size` bytes of both memfds are the same.
+    fn assert_same_memory(src: &OwnedFd, dst: &OwnedFd, size: u64) {
+        let mut a = vec![0u8; size as usize];
+        let mut b = vec![0u8; size as usize];
+        read_full(src.as_fd(), &mut a, 0).unwrap();
+        read_full(dst.as_fd(), &mut b, 0).unwrap();
+        assert!(a == b, "the loaded memory equals the source");
+    }
+
     #[test]
     fn sparse_round_trip() {
         let size = 64 * PAGE as u64 + (3 << 20);
@@ -337,11 +346,7 @@ mod tests {
         let dst = memfd(size);
         let back = read_image(&img, info, dst.as_fd(), 0).unwrap();
         assert_eq!(back, info);
-        let mut a = vec![0u8; size as usize];
-        let mut b = vec![0u8; size as usize];
-        read_full(src.as_fd(), &mut a, 0).unwrap();
-        read_full(dst.as_fd(), &mut b, 0).unwrap();
-        assert!(a == b, "the loaded memory equals the source");
+        assert_same_memory(&src, &dst, size);
         let _ = std::fs::remove_file(path);
     }
 
@@ -369,11 +374,7 @@ mod tests {
         let dst = memfd(size);
         let back = read_image(&img, info, dst.as_fd(), 0).unwrap();
         assert_eq!(back, info);
-        let mut a = vec![0u8; size as usize];
-        let mut b = vec![0u8; size as usize];
-        read_full(src.as_fd(), &mut a, 0).unwrap();
-        read_full(dst.as_fd(), &mut b, 0).unwrap();
-        assert!(a == b, "the loaded memory equals the source");
+        assert_same_memory(&src, &dst, size);
         // The zero pages between the data are no memory in the loaded
         // memfd (the image may hold them as zeros).
         let f = File::from(dst);
