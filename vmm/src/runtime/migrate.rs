@@ -20,7 +20,7 @@ use vmm_snapshot::Records;
 
 use super::main_handler::{dirty_bitmap_len, RestoreOffer};
 use super::objects::Object;
-use super::snapshot::host_tables;
+use super::snapshot::{device_state_fits, host_tables};
 use super::{Host, RunError};
 use crate::control::dispatch::MigrateProgress;
 use crate::migrate::{Addr, Conn, Listener};
@@ -513,24 +513,9 @@ impl Host {
         device: Vec<u8>,
         plugin_pages: &[u64],
     ) -> Result<(), String> {
-        if device.len() > snap::MAX_DEVICE_STATE {
-            return Err(format!(
-                "the plugin's device state is {} bytes, more than {}",
-                device.len(),
-                snap::MAX_DEVICE_STATE
-            ));
-        }
+        device_state_fits(&device)?;
         self.collect_dirty(plugin_pages)?;
-        let tables = host_tables(&self.state);
-        let vm = snap::capture_vm(&self.vm, &tables).map_err(|e| chain(&e))?;
-        let msrs = self
-            .vm
-            .msr_index_list()
-            .map_err(|e| format!("cannot list the vcpus' MSRs: {e}"))?;
-        let mut vcpus = Vec::with_capacity(self.snap_vcpus.len());
-        for (i, v) in self.snap_vcpus.iter().enumerate() {
-            vcpus.push(snap::capture_vcpu(v, i, &msrs).map_err(|e| chain(&e))?);
-        }
+        let (vm, vcpus) = self.capture_machine(&host_tables(&self.state))?;
         let runs = self.take_runs();
         let state = Box::new(State { vm, vcpus, device });
         let Some(m) = self.outgoing.as_mut() else {

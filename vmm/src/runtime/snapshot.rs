@@ -84,7 +84,39 @@ fn memory_fd(state: &MainState, id: u32) -> Option<(std::os::fd::BorrowedFd<'_>,
     }
 }
 
+/// The plugin's device state is at most what a snapshot (and a
+/// migration's State frame) holds.
+pub(super) fn device_state_fits(d: &[u8]) -> Result<(), String> {
+    if d.len() > snap::MAX_DEVICE_STATE {
+        return Err(format!(
+            "the plugin's device state is {} bytes, more than {}",
+            d.len(),
+            snap::MAX_DEVICE_STATE
+        ));
+    }
+    Ok(())
+}
+
 impl Host {
+    /// The VM's and every vcpu's state (every vcpu parked), as a snapshot
+    /// and a migration's State frame record them.
+    pub(super) fn capture_machine(
+        &self,
+        tables: &HostTables,
+    ) -> Result<(vmm_snapshot::Records, Vec<vmm_snapshot::Records>), String> {
+        let chain = |e: SnapError| crate::error_chain(&e);
+        let vm = snap::capture_vm(&self.vm, tables).map_err(chain)?;
+        let msrs = self
+            .vm
+            .msr_index_list()
+            .map_err(|e| format!("cannot list the vcpus' MSRs: {e}"))?;
+        let mut vcpus = Vec::with_capacity(self.snap_vcpus.len());
+        for (i, v) in self.snap_vcpus.iter().enumerate() {
+            vcpus.push(snap::capture_vcpu(v, i, &msrs).map_err(chain)?);
+        }
+        Ok((vm, vcpus))
+    }
+
     /// Captures the machine (every vcpu parked) and starts the writer.
     pub(super) fn begin_snapshot(
         &mut self,
@@ -95,25 +127,10 @@ impl Host {
             return Err("a snapshot is being written".into());
         }
         if let Some(d) = &device {
-            if d.len() > snap::MAX_DEVICE_STATE {
-                return Err(format!(
-                    "the plugin's device state is {} bytes, more than {}",
-                    d.len(),
-                    snap::MAX_DEVICE_STATE
-                ));
-            }
+            device_state_fits(d)?;
         }
-        let chain = |e: SnapError| crate::error_chain(&e);
         let tables = host_tables(&self.state);
-        let vm = snap::capture_vm(&self.vm, &tables).map_err(chain)?;
-        let msrs = self
-            .vm
-            .msr_index_list()
-            .map_err(|e| format!("cannot list the vcpus' MSRs: {e}"))?;
-        let mut vcpus = Vec::with_capacity(self.snap_vcpus.len());
-        for (i, v) in self.snap_vcpus.iter().enumerate() {
-            vcpus.push(snap::capture_vcpu(v, i, &msrs).map_err(chain)?);
-        }
+        let (vm, vcpus) = self.capture_machine(&tables)?;
         let mut memory = Vec::with_capacity(tables.memory.len());
         for m in &tables.memory {
             let (fd, offset) = memory_fd(&self.state, m.id)
