@@ -367,8 +367,8 @@ pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
 }
 
 /// kB values of one process: (RssAnon + RssFile, Pss_Anon + Pss_File,
-/// RssShmem).
-fn memory_kb(pid: u32) -> (u64, u64, u64) {
+/// RssShmem, Pss_Anon).
+fn memory_kb(pid: u32) -> (u64, u64, u64, u64) {
     let read =
         |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
     let value = |text: &str, name: &str| -> u64 {
@@ -384,6 +384,7 @@ fn memory_kb(pid: u32) -> (u64, u64, u64) {
         value(&status, "RssAnon:") + value(&status, "RssFile:"),
         value(&rollup, "Pss_Anon:") + value(&rollup, "Pss_File:"),
         value(&status, "RssShmem:"),
+        value(&rollup, "Pss_Anon:"),
     )
 }
 
@@ -426,7 +427,7 @@ fn held_memory(s: &Subject) -> Held {
         line.clear();
     }
     let pids = tree(child.id());
-    let per: Vec<(u64, u64, u64)> = pids.iter().map(|&p| memory_kb(p)).collect();
+    let per: Vec<(u64, u64, u64, u64)> = pids.iter().map(|&p| memory_kb(p)).collect();
     let r = (
         per[0].0,
         per.iter().map(|m| m.1).sum(),
@@ -472,21 +473,7 @@ fn held_many(s: &Subject, n: usize, hold_ms: u64) -> (u64, u64) {
         outs.push(out);
     }
     let trees: Vec<Vec<u32>> = children.iter().map(|c| tree(c.id())).collect();
-    let per: Vec<(u64, u64, u64)> = trees.iter().flatten().map(|&p| memory_kb(p)).collect();
-    let anon: u64 = trees
-        .iter()
-        .flatten()
-        .map(|&p| {
-            let rollup =
-                std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
-            rollup
-                .lines()
-                .find(|l| l.starts_with("Pss_Anon:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum();
+    let per: Vec<(u64, u64, u64, u64)> = trees.iter().flatten().map(|&p| memory_kb(p)).collect();
     let whole = trees.iter().all(|t| t.len() == trees[0].len());
     for (mut c, mut out) in children.into_iter().zip(outs) {
         let _ = std::io::copy(&mut out, &mut std::io::sink());
@@ -498,7 +485,7 @@ fn held_many(s: &Subject, n: usize, hold_ms: u64) -> (u64, u64) {
     );
     (
         per.iter().map(|m| m.1).sum::<u64>() / n as u64,
-        anon / n as u64,
+        per.iter().map(|m| m.3).sum::<u64>() / n as u64,
     )
 }
 

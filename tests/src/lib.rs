@@ -264,6 +264,16 @@ pub fn processes_matching(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// The `result=` line of a run's stdout (panics naming the output if
+/// there is none).
+pub fn result_of(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.starts_with("result="))
+        .unwrap_or_else(|| panic!("no result line in {stdout:?}"))
+        .to_string()
+}
+
 /// `longrun`'s `result=` for `rounds`: the guest's computation and the
 /// plugin's accumulator, re-implemented (tests/tests/longrun.rs checks it).
 pub fn longrun_model(rounds: u32) -> u64 {

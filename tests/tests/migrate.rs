@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, run_vmm, Background, TempDir, VmmRun, HANG_GUARD};
+use e2e_tests::{bin, result_of, run_vmm, Background, TempDir, VmmRun, HANG_GUARD};
 use serde_json::Value;
 
 /// Rounds: long enough that the migration happens mid-run.
@@ -48,14 +48,6 @@ fn start(vmm_args: &[&str], plugin: &str, args: &[&str]) -> Vm {
 /// `vmm ctl --json SOCKET ARGS...`.
 fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     e2e_tests::vmm_ctl(socket, &[&["--json"], args].concat())
-}
-
-fn result_of(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find(|l| l.starts_with("result="))
-        .unwrap_or_else(|| panic!("no result line in {stdout:?}"))
-        .to_string()
 }
 
 fn first_progress(stdout: &str) -> u32 {

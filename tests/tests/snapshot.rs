@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use e2e_tests::{bin, run_vmm, Background, TempDir};
+use e2e_tests::{bin, result_of, run_vmm, Background, TempDir};
 use serde_json::Value;
 
 const ROUNDS: &str = "60";
@@ -66,14 +66,6 @@ fn progress_of(line: &str) -> u32 {
         .trim()
         .parse()
         .unwrap_or_else(|_| panic!("not a progress line: {line:?}"))
-}
-
-fn result_of(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find(|l| l.starts_with("result="))
-        .unwrap_or_else(|| panic!("no result line in {stdout:?}"))
-        .to_string()
 }
 
 /// Restores `snap` into `plugin` (which must succeed); returns the run and
