@@ -21,7 +21,12 @@ use crate::{median, monotonic_ns, target_dir};
 #[derive(Clone)]
 pub enum Subject {
     Floor,
-    Vmm { plugin: PathBuf, args: Vec<String> },
+    /// `jailed: false` runs it with `--disable-sandbox` (the jail's share).
+    Vmm {
+        plugin: PathBuf,
+        args: Vec<String>,
+        jailed: bool,
+    },
 }
 
 impl Subject {
@@ -34,10 +39,17 @@ impl Subject {
                 }
                 c
             }
-            Subject::Vmm { plugin, args } => {
+            Subject::Vmm {
+                plugin,
+                args,
+                jailed,
+            } => {
                 let mut c = Command::new(target_dir().join("vmm"));
                 if debug {
                     c.args(["--log-level", "debug"]);
+                }
+                if !jailed {
+                    c.arg("--disable-sandbox");
                 }
                 c.arg("--plugin")
                     .arg(plugin)
@@ -292,7 +304,7 @@ pub fn density_table(subjects: &[(&str, Subject)], n: usize, runs: usize) -> Vec
             r
         })
         .collect();
-    println!("\nDensity: {n} started at once (median of {runs} rounds; vmm plugins jailed)\n");
+    println!("\nDensity: {n} started at once (median of {runs} rounds; vmm plugins jailed unless the row says otherwise)\n");
     println!("| subject | started/s (all {n} at their first guest exit) | vs floor (goal ≥ 0.7x) | whole lives/s (all {n} reaped) | vs floor | CPU per VM (user + system, every process) |");
     println!("|---|---:|---:|---:|---:|---:|");
     for ((label, _), r) in subjects.iter().zip(&rows) {
@@ -324,8 +336,9 @@ fn cpu_of_runs(mut cmd: Command, n: usize) -> f64 {
 
 /// Where a VM's CPU goes, against the floor: vmm and each plugin started on
 /// their own (exec, dynamic linking, runtime start; the plugin until its
-/// connect fails), and the best density ratio a design with two programs per
-/// VM could reach if everything else cost nothing.
+/// connect fails), the jail (jailed − unjailed), and the best density ratio
+/// a design with two programs per VM could reach if everything else cost
+/// nothing. `per_vm`: floor, jailed C, jailed Rust, unjailed C, unjailed Rust.
 pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
     const N: usize = 50;
     let vmm_alone = cpu_of_runs(
@@ -342,8 +355,15 @@ pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
         cpu_of_runs(c, N)
     };
     let c_alone = plugin_alone(c_plugin.to_path_buf(), &["trivial"]);
-    let rust_alone = plugin_alone(target_dir().join("bench-plugin"), &["trivial", "1"]);
+    let rust_plugin = target_dir().join("bench-plugin");
+    let rust_alone = plugin_alone(rust_plugin.clone(), &["trivial", "1"]);
     let floor = per_vm[0];
+    let jailed = |without: &str| -> Result<(f64, f64), String> {
+        Ok((
+            jail_floor(c_plugin, &["trivial"], without)?,
+            jail_floor(&rust_plugin, &["trivial", "1"], without)?,
+        ))
+    };
     println!("\nCPU per VM, taken apart (mean of {N} runs one at a time; the VM's CPU from the density rounds above)\n");
     println!("| measure | C plugin (crosvm.h) | Rust SDK plugin |");
     println!("|---|---:|---:|");
@@ -360,10 +380,74 @@ pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
         floor / (floor + rust_alone)
     );
     println!(
-        "| the rest (VM − floor − plugin on its own): vmm's start-up beyond the floor's, the jail, the spawn, the handshake, threads, the plugin's protocol work, teardown | {:.2} ms | {:.2} ms |",
-        per_vm[1] - floor - c_alone,
-        per_vm[2] - floor - rust_alone
+        "| the jail in vmm (jailed − unjailed VM): namespaces, mounts, init, seccomp, the exec gate | {:.2} ms | {:.2} ms |",
+        per_vm[1] - per_vm[3],
+        per_vm[2] - per_vm[4]
     );
+    match jailed("") {
+        Ok((c, r)) => {
+            println!("| a jailed plugin and nothing else (`bench-jail-floor`: vmm's namespaces, mount plan, capabilities and seccomp filter with its listener; the plugin as PID 1; no init, no VM, no vmm) | {c:.2} ms | {r:.2} ms |");
+            println!(
+                "| best density a jailed second program allows (floor / (floor + a jailed plugin and nothing else)) | {:.2}x | {:.2}x |",
+                floor / (floor + c),
+                floor / (floor + r)
+            );
+            for (part, without) in [
+                ("the mount plan and `pivot_root`", "mounts"),
+                ("the seccomp filter and its listener", "seccomp"),
+                ("secure bits, capabilities, `no_new_privs`", "caps"),
+                (
+                    "the namespaces but the user one (with the mounts)",
+                    "mounts,namespaces",
+                ),
+            ] {
+                match jailed(without) {
+                    Ok((wc, wr)) => println!(
+                        "|   of which {part} (`JAIL_FLOOR_WITHOUT={without}`) | {:.2} ms | {:.2} ms |",
+                        c - wc,
+                        r - wr
+                    ),
+                    Err(e) => println!("|   of which {part}: not measured: {e} | – | – |"),
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("  JAIL FLOOR NOT MEASURED: {e}");
+            println!("| a jailed plugin and nothing else: **not measured**: {e} | – | – |");
+        }
+    }
+    println!(
+        "| the rest (unjailed VM − floor − plugin on its own): vmm's start-up beyond the floor's, the spawn, the handshake, threads, the plugin's protocol work, teardown | {:.2} ms | {:.2} ms |",
+        per_vm[3] - floor - c_alone,
+        per_vm[4] - floor - rust_alone
+    );
+}
+
+/// CPU per start (ms) of `bench-jail-floor` (the plugin in vmm's jail and
+/// nothing else), median of 3 runs of 50 starts; `without` is its
+/// `JAIL_FLOOR_WITHOUT`. Err: why it did not run (e.g. not root).
+fn jail_floor(plugin: &Path, args: &[&str], without: &str) -> Result<f64, String> {
+    let mut v = Vec::new();
+    for _ in 0..3 {
+        let out = Command::new(target_dir().join("bench-jail-floor"))
+            .arg("50")
+            .arg(plugin)
+            .args(args)
+            .env("JAIL_FLOOR_WITHOUT", without)
+            .stderr(Stdio::null())
+            .output()
+            .map_err(|e| format!("bench-jail-floor: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("JAILFLOOR"))
+            .ok_or_else(|| format!("bench-jail-floor printed nothing ({})", out.status))?;
+        match field(line, "cpu_ms") {
+            Some(ms) if out.status.success() => v.push(ms),
+            _ => return Err(line.trim_start_matches("JAILFLOOR ").to_string()),
+        }
+    }
+    Ok(median(v))
 }
 
 /// kB values of one process: (RssAnon + RssFile, Pss_Anon + Pss_File,
@@ -536,6 +620,7 @@ pub fn subjects(c_plugin: &Path) -> Vec<(&'static str, Subject)> {
             Subject::Vmm {
                 plugin: c_plugin.to_path_buf(),
                 args: vec!["trivial".into()],
+                jailed: true,
             },
         ),
         (
@@ -543,6 +628,7 @@ pub fn subjects(c_plugin: &Path) -> Vec<(&'static str, Subject)> {
             Subject::Vmm {
                 plugin: target_dir().join("bench-plugin"),
                 args: vec!["trivial".into(), "1".into()],
+                jailed: true,
             },
         ),
     ]
@@ -552,7 +638,28 @@ pub fn subjects(c_plugin: &Path) -> Vec<(&'static str, Subject)> {
 pub fn run(c_plugin: &Path, runs: usize) {
     let s = subjects(c_plugin);
     life_table(&s, runs);
-    let per_vm = density_table(&s, 50, 3);
+    // The density rounds also run both plugins unjailed: the jail's share.
+    let mut dense = s.clone();
+    for (label, subject) in [
+        ("vmm + C plugin, unjailed (--disable-sandbox)", &s[1].1),
+        (
+            "vmm + Rust SDK plugin, unjailed (--disable-sandbox)",
+            &s[2].1,
+        ),
+    ] {
+        let Subject::Vmm { plugin, args, .. } = subject else {
+            unreachable!("subjects 1 and 2 are vmm");
+        };
+        dense.push((
+            label,
+            Subject::Vmm {
+                plugin: plugin.clone(),
+                args: args.clone(),
+                jailed: false,
+            },
+        ));
+    }
+    let per_vm = density_table(&dense, 50, 3);
     cost_table(c_plugin, &per_vm);
     // Memory: the floor and the Rust plugin have a `hold` mode.
     let held = vec![
@@ -562,6 +669,7 @@ pub fn run(c_plugin: &Path, runs: usize) {
             Subject::Vmm {
                 plugin: target_dir().join("bench-plugin"),
                 args: vec!["hold".into(), "1".into()],
+                jailed: true,
             },
         ),
     ];
