@@ -358,12 +358,21 @@ pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
     let rust_plugin = target_dir().join("bench-plugin");
     let rust_alone = plugin_alone(rust_plugin.clone(), &["trivial", "1"]);
     let floor = per_vm[0];
-    let jailed = |without: &str| -> Result<(f64, f64), String> {
-        Ok((
-            jail_floor(c_plugin, &["trivial"], without)?,
-            jail_floor(&rust_plugin, &["trivial", "1"], without)?,
-        ))
-    };
+    const PARTS: [(&str, &str); 4] = [
+        ("the mount plan and `pivot_root`", "mounts"),
+        ("the seccomp filter and its listener", "seccomp"),
+        ("secure bits, capabilities, `no_new_privs`", "caps"),
+        (
+            "the namespaces but the user one (with the mounts)",
+            "mounts,namespaces",
+        ),
+    ];
+    let mut withouts = vec![""];
+    withouts.extend(PARTS.iter().map(|p| p.1));
+    let jail = jail_floors(
+        &[(c_plugin, &["trivial"]), (&rust_plugin, &["trivial", "1"])],
+        &withouts,
+    );
     println!("\nCPU per VM, taken apart (mean of {N} runs one at a time; the VM's CPU from the density rounds above)\n");
     println!("| measure | C plugin (crosvm.h) | Rust SDK plugin |");
     println!("|---|---:|---:|");
@@ -384,31 +393,21 @@ pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
         per_vm[1] - per_vm[3],
         per_vm[2] - per_vm[4]
     );
-    match jailed("") {
-        Ok((c, r)) => {
+    match jail {
+        Ok(ms) => {
+            let (c, r) = (ms[0][0], ms[1][0]);
             println!("| a jailed plugin and nothing else (`bench-jail-floor`: vmm's namespaces, mount plan, capabilities and seccomp filter with its listener; the plugin as PID 1; no init, no VM, no vmm) | {c:.2} ms | {r:.2} ms |");
             println!(
                 "| best density a jailed second program allows (floor / (floor + a jailed plugin and nothing else)) | {:.2}x | {:.2}x |",
                 floor / (floor + c),
                 floor / (floor + r)
             );
-            for (part, without) in [
-                ("the mount plan and `pivot_root`", "mounts"),
-                ("the seccomp filter and its listener", "seccomp"),
-                ("secure bits, capabilities, `no_new_privs`", "caps"),
-                (
-                    "the namespaces but the user one (with the mounts)",
-                    "mounts,namespaces",
-                ),
-            ] {
-                match jailed(without) {
-                    Ok((wc, wr)) => println!(
-                        "|   of which {part} (`JAIL_FLOOR_WITHOUT={without}`) | {:.2} ms | {:.2} ms |",
-                        c - wc,
-                        r - wr
-                    ),
-                    Err(e) => println!("|   of which {part}: not measured: {e} | – | – |"),
-                }
+            for (i, (part, without)) in PARTS.iter().enumerate() {
+                println!(
+                    "|   of which {part} (`JAIL_FLOOR_WITHOUT={without}`) | {:.2} ms | {:.2} ms |",
+                    c - ms[0][i + 1],
+                    r - ms[1][i + 1]
+                );
             }
         }
         Err(e) => {
@@ -424,30 +423,44 @@ pub fn cost_table(c_plugin: &Path, per_vm: &[f64]) {
 }
 
 /// CPU per start (ms) of `bench-jail-floor` (the plugin in vmm's jail and
-/// nothing else), median of 3 runs of 50 starts; `without` is its
-/// `JAIL_FLOOR_WITHOUT`. Err: why it did not run (e.g. not root).
-fn jail_floor(plugin: &Path, args: &[&str], without: &str) -> Result<f64, String> {
-    let mut v = Vec::new();
-    for _ in 0..3 {
-        let out = Command::new(target_dir().join("bench-jail-floor"))
-            .arg("50")
-            .arg(plugin)
-            .args(args)
-            .env("JAIL_FLOOR_WITHOUT", without)
-            .stderr(Stdio::null())
-            .output()
-            .map_err(|e| format!("bench-jail-floor: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("JAILFLOOR"))
-            .ok_or_else(|| format!("bench-jail-floor printed nothing ({})", out.status))?;
-        match field(line, "cpu_ms") {
-            Some(ms) if out.status.success() => v.push(ms),
-            _ => return Err(line.trim_start_matches("JAILFLOOR ").to_string()),
+/// nothing else) for each plugin and each `JAIL_FLOOR_WITHOUT` value:
+/// `[plugin][without]`, the least of 5 runs of 100 starts (a floor: what
+/// else runs on the machine only adds to it), the runs of all of them
+/// interleaved so that a drift of the machine hits each alike.
+/// Err: why it did not run (e.g. not root).
+fn jail_floors(plugins: &[(&Path, &[&str])], withouts: &[&str]) -> Result<Vec<Vec<f64>>, String> {
+    let mut runs = vec![vec![Vec::new(); withouts.len()]; plugins.len()];
+    for _ in 0..5 {
+        for (p, (plugin, args)) in plugins.iter().enumerate() {
+            for (w, without) in withouts.iter().enumerate() {
+                let out = Command::new(target_dir().join("bench-jail-floor"))
+                    .arg("100")
+                    .arg(plugin)
+                    .args(*args)
+                    .env("JAIL_FLOOR_WITHOUT", without)
+                    .stderr(Stdio::null())
+                    .output()
+                    .map_err(|e| format!("bench-jail-floor: {e}"))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("JAILFLOOR"))
+                    .ok_or_else(|| format!("bench-jail-floor printed nothing ({})", out.status))?;
+                match field(line, "cpu_ms") {
+                    Some(ms) if out.status.success() => runs[p][w].push(ms),
+                    _ => return Err(line.trim_start_matches("JAILFLOOR ").to_string()),
+                }
+            }
         }
     }
-    Ok(median(v))
+    Ok(runs
+        .into_iter()
+        .map(|per| {
+            per.into_iter()
+                .map(|v| v.into_iter().fold(f64::INFINITY, f64::min))
+                .collect()
+        })
+        .collect())
 }
 
 /// kB values of one process: (RssAnon + RssFile, Pss_Anon + Pss_File,
