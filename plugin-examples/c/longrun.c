@@ -301,28 +301,32 @@ static int set_up_load(struct crosvm *crosvm) {
   return 0;
 }
 
-/* Stops the writer and checks every page holds what it last wrote there;
- * 0, or 1 naming the page. */
+/* Checks every page holds what the load last wrote there (the writer not
+ * running); 0, or 1 naming the page. */
+static int check_load(const char *when) {
+  for (int p = 0; p < LOAD_PAGES; p++) {
+    uint64_t got = get64(load.mem + (size_t)p * PAGE_SIZE);
+    if (got != load.last[p]) {
+      fprintf(stderr,
+              "longrun_c: %s, load page %d (guest 0x%" PRIx64 ") holds 0x%" PRIx64
+              ", the load last wrote 0x%" PRIx64 " there\n",
+              when, p, LOAD_GPA + (uint64_t)p * PAGE_SIZE, got, load.last[p]);
+      return 1;
+    }
+  }
+  fprintf(stderr, "longrun_c: %s, load: %" PRIu64 " writes, every page holds its last\n", when,
+          load.seq);
+  return 0;
+}
+
+/* Stops the writer and checks the pages. */
 static int finish_load(pthread_t writer) {
   pthread_mutex_lock(&load.lock);
   load.stop = 1;
   pthread_cond_broadcast(&load.thawed);
   pthread_mutex_unlock(&load.lock);
   pthread_join(writer, NULL);
-  if (load.error)
-    return 1;
-  for (int p = 0; p < LOAD_PAGES; p++) {
-    uint64_t got = get64(load.mem + (size_t)p * PAGE_SIZE);
-    if (got != load.last[p]) {
-      fprintf(stderr,
-              "longrun_c: load page %d (guest 0x%" PRIx64 ") holds 0x%" PRIx64
-              ", the load last wrote 0x%" PRIx64 " there\n",
-              p, LOAD_GPA + (uint64_t)p * PAGE_SIZE, got, load.last[p]);
-      return 1;
-    }
-  }
-  fprintf(stderr, "longrun_c: load: %" PRIu64 " writes, every page holds its last\n", load.seq);
-  return 0;
+  return load.error || check_load("at the end");
 }
 
 /* The `state` command's answer. Called with dev.lock held. */
@@ -659,6 +663,7 @@ int main(int argc, char **argv) {
   uint8_t blob[STATE_LEN + LOAD_LEN];
   size_t blob_len = 0;
   ret = crosvm_get_restore_state(crosvm, blob, sizeof(blob), &blob_len);
+  int restoring = ret == 1;
   if (ret == -E2BIG) {
     fprintf(stderr,
             "longrun_c: the saved device state is %zu bytes, more than this machine's %zu\n",
@@ -692,6 +697,11 @@ int main(int argc, char **argv) {
   ret = crosvm_start(crosvm);
   if (ret)
     return fail("crosvm_start", ret);
+  /* Memory is back (a migration's before the restore state was answered, a
+   * snapshot's at the start): the writes of the load's state are all in it,
+   * before the writer overwrites any page again. */
+  if (load.on && restoring && check_load("restored"))
+    exit(1);
   pthread_t writer;
   if (load.on && pthread_create(&writer, NULL, load_loop, NULL)) {
     fprintf(stderr, "longrun_c: cannot start the load's writer\n");
