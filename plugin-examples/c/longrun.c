@@ -123,7 +123,8 @@ static struct {
 static struct {
   pthread_mutex_t lock;
   pthread_cond_t thawed;
-  int on, frozen, stop, error;
+  int on, started, frozen, stop, error;
+  pthread_t writer;
   uint8_t *mem; /* the plugin's mapping of the region */
   struct crosvm_write_tracker *tracker;
   uint64_t seq;
@@ -237,6 +238,8 @@ static int restore_machine(const uint8_t *blob, size_t len) {
     return 0;
   if (rest == 0)
     fprintf(stderr, "longrun_c: the saved machine had no load (run without `load`)\n");
+  else if (!load.on && rest == LOAD_LEN)
+    fprintf(stderr, "longrun_c: the saved machine had a load (run with `load`)\n");
   else
     fprintf(stderr, "longrun_c: %zu bytes of load state, expected %d (with `load`) or none\n",
             rest, LOAD_LEN);
@@ -319,13 +322,33 @@ static int check_load(const char *when) {
   return 0;
 }
 
+/* Starts the writer, at the vcpu's Init: memory is back by then (a
+ * migration's before the restore state was answered, a snapshot's after
+ * crosvm_start, before the vcpu exists). A restored load first checks its
+ * pages: every write its state accounts for is in them, before the writer
+ * overwrites any page again. */
+static int start_load(int restored) {
+  if (load.started)
+    return 0;
+  if (restored && check_load("restored"))
+    return 1;
+  if (pthread_create(&load.writer, NULL, load_loop, NULL)) {
+    fprintf(stderr, "longrun_c: cannot start the load's writer\n");
+    return 1;
+  }
+  load.started = 1;
+  return 0;
+}
+
 /* Stops the writer and checks the pages. */
-static int finish_load(pthread_t writer) {
+static int finish_load(void) {
+  if (!load.started)
+    return 0;
   pthread_mutex_lock(&load.lock);
   load.stop = 1;
   pthread_cond_broadcast(&load.thawed);
   pthread_mutex_unlock(&load.lock);
-  pthread_join(writer, NULL);
+  pthread_join(load.writer, NULL);
   return load.error || check_load("at the end");
 }
 
@@ -663,7 +686,8 @@ int main(int argc, char **argv) {
   uint8_t blob[STATE_LEN + LOAD_LEN];
   size_t blob_len = 0;
   ret = crosvm_get_restore_state(crosvm, blob, sizeof(blob), &blob_len);
-  int restoring = ret == 1;
+  /* The load's state came with it: its pages are checked against it. */
+  int state_restored = ret == 1 && blob_len > 0;
   if (ret == -E2BIG) {
     fprintf(stderr,
             "longrun_c: the saved device state is %zu bytes, more than this machine's %zu\n",
@@ -697,16 +721,6 @@ int main(int argc, char **argv) {
   ret = crosvm_start(crosvm);
   if (ret)
     return fail("crosvm_start", ret);
-  /* Memory is back (a migration's before the restore state was answered, a
-   * snapshot's at the start): the writes of the load's state are all in it,
-   * before the writer overwrites any page again. */
-  if (load.on && restoring && check_load("restored"))
-    exit(1);
-  pthread_t writer;
-  if (load.on && pthread_create(&writer, NULL, load_loop, NULL)) {
-    fprintf(stderr, "longrun_c: cannot start the load's writer\n");
-    return 1;
-  }
 
   for (;;) {
     uint64_t before;
@@ -735,7 +749,7 @@ int main(int argc, char **argv) {
       if (io && port == ACC_PORT && !evt.io_access.is_write)
         answer_read(&evt);
     } else if (evt.kind == CROSVM_VCPU_EVENT_KIND_INIT) {
-      if (init_vcpu(vcpu))
+      if (init_vcpu(vcpu) || (load.on && start_load(state_restored)))
         return 1;
     } else if (io) {
       uint32_t value = dword(evt.io_access.data, evt.io_access.length);
@@ -766,7 +780,7 @@ int main(int argc, char **argv) {
     if (ret)
       return fail("crosvm_vcpu_resume", ret);
   }
-  if (load.on && finish_load(writer))
+  if (load.on && finish_load())
     exit(1);
   uint32_t ticks = dword(mem + TICKS, 4);
   fprintf(stderr, "longrun_c: %" PRIu32 " timer interrupts arrived during the run\n", ticks);
