@@ -31,10 +31,11 @@
  * `frozen` under it, so no write happens between the state handed over and
  * RESUMED. That state follows the device's in the device state (the same
  * layout as longrun's), so a migration's target or a restored snapshot
- * goes on where the source stopped. At the end every page is checked to
- * hold what the load last wrote there (exit 1 naming the page otherwise).
- * The result stays a function of N. Only the plain machine (no `load`)
- * declares itself restartable.
+ * goes on where the source stopped. The writer starts at the vcpu's Init;
+ * a restored load first checks every page holds what its state says the
+ * load last wrote there, and every page is checked again at the end (exit
+ * 1 naming the page otherwise). The result stays a function of N. Only
+ * the plain machine (no `load`) declares itself restartable.
  *
  * longrun_c [N [load]]: N rounds of 4,096 steps (1..=100000, default 20).
  */
