@@ -22,7 +22,22 @@
  * right after committing exit S, before resuming it: the worst moment, the
  * one whose exit the replacing plugin must not apply twice.
  *
- * longrun_c [N]: N rounds of 4,096 steps (1..=100000, default 20).
+ * Live migration (section 8), as longrun: `longrun_c N load` adds a writing
+ * load of the plugin's own. A writer thread writes its sequence number into
+ * one of 64 pages of an extra region (at LOAD_GPA) every 200 us, through a
+ * crosvm_write_tracker; the control thread answers DIRTY_PAGES from the
+ * tracker. The load's lock covers each write and the load's state (its
+ * sequence number and what it last wrote to each page): SAVE_STATE sets
+ * `frozen` under it, so no write happens between the state handed over and
+ * RESUMED. That state follows the device's in the device state (the same
+ * layout as longrun's), so a migration's target or a restored snapshot
+ * goes on where the source stopped. The writer starts at the vcpu's Init;
+ * a restored load first checks every page holds what its state says the
+ * load last wrote there, and every page is checked again at the end (exit
+ * 1 naming the page otherwise). The result stays a function of N. Only
+ * the plain machine (no `load`) declares itself restartable.
+ *
+ * longrun_c [N [load]]: N rounds of 4,096 steps (1..=100000, default 20).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,6 +68,11 @@
 #define LVT_EXTINT 0x700u
 #define STATE_VERSION 1
 #define STATE_LEN 19
+#define LOAD_GPA ((uint64_t)0x100000)
+#define LOAD_PAGES 64
+#define PAGE_SIZE 4096
+#define LOAD_PAUSE_US 200 /* about 5,000 writes a second */
+#define LOAD_LEN (8 + 8 * LOAD_PAGES)
 
 /* The guest's main program (real mode, at CODE): the output of
  * plugin_examples::longrun::guest_main(). */
@@ -97,6 +117,21 @@ static struct {
   uint32_t fold, x;
 } dev = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0};
 
+/* The load (`load`): its region, its tracker and its state, shared by the
+ * writer, the control thread and main. `lock` is held for every write and
+ * the state update that goes with it; while `frozen` (SAVE_STATE to
+ * RESUMED) the writer waits on `thawed`. */
+static struct {
+  pthread_mutex_t lock;
+  pthread_cond_t thawed;
+  int on, started, frozen, stop, error;
+  pthread_t writer;
+  uint8_t *mem; /* the plugin's mapping of the region */
+  struct crosvm_write_tracker *tracker;
+  uint64_t seq;
+  uint64_t last[LOAD_PAGES];
+} load = {.lock = PTHREAD_MUTEX_INITIALIZER, .thawed = PTHREAD_COND_INITIALIZER};
+
 static int fail(const char *what, int ret) {
   fprintf(stderr, "longrun_c: %s failed: %s\n", what, strerror(-ret));
   return 1;
@@ -111,6 +146,18 @@ static uint32_t dword(const uint8_t *data, uint32_t len) {
 static void put32(uint8_t *p, uint32_t v) {
   for (int i = 0; i < 4; i++)
     p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++)
+    p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get64(const volatile uint8_t *p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++)
+    v |= (uint64_t)p[i] << (8 * i);
+  return v;
 }
 
 /* The blob: version, acc (LE), then fold and x as a presence byte and a
@@ -153,6 +200,159 @@ static int restore_state(const uint8_t *blob, size_t len) {
   return 0;
 }
 
+/* The load's part of the device state: seq, then last[0..LOAD_PAGES], each
+ * little-endian. Called with load.lock held. */
+static void save_load(uint8_t out[LOAD_LEN]) {
+  put64(out, load.seq);
+  for (int p = 0; p < LOAD_PAGES; p++)
+    put64(out + 8 + 8 * p, load.last[p]);
+}
+
+/* The whole device state: the device's, then the load's when there is one
+ * (so a machine without a load saves what it always did); returns its
+ * length. Freezes the load: nothing is written until RESUMED. */
+static size_t save_machine(uint8_t out[STATE_LEN + LOAD_LEN]) {
+  pthread_mutex_lock(&load.lock);
+  load.frozen = 1;
+  pthread_mutex_lock(&dev.lock);
+  save_state(out);
+  pthread_mutex_unlock(&dev.lock);
+  if (load.on)
+    save_load(out + STATE_LEN);
+  pthread_mutex_unlock(&load.lock);
+  return STATE_LEN + (load.on ? LOAD_LEN : 0);
+}
+
+/* Loads a blob save_machine made (before crosvm_start); 0, or -1 naming
+ * the problem. */
+static int restore_machine(const uint8_t *blob, size_t len) {
+  size_t rest = len > STATE_LEN ? len - STATE_LEN : 0;
+  if (restore_state(blob, len - rest))
+    return -1;
+  if (load.on && rest == LOAD_LEN) {
+    load.seq = get64(blob + STATE_LEN);
+    for (int p = 0; p < LOAD_PAGES; p++)
+      load.last[p] = get64(blob + STATE_LEN + 8 + 8 * p);
+    return 0;
+  }
+  if (!load.on && rest == 0)
+    return 0;
+  if (rest == 0)
+    fprintf(stderr, "longrun_c: the saved machine had no load (run without `load`)\n");
+  else if (!load.on && rest == LOAD_LEN)
+    fprintf(stderr, "longrun_c: the saved machine had a load (run with `load`)\n");
+  else
+    fprintf(stderr, "longrun_c: %zu bytes of load state, expected %d (with `load`) or none\n",
+            rest, LOAD_LEN);
+  return -1;
+}
+
+/* The page write number seq goes to (a fixed scatter, longrun's). */
+static unsigned load_page(uint64_t seq) {
+  return (unsigned)((seq * 0x9e3779b97f4a7c15ull) >> 58) % LOAD_PAGES;
+}
+
+/* The load's writer: until load.stop, its next sequence number into its
+ * next page, through the tracker; waits while frozen. */
+static void *load_loop(void *arg) {
+  (void)arg;
+  pthread_mutex_lock(&load.lock);
+  while (!load.stop) {
+    if (load.frozen) {
+      pthread_cond_wait(&load.thawed, &load.lock);
+      continue;
+    }
+    uint64_t seq = ++load.seq;
+    unsigned page = load_page(seq);
+    uint64_t offset = (uint64_t)page * PAGE_SIZE;
+    uint8_t b[8];
+    put64(b, seq);
+    int ret =
+        crosvm_write_tracker_write(load.tracker, load.mem + offset, LOAD_GPA + offset, b, 8);
+    if (ret) {
+      fail("crosvm_write_tracker_write (the load)", ret);
+      load.error = 1;
+      break;
+    }
+    load.last[page] = seq;
+    pthread_mutex_unlock(&load.lock);
+    usleep(LOAD_PAUSE_US);
+    pthread_mutex_lock(&load.lock);
+  }
+  pthread_mutex_unlock(&load.lock);
+  return NULL;
+}
+
+/* The load's region (before the restore state is asked for: a migration's
+ * memory arrives first), mapped at load.mem, and its tracker. */
+static int set_up_load(struct crosvm *crosvm) {
+  size_t size = LOAD_PAGES * PAGE_SIZE;
+  int fd = memfd_create("load_mem", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0 || ftruncate(fd, (off_t)size) ||
+      fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)) {
+    perror("longrun_c: memfd of the load");
+    return 1;
+  }
+  load.mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (load.mem == MAP_FAILED) {
+    perror("longrun_c: mmap of the load");
+    return 1;
+  }
+  struct crosvm_memory *obj;
+  int ret = crosvm_create_memory(crosvm, fd, 0, size, LOAD_GPA, false, false, &obj);
+  if (ret)
+    return fail("crosvm_create_memory (the load)", ret);
+  return 0;
+}
+
+/* Checks every page holds what the load last wrote there (the writer not
+ * running); 0, or 1 naming the page. */
+static int check_load(const char *when) {
+  for (int p = 0; p < LOAD_PAGES; p++) {
+    uint64_t got = get64(load.mem + (size_t)p * PAGE_SIZE);
+    if (got != load.last[p]) {
+      fprintf(stderr,
+              "longrun_c: %s, load page %d (guest 0x%" PRIx64 ") holds 0x%" PRIx64
+              ", the load last wrote 0x%" PRIx64 " there\n",
+              when, p, LOAD_GPA + (uint64_t)p * PAGE_SIZE, got, load.last[p]);
+      return 1;
+    }
+  }
+  fprintf(stderr, "longrun_c: %s, load: %" PRIu64 " writes, every page holds its last\n", when,
+          load.seq);
+  return 0;
+}
+
+/* Starts the writer, at the vcpu's Init: memory is back by then (a
+ * migration's before the restore state was answered, a snapshot's after
+ * crosvm_start, before the vcpu exists). A restored load first checks its
+ * pages: every write its state accounts for is in them, before the writer
+ * overwrites any page again. */
+static int start_load(int restored) {
+  if (load.started)
+    return 0;
+  if (restored && check_load("restored"))
+    return 1;
+  if (pthread_create(&load.writer, NULL, load_loop, NULL)) {
+    fprintf(stderr, "longrun_c: cannot start the load's writer\n");
+    return 1;
+  }
+  load.started = 1;
+  return 0;
+}
+
+/* Stops the writer and checks the pages. */
+static int finish_load(void) {
+  if (!load.started)
+    return 0;
+  pthread_mutex_lock(&load.lock);
+  load.stop = 1;
+  pthread_cond_broadcast(&load.thawed);
+  pthread_mutex_unlock(&load.lock);
+  pthread_join(load.writer, NULL);
+  return load.error || check_load("at the end");
+}
+
 /* The `state` command's answer. Called with dev.lock held. */
 static void state_json(char *out, size_t len) {
   char fold[16] = "null", x[16] = "null";
@@ -176,15 +376,17 @@ static void *control_loop(void *arg) {
       break;
     }
     if (cmd.kind == CROSVM_CONTROL_SAVE_STATE) {
-      uint8_t blob[STATE_LEN];
-      pthread_mutex_lock(&dev.lock);
-      save_state(blob);
-      pthread_mutex_unlock(&dev.lock);
-      ret = crosvm_control_reply_state(ctl, cmd.id, blob, sizeof(blob));
+      uint8_t blob[STATE_LEN + LOAD_LEN];
+      ret = crosvm_control_reply_state(ctl, cmd.id, blob, save_machine(blob));
     } else if (cmd.kind == CROSVM_CONTROL_DIRTY_PAGES) {
-      /* Only the guest writes guest memory once the VM started. */
-      ret = crosvm_control_reply_dirty_pages(ctl, cmd.id, NULL, 0);
+      /* What the load wrote since the last one (without it: none; only
+       * the guest writes guest memory once the VM started). */
+      ret = crosvm_control_reply_tracked_pages(ctl, cmd.id, load.tracker);
     } else if (cmd.kind == CROSVM_CONTROL_RESUMED) {
+      pthread_mutex_lock(&load.lock);
+      load.frozen = 0;
+      pthread_cond_broadcast(&load.thawed);
+      pthread_mutex_unlock(&load.lock);
       continue; /* no reply expected */
     } else if (cmd.kind == CROSVM_CONTROL_CUSTOM && strcmp(cmd.name, "state") == 0) {
       char json[128];
@@ -248,8 +450,9 @@ static int init_vcpu(struct crosvm_vcpu *vcpu) {
 
 static int usage(const char *problem) {
   fprintf(stderr,
-          "longrun_c: %s\nusage: vmm --plugin longrun_c [--plugin-args N]"
-          "   (rounds of 4,096 steps, 1..=100000; default 20)\n",
+          "longrun_c: %s\nusage: vmm --plugin longrun_c [--plugin-args N [load]]"
+          "   (rounds of 4,096 steps, 1..=100000; default 20; load: a writing load of the"
+          " plugin's own)\n",
           problem);
   return 2;
 }
@@ -393,9 +596,12 @@ static void answer_read(struct crosvm_vcpu_event *evt) {
 
 int main(int argc, char **argv) {
   unsigned long rounds = 20;
-  if (argc > 2)
-    return usage("expected at most one argument");
-  if (argc == 2) {
+  if (argc > 3)
+    return usage("expected at most two arguments");
+  if (argc == 3 && strcmp(argv[2], "load"))
+    return usage("the second argument can only be `load`");
+  load.on = argc == 3;
+  if (argc >= 2) {
     char *end;
     errno = 0;
     rounds = strtoul(argv[1], &end, 10);
@@ -424,6 +630,12 @@ int main(int argc, char **argv) {
           kind == CROSVM_RESTART_UPGRADE ? "upgrade"
           : kind == CROSVM_RESTART_CRASH ? "crash"
                                          : "fresh");
+  /* Only the plain machine takes part in hot restart: a replacing plugin
+   * takes over one memory region and the accumulator's state. */
+  if (kind != CROSVM_RESTART_FRESH && load.on) {
+    fprintf(stderr, "longrun_c: a `load` machine cannot be restarted\n");
+    return 1;
+  }
   struct crosvm_checkpoint *ckpt;
   ret = crosvm_attached_take_checkpoint(attached, &ckpt);
   if (ret < 0)
@@ -457,22 +669,39 @@ int main(int argc, char **argv) {
       return 1;
   }
   crosvm_attached_destroy(&attached);
-  ret = crosvm_declare_restartable(crosvm, ckpt);
-  int restartable = ret == 0;
+  int restartable = 0;
+  if (!load.on) {
+    ret = crosvm_declare_restartable(crosvm, ckpt);
+    restartable = ret == 0;
+    if (ret)
+      fprintf(stderr, "longrun_c: no hot restart (%s)\n", strerror(-ret));
+  }
+  ret = crosvm_write_tracker_new(&load.tracker);
   if (ret)
-    fprintf(stderr, "longrun_c: no hot restart (%s)\n", strerror(-ret));
+    return fail("crosvm_write_tracker_new", ret);
+  if (load.on && set_up_load(crosvm))
+    return 1;
 
-  /* Restoring a snapshot? Then the device continues from its state. */
-  uint8_t blob[64];
+  /* Restoring a snapshot or migrated? Then the device (and the load)
+   * continues from its state. */
+  uint8_t blob[STATE_LEN + LOAD_LEN];
   size_t blob_len = 0;
   ret = crosvm_get_restore_state(crosvm, blob, sizeof(blob), &blob_len);
+  /* The load's state came with it: its pages are checked against it. */
+  int state_restored = ret == 1 && blob_len > 0;
+  if (ret == -E2BIG) {
+    fprintf(stderr,
+            "longrun_c: the saved device state is %zu bytes, more than this machine's %zu\n",
+            blob_len, sizeof(blob));
+    return 1;
+  }
   if (ret < 0)
     return fail("crosvm_get_restore_state", ret);
   if (ret == 1 && blob_len == 0) {
     /* A snapshot taken without device state: the device starts afresh. */
     fprintf(stderr, "longrun_c: restoring a snapshot without device state\n");
   } else if (ret == 1) {
-    if (restore_state(blob, blob_len))
+    if (restore_machine(blob, blob_len))
       return 1;
     char json[128];
     state_json(json, sizeof(json));
@@ -521,7 +750,7 @@ int main(int argc, char **argv) {
       if (io && port == ACC_PORT && !evt.io_access.is_write)
         answer_read(&evt);
     } else if (evt.kind == CROSVM_VCPU_EVENT_KIND_INIT) {
-      if (init_vcpu(vcpu))
+      if (init_vcpu(vcpu) || (load.on && start_load(state_restored)))
         return 1;
     } else if (io) {
       uint32_t value = dword(evt.io_access.data, evt.io_access.length);
@@ -552,6 +781,8 @@ int main(int argc, char **argv) {
     if (ret)
       return fail("crosvm_vcpu_resume", ret);
   }
+  if (load.on && finish_load())
+    exit(1);
   uint32_t ticks = dword(mem + TICKS, 4);
   fprintf(stderr, "longrun_c: %" PRIu32 " timer interrupts arrived during the run\n", ticks);
   pthread_mutex_lock(&dev.lock);

@@ -5,7 +5,8 @@
 //! the connection, a target that answers garbage, a target whose plugin
 //! sets up other memory (the source goes on unharmed in each), and a
 //! source that sends garbage or another version (the target exits 1
-//! naming it, before its plugin ran any guest instruction).
+//! naming it, before its plugin ran any guest instruction). `longrun` and
+//! the C `longrun_c` migrate under a writing load of the plugin's own.
 
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -81,8 +82,14 @@ fn wait_for(path: &Path) {
 
 /// Migrates `plugin args` mid-run from one vmm to another at `addr` and
 /// checks the target prints the uninterrupted result and the source ends
-/// with status 0.
-fn migrates(plugin: &str, args: &[&str], addr: &str, unix_path: Option<&Path>, dir: &Path) {
+/// with status 0. Returns the target's run.
+fn migrates(
+    plugin: &str,
+    args: &[&str],
+    addr: &str,
+    unix_path: Option<&Path>,
+    dir: &Path,
+) -> VmmRun {
     let reference = run_vmm(&[], &bin(plugin), args);
     reference.assert_success();
     let expected = result_of(&reference.stdout);
@@ -129,6 +136,7 @@ fn migrates(plugin: &str, args: &[&str], addr: &str, unix_path: Option<&Path>, d
     if args.contains(&"load") {
         assert!(t.stderr.contains("every page holds its last"), "{t:#?}");
     }
+    t
 }
 
 #[test]
@@ -158,6 +166,31 @@ fn longrun_c_migrates_over_unix_with_the_uninterrupted_result() {
     let path = dir.0.join("in.sock");
     let addr = format!("unix:{}", path.display());
     migrates("longrun_c", &[ROUNDS], &addr, Some(&path), &dir.0);
+}
+
+/// The C write tracker end to end: `longrun_c`'s writer thread writes guest
+/// memory through `crosvm_write_tracker_write` while the migration copies
+/// it. The target's plugin checks, before its own writer runs again, that
+/// every page holds the last write the source's device state accounts for
+/// (a write the tracker did not report would be stale there; the check at
+/// the end cannot see it, the target's writer rewrites every page), and
+/// at the end that every page holds its last.
+#[test]
+fn longrun_c_under_a_writing_load_migrates_over_unix_with_the_uninterrupted_result() {
+    let dir = TempDir::new("mig-c-load");
+    let path = dir.0.join("in.sock");
+    let addr = format!("unix:{}", path.display());
+    let t = migrates("longrun_c", &[ROUNDS, "load"], &addr, Some(&path), &dir.0);
+    let restored = t
+        .stderr
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("longrun_c: restored, load: ").nth(1)?;
+            rest.strip_suffix(" writes, every page holds its last")
+        })
+        .unwrap_or_else(|| panic!("the target did not check the load's pages: {t:#?}"));
+    let writes: u64 = restored.parse().unwrap();
+    assert!(writes > 0, "the source's load wrote nothing: {t:#?}");
 }
 
 /// The source fails the migration (the error named), resumes, and its

@@ -41,7 +41,7 @@
 //! sequence number and what it last wrote to each page) is part of the
 //! device state; at the end the plugin checks every page holds what it
 //! last wrote (else exit 1 naming the page). The result stays a function
-//! of `N`. (`longrun_c` has no load mode.)
+//! of `N`. (`longrun_c N load` is the same load in C.)
 //!
 //! Hot restart (docs/protocol-extensions.md §9): the plugin declares it can
 //! be restarted and commits its device state to a checkpoint (the SDK's
