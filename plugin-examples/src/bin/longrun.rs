@@ -39,9 +39,13 @@
 //! [`WriteTracker`], which answers the host's `DIRTY_PAGES` and freezes
 //! the writer between `SAVE_STATE` and `RESUMED`. The load's state (its
 //! sequence number and what it last wrote to each page) is part of the
-//! device state; at the end the plugin checks every page holds what it
-//! last wrote (else exit 1 naming the page). The result stays a function
-//! of `N`. (`longrun_c N load` is the same load in C.)
+//! device state. The writer starts at the vcpu's `Init`; a restored or
+//! migrated load first checks every page holds what its state says the
+//! load last wrote there (a write the source did not report would be
+//! stale: the check at the end cannot see it, the writer rewrites every
+//! page), and at the end every page is checked again (else exit 1 naming
+//! the page). The result stays a function of `N`. (`longrun_c N load` is
+//! the same load in C.)
 //!
 //! Hot restart (docs/protocol-extensions.md §9): the plugin declares it can
 //! be restarted and commits its device state to a checkpoint (the SDK's
@@ -267,6 +271,28 @@ fn spawn_load(
     })
 }
 
+/// Checks every load page holds what the load last wrote there (the
+/// writer not running); exits 1 naming the page otherwise.
+fn check_load(ram: &crosvm_plugin::GuestRam, l: &Load, when: &str) -> Result<()> {
+    for (p, &want) in l.last.iter().enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&ram.read(p as u64 * 4096, 8)?);
+        let got = u64::from_le_bytes(b);
+        if got != want {
+            eprintln!(
+                "longrun: {when}, load page {p} (guest {:#x}) holds {got:#x}, the load last wrote {want:#x} there",
+                LOAD_GPA + p as u64 * 4096
+            );
+            std::process::exit(1);
+        }
+    }
+    eprintln!(
+        "longrun: {when}, load: {} writes, every page holds its last",
+        l.seq
+    );
+    Ok(())
+}
+
 /// Guest-physical address of the `mem=MIB` region.
 const EXTRA_GPA: u64 = 0x1000_0000;
 
@@ -357,6 +383,9 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
         device: device.clone(),
         load: load.clone(),
     };
+    // The load's state came with a restored device state: its pages are
+    // checked against it before the writer runs again.
+    let mut state_restored = false;
     match conn.restore_state()? {
         // A snapshot taken without device state: the device starts afresh.
         Some(blob) if blob.is_empty() => {
@@ -364,6 +393,7 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
         }
         Some(blob) => {
             machine.restore(&blob)?;
+            state_restored = true;
             eprintln!(
                 "longrun: restoring a snapshot, device state {}",
                 lock(&device).to_json()
@@ -376,10 +406,10 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
 
     conn.start()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = match (&load_ram, &load) {
-        (Some((_, r)), Some(l)) => Some(spawn_load(r.clone(), l.clone(), tracker, stop.clone())),
-        _ => None,
-    };
+    // The writer starts at the vcpu's Init: memory is back by then (a
+    // migration's before the restore state was answered, a snapshot's
+    // after Start, before the vcpu exists).
+    let mut writer = None;
     let mut v = vcpu.lock();
     loop {
         let before = v.serial();
@@ -415,6 +445,20 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
             VcpuEvent::Init => {
                 enter_real_mode(&mut v, CODE as u16, STACK)?;
                 plugin_examples::route_pic_to_lapic(&mut v)?;
+                if let (None, Some((_, r)), Some(l)) = (&writer, &load_ram, &load) {
+                    // A restored load: every write its state accounts for is
+                    // in the pages, before the writer overwrites any again
+                    // (the check at the end cannot see a lost write).
+                    if state_restored {
+                        check_load(r, &l.lock().unwrap_or_else(|e| e.into_inner()), "restored")?;
+                    }
+                    writer = Some(spawn_load(
+                        r.clone(),
+                        l.clone(),
+                        tracker.clone(),
+                        stop.clone(),
+                    ));
+                }
             }
             VcpuEvent::Io {
                 address: ACC_PORT,
@@ -468,20 +512,11 @@ fn run(rounds: u32, with_load: bool, extra_mib: u64) -> Result<u64> {
                 std::process::exit(1);
             }
         }
-        let l = l.lock().unwrap_or_else(|e| e.into_inner());
-        for (p, &want) in l.last.iter().enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&r.read(p as u64 * 4096, 8)?);
-            let got = u64::from_le_bytes(b);
-            if got != want {
-                eprintln!(
-                    "longrun: load page {p} (guest {:#x}) holds {got:#x}, the load last wrote {want:#x} there",
-                    LOAD_GPA + p as u64 * 4096
-                );
-                std::process::exit(1);
-            }
-        }
-        eprintln!("longrun: load: {} writes, every page holds its last", l.seq);
+        check_load(
+            r,
+            &l.lock().unwrap_or_else(|e| e.into_inner()),
+            "at the end",
+        )?;
     }
     let ticks = dword(&ram.read(TICKS, 4)?);
     eprintln!("longrun: {ticks} timer interrupts arrived during the run");
