@@ -375,6 +375,35 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], during: &'static str) -> Result
     }
 }
 
+/// Bytes of a frame's payload read ahead of what has arrived: the buffer
+/// grows by at most this much per read.
+const READ_STEP: usize = 1 << 20;
+
+/// Reads the payload of `len` bytes (already checked against its frame's
+/// bound) of the frame `frame` at `offset`, growing the buffer only as the bytes arrive: a peer that
+/// announces a large frame and sends little costs at most [`READ_STEP`]
+/// beyond what it sent, not the announced length.
+fn read_payload(
+    r: &mut impl Read,
+    len: usize,
+    frame: &'static str,
+    offset: u64,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while out.len() < len {
+        let start = out.len();
+        let n = (len - start).min(READ_STEP);
+        out.try_reserve(n).map_err(|_| StreamError::Malformed {
+            frame,
+            offset,
+            why: format!("no memory for {len} bytes"),
+        })?;
+        out.resize(start + n, 0);
+        read_exact(r, &mut out[start..], "in the middle of a frame")?;
+    }
+    Ok(out)
+}
+
 /// Where the reader is in the stream's grammar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -493,16 +522,7 @@ impl<R: Read> Reader<R> {
         }
         let expected_crc = self.crc.clone().finalize();
         self.crc.update(&head);
-        let mut payload = Vec::new();
-        payload
-            .try_reserve_exact(len)
-            .map_err(|_| StreamError::Malformed {
-                frame: name,
-                offset: at,
-                why: format!("no memory for {len} bytes"),
-            })?;
-        payload.resize(len, 0);
-        read_exact(&mut self.input, &mut payload, "in the middle of a frame")?;
+        let mut payload = read_payload(&mut self.input, len, name, at)?;
         if k != kind::END {
             self.crc.update(&payload);
         }
