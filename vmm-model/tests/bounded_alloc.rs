@@ -1,4 +1,4 @@
-//! Allocations sized by plugin input stay bounded: a counting allocator
+//! Allocations sized by plugin (or migration peer) input stay bounded: a counting allocator
 //! records the largest single allocation while hostile requests are handled.
 //! (One test binary of its own: the allocator is process-wide, and the
 //! tests take a lock so their measurements do not mix.)
@@ -134,4 +134,56 @@ fn dirty_log_of_a_huge_region_is_refused_before_allocating() {
     let (errno, _, _) = dirty_log(&mut h, 3);
     assert_eq!(errno, libc::ENOENT);
     h.finish().unwrap();
+}
+
+/// A valid migration stream's Header, then the head of a State frame
+/// announcing `MAX_STATE` bytes, then `sent` bytes of it.
+fn announced_state(sent: usize) -> Vec<u8> {
+    use vmm_migration::{kind, Header, Region, Writer, MAX_STATE};
+    let mut w = Writer::new(Vec::new()).unwrap();
+    w.header(&Header {
+        vcpus: 1,
+        regions: vec![Region {
+            gpa: 0,
+            size: 0x10000,
+        }],
+        facts: vmm_snapshot::Records::new(),
+    })
+    .unwrap();
+    let mut bytes = w.get_mut().clone();
+    bytes.push(kind::STATE);
+    bytes.extend_from_slice(&(MAX_STATE as u32).to_le_bytes());
+    bytes.extend(std::iter::repeat_n(0x55, sent));
+    bytes
+}
+
+/// A hostile migration source announces a frame as long as its kind
+/// allows and sends a few bytes: the target's memory grows with what
+/// arrives, not with what is announced (found by the migration_stream
+/// fuzz target with `-malloc_limit_mb=64`: a 5-byte frame head made the
+/// target allocate and zero 64 MiB).
+#[test]
+fn a_migration_frame_announced_long_and_sent_short_costs_what_was_sent() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for sent in [0, 10, 3 << 20] {
+        let bytes = announced_state(sent);
+        let mut r = vmm_migration::Reader::new(&bytes[..]).unwrap();
+        r.next_frame().expect("the header");
+        let mut result = None;
+        let largest = largest_during(|| result = Some(r.next_frame()));
+        let e = result
+            .unwrap()
+            .expect_err("the stream ends inside the State frame");
+        assert!(
+            matches!(e, vmm_migration::StreamError::Closed { .. }),
+            "sent {sent}: {e}"
+        );
+        // At most one read step (1 MiB) ahead of what arrived, and the
+        // buffer's doubling: never the 64 MiB announced.
+        assert!(
+            largest <= 2 * (sent + (1 << 20)),
+            "sent {sent} of an announced {}: an allocation of {largest} bytes",
+            vmm_migration::MAX_STATE
+        );
+    }
 }

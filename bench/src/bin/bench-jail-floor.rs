@@ -87,7 +87,7 @@ impl Without {
 struct Prepared {
     without: Without,
     plan: mounts::MountPlan,
-    filter: Vec<libc::sock_filter>,
+    filter: seccompiler::BpfProgram,
     exe: CString,
     argv: Vec<CString>,
 }
@@ -101,16 +101,8 @@ fn prepare(exe: &Path, args: &[String], ctl: RawFd, without: Without) -> Result<
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     let plan = mounts::MountPlan::new(&root, &binds, vmm::jail::TASK_LIMIT as u32)
         .map_err(|e| format!("mount plan: {e}"))?;
-    let filter = seccomp::build(&PolicySource::BuiltIn, ctl)
-        .map_err(|e| format!("seccomp filter: {e}"))?
-        .into_iter()
-        .map(|i| libc::sock_filter {
-            code: i.code,
-            jt: i.jt,
-            jf: i.jf,
-            k: i.k,
-        })
-        .collect();
+    let filter =
+        seccomp::build(&PolicySource::BuiltIn, ctl).map_err(|e| format!("seccomp filter: {e}"))?;
     let cstr = |b: &[u8]| CString::new(b).map_err(|_| "a NUL byte in an argument".to_string());
     let mut argv = vec![cstr(exe.as_os_str().as_bytes())?];
     for a in args {
@@ -172,24 +164,10 @@ fn jailed(p: &Prepared, ctl: RawFd) -> isize {
         unsafe { libc::execve(p.exe.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
         return 18;
     }
-    let prog = libc::sock_fprog {
-        len: p.filter.len() as u16,
-        filter: p.filter.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: a valid classic BPF program the kernel copies; the listener
-    // it returns is close-on-exec.
-    let listener = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    if listener < 0 {
+    let Ok(listener) = vmm::jail::child::install_filter(&p.filter) else {
         return 16;
-    }
-    let fds = [listener as RawFd];
+    };
+    let fds = [listener.as_raw_fd()];
     let iov = [std::io::IoSlice::new(b"l")];
     // The filter's prologue allows this sendmsg on the control socket.
     if sendmsg::<()>(

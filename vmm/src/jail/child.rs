@@ -368,6 +368,31 @@ fn reap_loop(ctx: &Context<'_>, plugin: libc::pid_t) -> isize {
     }
 }
 
+/// Installs `filter` on the calling thread (with `no_new_privs` already
+/// set) and returns its listener (close-on-exec). Makes one system call.
+pub fn install_filter(filter: &[sock_filter]) -> Result<OwnedFd, Errno> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).map_err(|_| Errno::EINVAL)?,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: seccompiler's sock_filter has the kernel's layout (same as
+    // libc's); `prog` points at `filter`, alive for the call, and the
+    // kernel copies the program. The listener it returns is close-on-exec.
+    let listener = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if listener < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(listener as RawFd) })
+}
+
 /// The plugin process until exec: clean signal state, the seccomp filter
 /// with its listener handed to the host, then execve (which the filter
 /// reports to the host, who lets this one run).
@@ -399,26 +424,10 @@ fn plugin_main(ctx: &Context<'_>) -> ! {
         Err(e) => die(EXEC_PIPE, e),
     };
 
-    let prog = libc::sock_fprog {
-        len: ctx.filter.len() as u16,
-        filter: ctx.filter.as_ptr() as *mut libc::sock_filter,
+    let listener = match install_filter(ctx.filter) {
+        Ok(l) => l,
+        Err(e) => die(SECCOMP, e),
     };
-    // SAFETY: seccompiler's sock_filter has the kernel's layout (same as
-    // libc's); the kernel copies the program. The listener it returns is
-    // close-on-exec.
-    let listener = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    if listener < 0 {
-        die(SECCOMP, Errno::last());
-    }
-    // SAFETY: the kernel just returned this new descriptor.
-    let listener = unsafe { OwnedFd::from_raw_fd(listener as RawFd) };
 
     // From here on the filter applies: only this sendmsg (allowed by the
     // prologue) and the execve.
