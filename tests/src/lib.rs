@@ -227,22 +227,34 @@ pub fn run_command_with_guard(mut cmd: Command, guard: Duration) -> VmmRun {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if start.elapsed() > guard {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vmm hung for more than {guard:?}: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = wait_guarded(&mut child, guard) else {
+        panic!("vmm hung for more than {guard:?}: {cmd:?}");
     };
     VmmRun {
         code: status.code(),
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Waits for `child` to end, for at most `guard`: its status, or `None`
+/// when it was still running (it is then killed and reaped, and the caller
+/// fails the test naming what hung).
+pub fn wait_guarded(
+    child: &mut std::process::Child,
+    guard: Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        if start.elapsed() > guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -377,17 +389,8 @@ impl Background {
     /// outlives it is killed and fails the test): its exit code, every
     /// stdout line it printed, its stderr.
     pub fn finish(&mut self) -> VmmRun {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            if start.elapsed() > HANG_GUARD {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("the background program hung for more than {HANG_GUARD:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_guarded(&mut self.child, HANG_GUARD) else {
+            panic!("the background program hung for more than {HANG_GUARD:?}");
         };
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.seen.push(l);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, TempDir};
+use e2e_tests::{bin, wait_guarded, TempDir};
 use serde_json::{json, Value};
 
 const GUARD: Duration = Duration::from_secs(30);
@@ -88,15 +88,9 @@ impl Vm {
     /// Waits for vmm to exit (hang guard: [`GUARD`]).
     fn wait(&mut self) -> ExitStatus {
         let child = self.child.as_mut().expect("vmm running");
-        let start = Instant::now();
-        loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                self.child = None;
-                return s;
-            }
-            assert!(start.elapsed() < GUARD, "vmm hung");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let status = wait_guarded(child, GUARD).expect("vmm hung");
+        self.child = None;
+        status
     }
 }
 

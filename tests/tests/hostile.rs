@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, processes_matching, run_vmm, TempDir};
+use e2e_tests::{bin, processes_matching, run_vmm, wait_guarded, TempDir};
 
 /// A `vmm` running a lingering `rawplug` scenario, its stdout read line by
 /// line.
@@ -76,16 +76,8 @@ impl Running {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let t = Instant::now();
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("vmm ignored SIGTERM for 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_guarded(&mut self.child, Duration::from_secs(10)) else {
+            panic!("vmm ignored SIGTERM for 10 s");
         };
         let took = t.elapsed();
         let stderr = self.stderr.join().unwrap_or_default();

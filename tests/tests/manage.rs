@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, TempDir, HANG_GUARD};
+use e2e_tests::{bin, wait_guarded, TempDir, HANG_GUARD};
 use serde_json::Value;
 
 /// A `vmm` running a plugin in the background with a control socket.
@@ -110,16 +110,8 @@ impl RunningVm {
 
     fn wait_end(&mut self, guard: Duration) -> Ended {
         let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            if start.elapsed() > guard {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("vmm did not end within {guard:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_guarded(&mut self.child, guard) else {
+            panic!("vmm did not end within {guard:?}");
         };
         Ended {
             code: status.code(),

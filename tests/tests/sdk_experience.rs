@@ -6,9 +6,9 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e_tests::{bin, compile_c, repo_root, run_vmm, TempDir, VmmRun};
+use e2e_tests::{bin, compile_c, repo_root, run_vmm, wait_guarded, TempDir, VmmRun};
 
 /// Runs `vmm [args] --plugin PLUGIN --plugin-args MODE`, waits until the
 /// plugin prints a line ending in `running` (its vcpu thread is then about
@@ -54,17 +54,8 @@ fn run_until_running_then_sigterm(args: &[&str], plugin: &Path, mode: &str) -> V
     }
     // Our own child, by pid.
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vmm did not stop within 30 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = wait_guarded(&mut child, Duration::from_secs(30)) else {
+        panic!("vmm did not stop within 30 s of SIGTERM");
     };
     let r = VmmRun {
         code: status.code(),
