@@ -30,6 +30,18 @@ pub enum Subject {
 }
 
 impl Subject {
+    /// The same subject run with `--disable-sandbox` (the floor has no jail).
+    fn unjailed(&self) -> Subject {
+        match self {
+            Subject::Floor => Subject::Floor,
+            Subject::Vmm { plugin, args, .. } => Subject::Vmm {
+                plugin: plugin.clone(),
+                args: args.clone(),
+                jailed: false,
+            },
+        }
+    }
+
     fn command(&self, hold: bool, debug: bool) -> Command {
         match self {
             Subject::Floor => {
@@ -241,16 +253,9 @@ pub fn life_table(subjects: &[(&str, Subject)], runs: usize) {
     );
 }
 
-/// CPU time (user + system, ms) of every child this process has reaped so
-/// far, with their reaped descendants (`RUSAGE_CHILDREN`): vmm reaps the
-/// jail's init, init reaps the plugin, so a vmm's whole tree is in it.
+/// CPU time (ms) of every child reaped so far and their reaped children.
 fn children_cpu_ms() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_CHILDREN is a valid selector.
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
-    ms(ru.ru_utime) + ms(ru.ru_stime)
+    vmm_bench::cpu_ms(libc::RUSAGE_CHILDREN)
 }
 
 /// Starts `n` at once; returns (started per second: all `n` reached their
@@ -653,25 +658,14 @@ pub fn run(c_plugin: &Path, runs: usize) {
     life_table(&s, runs);
     // The density rounds also run both plugins unjailed: the jail's share.
     let mut dense = s.clone();
-    for (label, subject) in [
-        ("vmm + C plugin, unjailed (--disable-sandbox)", &s[1].1),
-        (
-            "vmm + Rust SDK plugin, unjailed (--disable-sandbox)",
-            &s[2].1,
-        ),
-    ] {
-        let Subject::Vmm { plugin, args, .. } = subject else {
-            unreachable!("subjects 1 and 2 are vmm");
-        };
-        dense.push((
-            label,
-            Subject::Vmm {
-                plugin: plugin.clone(),
-                args: args.clone(),
-                jailed: false,
-            },
-        ));
-    }
+    dense.push((
+        "vmm + C plugin, unjailed (--disable-sandbox)",
+        s[1].1.unjailed(),
+    ));
+    dense.push((
+        "vmm + Rust SDK plugin, unjailed (--disable-sandbox)",
+        s[2].1.unjailed(),
+    ));
     let per_vm = density_table(&dense, 50, 3);
     cost_table(c_plugin, &per_vm);
     // Memory: the floor and the Rust plugin have a `hold` mode.

@@ -38,16 +38,7 @@ use vmm::jail::{caps, libs, mounts, seccomp};
 
 /// CPU time (ms) of this process and of its reaped children so far.
 fn cpu_ms() -> f64 {
-    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
-    let mut total = 0.0;
-    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
-        // SAFETY: getrusage fills the zeroed struct it is given.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `who` is a valid selector.
-        unsafe { libc::getrusage(who, &mut ru) };
-        total += ms(ru.ru_utime) + ms(ru.ru_stime);
-    }
-    total
+    vmm_bench::cpu_ms(libc::RUSAGE_SELF) + vmm_bench::cpu_ms(libc::RUSAGE_CHILDREN)
 }
 
 /// Parts of the jail that `JAIL_FLOOR_WITHOUT` (comma-separated) leaves
